@@ -1,0 +1,418 @@
+"""The model-adapter contract and its family-neutral implementation.
+
+An adapter wraps one loaded VLM (``model``) and its processor. Everything that differs between
+families lives in a subclass in this package (``llava.py``, ``qwen2_vl.py``, ...); trainers only
+talk to this interface:
+
+* ``preprocess_image(img)`` -> :class:`ImageInputs`: the family's tensors for ONE image, the
+  number of text tokens the image becomes and the exact token ids that replace its placeholder.
+* ``encode_images(list[ImageInputs])`` -> :class:`EncodedImages`: vision tower + projector,
+  once per unique image.
+* ``mm_kwargs(encoded, indices)``: forward kwargs (``mm_encoder_outputs`` plus family extras)
+  that hand already-encoded images to any number of sequences, so one encoding serves chosen,
+  rejected, policy, reference and k rollouts.
+* ``tokenize_conversation`` / ``tokenize_preference`` / ``tokenize_prompt``: chat-template
+  rendering, placeholder expansion and loss masks, with length limits checked, never guessed.
+* ``param_groups()`` -> ``{"vision", "projector", "language", "head"}`` for freezing and LoRA.
+
+Tokenization works in three steps. (1) The processor's chat template renders the messages to
+text (each image becomes one placeholder token). (2) The tokenizer encodes that text with
+character offsets; assistant spans (found by rendering growing prefixes of the conversation)
+set the loss mask. (3) Each placeholder token is replaced by the image's expansion ids. Step 3
+is what the processor does internally; tests prove per family that our ids equal the
+processor's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..data.schema import (Conversation, ImagePart, Message, PreferencePair, RankedList, Record,
+                           RLPrompt, TextPart, UnpairedExample)
+from ..errors import DataError, LengthError, ModelError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ImageInputs:
+    """One preprocessed image."""
+
+    tensors: dict[str, torch.Tensor]  # family tensors for this image (leading dim = 1 image)
+    expansion: list[int]              # token ids that replace the image's placeholder token
+    num_features: int                 # feature vectors the encoder produces for it
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.expansion)
+
+
+@dataclass
+class EncodedImages:
+    """Projected features of N unique images, in the order they were given."""
+
+    features: list[torch.Tensor]                 # per image: (num_features_i, hidden)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-image rows (e.g. grid_thw)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+@dataclass
+class Tokenized:
+    """A tokenized sample. ``labels`` is IGNORE_INDEX outside supervised tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+    num_images: int
+    image_token_counts: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class TokenizedPair:
+    """A preference pair sharing one tokenized prompt."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]     # completion only
+    rejected_ids: list[int]   # completion only
+    num_images: int
+    image_token_counts: list[int]
+
+
+def to_hf_messages(messages: Sequence[Message]) -> list[dict]:
+    """Schema messages -> the list-of-parts dicts that HF chat templates take."""
+    out = []
+    for m in messages:
+        parts = []
+        for p in m.content:
+            if isinstance(p, ImagePart):
+                parts.append({"type": "image"})
+            else:
+                parts.append({"type": "text", "text": p.text})
+        out.append({"role": m.role, "content": parts})
+    return out
+
+
+class VLMAdapter:
+    """Family-neutral behaviour; subclasses override the marked hooks."""
+
+    family: ClassVar[str] = "generic"
+    model_types: ClassVar[tuple[str, ...]] = ()
+    # name of the special token that the chat template renders for each image
+    placeholder_token: ClassVar[str] = "<image>"
+    # Parameter-name prefixes (on the *ForConditionalGeneration model) per group.
+    vision_prefixes: ClassVar[tuple[str, ...]] = ("model.vision_tower.",)
+    projector_prefixes: ClassVar[tuple[str, ...]] = ("model.multi_modal_projector.",)
+    head_prefixes: ClassVar[tuple[str, ...]] = ("lm_head.",)
+
+    def __init__(self, model: nn.Module, processor: Any):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        tid = self.tokenizer.convert_tokens_to_ids(self.placeholder_token)
+        if tid is None or tid == self.tokenizer.unk_token_id:
+            raise ModelError(f"{self.family}: tokenizer has no placeholder token {self.placeholder_token!r}")
+        self.placeholder_id: int = tid
+        cfg = model.config
+        # id of the tokens that receive image features inside an expansion
+        self.image_token_id = getattr(cfg, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = getattr(cfg, "image_token_index", None)
+        self.encode_calls = 0  # number of encode_images calls (tests count encodings)
+        self.encoded_images = 0
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str, *, trust_remote_code: bool = False, dtype=None,
+                        device: str | torch.device | None = None, **kwargs) -> "VLMAdapter":
+        from .loading import load_model_and_processor
+        model, processor = load_model_and_processor(path, trust_remote_code=trust_remote_code,
+                                                    dtype=dtype, **kwargs)
+        if device is not None:
+            model.to(device)
+        return cls(model, processor)
+
+    def save_pretrained(self, out_dir: str) -> None:
+        self.model.save_pretrained(out_dir, safe_serialization=True)
+        self.processor.save_pretrained(out_dir)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ parameters
+    def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Split named parameters into vision / projector / language / head.
+
+        Everything that is neither vision, projector nor head is language (embeddings,
+        decoder layers, final norm). Tied output heads appear once, under language.
+        """
+        groups: dict[str, list] = {"vision": [], "projector": [], "language": [], "head": []}
+        for name, p in self.model.named_parameters():
+            groups[self._group_of(name)].append((name, p))
+        return groups
+
+    def _group_of(self, name: str) -> str:
+        if name.startswith(self.vision_prefixes):
+            return "vision"
+        if name.startswith(self.projector_prefixes):
+            return "projector"
+        if name.startswith(self.head_prefixes):
+            return "head"
+        return "language"
+
+    def set_trainable(self, *, vision: bool, projector: bool, language: bool, head: bool | None = None):
+        """Freeze or unfreeze whole groups (head follows language unless given)."""
+        flags = {"vision": vision, "projector": projector, "language": language,
+                 "head": language if head is None else head}
+        for g, params in self.param_groups().items():
+            for _, p in params:
+                p.requires_grad_(flags[g])
+
+    def lora_target_modules(self, include_vision: bool = False, include_head: bool = False) -> list[str]:
+        """Full names of the Linear layers LoRA should wrap: the language model's by default."""
+        out = []
+        for name, mod in self.model.named_modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            g = self._group_of(name + ".")
+            if g == "language" or (g == "vision" and include_vision) or (g == "head" and include_head):
+                out.append(name)
+        return out
+
+    @classmethod
+    def load_processor(cls, path: str, *, trust_remote_code: bool = False):
+        from transformers import AutoProcessor
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+    # ------------------------------------------------------------------ images (family hooks)
+    # keys of the image processor's output that the vision encoder takes
+    encoder_keys: ClassVar[tuple[str, ...] | None] = None
+
+    def preprocess_image(self, image) -> ImageInputs:
+        """One image -> family tensors + the exact ids the processor puts in its place.
+
+        Uses the transformers 5.x processor contract: ``_process_images`` returns the processed
+        tensors and, per image, the replacement string for its placeholder token.
+        """
+        try:
+            processed, reps = self.processor._process_images([image], return_tensors="pt")
+        except (AttributeError, NotImplementedError) as e:
+            raise ModelError(f"{type(self.processor).__name__} does not expose per-image placeholder "
+                             f"expansion; this family needs its own adapter ({e})") from None
+        expansion = self.tokenizer(reps[0], add_special_tokens=False)["input_ids"]
+        keys = self.encoder_keys or [k for k, v in processed.items() if isinstance(v, torch.Tensor)]
+        tensors = {k: processed[k] for k in keys if k in processed}
+        n_feat = sum(1 for t in expansion if t == self.image_token_id)
+        return ImageInputs(tensors=tensors, expansion=expansion, num_features=n_feat)
+
+    def collate_images(self, items: Sequence[ImageInputs]) -> dict[str, torch.Tensor]:
+        """Batch per-image tensors for the encoder (default: concatenate along dim 0)."""
+        keys = items[0].tensors.keys()
+        return {k: torch.cat([it.tensors[k] for it in items], dim=0) for k in keys}
+
+    def _encode(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Run vision tower + projector; return one (num_features, hidden) tensor per image."""
+        out = self.model.model.get_image_features(**batch, return_dict=True)
+        feats = out.pooler_output
+        return list(feats)
+
+    def encode_images(self, items: Sequence[ImageInputs]) -> EncodedImages:
+        """Encode unique images once. Features keep their autograd graph (trainable towers)."""
+        if not items:
+            return EncodedImages(features=[])
+        dev, dtype = self.device, next(self.model.parameters()).dtype
+        batch = {k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev))
+                 for k, v in self.collate_images(items).items()}
+        self.encode_calls += 1
+        self.encoded_images += len(items)
+        feats = self._encode(batch)
+        for it, f in zip(items, feats):
+            if f.shape[0] != it.num_features:
+                raise ModelError(f"{self.family}: image gave {f.shape[0]} features, expected {it.num_features}")
+        return EncodedImages(features=feats, extras=self._encode_extras(items))
+
+    def _encode_extras(self, items: Sequence[ImageInputs]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def mm_kwargs(self, encoded: EncodedImages | None, indices: Sequence[int]) -> dict[str, Any]:
+        """Forward kwargs for a batch whose placeholders, row by row, use images ``indices``."""
+        if encoded is None or len(indices) == 0:
+            return {}
+        feats = [encoded.features[i] for i in indices]
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=feats)}}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                encoded: EncodedImages | None = None, image_indices: Sequence[Sequence[int]] = (),
+                pixel_inputs: dict[str, torch.Tensor] | None = None, **kwargs):
+        """Model forward on token ids with already-encoded images.
+
+        ``image_indices[b]`` lists, in order, which of ``encoded``'s images row ``b``'s
+        placeholders use (rows may share images). ``pixel_inputs`` instead runs the model's
+        own image path (used to prove equivalence).
+        """
+        flat = [i for row in image_indices for i in row]
+        mm = dict(pixel_inputs) if pixel_inputs is not None else self.mm_kwargs(encoded, flat)
+        mm.update(self._extra_forward_kwargs(input_ids, attention_mask, mm))
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **mm, **kwargs)
+
+    def _extra_forward_kwargs(self, input_ids, attention_mask, mm) -> dict:
+        return {}
+
+    # ------------------------------------------------------------------ text
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        return self.processor.apply_chat_template(to_hf_messages(messages), tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _assistant_spans(self, messages: Sequence[Message], full: str) -> list[tuple[int, int]]:
+        """Character spans of each assistant turn in ``full`` (content + end-of-turn marker)."""
+        spans = []
+        for j, m in enumerate(messages):
+            if m.role != "assistant":
+                continue
+            before = self.render(messages[:j], add_generation_prompt=True)
+            upto = self.render(messages[: j + 1])
+            if not (full.startswith(upto) and upto.startswith(before)):
+                raise ModelError(f"{self.family}: the chat template is not prefix-stable, so assistant "
+                                 "turns cannot be located for the loss mask")
+            end = len(upto.rstrip())
+            spans.append((len(before), end))
+        return spans
+
+    def _encode_text(self, text: str):
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+
+    def _expand(self, ids: list[int], labels: list[int], images: Sequence[ImageInputs]):
+        """Replace each placeholder id by its image's expansion (labels there: ignored)."""
+        n_ph = sum(1 for t in ids if t == self.placeholder_id)
+        if n_ph != len(images):
+            raise DataError(f"placeholder count {n_ph} differs from image count {len(images)}",
+                            field="images")
+        out_ids, out_labels, k = [], [], 0
+        for t, lab in zip(ids, labels):
+            if t == self.placeholder_id:
+                exp = images[k].expansion
+                out_ids.extend(exp)
+                out_labels.extend([IGNORE_INDEX] * len(exp))
+                k += 1
+            else:
+                out_ids.append(t)
+                out_labels.append(lab)
+        return out_ids, out_labels
+
+    def _ensure_eos(self, ids, offsets, spans):
+        """Make every assistant span end with EOS: templates like llava-hf's omit it, and a
+        model trained without it never learns to stop. Returns ids, offsets, token spans."""
+        eos = self.tokenizer.eos_token_id
+        out_ids, out_off, tok_spans = list(ids), list(offsets), []
+        for (s, e) in reversed(spans):
+            inside = [i for i, (a, b) in enumerate(out_off) if a >= s and b <= e and b > a]
+            if not inside:
+                raise DataError("empty assistant response", field="messages")
+            first, last = inside[0], inside[-1]
+            if out_ids[last] != eos:
+                out_ids.insert(last + 1, eos)
+                out_off.insert(last + 1, (e, e))
+                tok_spans.append((first, last + 2))
+            else:
+                tok_spans.append((first, last + 1))
+            # later spans were already handled (we go right to left), so insertions are safe
+        return out_ids, out_off, list(reversed(tok_spans))
+
+    def tokenize_messages(self, messages: Sequence[Message], images: Sequence[ImageInputs], *,
+                          add_generation_prompt: bool = False, max_length: int | None = None) -> Tokenized:
+        """Chat-template the messages; labels on assistant turns only (each ending with EOS)."""
+        full = self.render(messages, add_generation_prompt=add_generation_prompt)
+        ids, offsets = self._encode_text(full)
+        spans = self._assistant_spans(messages, full) if not add_generation_prompt else []
+        if any(m.role == "assistant" for m in messages) and not add_generation_prompt:
+            ids, offsets, tok_spans = self._ensure_eos(ids, offsets, spans)
+        else:
+            tok_spans = []
+        labels = [IGNORE_INDEX] * len(ids)
+        for a, b in tok_spans:
+            labels[a:b] = ids[a:b]
+        ids, labels = self._expand(ids, labels, images)
+        out = Tokenized(ids, labels, len(images), [im.num_tokens for im in images])
+        self._check_length(len(out), out.image_token_counts, max_length)
+        return out
+
+    @staticmethod
+    def _check_length(n: int, counts: Sequence[int], max_length: int | None, what: str = "sample"):
+        if max_length is not None and n > max_length:
+            raise LengthError(
+                f"{what} is {n} tokens (images: {sum(counts)} tokens for {len(counts)} image(s)), over "
+                f"max_length {max_length}; cutting it would drop image or response tokens")
+
+    def tokenize_prompt(self, prompt: Sequence[Message], images: Sequence[ImageInputs], *,
+                        max_length: int | None = None) -> Tokenized:
+        """A prompt ready for generation (ends with the assistant turn opener)."""
+        return self.tokenize_messages(prompt, images, add_generation_prompt=True, max_length=max_length)
+
+    def tokenize_completion(self, prompt: Sequence[Message], completion: str,
+                            images: Sequence[ImageInputs], *, max_length: int | None = None):
+        """(prompt_ids, completion_ids) where prompt_ids end with the assistant opener and
+        completion_ids are the supervised tokens (response + EOS)."""
+        t = self.tokenize_messages([*prompt, Message.assistant(completion)], images, max_length=max_length)
+        first = next(i for i, lab in enumerate(t.labels) if lab != IGNORE_INDEX)
+        if any(lab == IGNORE_INDEX for lab in t.labels[first:]):
+            # tokens after the response that are not supervised (template tail): keep them out
+            last = max(i for i, lab in enumerate(t.labels) if lab != IGNORE_INDEX)
+            return t.input_ids[:first], t.input_ids[first:last + 1], t
+        return t.input_ids[:first], t.input_ids[first:], t
+
+    def tokenize_preference(self, pair: PreferencePair, images: Sequence[ImageInputs], *,
+                            max_length: int | None = None) -> TokenizedPair:
+        """Shared prompt + chosen/rejected completions (each with EOS).
+
+        ``max_length`` applies to prompt + the longer completion.
+        """
+        p_c, c_ids, _ = self.tokenize_completion(pair.prompt, pair.chosen, images)
+        p_r, r_ids, _ = self.tokenize_completion(pair.prompt, pair.rejected, images)
+        if p_c != p_r:
+            raise ModelError(f"{self.family}: prompt tokens differ between chosen and rejected "
+                             "(tokenizer merges across the prompt/response boundary)")
+        counts = [im.num_tokens for im in images]
+        self._check_length(len(p_c) + max(len(c_ids), len(r_ids)), counts, max_length, "preference pair")
+        return TokenizedPair(p_c, c_ids, r_ids, len(images), counts)
+
+    # ------------------------------------------------------------------ records
+    def tokenize_record(self, record: Record, images: Sequence[ImageInputs], *,
+                        max_length: int | None = None):
+        """Tokenize any schema record the way training would (errors name the record)."""
+        try:
+            if isinstance(record, Conversation):
+                return self.tokenize_messages(record.messages, images, max_length=max_length)
+            if isinstance(record, PreferencePair):
+                return self.tokenize_preference(record, images, max_length=max_length)
+            if isinstance(record, RankedList):
+                return [self.tokenize_completion(record.prompt, r, images, max_length=max_length)[2]
+                        for r in record.responses]
+            if isinstance(record, UnpairedExample):
+                return self.tokenize_completion(record.prompt, record.completion, images,
+                                                max_length=max_length)[2]
+            if isinstance(record, RLPrompt):
+                return self.tokenize_prompt(record.prompt, images, max_length=max_length)
+        except DataError as e:
+            raise e.located(file=record.source, index=record.index) from None
+        raise TypeError(f"unknown record type {type(record).__name__}")
+
+    def check_length(self, record: Record, images: Sequence, max_length: int) -> None:
+        """Raise LengthError if ``record`` cannot be trained at ``max_length`` without cutting
+        image or response tokens. ``images`` are PIL images in record order."""
+        inputs = [self.preprocess_image(im) for im in images]
+        self.tokenize_record(record, inputs, max_length=max_length)
+
+    def image_token_count(self, image) -> int:
+        """How many text tokens this (PIL) image becomes in this model's sequence."""
+        return self.preprocess_image(image).num_tokens

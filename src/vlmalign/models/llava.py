@@ -1,0 +1,88 @@
+"""LLaVA-1.5 (``llava``): CLIP vision tower -> 2-layer MLP projector -> Llama/Vicuna.
+
+Quirks handled here: the llava-hf chat template puts no EOS after assistant turns (the base
+tokenization adds one, see ``VLMAdapter._ensure_eos``); the image becomes
+``(size / patch)^2`` placeholder tokens (CLS dropped with the "default" feature strategy).
+"""
+
+from __future__ import annotations
+
+from .adapter import VLMAdapter
+from .registry import register, register_tiny
+from .tiny_tokenizer import build_tiny_tokenizer
+
+# LLaVA-1.5 (vicuna_v1) conversation layout with images in place and EOS closing each answer.
+LLAVA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{{ c['text'] }}{% endfor %}{% endif %}{{ ' ' }}"
+    "{% else %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ ' ' }}{% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@register
+class LlavaAdapter(VLMAdapter):
+    family = "llava"
+    model_types = ("llava",)
+    placeholder_token = "<image>"
+    vision_prefixes = ("model.vision_tower.",)
+    projector_prefixes = ("model.multi_modal_projector.",)
+    encoder_keys = ("pixel_values",)
+
+
+def tiny_clip_vision_config(image_size: int, patch_size: int, hidden: int):
+    from transformers import CLIPVisionConfig
+    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                            num_attention_heads=2, image_size=image_size, patch_size=patch_size,
+                            projection_dim=hidden)
+
+
+def tiny_llama_config(vocab_size: int, hidden: int, tok, layers: int = 2):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 4,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+
+
+def tiny_clip_image_processor(image_size: int):
+    from transformers import CLIPImageProcessorPil
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                 crop_size={"height": image_size, "width": image_size})
+
+
+@register_tiny("llava")
+def build_tiny_llava(image_size: int = 64, patch_size: int = 16, hidden: int = 64, seed: int = 0):
+    """Random-init LLaVA-1.5-architecture model + processor, fully offline."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tok = build_tiny_tokenizer(["<image>", "<s>", "</s>", "<pad>", "<unk>"], bos_token="<s>", eos_token="</s>",
+                               pad_token="<pad>", unk_token="<unk>", chat_template=LLAVA_CHAT_TEMPLATE)
+    config = LlavaConfig(
+        vision_config=tiny_clip_vision_config(image_size, patch_size, hidden),
+        text_config=tiny_llama_config(len(tok), hidden, tok),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-1,
+        projector_hidden_act="gelu", pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    processor = LlavaProcessor(image_processor=tiny_clip_image_processor(image_size), tokenizer=tok,
+                               patch_size=patch_size, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    return model, processor
