@@ -1,0 +1,202 @@
+"""The adapter contract, checked on a tiny random-init model of every registered family.
+
+Each family gets: build, save/reload (plain transformers and our loader), chat template with
+image placeholders, token ids equal to the processor's, loss only on assistant turns, generation,
+and logits from precomputed image features equal to logits from pixel values.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from vlmalign.data.schema import ImageRef, Message, PreferencePair
+from vlmalign.errors import DataError, LengthError
+from vlmalign.models import IGNORE_INDEX, adapter_for, build_tiny, families, load_adapter
+
+FAMILIES = families()
+
+
+def _img(colour: str, shape: str = "circle", size: int = 64) -> Image.Image:
+    im = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(im)
+    box = [size // 8, size // 8, size // 2, size // 2]
+    (d.ellipse if shape == "circle" else d.rectangle)(box, fill=colour)
+    return im
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tmp_path_factory):
+    family = request.param
+    torch.manual_seed(0)
+    model, processor = build_tiny(family)
+    model.eval()
+    out = tmp_path_factory.mktemp(family)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return family, adapter_for(model, processor), out
+
+
+def _conversation():
+    return [Message.user(ImageRef(path="a.png"), "What colour is the circle?"),
+            Message.assistant("red"),
+            Message.user("And the square?", ImageRef(path="b.png")),
+            Message.assistant("blue")]
+
+
+def _images(adapter, n=2):
+    ims = [_img("red"), _img("blue", "square")][:n]
+    return ims, [adapter.preprocess_image(i) for i in ims]
+
+
+def test_expected_families_registered():
+    for fam in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma", "instructblip"):
+        if fam not in FAMILIES:
+            pytest.xfail(f"family {fam} not registered yet")
+
+
+def test_reload_with_plain_transformers_and_loader(tiny):
+    family, ad, path = tiny
+    from transformers import AutoModelForImageTextToText
+    m2 = AutoModelForImageTextToText.from_pretrained(path)
+    assert type(m2) is type(ad.model)
+    sd1, sd2 = ad.model.state_dict(), m2.state_dict()
+    assert sd1.keys() == sd2.keys()
+    for k in sd1:
+        assert torch.equal(sd1[k], sd2[k]), k
+    ad2 = load_adapter(str(path))
+    assert type(ad2) is type(ad)
+    assert ad2.render(_conversation()) == ad.render(_conversation())
+
+
+def test_chat_template_renders_placeholders(tiny):
+    family, ad, _ = tiny
+    text = ad.render(_conversation())
+    assert text.count(ad.placeholder_token) == 2
+    assert "What colour is the circle?" in text and "blue" in text
+
+
+def test_token_ids_match_processor(tiny):
+    family, ad, _ = tiny
+    pil, ims = _images(ad)
+    msgs = _conversation()
+    tk = ad.tokenize_messages(msgs, ims)
+    ref = ad.processor(text=ad.render(msgs), images=pil, return_tensors="pt", add_special_tokens=False)
+    # tiny templates close every answer with EOS, so nothing is added and ids must be equal
+    assert tk.input_ids == ref["input_ids"][0].tolist()
+
+
+def test_loss_only_on_assistant_turns(tiny):
+    family, ad, _ = tiny
+    _, ims = _images(ad)
+    tk = ad.tokenize_messages(_conversation(), ims)
+    sup = [t for t, lab in zip(tk.input_ids, tk.labels) if lab != IGNORE_INDEX]
+    assert all(lab in (IGNORE_INDEX, t) for t, lab in zip(tk.input_ids, tk.labels))
+    text = ad.tokenizer.decode(sup, skip_special_tokens=True)
+    assert text.split() == ["red", "blue"]
+    # each supervised run ends with EOS so the model learns to stop
+    eos = ad.tokenizer.eos_token_id
+    runs, cur = [], []
+    for t, lab in zip(tk.input_ids, tk.labels):
+        if lab != IGNORE_INDEX:
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    assert len(runs) == 2 and all(r[-1] == eos for r in runs)
+    # no image token is ever supervised
+    assert ad.image_token_id not in sup
+
+
+def test_precomputed_features_equal_pixel_values(tiny):
+    family, ad, _ = tiny
+    pil, ims = _images(ad)
+    msgs = _conversation()
+    tk = ad.tokenize_messages(msgs, ims)
+    ref = ad.processor(text=ad.render(msgs), images=pil, return_tensors="pt", add_special_tokens=False)
+    ids = torch.tensor([tk.input_ids])
+    mask = torch.ones_like(ids)
+    pixel_inputs = {k: v for k, v in ref.items() if k not in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        from_pixels = ad.forward(ref["input_ids"], torch.ones_like(ref["input_ids"]),
+                                 pixel_inputs=pixel_inputs).logits
+        enc = ad.encode_images(ims)
+        from_feats = ad.forward(ids, mask, encoded=enc, image_indices=[[0, 1]]).logits
+    assert from_pixels.shape == from_feats.shape
+    diff = (from_pixels - from_feats).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+def test_one_encoding_serves_many_rows(tiny):
+    """Two rows sharing one image, features reused (and one row reversing image order)."""
+    family, ad, _ = tiny
+    pil, ims = _images(ad)
+    enc = ad.encode_images(ims)
+    calls = ad.encode_calls
+    pair = PreferencePair([Message.user(ImageRef(path="a.png"), "Describe.")], "a red circle", "a green star")
+    tp = ad.tokenize_preference(pair, ims[:1])
+    rows = [tp.prompt_ids + tp.chosen_ids, tp.prompt_ids + tp.rejected_ids]
+    L = max(map(len, rows))
+    pad = ad.tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])
+    with torch.no_grad():
+        both = ad.forward(ids, mask, encoded=enc, image_indices=[[0], [0]]).logits
+        assert ad.encode_calls == calls  # forward never re-encodes
+        for b, r in enumerate(rows):
+            single = ad.forward(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long),
+                                encoded=enc, image_indices=[[0]]).logits
+            assert (single[0] - both[b, : len(r)]).abs().max().item() <= 1e-5
+
+
+def test_generation_runs(tiny):
+    family, ad, _ = tiny
+    pil, ims = _images(ad, 1)
+    tk = ad.tokenize_prompt([Message.user(ImageRef(path="a.png"), "What colour?")], ims)
+    ids = torch.tensor([tk.input_ids])
+    enc = ad.encode_images(ims)
+    kwargs = ad.mm_kwargs(enc, [0])
+    kwargs.update(ad._extra_forward_kwargs(ids, torch.ones_like(ids), kwargs))
+    with torch.no_grad():
+        out = ad.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                                do_sample=False, **kwargs)
+    assert out.shape[1] > ids.shape[1]
+
+
+def test_param_groups_and_lora_targets(tiny):
+    family, ad, _ = tiny
+    groups = ad.param_groups()
+    for g in ("vision", "projector", "language"):
+        assert groups[g], f"{family}: empty {g} group"
+    names = {n for ps in groups.values() for n, _ in ps}
+    assert len(names) == sum(len(v) for v in groups.values())
+    targets = ad.lora_target_modules()
+    assert targets
+    vision = {n.rsplit(".", 1)[0] for n, _ in groups["vision"]}
+    head = {n.rsplit(".", 1)[0] for n, _ in groups["head"]}
+    assert not (set(targets) & vision) and not (set(targets) & head)
+    ad.set_trainable(vision=False, projector=True, language=False)
+    assert all(p.requires_grad for _, p in groups["projector"])
+    assert not any(p.requires_grad for _, p in groups["vision"] + groups["language"])
+
+
+def test_length_limit_never_cuts_image_tokens(tiny):
+    family, ad, _ = tiny
+    _, ims = _images(ad, 1)
+    msgs = [Message.user(ImageRef(path="a.png"), "Describe the image."), Message.assistant("A red circle.")]
+    n = len(ad.tokenize_messages(msgs, ims))
+    assert ad.image_token_count(_img("red")) == ims[0].num_tokens > 0
+    ad.tokenize_messages(msgs, ims, max_length=n)  # fits exactly
+    with pytest.raises(LengthError, match="image"):
+        ad.tokenize_messages(msgs, ims, max_length=n - 1)
+
+
+def test_placeholder_mismatch_is_an_error(tiny):
+    family, ad, _ = tiny
+    _, ims = _images(ad, 2)
+    msgs = [Message.user(ImageRef(path="a.png"), "Describe."), Message.assistant("ok")]
+    with pytest.raises(DataError, match="placeholder count 1 differs from image count 2"):
+        ad.tokenize_messages(msgs, ims)
