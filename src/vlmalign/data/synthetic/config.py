@@ -1,0 +1,163 @@
+"""Configuration of ShapesWorld: one dataclass, every field documented, validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+# Solid, well separated RGB values. Drawing uses no anti-aliasing, so every object pixel has
+# exactly its palette value (tests and the scene API rely on this).
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 40, 180),
+    "orange": (245, 130, 20),
+    "cyan": (20, 190, 200),
+    "black": (20, 20, 20),
+}
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond")
+
+# Plural forms used in count questions ("How many crosses are there?").
+PLURALS: dict[str, str] = {
+    "circle": "circles", "square": "squares", "triangle": "triangles",
+    "cross": "crosses", "diamond": "diamonds",
+}
+
+QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "count", "position", "existence")
+
+_ROWS = {1: ("",), 2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
+_COLS = {1: ("",), 2: ("left", "right"), 3: ("left", "center", "right")}
+
+
+def cell_names(grid: int) -> list[str]:
+    """Names of the cells of a ``grid`` x ``grid`` layout in row-major (reading) order.
+
+    2x2: top left, top right, bottom left, bottom right. 3x3 adds "top center", "middle left",
+    "center", "middle right", "bottom center". These names are the answers of position
+    questions and appear verbatim in captions.
+    """
+    if grid not in (2, 3):
+        raise ValueError(f"grid must be 2 or 3, got {grid!r}")
+    names = []
+    for r in _ROWS[grid]:
+        for c in _COLS[grid]:
+            if r == "middle" and c == "center":
+                names.append("center")
+            else:
+                names.append(f"{r} {c}")
+    return names
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    """Everything that determines a ShapesWorld dataset. Same config -> byte-identical files.
+
+    Defaults are tuned to be learnable by a tiny random-init VLM (vision tower of ~2 layers,
+    hidden 32-64, patch 8) in a few hundred steps on a CPU.
+    """
+
+    seed: int = 0
+    """Master seed; every image and every question derives its own generator from it."""
+    image_size: int = 64
+    """Width and height of the square images in pixels."""
+    colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
+    """Colour names used (subset of ``COLOURS``: red green blue yellow purple orange cyan black)."""
+    shapes: tuple[str, ...] = ("circle", "square", "triangle")
+    """Shape names used (subset of ``SHAPES``: circle square triangle cross diamond)."""
+    grid: int = 2
+    """Cells per side: 2 (top left ... bottom right) or 3 (adds middle/center)."""
+    min_objects: int = 1
+    """Fewest objects in an image (one per cell, distinct colour-shape combinations)."""
+    max_objects: int = 3
+    """Most objects in an image."""
+    train_images: int = 1000
+    """Images in the train split (captions, VQA SFT, preferences, ranked, RL, KTO train)."""
+    eval_images: int = 200
+    """Images in the held-out eval split (disjoint from train, pixel-wise)."""
+    question_types: tuple[str, ...] = QUESTION_TYPES
+    """Which of colour, shape, count, position, existence to ask."""
+    paraphrases: bool = False
+    """Use several phrasings per question type (False: one fixed phrasing each, easiest)."""
+    object_size: tuple[float, float] = (0.55, 0.85)
+    """Range of an object's side as a fraction of the cell side (drawn uniformly)."""
+    jitter: bool = True
+    """Place objects at a random offset inside their cell (False: centred)."""
+    background: tuple[int, int, int] = (255, 255, 255)
+    """Background RGB."""
+    max_turns: int = 3
+    """Longest multi-turn VQA SFT conversation (questions about one image grouped 1..max_turns)."""
+    ranked_size: int = 3
+    """Responses per ranked list: the correct caption, then captions with 1, 2, ... errors."""
+
+    def __post_init__(self):
+        # Normalise sequences to tuples (from JSON/CLI they may come as lists) and spellings.
+        object.__setattr__(self, "colours", tuple(self.colours))
+        object.__setattr__(self, "shapes", tuple(self.shapes))
+        object.__setattr__(self, "question_types",
+                           tuple("colour" if q == "color" else q for q in self.question_types))
+        object.__setattr__(self, "object_size", tuple(float(x) for x in self.object_size))
+        object.__setattr__(self, "background", tuple(int(x) for x in self.background))
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg):
+            raise ValueError(f"ShapesConfig: {msg}")
+
+        for c in self.colours:
+            if c not in COLOURS:
+                bad(f"unknown colour {c!r} (known: {', '.join(COLOURS)})")
+        for s in self.shapes:
+            if s not in SHAPES:
+                bad(f"unknown shape {s!r} (known: {', '.join(SHAPES)})")
+        for q in self.question_types:
+            if q not in QUESTION_TYPES:
+                bad(f"unknown question type {q!r} (known: {', '.join(QUESTION_TYPES)})")
+        if len(set(self.colours)) != len(self.colours) or len(set(self.shapes)) != len(self.shapes):
+            bad("colours and shapes must not repeat")
+        if len(self.colours) < 2 or len(self.shapes) < 2:
+            bad("need at least 2 colours and 2 shapes (wrong answers must exist)")
+        if not self.question_types:
+            bad("question_types is empty")
+        cell_names(self.grid)  # raises for an unsupported grid
+        n_cells = self.grid * self.grid
+        if not 1 <= self.min_objects <= self.max_objects:
+            bad(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+        if self.max_objects > n_cells:
+            bad(f"max_objects must be at most the number of cells ({n_cells}), got {self.max_objects}")
+        if self.max_objects >= len(self.colours) * len(self.shapes):
+            # some colour-shape combination must be absent from every image ("no" answers)
+            bad("max_objects must be below the number of colour-shape combinations")
+        if self.image_size < 8 * self.grid:
+            bad(f"image_size must be at least {8 * self.grid} for a {self.grid}x{self.grid} grid")
+        lo, hi = self.object_size
+        if not 0.2 <= lo <= hi <= 1.0:
+            bad(f"object_size must satisfy 0.2 <= low <= high <= 1.0, got {self.object_size}")
+        if self.train_images < 1 or self.eval_images < 1:
+            bad("train_images and eval_images must be at least 1")
+        if self.max_turns < 1:
+            bad("max_turns must be at least 1")
+        if not 2 <= self.ranked_size <= n_cells + 1:
+            bad(f"ranked_size must be in 2..{n_cells + 1} (one error per cell at most)")
+        if len(self.background) != 3 or any(not 0 <= v <= 255 for v in self.background):
+            bad("background must be an RGB triple of 0..255")
+        if self.background in [COLOURS[c] for c in self.colours]:
+            bad("background equals an object colour")
+
+    @property
+    def cells(self) -> list[str]:
+        return cell_names(self.grid)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ShapesConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"ShapesConfig: unknown keys {sorted(unknown)}")
+        return cls(**d)

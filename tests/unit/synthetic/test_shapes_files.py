@@ -1,0 +1,181 @@
+"""Generated files: answers agree with the scenes, splits are disjoint, hallucinations are
+really wrong, POPE is exactly balanced, formats are what the docs say."""
+
+import hashlib
+import json
+from collections import Counter
+
+import numpy as np
+from PIL import Image
+
+from vlmalign.data.synthetic import (FILES, answer_matches, caption, caption_errors, parse_caption,
+                                     render)
+from vlmalign.data.synthetic.tasks import absent_objects
+
+
+def _split_of(rel):
+    return "train" if rel.startswith("images/train_") else "eval"
+
+
+def test_every_file_written_and_listed(dataset):
+    manifest = json.loads(dataset.paths["manifest"].read_text())
+    assert manifest["config"] == dataset.config.to_dict()
+    for name, (fname, fmt) in FILES.items():
+        data = dataset.paths[name].read_bytes()
+        assert manifest["files"][name] == fname and manifest["formats"][name] == fmt
+        assert manifest["sha256"][fname] == hashlib.sha256(data).hexdigest()
+        assert manifest["counts"][name] == len(dataset.load(name)) > 0
+    pngs = sorted(p.name for p in dataset.paths["images"].iterdir())
+    assert len(pngs) == dataset.config.train_images + dataset.config.eval_images
+    assert manifest["images"] == {"train": dataset.config.train_images,
+                                  "eval": dataset.config.eval_images}
+
+
+def test_images_on_disk_are_renders_of_their_scenes(dataset):
+    for rel, scene in dataset.scenes.items():
+        with Image.open(dataset.root / rel) as im:
+            assert im.mode == "RGB" and im.size == (dataset.config.image_size,) * 2
+            assert np.array_equal(np.asarray(im), np.asarray(render(scene)))
+
+
+def test_splits_use_disjoint_images(dataset):
+    train = {r for r in dataset.scenes if _split_of(r) == "train"}
+    evals = {r for r in dataset.scenes if _split_of(r) == "eval"}
+    assert len(train) == dataset.config.train_images and len(evals) == dataset.config.eval_images
+    pix = lambda r: hashlib.sha256(np.asarray(Image.open(dataset.root / r)).tobytes()).digest()
+    assert not {pix(r) for r in train} & {pix(r) for r in evals}, "an eval image equals a train image"
+    for name in FILES:
+        if name == "scenes":
+            continue
+        split = "train" if name.endswith("_train") else "eval"
+        for rec in dataset.load(name):
+            for img in rec.get("images") or [rec["image"]]:
+                assert _split_of(img) == split, (name, img)
+                assert (dataset.root / img).is_file()
+
+
+def test_captions_describe_scenes_exactly(dataset, oracle, is_caption_prompt):
+    for name in ("captions_train", "captions_eval"):
+        for rec in dataset.load(name):
+            human, gpt = rec["conversations"]
+            assert human["from"] == "human" and human["value"].startswith("<image>\n")
+            assert is_caption_prompt(human["value"][len("<image>\n"):])
+            scene = dataset.scenes[rec["image"]]
+            assert sorted(parse_caption(gpt["value"])) == sorted(
+                (o.colour, o.shape, o.cell) for o in scene.objects)
+            assert caption_errors(gpt["value"], scene) == 0
+            assert gpt["value"] == caption(scene)
+
+
+def test_vqa_train_answers_are_true(dataset, oracle, is_caption_prompt):
+    types = set()
+    turns = Counter()
+    for rec in dataset.load("vqa_train"):
+        conv = rec["conversations"]
+        scene = dataset.scenes[rec["image"]]
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert conv[0]["value"].startswith("<image>\n")
+        assert sum(t["value"].count("<image>") for t in conv) == 1
+        turns[len(conv) // 2] += 1
+        for q, a in zip(conv[0::2], conv[1::2]):
+            question = q["value"].replace("<image>\n", "")
+            assert a["value"] == oracle(question, scene), (question, a["value"], scene)
+    assert turns[1] > 0 and max(turns) > 1, "single- and multi-turn records"
+    assert max(turns) <= dataset.config.max_turns
+
+
+def test_vqa_format_answers_are_true(dataset, oracle, is_caption_prompt):
+    for name in ("vqa_eval", "rl_train", "rl_eval", "pope_eval"):
+        recs = dataset.load(name)
+        assert Counter(r["question_type"] for r in recs).keys() <= set(dataset.config.question_types)
+        for r in recs:
+            scene = dataset.scenes[r["image"]]
+            assert r["answer"] == oracle(r["question"], scene), (name, r)
+            if r["question_type"] == "count":
+                assert r["answer"].isdigit()
+                if r["question"].lower().startswith(("how many shapes", "how many objects",
+                                                     "count the shapes")):
+                    assert int(r["answer"]) == len(scene.objects)
+            if r["question_type"] == "existence":
+                assert r["label"] == r["answer"] in ("yes", "no")
+
+
+def test_vqa_eval_covers_every_type_per_image(dataset):
+    recs = dataset.load("vqa_eval")
+    per_image = Counter(r["image"] for r in recs)
+    assert set(per_image.values()) == {len(dataset.config.question_types)}
+    assert len(per_image) == dataset.config.eval_images
+    ex = Counter(r["answer"] for r in recs if r["question_type"] == "existence")
+    assert abs(ex["yes"] - ex["no"]) <= 1
+
+
+def test_pope_is_exactly_balanced(dataset):
+    recs = dataset.load("pope_eval")
+    counts = Counter((r["category"], r["label"]) for r in recs)
+    n = dataset.config.eval_images  # adversarial negatives always exist in these configs
+    assert counts == {("random", "yes"): n, ("random", "no"): n,
+                      ("adversarial", "yes"): n, ("adversarial", "no"): n}
+    for r in recs:
+        scene = dataset.scenes[r["image"]]
+        colour, shape = r["object"].split()
+        assert scene.has(colour, shape) == (r["label"] == "yes")
+        if r["label"] == "no" and r["category"] == "adversarial":
+            assert colour in scene.colours_present or shape in scene.shapes_present
+            assert (colour, shape) in absent_objects(scene, dataset.config, "adversarial")
+
+
+def test_preference_pairs_chosen_right_rejected_wrong(dataset, oracle, is_caption_prompt):
+    for name in ("dpo_train", "dpo_eval"):
+        recs = dataset.load(name)
+        kinds = Counter()
+        for r in recs:
+            assert set(r) == {"id", "image", "prompt", "chosen", "rejected", "question_type", "error"}
+            assert "<image>" not in r["prompt"]
+            scene = dataset.scenes[r["image"]]
+            kinds[r["error"]] += 1
+            if r["question_type"] == "caption":
+                assert is_caption_prompt(r["prompt"])
+                assert caption_errors(r["chosen"], scene) == 0
+                assert caption_errors(r["rejected"], scene) == 1, r
+                assert r["error"] in ("colour", "shape", "extra_object")
+            else:
+                truth = oracle(r["prompt"], scene)
+                assert answer_matches(r["chosen"], truth)
+                assert not answer_matches(r["rejected"], truth), r
+                assert r["error"] == "wrong_" + r["question_type"]
+        n_images = len({r["image"] for r in recs})
+        assert len(recs) == 2 * n_images
+        # every hallucination kind is represented (the small sets are big enough for all)
+        assert {"colour", "shape", "extra_object"} <= set(kinds)
+        assert {"wrong_" + t for t in dataset.config.question_types} <= set(kinds)
+        chosen_ex = Counter(r["chosen"] for r in recs if r["question_type"] == "existence")
+        assert abs(chosen_ex["yes"] - chosen_ex["no"]) <= 1, chosen_ex
+
+
+def test_ranked_lists_strictly_ordered_by_errors(dataset):
+    k = dataset.config.ranked_size
+    for name in ("ranked_train", "ranked_eval"):
+        for r in dataset.load(name):
+            human, gpt = r["conversations"]
+            assert human["value"].startswith("<image>\n")
+            responses = gpt["value"]
+            assert isinstance(responses, list) and len(responses) == k
+            scene = dataset.scenes[r["image"]]
+            errors = [caption_errors(c, scene) for c in responses]
+            assert errors == list(range(k)) == r["num_errors"], (errors, responses)
+            assert len(set(responses)) == k
+
+
+def test_kto_labels_are_true(dataset, oracle, is_caption_prompt):
+    for name in ("kto_train", "kto_eval"):
+        recs = dataset.load(name)
+        assert Counter(r["label"] for r in recs)[True] == Counter(r["label"] for r in recs)[False]
+        for r in recs:
+            assert isinstance(r["label"], bool) and len(r["images"]) == 1
+            scene = dataset.scenes[r["images"][0]]
+            if r["question_type"] == "caption":
+                assert (caption_errors(r["completion"], scene) == 0) == r["label"]
+            else:
+                assert answer_matches(r["completion"], oracle(r["prompt"], scene)) == r["label"], r
+        lines = dataset.paths[name].read_text().splitlines()
+        assert len(lines) == len(recs)
