@@ -115,6 +115,8 @@ class VLMAdapter:
 
     def __init__(self, model: nn.Module, processor: Any):
         self.model = model
+        # module called for the text forward: the model itself, or its accelerate/DDP/FSDP wrapper
+        self.runner: nn.Module = model
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         tid = self.tokenizer.convert_tokens_to_ids(self.placeholder_token)
@@ -263,7 +265,7 @@ class VLMAdapter:
         flat = [i for row in image_indices for i in row]
         mm = dict(pixel_inputs) if pixel_inputs is not None else self.mm_kwargs(encoded, flat)
         mm.update(self._extra_forward_kwargs(input_ids, attention_mask, mm))
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **mm, **kwargs)
+        return self.runner(input_ids=input_ids, attention_mask=attention_mask, **mm, **kwargs)
 
     def _extra_forward_kwargs(self, input_ids, attention_mask, mm) -> dict:
         return {}
