@@ -20,9 +20,10 @@ def _split_of(rel):
 def test_every_file_written_and_listed(dataset):
     manifest = json.loads(dataset.paths["manifest"].read_text())
     assert manifest["config"] == dataset.config.to_dict()
-    for name, (fname, fmt) in FILES.items():
+    for name, (fname, fmt, kind) in FILES.items():
         data = dataset.paths[name].read_bytes()
         assert manifest["files"][name] == fname and manifest["formats"][name] == fmt
+        assert manifest["kinds"][name] == kind
         assert manifest["sha256"][fname] == hashlib.sha256(data).hexdigest()
         assert manifest["counts"][name] == len(dataset.load(name)) > 0
     pngs = sorted(p.name for p in dataset.paths["images"].iterdir())

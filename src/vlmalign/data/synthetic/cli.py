@@ -91,8 +91,9 @@ def run_shapes(args: argparse.Namespace) -> int:
     print(f"ShapesWorld (seed {config.seed}) written to {out} in {seconds:.1f}s")
     print(f"  images/      {manifest['images']['train']} train + {manifest['images']['eval']} eval PNGs "
           f"({config.image_size}x{config.image_size}, {config.grid}x{config.grid} grid)")
-    for name, (fname, fmt) in FILES.items():
-        print(f"  {fname:<20} {manifest['counts'][name]:>6} records  ({fmt})")
+    for name, (fname, fmt, kind) in FILES.items():
+        what = f"{fmt} -> {kind}" if kind else "ground truth"
+        print(f"  {fname:<20} {manifest['counts'][name]:>6} records  ({what})")
     print("  manifest.json")
     print(f"use --image-root {out} when reading these files")
     return 0

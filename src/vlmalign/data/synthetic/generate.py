@@ -15,26 +15,29 @@ captions_eval.json      LLaVA         one per eval image
 vqa_train.json          LLaVA         every question type once per train image, grouped in
                                       single- and multi-turn (up to ``max_turns``) records
 vqa_eval.json           VQA           ``{"id","image","question","answer","question_type"}``
-                                      every question type once per eval image (+ ``label``,
-                                      ``category`` on existence questions)
+                                      every question type once per eval image (+ ``label``
+                                      on existence questions)
 pope_eval.json          VQA + POPE    existence questions, per eval image and category
                                       (random, adversarial) one "yes" and one "no": exactly
                                       balanced; ``label`` yes/no, ``category``, ``object``
 dpo_{train,eval}.json   plain_dpo     ``{"id","image","prompt","chosen","rejected",
                                       "question_type","error"}``, per image one short-answer
                                       pair and one caption pair; rejected hallucinates
-ranked_{train,eval}     LLaVA ranked  last gpt value is a list: correct caption, then captions
-.json                                 with 1, 2, ... errors (``num_errors`` lists them)
+ranked_{train,eval}     LLaVA,        last gpt value is a list: correct caption, then captions
+.json                   ranked        with 1, 2, ... errors (``num_errors`` lists them)
 rl_{train,eval}.json    VQA           one question per image with its verifiable answer
-kto_{train,eval}.jsonl  TRL unpaired  ``{"id","prompt","completion","label","images":[path],
+kto_{train,eval}.jsonl  TRL (KTO)     ``{"id","prompt","completion","label","images":[path],
                                       "question_type"}``, per image one desirable and one
                                       undesirable (hallucinated) example
-manifest.json           -             config, counts, files and formats, sha256 of each file
+manifest.json           -             config, counts, files, reader formats and record kinds,
+                                      sha256 of each file
 ======================  ============  ==========================================================
 
 Prompts in plain_dpo, VQA and KTO files carry no image placeholder (like the Resonance
 samples): the record's image goes before the text of the first user turn. LLaVA files put
-``<image>\\n`` at the start of the first human turn.
+``<image>\\n`` at the start of the first human turn. ``manifest.json`` names, per file, the
+``format`` to pass to :func:`vlmalign.data.readers.read_file` and the record kind it yields
+(conversation, rl_prompt, preference, ranked, unpaired).
 """
 
 from __future__ import annotations
@@ -56,22 +59,22 @@ from .tasks import (CAPTION_ERROR_KINDS, QA, TEMPLATES, ask, caption, corrupted_
 GENERATOR_VERSION = 1
 SPLITS = ("train", "eval")
 
-# name -> (file name, format)
-FILES: dict[str, tuple[str, str]] = {
-    "scenes": ("scenes.json", "shapesworld_scenes"),
-    "captions_train": ("captions_train.json", "llava"),
-    "captions_eval": ("captions_eval.json", "llava"),
-    "vqa_train": ("vqa_train.json", "llava"),
-    "vqa_eval": ("vqa_eval.json", "vqa"),
-    "pope_eval": ("pope_eval.json", "vqa"),
-    "dpo_train": ("dpo_train.json", "plain_dpo"),
-    "dpo_eval": ("dpo_eval.json", "plain_dpo"),
-    "ranked_train": ("ranked_train.json", "llava_ranked"),
-    "ranked_eval": ("ranked_eval.json", "llava_ranked"),
-    "rl_train": ("rl_train.json", "vqa"),
-    "rl_eval": ("rl_eval.json", "vqa"),
-    "kto_train": ("kto_train.jsonl", "kto_jsonl"),
-    "kto_eval": ("kto_eval.jsonl", "kto_jsonl"),
+# name -> (file name, format name for vlmalign.data.readers, record kind it reads as)
+FILES: dict[str, tuple[str, str, str | None]] = {
+    "scenes": ("scenes.json", "shapesworld_scenes", None),
+    "captions_train": ("captions_train.json", "llava", "conversation"),
+    "captions_eval": ("captions_eval.json", "llava", "conversation"),
+    "vqa_train": ("vqa_train.json", "llava", "conversation"),
+    "vqa_eval": ("vqa_eval.json", "vqa", "rl_prompt"),
+    "pope_eval": ("pope_eval.json", "vqa", "rl_prompt"),
+    "dpo_train": ("dpo_train.json", "plain_dpo", "preference"),
+    "dpo_eval": ("dpo_eval.json", "plain_dpo", "preference"),
+    "ranked_train": ("ranked_train.json", "llava", "ranked"),
+    "ranked_eval": ("ranked_eval.json", "llava", "ranked"),
+    "rl_train": ("rl_train.json", "vqa", "rl_prompt"),
+    "rl_eval": ("rl_eval.json", "vqa", "rl_prompt"),
+    "kto_train": ("kto_train.jsonl", "trl", "unpaired"),
+    "kto_eval": ("kto_eval.jsonl", "trl", "unpaired"),
 }
 
 # Stream ids: each (split, image, purpose) gets its own generator, so changing one output
@@ -303,7 +306,7 @@ def generate_shapesworld(out_dir: str | Path, config: ShapesConfig | None = None
     records = build_records(config, scenes)
     paths: dict[str, Path] = {"images": img_dir}
     sha: dict[str, str] = {}
-    for name, (fname, fmt) in FILES.items():
+    for name, (fname, _, _) in FILES.items():
         data = _dump_jsonl(records[name]) if fname.endswith(".jsonl") else _dump_json(records[name])
         _write(out / fname, data)
         paths[name] = out / fname
@@ -317,8 +320,9 @@ def generate_shapesworld(out_dir: str | Path, config: ShapesConfig | None = None
         "images": {s: len(scenes[s]) for s in SPLITS},
         "images_sha256": image_digest.hexdigest(),
         "counts": {name: len(records[name]) for name in FILES},
-        "files": {name: fname for name, (fname, _) in FILES.items()},
-        "formats": {name: fmt for name, (_, fmt) in FILES.items()},
+        "files": {name: fname for name, (fname, _, _) in FILES.items()},
+        "formats": {name: fmt for name, (_, fmt, _) in FILES.items()},
+        "kinds": {name: kind for name, (_, _, kind) in FILES.items()},
         "sha256": sha,
         "question_templates": {k: list(v) for k, v in TEMPLATES.items()},
         "answers": {"count": "digits, e.g. \"2\"", "existence": "yes / no",
@@ -333,3 +337,7 @@ def load_scenes(out_dir: str | Path) -> dict[str, Scene]:
     """Ground truth of a generated dataset: ``{relative image path: Scene}``."""
     rows = json.loads((Path(out_dir) / FILES["scenes"][0]).read_text())
     return {r["image"]: Scene.from_json(r) for r in rows}
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(out_dir) / "manifest.json").read_text())
