@@ -103,6 +103,8 @@ def place_images(turns: list[tuple[str, list[Segment]]], images: list[ImageRef],
                 parts.append(ImagePart(next(it)))
             elif isinstance(s, ImageRef):
                 parts.append(ImagePart(s))
+            elif s and parts and isinstance(parts[-1], TextPart):
+                parts[-1] = TextPart(parts[-1].text + s)  # adjacent texts become one part
             elif s:
                 parts.append(TextPart(s))
         messages.append(Message(role, parts))

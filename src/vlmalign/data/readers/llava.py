@@ -26,7 +26,7 @@ from ..placeholders import Segment, place_images, split_text
 from ..schema import Conversation, RankedList, Record
 from ._common import Ctx, id_of, image_list, meta_of, response_of, role_of, text_of, type_name
 
-KNOWN = {"id", "image", "images", "conversations", "scores"}
+KNOWN = {"id", "image", "images", "conversations"}
 
 
 def matches(obj: Mapping) -> bool:
@@ -83,15 +83,12 @@ def parse(obj: Mapping, ctx: Ctx) -> Record:
     for i, m in enumerate(messages):
         if not m.content:
             raise ctx.error("empty turn", f"conversations[{i}]")
-    common = dict(id=id_of(obj, "id"), meta=meta_of(obj, KNOWN))
-    if ranked is not None:
-        scores = obj.get("scores")
-        if scores is not None and (not isinstance(scores, list) or not all(
-                isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)):
-            raise ctx.error("expected a list of numbers", "scores")
-        return RankedList(messages, ranked, scores=[float(s) for s in scores] if scores else None,
-                          **common)
-    meta = common["meta"]
-    if "scores" in obj:
-        meta["scores"] = obj["scores"]
-    return Conversation(messages, **common)
+    rid = id_of(obj, "id")
+    if ranked is None:
+        return Conversation(messages, id=rid, meta=meta_of(obj, KNOWN))
+    scores = obj.get("scores")
+    if scores is not None and (not isinstance(scores, list) or not all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)):
+        raise ctx.error("expected a list of numbers", "scores")
+    return RankedList(messages, ranked, scores=[float(s) for s in scores] if scores else None,
+                      id=rid, meta=meta_of(obj, KNOWN | {"scores"}))

@@ -64,11 +64,11 @@ def parse(obj: Mapping, ctx: Ctx) -> Record:
     if qk not in obj:
         raise ctx.error("missing field", "question")
     question = text_of(obj[qk], ctx, qk)
-    if not question.strip():
-        raise ctx.error("empty question", qk)
     images, image_key = image_list(obj, ctx)
     prompt = place_images([("user", split_text(question))], images,
                           lambda r: ctx.error(r, image_key))
+    if not prompt[0].content:
+        raise ctx.error("empty question and no image", qk)
     reference, used = _reference(obj, ctx)
     rid = id_of(obj, "id", "question_id")
     known = KNOWN | used | {qk} | ({"question_id"} if "id" not in obj else set())
