@@ -1,0 +1,160 @@
+"""`vlmalign data {validate,convert,stats}` (and `synth`, registered by data.synthetic.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..data.readers import FORMATS
+from ..data.schema import RECORD_KINDS
+from ..data.writers import WRITE_FORMATS
+
+FORMAT_HELP = (f"input format: auto (default: detect from the file), {', '.join(FORMATS)} "
+               "(aliases: vlquery_json=llava, hf/parquet=trl, native=vlmalign)")
+KIND_HELP = (f"read records as this kind: {', '.join(RECORD_KINDS)} (e.g. a VQA file as "
+             "conversation, two-response ranked lists as preference)")
+ROOT_HELP = ("folder that image paths are relative to; paths may not leave it "
+             "(default: the folder holding the data file)")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    data = subparsers.add_parser("data", help="check, convert and describe data files",
+                                 description="Check, convert and describe data files.")
+    sub = data.add_subparsers(dest="data_command", metavar="COMMAND")
+    sub.required = True
+    data._data_subparsers = sub  # type: ignore[attr-defined]  # for other subcommands
+
+    p = sub.add_parser("validate", help="check every record of a data file",
+                       description="Check every record: fields, roles, responses, <image> "
+                                   "placeholders, images (missing, corrupt, outside the root) "
+                                   "and, with --model, the length. Prints one line per "
+                                   "problem and 'N records, K bad'; exit code 1 if any is bad.")
+    p.add_argument("file", help="data file (.json, .jsonl, .parquet) or datasets directory")
+    p.add_argument("--image-root", help=ROOT_HELP)
+    p.add_argument("--format", default="auto", help=FORMAT_HELP)
+    p.add_argument("--kind", choices=RECORD_KINDS, help=KIND_HELP)
+    p.add_argument("--model", help="model directory: also check that each record fits "
+                                   "--max-length without cutting image tokens")
+    p.add_argument("--max-length", type=int, help="sequence length limit for the --model check")
+    p.add_argument("--no-images", action="store_true", help="skip opening the images")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("convert", help="convert a data file to another format",
+                       description="Read IN (any supported format) and write OUT in --to. "
+                                   "Images held as bytes are written to <OUT dir>/images/ "
+                                   "for path-based formats; trl embeds image bytes.")
+    p.add_argument("input", metavar="IN", help="input data file or datasets directory")
+    p.add_argument("output", metavar="OUT", help="output file (trl: .parquet, otherwise a "
+                                                 "save_to_disk directory)")
+    p.add_argument("--to", required=True, choices=WRITE_FORMATS, help="output format")
+    p.add_argument("--from", dest="format", default="auto", help=FORMAT_HELP)
+    p.add_argument("--kind", choices=RECORD_KINDS, help=KIND_HELP)
+    p.add_argument("--image-root", help=ROOT_HELP + "; needed to embed path images in trl")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="bad input records: stop (raise, default) or leave them out and "
+                        "report how many (skip)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("stats", help="describe a data file",
+                       description="Records per kind, images per record, turns, response "
+                                   "lengths, share of text-only records, distinct images.")
+    p.add_argument("file", help="data file (.json, .jsonl, .parquet) or datasets directory")
+    p.add_argument("--image-root", help=ROOT_HELP + " (used to identify identical images)")
+    p.add_argument("--format", default="auto", help=FORMAT_HELP)
+    p.add_argument("--kind", choices=RECORD_KINDS, help=KIND_HELP)
+    p.add_argument("--model", help="model directory: also count response lengths in tokens")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.set_defaults(func=cmd_stats)
+
+    try:  # `data synth` lives with the synthetic data sets
+        from ..data.synthetic.cli import register as register_synth
+    except ImportError:
+        register_synth = None
+    if register_synth is not None:
+        register_synth(sub)
+    return data
+
+
+def cmd_validate(args) -> int:
+    from ..data.validate import validate_file
+
+    report = validate_file(args.file, args.image_root, format=args.format, kind=args.kind,
+                           check_images=not args.no_images, model=args.model,
+                           max_length=args.max_length)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for p in report.problems:
+            print(p.message)
+        print(report.summary())
+    return 0 if report.ok else 1
+
+
+def cmd_convert(args) -> int:
+    from ..data.readers import iter_records
+    from ..data.writers import write_records
+    from ..errors import DataError
+
+    records, bad = [], []
+    for _, rec in iter_records(args.input, format=args.format, kind=args.kind):
+        if isinstance(rec, DataError):
+            if args.on_error == "raise":
+                raise rec
+            bad.append(rec)
+        else:
+            records.append(rec)
+    for e in bad:
+        print(f"skipped: {e}")
+    out = Path(args.output)
+    root = args.image_root or (args.input if Path(args.input).is_dir()
+                               else str(Path(args.input).parent))
+    image_dir = out.parent / "images"
+    had_images = set(image_dir.iterdir()) if image_dir.is_dir() else set()
+    write_records(records, out, args.to, image_root=root, image_dir=image_dir)
+    kinds = sorted({r.kind for r in records})
+    print(f"wrote {len(records)} records ({', '.join(kinds) or 'none'}) to {out} as {args.to}"
+          + (f"; skipped {len(bad)} bad records" if bad else ""))
+    new_images = (set(image_dir.iterdir()) if image_dir.is_dir() else set()) - had_images
+    if new_images:
+        print(f"wrote {len(new_images)} images to {image_dir}")
+    return 0
+
+
+def _tokenizer(model: str):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model)
+    except Exception:
+        from ..models import load_adapter
+
+        return load_adapter(model).tokenizer
+
+
+def cmd_stats(args) -> int:
+    from ..data.stats import compute_stats
+
+    tok = _tokenizer(args.model) if args.model else None
+    s = compute_stats(args.file, args.image_root, format=args.format, kind=args.kind,
+                      tokenizer=tok)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+
+    def rng(d):
+        return "-" if d["min"] is None else f"min {d['min']}, mean {d['mean']}, max {d['max']}"
+
+    kinds = ", ".join(f"{k}: {v}" for k, v in s["kinds"].items()) or "none"
+    print(f"file: {s['file']}")
+    print(f"records: {s['records']} ({kinds}); bad records: {s['bad_records']}")
+    print(f"images per record: {rng(s['images_per_record'])}")
+    print(f"user turns per record: {rng(s['turns'])}")
+    print(f"response length (chars): {rng(s['response_chars'])}")
+    if "response_tokens" in s:
+        print(f"response length (tokens): {rng(s['response_tokens'])}")
+    share = s["text_only_share"]
+    print(f"text-only records: {'-' if share is None else f'{100 * share:.1f}%'}")
+    print(f"distinct images: {s['distinct_images']}")
+    return 0

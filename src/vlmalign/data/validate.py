@@ -1,0 +1,232 @@
+"""Check a data file record by record, so bad records are found before training starts.
+
+Per record: everything the reader checks (unknown role, empty or missing response,
+``<image>`` count differing from the image count, malformed fields), then each image:
+missing or unreadable file, corrupt file (PIL cannot decode it), path escaping the image
+root; and, when a model adapter is given, whether the sequence fits ``max_length`` without
+cutting image tokens (``adapter.check_length``).
+
+:func:`validate_file` reports every problem; :func:`load_records` is what training uses:
+the first bad record raises (``on_error="raise"``) or bad records are dropped, counted and
+logged (``on_error="skip"``) -- never silently.
+
+The image root defaults to the folder holding the data file (or the dataset directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError, VlmalignError
+from .images import load_image
+from .readers import iter_records
+from .schema import ImageRef, Record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Problem:
+    """One thing wrong with a record (``index`` None: with the file as a whole)."""
+
+    index: int | None
+    field: str | None
+    reason: str
+    file: str | None = None
+
+    @staticmethod
+    def of(err: DataError, file: str | None = None) -> "Problem":
+        return Problem(err.index, err.field, err.reason, err.file or file)
+
+    def error(self) -> DataError:
+        return DataError(self.reason, file=self.file, index=self.index, field=self.field)
+
+    @property
+    def message(self) -> str:
+        return self.error().format()
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "field": self.field, "reason": self.reason,
+                "message": self.message}
+
+
+@dataclass
+class ValidationReport:
+    file: str
+    records: int = 0  # records seen, good and bad
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def bad_indices(self) -> list[int]:
+        return sorted({p.index for p in self.problems if p.index is not None})
+
+    @property
+    def bad(self) -> int:
+        return len(self.bad_indices)
+
+    @property
+    def file_problems(self) -> list[Problem]:
+        return [p for p in self.problems if p.index is None]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        s = f"{self.records} records, {self.bad} bad"
+        if self.file_problems:
+            s += " (the file could not be read completely)"
+        return s
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "records": self.records, "bad": self.bad, "ok": self.ok,
+                "problems": [p.to_json() for p in self.problems]}
+
+
+@dataclass
+class LoadedRecords:
+    """Records that passed the checks, and the problems of those that were skipped."""
+
+    records: list[Record]
+    problems: list[Problem]
+    total: int
+
+    @property
+    def skipped(self) -> int:
+        return len({p.index for p in self.problems})
+
+
+def default_image_root(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
+class _ImageChecker:
+    """Loads each distinct image once; remembers failures by image identity."""
+
+    def __init__(self, root: str | os.PathLike, keep: bool):
+        self.root = root
+        self.keep = keep  # keep decoded images (needed for the length check)
+        self.failures: dict[str, str] = {}
+
+    def check(self, ref: ImageRef) -> tuple[Any, str | None]:
+        key = ref.key()
+        if key in self.failures:
+            return None, self.failures[key]
+        try:
+            img = load_image(ref, self.root)
+        except DataError as e:
+            self.failures[key] = e.reason
+            return None, e.reason
+        return (img if self.keep else None), None
+
+
+def _record_images(rec: Record) -> list[tuple[str, ImageRef]]:
+    out = [(f"images[{i}]", ref) for i, ref in enumerate(rec.images)]
+    for i, ref in enumerate(getattr(rec, "rejected_images", None) or []):
+        out.append((f"rejected_images[{i}]", ref))
+    return out
+
+
+def check_records(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
+                  format: str = "auto", kind: str | None = None, check_images: bool = True,
+                  adapter: Any = None, max_length: int | None = None
+                  ) -> Iterator[tuple[int | None, Record | None, list[Problem]]]:
+    """Yield ``(index, record or None, problems)`` per record; a file-level failure is
+    yielded last as ``(None, None, [problem])``."""
+    if adapter is not None and not max_length:
+        raise VlmalignError("a length check needs max_length")
+    src = str(path)
+    root = image_root if image_root is not None else default_image_root(path)
+    images = _ImageChecker(root, keep=adapter is not None)
+    try:
+        for index, rec in iter_records(path, format=format, kind=kind):
+            if isinstance(rec, DataError):
+                yield index, None, [Problem.of(rec, src)]
+                continue
+            problems, pil = [], []
+            if check_images or adapter is not None:
+                for fname, ref in _record_images(rec):
+                    img, reason = images.check(ref)
+                    if reason is not None:
+                        problems.append(Problem(index, fname, reason, src))
+                    elif fname.startswith("images"):
+                        pil.append(img)
+            if adapter is not None and not problems:
+                try:
+                    adapter.check_length(rec, pil, max_length)
+                except DataError as e:
+                    problems.append(Problem(index, e.field or "length", e.reason, src))
+            yield index, (None if problems else rec), problems
+    except DataError as e:
+        yield None, None, [Problem.of(e, src)]
+
+
+def _adapter(model: str | os.PathLike | None):
+    if model is None:
+        return None
+    try:
+        from ..models import load_adapter
+    except ImportError as e:
+        raise VlmalignError(f"the length check needs the model layer ({e})") from None
+    return load_adapter(str(model))
+
+
+def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
+                  format: str = "auto", kind: str | None = None, check_images: bool = True,
+                  model: str | os.PathLike | None = None, max_length: int | None = None,
+                  adapter: Any = None) -> ValidationReport:
+    """Check every record of ``path``; never stops at the first problem.
+
+    ``model`` (a model directory) or an already loaded ``adapter`` turns on the length
+    check at ``max_length``.
+    """
+    if model is not None and not max_length:
+        raise VlmalignError("--model needs --max-length")
+    adapter = adapter if adapter is not None else _adapter(model)
+    report = ValidationReport(str(path))
+    for index, _, problems in check_records(path, image_root, format=format, kind=kind,
+                                            check_images=check_images, adapter=adapter,
+                                            max_length=max_length):
+        if index is not None:
+            report.records += 1
+        report.problems.extend(problems)
+    return report
+
+
+def load_records(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                 on_error: str = "raise", *, format: str = "auto", kind: str | None = None,
+                 check_images: bool = True, adapter: Any = None,
+                 max_length: int | None = None) -> LoadedRecords:
+    """Records of ``path`` that pass :func:`validate_file`'s checks, for training.
+
+    ``on_error="raise"``: the first bad record raises :class:`DataError` (same message as
+    validate). ``on_error="skip"``: bad records are dropped; they are counted in
+    ``.skipped``, listed in ``.problems`` and logged as a warning. A file-level failure
+    (unreadable file, JSON syntax error) always raises.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    records, problems, total = [], [], 0
+    for index, rec, probs in check_records(path, image_root, format=format, kind=kind,
+                                           check_images=check_images, adapter=adapter,
+                                           max_length=max_length):
+        if index is None:
+            raise probs[0].error()
+        total += 1
+        if probs:
+            if on_error == "raise":
+                raise probs[0].error()
+            problems.extend(probs)
+        else:
+            records.append(rec)
+    out = LoadedRecords(records, problems, total)
+    if out.skipped:
+        log.warning("%s: skipped %d of %d records; first: %s", path, out.skipped, total,
+                    problems[0].message)
+    return out
