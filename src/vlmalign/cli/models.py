@@ -1,0 +1,58 @@
+"""`vlmalign models ...`: tiny offline models and model inspection."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("models", help="build tiny offline models, inspect model directories")
+    msub = p.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
+    msub.required = True
+
+    t = msub.add_parser("tiny", help="build a random-init tiny model of FAMILY and save it as a "
+                                     "Hugging Face directory (fully offline)")
+    t.add_argument("family", help="model family (see `vlmalign models list`)")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--seed", type=int, default=0, help="random seed for the weights")
+    t.set_defaults(func=_tiny)
+
+    ls = msub.add_parser("list", help="list the families with an adapter and a tiny builder")
+    ls.set_defaults(func=_list)
+
+    info = msub.add_parser("info", help="show a model directory's family, parameter groups and "
+                                        "default LoRA targets")
+    info.add_argument("model", help="local model directory or hub id")
+    info.add_argument("--trust-remote-code", action="store_true",
+                      help="allow custom model code from the directory (off by default)")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_info)
+
+
+def _tiny(args) -> int:
+    from ..models import save_tiny
+    save_tiny(args.family, args.out, seed=args.seed)
+    print(f"wrote tiny {args.family} model to {args.out}")
+    return 0
+
+
+def _list(args) -> int:
+    from ..models import families
+    for f in families():
+        print(f)
+    return 0
+
+
+def _info(args) -> int:
+    from ..models import load_adapter
+    ad = load_adapter(args.model, trust_remote_code=args.trust_remote_code)
+    groups = {g: sum(p.numel() for _, p in ps) for g, ps in ad.param_groups().items()}
+    out = {"family": ad.family, "model_type": ad.model.config.model_type,
+           "adapter": type(ad).__name__, "parameters": groups,
+           "lora_targets": len(ad.lora_target_modules()), "placeholder_token": ad.placeholder_token}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            print(f"{k}: {v}")
+    return 0

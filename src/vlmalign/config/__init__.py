@@ -1,0 +1,182 @@
+"""Configuration: dataclasses with one field per option and its help text; YAML + dotted overrides.
+
+    cfg = load_config(SFTConfig, "recipes/llava/sft.yaml", ["optim.lr=1e-4", "train.max_steps=50"])
+
+Every option is declared once (``opt(default, help)``); ``describe(cls)`` renders the help that
+``vlmalign train X --help`` prints. Unknown keys are rejected with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import VlmalignError
+
+
+class ConfigError(VlmalignError):
+    pass
+
+
+def opt(default: Any, help: str, choices: tuple | None = None):
+    """A config option: default value, help text and optional allowed values."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    if is_dataclass(default):
+        return field(default_factory=lambda d=default: dataclasses.replace(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls, help: str):
+    return field(default_factory=cls, metadata={"help": help, "choices": None})
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Coerce YAML/CLI values to the declared type (str -> int/float/bool/list)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errs = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errs.append(str(e))
+        raise ConfigError(errs[0] if errs else f"{where}: bad value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            v = tp(value) if not (tp is int and isinstance(value, float) and not value.is_integer()) else None
+        except (TypeError, ValueError):
+            v = None
+        if v is None:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return v
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [(_coerce(v, inner, f"{where}[{i}]") if inner is not Any else v) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown option {where + key!r}{hint}")
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    hints = _hints(type(obj))
+    names = [f.name for f in fields(obj)]
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown(key, names, prefix)
+        cur = getattr(obj, key)
+        if is_dataclass(cur):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix + key}: expected a section (mapping), got {value!r}")
+            _apply(cur, value, prefix + key + ".")
+        else:
+            f = next(f for f in fields(obj) if f.name == key)
+            v = _coerce(value, hints[key], prefix + key)
+            choices = f.metadata.get("choices")
+            if choices and v not in choices:
+                raise ConfigError(f"{prefix + key}: {v!r} is not one of {', '.join(map(str, choices))}")
+            setattr(obj, key, v)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    k, v = item.split("=", 1)
+    return k.strip().split("."), yaml.safe_load(v) if v.strip() else ""
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None, *, base=None):
+    """Defaults (``base`` or ``cls()``) <- YAML file <- dotted ``key=value`` overrides, type-checked."""
+    cfg = base if base is not None else cls()
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        try:
+            _apply(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _apply(cfg, nested)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe(cls, prefix: str = "") -> list[str]:
+    """One line per option: ``section.key (default): help``."""
+    lines = []
+    obj = cls()
+    for f in fields(obj):
+        cur = getattr(obj, f.name)
+        if is_dataclass(cur):
+            lines.append(f"{prefix}{f.name}: {f.metadata.get('help', '')}")
+            lines.extend(describe(type(cur), prefix + f.name + "."))
+        else:
+            ch = f.metadata.get("choices")
+            extra = f" [{'|'.join(map(str, ch))}]" if ch else ""
+            lines.append(f"  {prefix}{f.name} = {cur!r}{extra}: {f.metadata.get('help', '')}")
+    return lines
+
+
+__all__ = ["ConfigError", "dataclass", "describe", "load_config", "opt", "save_config", "section", "to_dict"]

@@ -1,0 +1,78 @@
+"""Config sections shared by every training method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import opt
+
+
+@dataclass
+class ModelSection:
+    path: str | None = opt(None, "local model directory or hub id to start from")
+    tiny: str | None = opt(None, "instead of path: build a random-init tiny model of this family offline")
+    dtype: str = opt("auto", "weights dtype: auto (fp32 on CPU, bf16 on GPU when supported), fp32, bf16, fp16",
+                     ("auto", "fp32", "bf16", "fp16"))
+    trust_remote_code: bool = opt(False, "allow custom model code from the model directory")
+    train_vision: bool = opt(False, "train the vision tower")
+    train_projector: bool = opt(True, "train the projector")
+    train_language: bool = opt(True, "train the language model (and output head)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = opt(False, "train LoRA adapters instead of full weights (language model Linear layers)")
+    r: int = opt(16, "LoRA rank")
+    alpha: int = opt(32, "LoRA alpha (scaling = alpha / r)")
+    dropout: float = opt(0.0, "LoRA dropout")
+    targets: list[str] = opt([], "module names to wrap; empty: every Linear of the language model")
+    include_vision: bool = opt(False, "also wrap the vision tower's Linear layers")
+    qlora: bool = opt(False, "load the base model in 4-bit (bitsandbytes, CUDA only)")
+
+
+@dataclass
+class DataSection:
+    train_file: str | None = opt(None, "training data file (any supported format)")
+    eval_file: str | None = opt(None, "held-out data file for evaluation")
+    image_root: str | None = opt(None, "directory image paths are resolved in (and confined to); "
+                                       "default: the data file's directory")
+    format: str = opt("auto", "data format (auto-detected by default)")
+    max_length: int = opt(1024, "maximum tokens per sample; longer samples are refused, never cut")
+    on_error: str = opt("raise", "bad records: raise (stop with the record's location) or skip "
+                                 "(drop, count and report)", ("raise", "skip"))
+    max_train_samples: int | None = opt(None, "use only the first N training records")
+    max_eval_samples: int | None = opt(None, "use only the first N evaluation records")
+
+
+@dataclass
+class OptimSection:
+    lr: float = opt(2e-5, "peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    schedule: str = opt("cosine", "learning-rate schedule after warm-up", ("cosine", "linear", "constant"))
+    warmup_steps: int = opt(0, "linear warm-up steps (overrides warmup_ratio when > 0)")
+    warmup_ratio: float = opt(0.03, "warm-up as a fraction of total steps")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this value (0: no clipping)")
+    projector_lr: float | None = opt(None, "separate learning rate for the projector (default: lr)")
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = opt("runs/run", "run directory: config, metrics.jsonl, checkpoints, plots, report")
+    seed: int = opt(0, "random seed (data order, init of new heads, dropout)")
+    epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = opt(0, "optimizer steps to run (0: derive from epochs)")
+    batch_size: int = opt(8, "micro-batch size per process")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    precision: str = opt("auto", "auto (bf16 on GPU when supported, else fp32), fp32, bf16, fp16",
+                         ("auto", "fp32", "bf16", "fp16"))
+    log_every: int = opt(1, "log metrics every N optimizer steps")
+    eval_every: int = opt(0, "evaluate every N steps (0: only at the end)")
+    save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    keep_last: int = opt(2, "checkpoints to keep")
+    resume: bool = opt(False, "continue from the latest checkpoint in output_dir")
+    report_to: list[str] = opt([], "trackers through accelerate: tensorboard, wandb, trackio")
+    progress: bool = opt(True, "show a progress bar")
+    num_workers: int = opt(0, "data-loader worker processes")

@@ -1,0 +1,158 @@
+"""From schema records to model batches in which each image is encoded once.
+
+Records are tokenized once up front (``prepare``), which also checks every record against the
+model's length limit and the images on disk, so bad records stop training before it starts
+(or are skipped, counted and reported under ``on_error="skip"``). Images are loaded and
+preprocessed per batch, deduplicated by identity, and handed to the step function as one list
+of unique images plus, for every row, the indices of the images its placeholders use.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import DataError
+from .images import load_image
+from .schema import ImageRef
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SkipReport:
+    """What an explicit skip policy dropped: never silent."""
+
+    skipped: list[DataError] = field(default_factory=list)
+    total: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.skipped)
+
+    def summary(self, limit: int = 5) -> str:
+        lines = [f"skipped {self.count} of {self.total} records"]
+        lines += [f"  {e}" for e in self.skipped[:limit]]
+        if self.count > limit:
+            lines.append(f"  ... and {self.count - limit} more")
+        return "\n".join(lines)
+
+
+@dataclass
+class Example:
+    """A tokenized record: one or more token rows sharing the record's images."""
+
+    rows: dict[str, list[int]]          # e.g. {"input_ids", "labels"} or {"prompt", "chosen", ...}
+    images: list[ImageRef]
+    record: Any = None
+
+
+class ImageLoader:
+    """Load + preprocess images for an adapter; a small cache keyed by image identity."""
+
+    def __init__(self, adapter, image_root: str | Path | None, cache_size: int = 4096):
+        self.adapter = adapter
+        self.image_root = image_root
+        self.cache_size = cache_size
+        self._cache: dict[str, Any] = {}
+
+    def pil(self, ref: ImageRef):
+        return load_image(ref, self.image_root)
+
+    def inputs(self, ref: ImageRef):
+        key = ref.key()
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self.adapter.preprocess_image(self.pil(ref))
+            if len(self._cache) >= self.cache_size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = hit
+        return hit
+
+
+def prepare(records: Sequence, tokenize: Callable[[Any, list], dict], loader: ImageLoader, *,
+            on_error: str = "raise") -> tuple[list[Example], SkipReport]:
+    """Tokenize every record (``tokenize(record, image_inputs) -> rows``) and check its images.
+
+    ``on_error="raise"`` stops at the first bad record with its file, index and field;
+    ``"skip"`` drops bad records and returns them in the SkipReport.
+    """
+    out, report = [], SkipReport(total=len(records))
+    for rec in records:
+        try:
+            try:
+                imgs = [loader.inputs(r) for r in rec.images]
+                rows = tokenize(rec, imgs)
+            except DataError as e:
+                raise e.located(file=rec.source, index=rec.index) from None
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            report.skipped.append(e)
+            continue
+        out.append(Example(rows=rows, images=list(rec.images), record=rec))
+    if report.count:
+        log.warning(report.summary())
+    return out, report
+
+
+@dataclass
+class Batch:
+    """Padded token rows plus unique images and, per row, the image indices it uses."""
+
+    tensors: dict[str, torch.Tensor]
+    images: list                       # unique ImageInputs
+    image_indices: list[list[int]]     # per row (row order = example order x row_keys)
+    size: int                          # examples in the batch
+
+    def to(self, device) -> "Batch":
+        return Batch({k: v.to(device) for k, v in self.tensors.items()}, self.images,
+                     self.image_indices, self.size)
+
+
+def pad(seqs: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
+    L = max((len(s) for s in seqs), default=0)
+    rows = [list(s) + [value] * (L - len(s)) if side == "right" else [value] * (L - len(s)) + list(s)
+            for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def unique_images(examples: Sequence[Example], loader: ImageLoader) -> tuple[list, list[list[int]]]:
+    """Deduplicate the batch's images by identity; return them and per-example index lists."""
+    keys: dict[str, int] = {}
+    uniq, per_ex = [], []
+    for ex in examples:
+        idx = []
+        for ref in ex.images:
+            k = ref.key()
+            if k not in keys:
+                keys[k] = len(uniq)
+                uniq.append(loader.inputs(ref))
+            idx.append(keys[k])
+        per_ex.append(idx)
+    return uniq, per_ex
+
+
+class SFTCollator:
+    """Rows ``input_ids`` + ``labels`` -> right-padded batch."""
+
+    def __init__(self, loader: ImageLoader, pad_id: int):
+        self.loader = loader
+        self.pad_id = pad_id
+
+    def __call__(self, examples: Sequence[Example]) -> Batch:
+        ids = [ex.rows["input_ids"] for ex in examples]
+        labels = [ex.rows["labels"] for ex in examples]
+        uniq, per_ex = unique_images(examples, self.loader)
+        input_ids = pad(ids, self.pad_id)
+        tensors = {
+            "input_ids": input_ids,
+            "attention_mask": pad([[1] * len(s) for s in ids], 0),
+            "labels": pad(labels, IGNORE_INDEX),
+        }
+        return Batch(tensors, uniq, per_ex, len(examples))

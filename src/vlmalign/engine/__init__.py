@@ -1,0 +1,1 @@
+"""The training engine shared by every method (accelerate underneath)."""

@@ -1,0 +1,124 @@
+"""Atomic checkpoints: weights (safetensors), optimizer, scheduler, RNG states, data position.
+
+A checkpoint is written into ``checkpoints/.tmp-step-N`` and renamed to ``checkpoints/step-N``
+only when complete, so a run killed at any moment leaves every ``step-*`` directory whole. The
+``model/`` subdirectory is a normal Hugging Face (or PEFT adapter) directory; trainer state is
+loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import VlmalignError
+
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
+        "python_version": random.getstate()[0],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    gauss = None if py[-1] == -1 else py[-1]
+    random.setstate((state["python_version"], tuple(int(x) for x in py[:-1]), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    if not ckpt_dir.exists():
+        return []
+    out = []
+    for p in ckpt_dir.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.pt").exists():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    cks = list_checkpoints(ckpt_dir)
+    return cks[-1][1] if cks else None
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model, processor, trainer_state: dict, *,
+                    keep_last: int = 2, extra_modules: dict | None = None) -> Path:
+    """Write ``step-N`` atomically; prune to the newest ``keep_last``."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step}"
+    tmp = ckpt_dir / f".tmp-step-{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    if processor is not None:
+        processor.save_pretrained(tmp / "model")
+    for name, mod in (extra_modules or {}).items():
+        from safetensors.torch import save_file
+        save_file({k: v.detach().contiguous().cpu() for k, v in mod.state_dict().items()},
+                  str(tmp / f"{name}.safetensors"))
+    torch.save({**trainer_state, "rng": rng_state(), "step": step}, tmp / "trainer_state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_weights_into(model, model_dir: Path) -> None:
+    """Load a checkpoint's weights into an existing (possibly PEFT-wrapped) model, strictly."""
+    from safetensors.torch import load_file
+    if is_peft(model):
+        from peft.utils import set_peft_model_state_dict
+        f = model_dir / "adapter_model.safetensors"
+        if not f.exists():
+            raise VlmalignError(f"{model_dir}: no adapter_model.safetensors to resume LoRA from")
+        res = set_peft_model_state_dict(model, load_file(str(f)))
+        if getattr(res, "unexpected_keys", None):
+            raise VlmalignError(f"{model_dir}: unexpected adapter keys {res.unexpected_keys[:5]}")
+        return
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise VlmalignError(f"{model_dir}: no .safetensors weights")
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise VlmalignError(f"{model_dir}: weights do not match the model (missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]})")
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)

@@ -1,0 +1,275 @@
+"""One training loop for every method.
+
+The loop owns data order, accumulation, precision, optimizer/schedule, clipping, evaluation,
+logging and checkpoints; a *method* owns the maths of one micro-batch:
+
+    method.count_items(batch) -> int            # what the loss is averaged over (tokens, pairs)
+    method.compute_loss(batch, num_items) -> (loss, sums)   # sums: summed metrics + "items"
+
+Each optimizer step takes ``grad_accum`` micro-batches per process. Their item counts are summed
+over micro-batches and processes first, and each micro-batch loss is divided by that global
+count, so an accumulated or distributed step produces the same gradient as one big batch.
+
+Data order is a seeded permutation per epoch; the checkpoint stores (epoch, step in epoch), so a
+resumed run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import VlmalignError
+from .checkpoint import latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint, set_rng_state
+from .run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(VlmalignError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: dict
+    checkpoint: str | None
+
+
+def _accelerator(train_cfg):
+    from accelerate import Accelerator
+    prec = train_cfg.precision
+    if prec == "auto":
+        prec = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[prec]
+    return Accelerator(mixed_precision=mp, log_with=train_cfg.report_to or None,
+                       project_dir=train_cfg.output_dir)
+
+
+def _param_groups(model, optim_cfg, projector_names: set[str]):
+    decay, no_decay, proj = [], [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if optim_cfg.projector_lr is not None and n in projector_names:
+            proj.append(p)
+        elif p.ndim < 2 or "norm" in n.lower() or n.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if proj:
+        groups.append({"params": proj, "weight_decay": optim_cfg.weight_decay, "lr": optim_cfg.projector_lr})
+    return [g for g in groups if g["params"]]
+
+
+class Trainer:
+    def __init__(self, *, method, model, processor, examples: Sequence, collate: Callable,
+                 train_cfg, optim_cfg, config=None, evaluate: Callable[[int], dict] | None = None,
+                 adapters: Sequence = (), projector_names: set[str] | None = None,
+                 extra_modules: dict | None = None):
+        self.method = method
+        self.model = model
+        self.processor = processor
+        self.examples = list(examples)
+        self.collate = collate
+        self.tc = train_cfg
+        self.oc = optim_cfg
+        self.evaluate = evaluate
+        self.adapters = list(adapters)
+        self.extra_modules = extra_modules or {}
+        self.acc = _accelerator(train_cfg)
+        self.run = RunDir(train_cfg.output_dir, main_process=self.acc.is_main_process)
+        if config is not None:
+            self.run.save_config(config)
+        self.world = self.acc.num_processes
+        self.rank = self.acc.process_index
+        if not self.examples:
+            raise VlmalignError("no training examples")
+        g = self.tc.batch_size * self.tc.grad_accum * self.world
+        n = len(self.examples)
+        self.global_batch = g
+        self.steps_per_epoch = math.ceil(n / g) if self.world == 1 else max(1, n // g)
+        self.total_steps = self.tc.max_steps if self.tc.max_steps > 0 else \
+            max(1, math.ceil(self.steps_per_epoch * self.tc.epochs))
+        params = list(self.model.parameters()) + [p for m in self.extra_modules.values() for p in m.parameters()]
+        if not any(p.requires_grad for p in params):
+            raise VlmalignError("nothing to train: every parameter is frozen")
+        groups = _param_groups(self.model, self.oc, projector_names or set())
+        for m in self.extra_modules.values():
+            groups.append({"params": [p for p in m.parameters() if p.requires_grad], "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=self.oc.lr, betas=tuple(self.oc.betas), eps=self.oc.eps)
+        from transformers import get_scheduler
+        warm = self.oc.warmup_steps if self.oc.warmup_steps > 0 else int(self.oc.warmup_ratio * self.total_steps)
+        name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[self.oc.schedule]
+        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=warm,
+                                       num_training_steps=self.total_steps)
+        self.runner = self.acc.prepare_model(self.model)
+        for ad in self.adapters:
+            ad.runner = self.runner
+        self.optimizer = self.acc.prepare_optimizer(self.optimizer)
+        self.step = 0
+        if self.tc.report_to:
+            self.acc.init_trackers("vlmalign", config={})
+
+    # ---------------------------------------------------------------- data order
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def _micro_batches(self, step: int) -> list:
+        """This process's micro-batches for global optimizer step ``step`` (0-based)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)
+        chunk = order[k * self.global_batch:(k + 1) * self.global_batch]
+        mine = chunk[self.rank::self.world]
+        bs = self.tc.batch_size
+        out = []
+        for i in range(self.tc.grad_accum):
+            idx = mine[i * bs:(i + 1) * bs]
+            if idx:
+                out.append(self.collate([self.examples[j] for j in idx]))
+        return out
+
+    # ---------------------------------------------------------------- checkpoints
+    def _save(self) -> str | None:
+        self.acc.wait_for_everyone()
+        path = None
+        if self.acc.is_main_process:
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "total_steps": self.total_steps}
+            path = str(save_checkpoint(self.run.checkpoints, self.step, self.acc.unwrap_model(self.runner),
+                                       self.processor, state, keep_last=self.tc.keep_last,
+                                       extra_modules=self.extra_modules))
+        self.acc.wait_for_everyone()
+        return path
+
+    def _resume(self) -> None:
+        ck = latest_checkpoint(self.run.checkpoints)
+        if ck is None:
+            log.info("no checkpoint in %s: starting from scratch", self.run.checkpoints)
+            return
+        load_weights_into(self.acc.unwrap_model(self.runner), ck / "model")
+        for name, mod in self.extra_modules.items():
+            from safetensors.torch import load_file
+            mod.load_state_dict(load_file(str(ck / f"{name}.safetensors")))
+        st = load_trainer_state(ck)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        set_rng_state(st["rng"])
+        self.step = int(st["step"])
+        self.run.truncate_metrics_after(self.step)
+        if self.acc.is_main_process:
+            print(f"resumed from {ck} at step {self.step}")
+
+    # ---------------------------------------------------------------- loop
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(t, reduction="sum") if self.world > 1 else t
+
+    def train_step(self) -> dict:
+        micro = self._micro_batches(self.step)
+        counts = torch.tensor([float(sum(self.method.count_items(b) for b in micro))], device=self.acc.device)
+        total = self._reduce(counts).item()
+        sums: dict[str, torch.Tensor] = {}
+        self.runner.train()
+        for i, batch in enumerate(micro):
+            batch = batch.to(self.acc.device)
+            sync = i == len(micro) - 1
+            ctx = self.acc.no_sync(self.runner) if (not sync and self.world > 1) else _null()
+            with ctx, self.acc.autocast():
+                loss, m = self.method.compute_loss(batch, total)
+                # DDP averages gradients over processes; undo that so the sum over processes counts
+                scaled = loss * self.world
+            self._check_finite(loss)
+            self.acc.backward(scaled)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+        if not micro:  # keep collectives aligned on a process without data this step
+            self.acc.backward(sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad))
+        gn = None
+        if self.oc.max_grad_norm and self.oc.max_grad_norm > 0:
+            gn = self.acc.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                          self.oc.max_grad_norm)
+            if gn is not None and not torch.isfinite(torch.as_tensor(gn)):
+                raise NonFiniteLossError(f"non-finite gradient norm at step {self.step + 1}; the run is "
+                                         f"stopped and the last good checkpoint is kept ({self._last_ckpt()})")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        keys = sorted(sums)
+        vec = self._reduce(torch.stack([torch.as_tensor(sums[k], device=self.acc.device).float().reshape(())
+                                        for k in keys])) if keys else torch.zeros(0)
+        red = dict(zip(keys, vec.tolist()))
+        items = red.pop("items", total) or 1.0
+        out = {k: v / items for k, v in red.items()}
+        out["items"] = items
+        if gn is not None:
+            out["grad_norm"] = float(gn)
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def _last_ckpt(self) -> str:
+        ck = latest_checkpoint(self.run.checkpoints)
+        return str(ck) if ck else "none written yet"
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=self.acc.device)
+        if self._reduce(flag).item() > 0:
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at step {self.step + 1}; the run is stopped without "
+                f"updating the weights, and the last good checkpoint is kept ({self._last_ckpt()})")
+
+    def train(self) -> TrainResult:
+        if self.tc.resume:
+            self._resume()
+        bar = None
+        if self.tc.progress and self.acc.is_main_process:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        last: dict = {}
+        ckpt = None
+        t0 = time.time()
+        while self.step < self.total_steps:
+            m = self.train_step()
+            last = m
+            rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": time.time() - t0,
+                   **{f"train/{k}" if k not in ("lr",) else k: v for k, v in m.items()}}
+            if self.evaluate is not None and self.tc.eval_every and self.step % self.tc.eval_every == 0 \
+                    and self.step < self.total_steps:
+                rec.update({f"eval/{k}": v for k, v in self.evaluate(self.step).items()})
+            if self.step % max(1, self.tc.log_every) == 0 or self.step == self.total_steps:
+                self.run.log(rec)
+                if self.tc.report_to:
+                    self.acc.log(rec, step=self.step)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{m.get('loss', float('nan')):.4f}")
+            if self.tc.save_every and self.step % self.tc.save_every == 0 and self.step < self.total_steps:
+                ckpt = self._save()
+        if bar is not None:
+            bar.close()
+        final_eval = {}
+        if self.evaluate is not None:
+            final_eval = {f"eval/{k}": v for k, v in self.evaluate(self.step).items()}
+            self.run.log({"step": self.step, **final_eval})
+        ckpt = self._save()
+        self.run.plot()
+        if self.tc.report_to:
+            self.acc.end_training()
+        return TrainResult(self.step, {**last, **final_eval}, ckpt)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

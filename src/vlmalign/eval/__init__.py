@@ -1,0 +1,1 @@
+"""Evaluation: benchmark readers, scorers and judges."""

@@ -1,0 +1,1 @@
+"""Training methods: one file per method; loss arithmetic lives in vlmalign.losses."""

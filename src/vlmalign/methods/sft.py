@@ -1,0 +1,146 @@
+"""Projector pretraining (LLaVA stage 1) and supervised fine-tuning.
+
+Both optimise next-token cross-entropy on assistant turns; they differ in defaults: pretraining
+trains the projector only on caption data, SFT trains any chosen subset of vision tower,
+projector and language model, in full or with LoRA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import opt, section
+from ..config.sections import DataSection, LoraSection, ModelSection, OptimSection, TrainSection
+from ..data.batching import IGNORE_INDEX, SFTCollator
+from ..engine.trainer import Trainer, TrainResult
+from ..losses.sft import sft_loss
+from .common import build_adapter, configure_trainable, load_examples, read_records, seed_everything
+
+
+@dataclass
+class EvalSection:
+    vqa_file: str | None = opt(None, "VQA file (image/question/answer) scored by exact match after training")
+    pope_file: str | None = opt(None, "POPE-style yes/no file scored with accuracy, F1 and yes-ratio")
+    max_new_tokens: int = opt(8, "tokens generated per answer")
+    batch_size: int = opt(32, "prompts per generation batch")
+    max_samples: int | None = opt(None, "score only the first N records of each file")
+
+
+@dataclass
+class SFTConfig:
+    model: ModelSection = section(ModelSection, "model to start from and which parts to train")
+    lora: LoraSection = section(LoraSection, "LoRA / QLoRA")
+    data: DataSection = section(DataSection, "training and evaluation data")
+    optim: OptimSection = section(OptimSection, "optimizer and learning-rate schedule")
+    train: TrainSection = section(TrainSection, "loop, batch sizes, precision, checkpoints")
+    eval: EvalSection = section(EvalSection, "generation-based evaluation")
+
+
+def pretrain_config() -> SFTConfig:
+    """Defaults for projector pretraining: only the projector learns, at a higher rate."""
+    cfg = SFTConfig()
+    cfg.model.train_vision = False
+    cfg.model.train_language = False
+    cfg.model.train_projector = True
+    cfg.optim.lr = 1e-3
+    return cfg
+
+
+class SFTMethod:
+    """Cross-entropy on supervised tokens, images encoded once per micro-batch."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def count_items(self, batch) -> int:
+        return int((batch.tensors["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def compute_loss(self, batch, num_items):
+        t = batch.tensors
+        labels = t["labels"]
+        enc = self.adapter.encode_images(batch.images) if batch.images else None
+        # Only positions that predict a supervised token need the output head (the union over
+        # rows): prompt and image positions never build full-vocabulary logits.
+        sup = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)
+        pos = torch.nonzero(sup).squeeze(-1)                 # (P,) positions t predicting t+1
+        out = self.adapter.forward(t["input_ids"], t["attention_mask"], encoded=enc,
+                                   image_indices=batch.image_indices, logits_to_keep=pos, use_cache=False)
+        logits = out.logits                                    # (B, P, V): logit p predicts token p+1
+        targets = labels[:, 1:][:, pos]                        # (B, P)
+        loss, m = sft_loss(logits, targets, num_items)
+        return loss, {"loss": m["nll_sum"], "items": m["tokens"]}
+
+
+def make_evaluator(adapter, cfg: SFTConfig, eval_examples, collate):
+    """Eval loss on held-out conversations + VQA/POPE generation metrics when files are given."""
+    from ..data.batching import ImageLoader
+    from ..eval.vqa import evaluate_pope, evaluate_vqa
+    from .common import data_root
+
+    vqa = pope = None
+    if cfg.eval.vqa_file:
+        recs, _ = read_records(cfg.eval.vqa_file, cfg.data, kind="rl_prompt", limit=cfg.eval.max_samples)
+        vqa = (recs, ImageLoader(adapter, data_root(cfg.data, cfg.eval.vqa_file)))
+    if cfg.eval.pope_file:
+        recs, _ = read_records(cfg.eval.pope_file, cfg.data, kind="rl_prompt", limit=cfg.eval.max_samples)
+        pope = (recs, ImageLoader(adapter, data_root(cfg.data, cfg.eval.pope_file)))
+    method = SFTMethod(adapter)
+
+    @torch.no_grad()
+    def evaluate(step: int) -> dict:
+        was = adapter.model.training
+        adapter.model.eval()
+        out = {}
+        if eval_examples:
+            tot = n = 0.0
+            for i in range(0, len(eval_examples), cfg.train.batch_size):
+                b = collate(eval_examples[i:i + cfg.train.batch_size]).to(adapter.device)
+                k = method.count_items(b)
+                loss, _ = method.compute_loss(b, k)
+                tot += loss.item() * k
+                n += k
+            out["loss"] = tot / max(n, 1)
+        if vqa is not None:
+            m, _ = evaluate_vqa(adapter, vqa[0], vqa[1], max_new_tokens=cfg.eval.max_new_tokens,
+                                batch_size=cfg.eval.batch_size)
+            out.update(m)
+        if pope is not None:
+            out.update(evaluate_pope(adapter, pope[0], pope[1], batch_size=cfg.eval.batch_size))
+        if was:
+            adapter.model.train()
+        return out
+
+    return evaluate
+
+
+def train_sft(cfg: SFTConfig, adapter=None) -> tuple[TrainResult, object]:
+    """Run SFT (or pretraining, with its config). Returns the result and the trained adapter."""
+    seed_everything(cfg.train.seed)
+    adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed)
+    if not cfg.data.train_file:
+        from ..errors import VlmalignError
+        raise VlmalignError("data.train_file is required")
+
+    def tok(rec, imgs):
+        t = adapter.tokenize_record(rec, imgs, max_length=cfg.data.max_length)
+        return {"input_ids": t.input_ids, "labels": t.labels}
+
+    examples, loader, _ = load_examples(cfg.data.train_file, cfg.data, adapter, tok, kind="conversation",
+                                        limit=cfg.data.max_train_samples)
+    collate = SFTCollator(loader, adapter.tokenizer.pad_token_id)
+    eval_examples = []
+    if cfg.data.eval_file:
+        eval_examples, eval_loader, _ = load_examples(cfg.data.eval_file, cfg.data, adapter, tok,
+                                                      kind="conversation", limit=cfg.data.max_eval_samples)
+    model = configure_trainable(adapter, cfg.model, cfg.lora)
+    evaluate = None
+    if eval_examples or cfg.eval.vqa_file or cfg.eval.pope_file:
+        ecollate = SFTCollator(eval_loader, adapter.tokenizer.pad_token_id) if eval_examples else None
+        evaluate = make_evaluator(adapter, cfg, eval_examples, ecollate)
+    projector = {n for n, _ in adapter.param_groups()["projector"]}
+    trainer = Trainer(method=SFTMethod(adapter), model=model, processor=adapter.processor, examples=examples,
+                      collate=collate, train_cfg=cfg.train, optim_cfg=cfg.optim, config=cfg, evaluate=evaluate,
+                      adapters=[adapter], projector_names=projector)
+    return trainer.train(), adapter

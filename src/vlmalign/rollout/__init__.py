@@ -1,0 +1,1 @@
+"""Generation for evaluation, RL rollouts and preference generation."""

@@ -1,0 +1,81 @@
+"""Batched generation with images encoded once per batch (HF ``generate`` with a KV cache)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..data.batching import ImageLoader, pad, unique_images
+from ..data.schema import RLPrompt
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0   # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    num_samples: int = 1
+
+
+@dataclass
+class _Prompt:
+    rows: dict
+    images: list
+
+
+def _gen_kwargs(cfg: SamplingConfig, tok) -> dict:
+    kw = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": tok.pad_token_id,
+          "eos_token_id": tok.eos_token_id}
+    if cfg.temperature and cfg.temperature > 0:
+        kw.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+                  top_k=cfg.top_k if cfg.top_k > 0 else None)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+@torch.no_grad()
+def generate_batch(adapter, prompts: Sequence, loader: ImageLoader, cfg: SamplingConfig,
+                   *, max_length: int | None = None) -> list[list[str]]:
+    """Generate ``cfg.num_samples`` completions per prompt (messages list or RLPrompt).
+
+    Prompts are left-padded; each unique image of the batch is encoded once and its features
+    are reused by every sample of every prompt that shows it.
+    """
+    tok = adapter.tokenizer
+    items = []
+    for p in prompts:
+        msgs = p.prompt if isinstance(p, RLPrompt) or hasattr(p, "prompt") else p
+        refs = [img for m in msgs for img in m.images]
+        imgs = [loader.inputs(r) for r in refs]
+        t = adapter.tokenize_prompt(msgs, imgs, max_length=max_length)
+        for _ in range(cfg.num_samples):
+            items.append(_Prompt({"input_ids": t.input_ids}, refs))
+    uniq, per = unique_images(items, loader)
+    dev = adapter.device
+    ids = pad([it.rows["input_ids"] for it in items], tok.pad_token_id, side="left").to(dev)
+    mask = pad([[1] * len(it.rows["input_ids"]) for it in items], 0, side="left").to(dev)
+    enc = adapter.encode_images(uniq) if uniq else None
+    flat = [i for row in per for i in row]
+    kwargs = adapter.mm_kwargs(enc, flat)
+    kwargs.update(adapter._extra_forward_kwargs(ids, mask, kwargs))
+    was_training = adapter.model.training
+    adapter.model.eval()
+    out = adapter.model.generate(input_ids=ids, attention_mask=mask, **kwargs, **_gen_kwargs(cfg, tok))
+    if was_training:
+        adapter.model.train()
+    texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    n = cfg.num_samples
+    return [[s.strip() for s in texts[i * n:(i + 1) * n]] for i in range(len(prompts))]
+
+
+def generate(adapter, prompts: Sequence, loader: ImageLoader, cfg: SamplingConfig | None = None,
+             *, batch_size: int = 16, max_length: int | None = None) -> list[list[str]]:
+    cfg = cfg or SamplingConfig()
+    out: list[list[str]] = []
+    for i in range(0, len(prompts), batch_size):
+        out.extend(generate_batch(adapter, prompts[i:i + batch_size], loader, cfg, max_length=max_length))
+    return out
