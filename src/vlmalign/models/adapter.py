@@ -6,14 +6,18 @@ talk to this interface:
 
 * ``preprocess_image(img)`` -> :class:`ImageInputs`: the family's tensors for ONE image, the
   number of text tokens the image becomes and the exact token ids that replace its placeholder.
-* ``encode_images(list[ImageInputs])`` -> :class:`EncodedImages`: vision tower + projector,
-  once per unique image.
+* ``encode_images(list[ImageInputs], prompts=None)`` -> :class:`EncodedImages`: vision tower +
+  projector, once per unique image. Where ``encoding_uses_prompt`` (InstructBLIP: the Q-Former
+  reads the instruction) "unique" means unique (image, ``image_prompt(...)``) and ``prompts``
+  is required; every other family ignores it.
 * ``mm_kwargs(encoded, indices)``: forward kwargs (``mm_encoder_outputs`` plus family extras)
   that hand already-encoded images to any number of sequences, so one encoding serves chosen,
   rejected, policy, reference and k rollouts.
 * ``tokenize_conversation`` / ``tokenize_preference`` / ``tokenize_prompt``: chat-template
   rendering, placeholder expansion and loss masks, with length limits checked, never guessed.
 * ``param_groups()`` -> ``{"vision", "projector", "language", "head"}`` for freezing and LoRA.
+* ``generate(input_ids, attention_mask, encoded=..., image_indices=...)``: generation from
+  already-encoded images (rollouts share one encoding).
 
 Tokenization works in three steps. (1) The processor's chat template renders the messages to
 text (each image becomes one placeholder token). (2) The tokenizer encodes that text with
@@ -112,6 +116,14 @@ class VLMAdapter:
     vision_prefixes: ClassVar[tuple[str, ...]] = ("model.vision_tower.",)
     projector_prefixes: ClassVar[tuple[str, ...]] = ("model.multi_modal_projector.",)
     head_prefixes: ClassVar[tuple[str, ...]] = ("lm_head.",)
+    # True where an image's features depend on the prompt text (InstructBLIP's Q-Former reads the
+    # instruction): encode once per (image, ``image_prompt(prompt)``) and pass ``prompts``.
+    encoding_uses_prompt: ClassVar[bool] = False
+    # Most images one sample may hold (None: any number).
+    max_images: ClassVar[int | None] = None
+    # False where the model puts image tokens in a fixed place (InstructBLIP: before BOS) and the
+    # chat template renders no placeholder for them.
+    placeholders_in_text: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, processor: Any):
         self.model = model
@@ -227,13 +239,31 @@ class VLMAdapter:
         feats = out.pooler_output
         return list(feats)
 
-    def encode_images(self, items: Sequence[ImageInputs]) -> EncodedImages:
-        """Encode unique images once. Features keep their autograd graph (trainable towers)."""
+    def image_prompt(self, prompt: str | Sequence[Message] | None) -> str | None:
+        """The text an image's encoding depends on (None: it depends on no text, the default).
+
+        ``prompt`` is the messages that hold the image or a string used verbatim. Callers that
+        share encodings between records key them on (image, ``image_prompt(prompt)``).
+        """
+        return None
+
+    def _encoder_text_inputs(self, prompts, n: int) -> dict[str, torch.Tensor]:
+        """Extra encoder tensors computed from ``prompts`` (only where ``encoding_uses_prompt``)."""
+        return {}
+
+    def encode_images(self, items: Sequence[ImageInputs], *,
+                      prompts: Sequence[str | Sequence[Message]] | None = None) -> EncodedImages:
+        """Encode unique images once. Features keep their autograd graph (trainable towers).
+
+        ``prompts`` (one per item: the messages that hold the image, or a string) is needed only
+        where ``encoding_uses_prompt``; other families ignore it.
+        """
         if not items:
             return EncodedImages(features=[])
         dev, dtype = self.device, next(self.model.parameters()).dtype
-        batch = {k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev))
-                 for k, v in self.collate_images(items).items()}
+        batch = self.collate_images(items)
+        batch.update(self._encoder_text_inputs(prompts, len(items)))
+        batch = {k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev)) for k, v in batch.items()}
         self.encode_calls += 1
         self.encoded_images += len(items)
         feats = self._encode(batch)
@@ -269,6 +299,16 @@ class VLMAdapter:
 
     def _extra_forward_kwargs(self, input_ids, attention_mask, mm) -> dict:
         return {}
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 encoded: EncodedImages | None = None, image_indices: Sequence[Sequence[int]] = (),
+                 **generate_kwargs) -> torch.Tensor:
+        """``model.generate`` from already-encoded images (``image_indices`` as in ``forward``).
+        Returns prompt + new token ids, like HF generate for decoder-only models."""
+        flat = [i for row in image_indices for i in row]
+        mm = self.mm_kwargs(encoded, flat)
+        mm.update(self._extra_forward_kwargs(input_ids, attention_mask, mm))
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **mm, **generate_kwargs)
 
     # ------------------------------------------------------------------ text
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
