@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import pytest
 import torch
@@ -198,6 +199,8 @@ def test_save_load_round_trip(tiny, tmp_path):
     assert isinstance(ad2, Qwen2VLAdapter) and ad2.family == family
     assert isinstance(ad2.processor, image_only_processor_class(family))
     assert ad2.processor.image_processor.patch_size == ad.processor.image_processor.patch_size
+    # picklable (DataLoader workers): the processor classes live at module level
+    assert type(pickle.loads(pickle.dumps(ad2.processor))) is type(ad2.processor)
     pil = _img("red", (80, 48))
     ids, ims = _prompt(ad, pil)
     ids2, ims2 = _prompt(ad2, pil)

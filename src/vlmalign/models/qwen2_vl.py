@@ -16,8 +16,9 @@ Quirks handled here:
   ``(num_tokens_i, hidden)`` tensors (merged, projected): the base ``_encode`` uses it as is.
 * The stock processors require a video processor, which needs torchvision. The tiny builders
   use an image-only subclass; :meth:`Qwen2VLAdapter.load_processor` falls back to building it
-  from the saved tokenizer + image processor + chat template when ``AutoProcessor`` cannot
-  load the directory.
+  from the saved tokenizer + image processor + chat template when ``AutoProcessor`` fails
+  (ImportError without torchvision on stock checkpoints) or, on our saved directories, quietly
+  returns the bare tokenizer (it does not know the image-only class name).
 * Parameter groups: the patch merger ``model.visual.merger.`` is the projector although it sits
   inside ``model.visual.``, so projector prefixes are checked before vision prefixes.
 """
@@ -29,6 +30,7 @@ import os
 from typing import Any, Sequence
 
 import torch
+from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 
 from ..errors import ModelError
 from .adapter import EncodedImages, ImageInputs, VLMAdapter
@@ -69,35 +71,27 @@ QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_
 
 
 # ---------------------------------------------------------------------- image-only processors
-def _image_only(base):
-    """A subclass of ``base`` (Qwen2VLProcessor / Qwen2_5_VLProcessor) without the video
-    processor: same image handling, placeholder expansion and chat template, and it saves as a
-    normal processor directory (tokenizer files, processor_config.json, chat_template.jinja)."""
+class _ImageOnlyMixin:
+    """The stock Qwen processor without its video processor (which needs torchvision): same image
+    handling, placeholder expansion and chat template, saved as a normal processor directory
+    (tokenizer files, processor_config.json, chat_template.jinja). ProcessorMixin takes the
+    sub-processors from this ``__init__`` signature: image_processor and tokenizer only."""
 
-    class ImageOnly(base):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            # ProcessorMixin takes its attributes from this signature: image_processor, tokenizer
-            super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-    ImageOnly.__name__ = ImageOnly.__qualname__ = base.__name__.replace("Processor", "ImageProcessorOnly")
-    ImageOnly.__module__ = __name__
-    return ImageOnly
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
 
-def _processor_classes():
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
-    return {"qwen2_vl": _image_only(Qwen2VLProcessor), "qwen2_5_vl": _image_only(Qwen2_5_VLProcessor)}
+class Qwen2VLImageOnlyProcessor(_ImageOnlyMixin, Qwen2VLProcessor):
+    pass
 
 
-_PROCESSORS: dict[str, type] | None = None
+class Qwen2_5_VLImageOnlyProcessor(_ImageOnlyMixin, Qwen2_5_VLProcessor):
+    pass
 
 
 def image_only_processor_class(model_type: str) -> type:
     """The image-only processor class for ``qwen2_vl`` or ``qwen2_5_vl``."""
-    global _PROCESSORS
-    if _PROCESSORS is None:
-        _PROCESSORS = _processor_classes()
-    return _PROCESSORS[model_type]
+    return {"qwen2_vl": Qwen2VLImageOnlyProcessor, "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor}[model_type]
 
 
 # ---------------------------------------------------------------------- adapter
