@@ -87,12 +87,21 @@ def test_chat_template_renders_placeholders(tiny):
     assert "What colour is the circle?" in text and "blue" in text
 
 
+def _processor_reference(ad, msgs, pil):
+    """The family's processor on this conversation: the rendered text, except where the adapter
+    says how its processor takes a conversation (``processor_inputs``: PaliGemma's takes the
+    prompt as ``text`` and the answers as ``suffix``, see models/paligemma.py)."""
+    inputs = (ad.processor_inputs(msgs, pil) if hasattr(ad, "processor_inputs")
+              else {"text": ad.render(msgs), "images": pil})
+    return ad.processor(**inputs, return_tensors="pt", add_special_tokens=False)
+
+
 def test_token_ids_match_processor(tiny):
     family, ad, _ = tiny
     pil, ims = _images(ad)
     msgs = _conversation(ad)
     tk = ad.tokenize_messages(msgs, ims)
-    ref = ad.processor(text=ad.render(msgs), images=pil, return_tensors="pt", add_special_tokens=False)
+    ref = _processor_reference(ad, msgs, pil)
     # tiny templates close every answer with EOS, so nothing is added and ids must be equal
     assert tk.input_ids == ref["input_ids"][0].tolist()
 
@@ -128,7 +137,7 @@ def test_precomputed_features_equal_pixel_values(tiny):
     msgs = _conversation(ad)
     tk = ad.tokenize_messages(msgs, ims)
     text = ad.render(msgs)
-    ref = ad.processor(text=text, images=pil, return_tensors="pt", add_special_tokens=False)
+    ref = _processor_reference(ad, msgs, pil)
     ids = torch.tensor([tk.input_ids])
     mask = torch.ones_like(ids)
     pixel_inputs = {k: v for k, v in ref.items() if k not in ("input_ids", "attention_mask")}
