@@ -190,3 +190,40 @@ def test_image_seq_len_mismatch_is_an_error():
     processor.image_seq_len = 9
     with pytest.raises(ModelError, match="image_seq_len"):
         adapter_for(model, processor)
+
+
+def test_end_of_utterance_closes_answers_when_eos_differs():
+    """Idefics3-8B-Llama3: EOS is <|end_of_text|>, turns end with <end_of_utterance>. Answers are
+    supervised up to <end_of_utterance> with nothing inserted (ids still equal the processor's),
+    and generation stops on it."""
+    model, processor = build_tiny("idefics3", eos_token="<|end_of_text|>")
+    ad = adapter_for(model, processor)
+    eou = ad.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    assert ad.tokenizer.eos_token_id != eou == ad.end_of_turn_id
+    pil = [_img("red"), _img("blue")]
+    ims = [ad.preprocess_image(p) for p in pil]
+    tk = ad.tokenize_messages(_conv(), ims)
+    ref = ad.processor(text=ad.render(_conv()), images=pil, return_tensors="pt", add_special_tokens=False)
+    assert tk.input_ids == ref["input_ids"][0].tolist()
+    assert ad.tokenizer.eos_token_id not in tk.input_ids
+    sup = [t for t, lab in zip(tk.input_ids, tk.labels) if lab != IGNORE_INDEX]
+    assert sup.count(eou) == 2 and sup[-1] == eou
+    prompt, completion, _ = ad.tokenize_completion(_conv()[:1], "red", ims[:1])
+    assert completion[-1] == eou and ad.tokenizer.decode(completion, skip_special_tokens=True).strip() == "red"
+    assert eou in ad.stop_token_ids() and ad.tokenizer.eos_token_id in ad.stop_token_ids()
+    seen = {}
+    real_generate = ad.model.generate
+
+    def spy(**kw):
+        seen.update(kw)
+        return real_generate(**kw)
+
+    ad.model.generate = spy
+    try:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ad.generate(ids, torch.ones_like(ids), encoded=ad.encode_images(ims[:1]), image_indices=[[0]],
+                        max_new_tokens=2, do_sample=False)
+    finally:
+        del ad.model.generate
+    assert eou in seen["eos_token_id"]

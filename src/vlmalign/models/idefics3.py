@@ -24,7 +24,10 @@ both model types. Quirks handled here:
   positions, so the base ``mm_kwargs`` already hands precomputed features over.
 * **Chat template.** ``User:<image>Question<end_of_utterance>\\nAssistant: answer<end_of_utterance>\\n``
   (the real Idefics3/SmolVLM-Instruct layout). ``<end_of_utterance>`` closes every turn and is the
-  tiny tokenizers' EOS, as in SmolVLM-Instruct.
+  tiny tokenizers' EOS, as in SmolVLM-Instruct. Idefics3-8B-Llama3's EOS is ``<|end_of_text|>``
+  instead, and its config does not list ``<end_of_utterance>`` as a stop token; the adapter
+  still treats ``<end_of_utterance>`` as the end of an answer: it closes the supervised span (no
+  extra EOS is inserted after it) and :meth:`Idefics3Adapter.generate` stops on it.
 * **SmolVLM's processor** requires a video processor (torchvision) and ``num2words``, neither
   needed for images. The tiny SmolVLM uses :class:`SmolVLMImageProcessorOnly`, a
   ``SmolVLMProcessor`` without the video part; :meth:`Idefics3Adapter.load_processor` falls back to
@@ -123,10 +126,13 @@ class Idefics3Adapter(VLMAdapter):
     projector_prefixes = ("model.connector.",)
     head_prefixes = ("lm_head.",)
     encoder_keys = ("pixel_values", "pixel_attention_mask")
+    end_of_turn_token = "<end_of_utterance>"
 
     def __init__(self, model, processor):
         super().__init__(model, processor)
         self.family = model.config.model_type
+        eou = self.tokenizer.convert_tokens_to_ids(self.end_of_turn_token)
+        self.end_of_turn_id: int | None = None if eou in (None, self.tokenizer.unk_token_id) else eou
         # the processor's expansion length must be what the connector produces per sub-image
         want = getattr(model.model, "image_seq_len", None)
         have = getattr(processor, "image_seq_len", None)
@@ -182,6 +188,36 @@ class Idefics3Adapter(VLMAdapter):
         return smolvlm_image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
                                                     image_seq_len=image_seq_len, chat_template=chat_template)
 
+    # ------------------------------------------------------------------ end of turn
+    def _ensure_eos(self, ids, offsets, spans):
+        """Answers that end with ``<end_of_utterance>`` are complete even where the tokenizer's
+        EOS is another token (Idefics3-8B-Llama3): supervise up to it, insert nothing."""
+        eou = self.end_of_turn_id
+        if eou is None or eou == self.tokenizer.eos_token_id:
+            return super()._ensure_eos(ids, offsets, spans)
+        tok_spans = []
+        for s, e in spans:
+            inside = [i for i, (a, b) in enumerate(offsets) if a >= s and b <= e and b > a]
+            if not inside or ids[inside[-1]] != eou:
+                return super()._ensure_eos(ids, offsets, spans)
+            tok_spans.append((inside[0], inside[-1] + 1))
+        return list(ids), list(offsets), tok_spans
+
+    def stop_token_ids(self) -> list[int]:
+        """The generation config's EOS ids plus ``<end_of_utterance>``."""
+        eos = self.model.generation_config.eos_token_id
+        ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        if self.end_of_turn_id is not None and self.end_of_turn_id not in ids:
+            ids.append(self.end_of_turn_id)
+        return ids
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """As :meth:`VLMAdapter.generate`, stopping at the end of the assistant turn."""
+        kwargs.setdefault("eos_token_id", self.stop_token_ids())
+        return super().generate(input_ids, attention_mask, **kwargs)
+
     # ------------------------------------------------------------------ images
     def preprocess_image(self, image) -> ImageInputs:
         # rows/cols (the split grid) are needed to build the expansion, not by the model
@@ -230,11 +266,11 @@ class Idefics3Adapter(VLMAdapter):
 
 # ---------------------------------------------------------------------- tiny builders
 def _tiny_parts(model_type: str, image_size: int, patch_size: int, scale_factor: int, hidden: int,
-                vision_hidden: int, layers: int, image_splitting: bool):
+                vision_hidden: int, layers: int, image_splitting: bool, eos_token: str = "<end_of_utterance>"):
     from .llava import tiny_llama_config
 
     bos = "<|begin_of_text|>" if model_type == "idefics3" else "<|im_start|>"
-    tok = build_tiny_tokenizer(IDEFICS3_SPECIAL_TOKENS, bos_token=bos, eos_token="<end_of_utterance>",
+    tok = build_tiny_tokenizer(IDEFICS3_SPECIAL_TOKENS, bos_token=bos, eos_token=eos_token,
                                pad_token="<pad>", chat_template=IDEFICS3_CHAT_TEMPLATE)
     seq = int(((image_size // patch_size) ** 2) / (scale_factor ** 2))
     vision = dict(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=layers,
@@ -255,17 +291,19 @@ def _finish(model, tok):
 
 @register_tiny("idefics3")
 def build_tiny_idefics3(image_size: int = 32, patch_size: int = 4, scale_factor: int = 2, hidden: int = 64,
-                        vision_hidden: int = 32, layers: int = 2, image_splitting: bool = False, seed: int = 0):
+                        vision_hidden: int = 32, layers: int = 2, image_splitting: bool = False, seed: int = 0,
+                        eos_token: str = "<end_of_utterance>"):
     """Random-init Idefics3-architecture model + processor, fully offline.
 
     A sub-image is ``image_size`` square and becomes ``(image_size/patch)^2/scale^2`` = 16
     ``<image>`` tokens; ``image_splitting=True`` turns a square image into 2x2 sub-images + a
-    global view (5 x 16 tokens).
+    global view (5 x 16 tokens). ``eos_token="<|end_of_text|>"`` mimics Idefics3-8B-Llama3,
+    whose EOS is not the end-of-turn token.
     """
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor
 
     tok, seq, vision, text, image_kwargs = _tiny_parts("idefics3", image_size, patch_size, scale_factor, hidden,
-                                                       vision_hidden, layers, image_splitting)
+                                                       vision_hidden, layers, image_splitting, eos_token)
     config = Idefics3Config(vision_config=vision, text_config=text.to_dict(), scale_factor=scale_factor,
                             image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=False,
                             pad_token_id=tok.pad_token_id)
