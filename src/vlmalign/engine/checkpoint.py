@@ -95,7 +95,12 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, processor, trainer_state: 
 
 
 def load_weights_into(model, model_dir: Path) -> None:
-    """Load a checkpoint's weights into an existing (possibly PEFT-wrapped) model, strictly."""
+    """Load a checkpoint's weights into an existing (possibly PEFT-wrapped) model, strictly.
+
+    Full models go through ``from_pretrained`` of the same class, which applies transformers'
+    checkpoint key mapping (files on disk use the original checkpoint names for several
+    families); the loaded tensors are then copied into the live model.
+    """
     from safetensors.torch import load_file
     if is_peft(model):
         from peft.utils import set_peft_model_state_dict
@@ -106,18 +111,20 @@ def load_weights_into(model, model_dir: Path) -> None:
         if getattr(res, "unexpected_keys", None):
             raise VlmalignError(f"{model_dir}: unexpected adapter keys {res.unexpected_keys[:5]}")
         return
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
+    if not any(model_dir.glob("*.safetensors")):
         raise VlmalignError(f"{model_dir}: no .safetensors weights")
-    sd = {}
-    for f in files:
-        sd.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise VlmalignError(f"{model_dir}: weights do not match the model (missing {missing[:5]}, "
-                            f"unexpected {unexpected[:5]})")
+    dtype = next(model.parameters()).dtype
+    loaded = type(model).from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
+    src = loaded.state_dict()
+    dst = model.state_dict()
+    if src.keys() != dst.keys():
+        raise VlmalignError(f"{model_dir}: weights do not match the model "
+                            f"(missing {sorted(dst.keys() - src.keys())[:5]}, "
+                            f"unexpected {sorted(src.keys() - dst.keys())[:5]})")
+    with torch.no_grad():
+        for k, v in dst.items():
+            v.copy_(src[k])
+    del loaded
 
 
 def load_trainer_state(ckpt: Path) -> dict:

@@ -48,8 +48,9 @@ def _accelerator(train_cfg):
     if prec == "auto":
         prec = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[prec]
+    # cpu=True lets accelerate form a gloo process group when launched with several CPU processes
     return Accelerator(mixed_precision=mp, log_with=train_cfg.report_to or None,
-                       project_dir=train_cfg.output_dir)
+                       project_dir=train_cfg.output_dir, cpu=not torch.cuda.is_available())
 
 
 def _param_groups(model, optim_cfg, projector_names: set[str]):
