@@ -36,6 +36,9 @@ CONVERSATIONS = [
     [Message.user(ImageRef(path="a.png"), "First?"), Message.assistant("one"),
      Message.user("Second?", ImageRef(path="b.png")), Message.assistant("two")],
     [Message.user(ImageRef(path="a.png"), "First?"), Message.assistant("one"), Message.user("Second?")],
+    [Message.system("Be brief.\n"), Message.user(ImageRef(path="a.png"), " What?\n\n  Answer in a word. \n"),
+     Message.assistant("red\nreally"), Message.user("And\nnow?"), Message.assistant("blue")],
+    [Message.system("Only system.")],
 ]
 
 
@@ -114,18 +117,32 @@ def test_batch_of_prompts_with_padding_matches_processor(ad):
     assert (theirs[keep] - ours[keep]).abs().max().item() <= 1e-5
 
 
-def test_newline_in_prompt_shortens_prefix_unless_lengths_given(ad):
-    """A prompt with its own newline: the id-derived prefix stops there (never later, so no answer
-    token is ever bidirectional); exact processor parity with ``prompt_lengths`` or explicit types."""
+def test_first_prompt_is_one_line_so_types_are_exact(ad):
+    """LLaVA-style prompts carry newlines; the prefix is made one line, so the split derived from
+    ids is exactly the processor's (on processor_inputs), for training and generation alike."""
     pil = [_img("red")]
     ims = [ad.preprocess_image(p) for p in pil]
-    msgs = _single("What colour?\nAnswer with one word.", "red")
+    msgs = _single("What colour?\nAnswer the question using a single word or phrase.", "red\nreally")
+    assert ad.render(msgs) == ("<image><bos>What colour? Answer the question using a single word or phrase.\n"
+                               "red\nreally<eos>")
     tk = ad.tokenize_messages(msgs, ims)
     ref = ad.processor(**ad.processor_inputs(msgs, pil), return_tensors="pt", add_special_tokens=False)
     ids = torch.tensor([tk.input_ids])
     assert torch.equal(ids, ref["input_ids"])
+    assert torch.equal(ad.token_type_ids(ids), ref["token_type_ids"])   # the answer's newline is no boundary
+    assert tk.labels == ref["labels"][0].tolist()
+
+
+def test_ids_made_elsewhere_with_newline_prompt(ad):
+    """Ids from the raw processor (prompt with a newline): the derived prefix stops at that newline
+    (never later, so no answer token is ever bidirectional); ``prompt_lengths`` is exact."""
+    pil = [_img("red")]
+    ims = [ad.preprocess_image(p) for p in pil]
+    ref = ad.processor(text="<image>What colour?\nAnswer with one word.", images=pil, suffix="red",
+                       return_tensors="pt", add_special_tokens=False)
+    ids = ref["input_ids"]
     derived = ad.token_type_ids(ids)
-    first_sup = next(i for i, lab in enumerate(tk.labels) if lab != IGNORE_INDEX)
+    first_sup = int((ref["labels"][0] != IGNORE_INDEX).nonzero()[0])
     assert derived[0, first_sup:].eq(1).all()                       # answers always causal
     assert derived[0].sum() > ref["token_type_ids"][0].sum()       # prefix shorter than the processor's
     exact = ad.token_type_ids(ids, prompt_lengths=[first_sup])

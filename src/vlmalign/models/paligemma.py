@@ -22,14 +22,19 @@ template renders identically)::
   processor treats any ``text`` as prefix (it inserts ``<bos>`` after the last image and appends
   ``\\n``), so a rendered conversation with answers is not a valid ``text`` for it.
 
+* The prefix is one line, as in PaliGemma's own prompts ("answer en ..."): newlines inside the
+  first prompt (with the whitespace around them) become one space, e.g. LLaVA's
+  ``"What?\\nAnswer the question using a single word or phrase."``. This is what lets the
+  prefix be found from the ids alone (next paragraph). Later turns are kept verbatim.
+
 ``token_type_ids`` (prefix-LM): forward and generate take them explicitly when given; otherwise
-:meth:`PaliGemmaAdapter.token_type_ids` derives them from the ids alone (the trainers pass ids
-and masks, not prompt lengths): 0 up to and including the first token after ``<bos>`` whose
-text contains a newline (the separator that ends the prefix), 1 after it, 0 on padding (as the
-processor pads). This equals the processor's split whenever the first prompt has no newline of
-its own; if it has one, bidirectional attention stops at that newline and the rest of the
-prompt is causal. That can only shorten the prefix, never let an answer into it, and training
-and generation derive it the same way.
+:meth:`PaliGemmaAdapter.token_type_ids` derives them from the ids alone, because trainers pass
+ids and masks, not prompt lengths: 0 up to and including the first token after ``<bos>`` whose
+text contains a newline (the separator that ends the one-line prefix), 1 after it, 0 on padding
+(as the processor pads). For everything this adapter tokenizes that is exactly the processor's
+split; training, evaluation and generation all derive it the same way. For ids made elsewhere
+whose prompt has a newline, the derived prefix stops at that newline: it can only get shorter,
+never take in an answer token. ``prompt_lengths`` gives the exact split for such ids.
 """
 
 from __future__ import annotations
@@ -57,12 +62,22 @@ PALIGEMMA_CHAT_TEMPLATE = (
     "{%- elif c['type'] == 'text' -%}{%- set t.v = t.v + c['text'] -%}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- if message['role'] == 'system' -%}{%- set ns.system = ns.system + t.v + ' ' -%}"
-    "{%- elif message['role'] == 'user' and ns.prompt is none -%}{%- set ns.prompt = ns.system + t.v + '\\n' -%}"
+    "{%- elif message['role'] == 'user' and ns.prompt is none -%}{%- set p = ns.system + t.v -%}"
+    "{%- if '\\n' in p -%}{%- set p = p.split('\\n') | map('trim') | reject('equalto', '') | join(' ') -%}{%- endif -%}"
+    "{%- set ns.prompt = p + '\\n' -%}"
     "{%- elif message['role'] == 'user' -%}{%- set ns.rest = ns.rest + t.v + '\\n' -%}"
     "{%- else -%}{%- set ns.rest = ns.rest + t.v + eos_token -%}{%- endif -%}"
     "{%- endfor -%}"
-    "{{- ns.images + bos_token + (ns.prompt or '') + ns.rest -}}"
+    "{{- ns.images + bos_token + (ns.prompt if ns.prompt is not none else '\\n') + ns.rest -}}"
 )
+
+
+def _one_line(text: str) -> str:
+    """Lines stripped and joined by one space (the chat template does the same); text without
+    newlines unchanged."""
+    if "\n" not in text:
+        return text
+    return " ".join(line.strip() for line in text.split("\n") if line.strip())
 
 
 @dataclass
@@ -104,7 +119,7 @@ class PaliGemmaAdapter(VLMAdapter):
                 system += text + " "
             elif m.role == "user":
                 if prompt is None:
-                    prompt = system + text
+                    prompt = _one_line(system + text)
                 else:
                     rest += text + "\n"
             else:
@@ -114,8 +129,8 @@ class PaliGemmaAdapter(VLMAdapter):
                     raise DataError("empty assistant response", field="messages")
                 spans.append((len(rest), len(rest) + len(text) + len(eos)))
                 rest += text + eos
-        if prompt is None:
-            prompt = system.rstrip(" ") if system else ""
+        if prompt is None:  # no user turn (the template renders no system text then either)
+            prompt = ""
         return _Layout(n_images, prompt, rest, spans)
 
     def _prefix_text(self, lay: _Layout) -> str:
