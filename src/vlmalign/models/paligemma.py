@@ -21,7 +21,6 @@ template renders identically)::
   The generic "processor on the rendered text" comparison cannot hold for this family: the
   processor treats any ``text`` as prefix (it inserts ``<bos>`` after the last image and appends
   ``\\n``), so a rendered conversation with answers is not a valid ``text`` for it.
-
 * The prefix is one line, as in PaliGemma's own prompts ("answer en ..."): newlines inside the
   first prompt (with the whitespace around them) become one space, e.g. LLaVA's
   ``"What?\\nAnswer the question using a single word or phrase."``. This is what lets the
