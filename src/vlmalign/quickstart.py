@@ -82,8 +82,11 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
     stages.append({"name": "base", "metrics": _measure(adapter, data_dir, vqa, pope), "seconds": time.time() - t})
     say(f"[quickstart] base: vqa_accuracy={stages[-1]['metrics']['vqa_accuracy']:.3f}")
 
+    sft_cfg = SFTConfig()
+    # the tiny tower is random-init, so SFT trains it too (real recipes usually keep it frozen)
+    sft_cfg.model.train_vision = True
     plans = [("pretrain", pretrain_config(), data_dir / "captions_train.json", pretrain_steps, 2e-3, 16),
-             ("sft", SFTConfig(), data_dir / "vqa_train.json", sft_steps, 1e-3, 16)]
+             ("sft", sft_cfg, data_dir / "vqa_train.json", sft_steps, 1e-3, 16)]
     for name, base_cfg, train_file, steps, lr, bs in plans:
         if steps <= 0:
             continue

@@ -50,6 +50,17 @@ class Example:
     rows: dict[str, list[int]]          # e.g. {"input_ids", "labels"} or {"prompt", "chosen", ...}
     images: list[ImageRef]
     record: Any = None
+    # per image: the text its encoding depends on (InstructBLIP's Q-Former instruction), or None
+    image_prompts: list[str | None] | None = None
+
+
+def image_prompts(messages, adapter) -> list[str | None]:
+    """For each image of ``messages`` (in order), the adapter's encoding prompt (usually None)."""
+    out = []
+    for m in messages:
+        for _ in m.images:
+            out.append(adapter.image_prompt([m]))
+    return out
 
 
 class ImageLoader:
@@ -95,7 +106,9 @@ def prepare(records: Sequence, tokenize: Callable[[Any, list], dict], loader: Im
                 raise
             report.skipped.append(e)
             continue
-        out.append(Example(rows=rows, images=list(rec.images), record=rec))
+        msgs = rec.messages if hasattr(rec, "messages") else rec.prompt
+        out.append(Example(rows=rows, images=list(rec.images), record=rec,
+                           image_prompts=image_prompts(msgs, loader.adapter)))
     if report.count:
         log.warning(report.summary())
     return out, report
@@ -109,10 +122,17 @@ class Batch:
     images: list                       # unique ImageInputs
     image_indices: list[list[int]]     # per row (row order = example order x row_keys)
     size: int                          # examples in the batch
+    image_prompts: list | None = None  # per unique image, for prompt-dependent encoders
 
     def to(self, device) -> "Batch":
         return Batch({k: v.to(device) for k, v in self.tensors.items()}, self.images,
-                     self.image_indices, self.size)
+                     self.image_indices, self.size, self.image_prompts)
+
+    def encode(self, adapter):
+        """Encode the batch's unique images once (None for a text-only batch)."""
+        if not self.images:
+            return None
+        return adapter.encode_images(self.images, prompts=self.image_prompts)
 
 
 def pad(seqs: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
@@ -122,20 +142,25 @@ def pad(seqs: Sequence[Sequence[int]], value: int, side: str = "right") -> torch
     return torch.tensor(rows, dtype=torch.long)
 
 
-def unique_images(examples: Sequence[Example], loader: ImageLoader) -> tuple[list, list[list[int]]]:
-    """Deduplicate the batch's images by identity; return them and per-example index lists."""
-    keys: dict[str, int] = {}
-    uniq, per_ex = [], []
+def unique_images(examples: Sequence[Example], loader: ImageLoader) -> tuple[list, list[list[int]], list]:
+    """Deduplicate the batch's images by (identity, encoding prompt).
+
+    Returns the unique ImageInputs, per-example index lists, and per unique image its prompt.
+    """
+    keys: dict[tuple, int] = {}
+    uniq, per_ex, prompts = [], [], []
     for ex in examples:
         idx = []
-        for ref in ex.images:
-            k = ref.key()
+        eps = ex.image_prompts or [None] * len(ex.images)
+        for ref, pr in zip(ex.images, eps):
+            k = (ref.key(), pr)
             if k not in keys:
                 keys[k] = len(uniq)
                 uniq.append(loader.inputs(ref))
+                prompts.append(pr)
             idx.append(keys[k])
         per_ex.append(idx)
-    return uniq, per_ex
+    return uniq, per_ex, prompts
 
 
 class SFTCollator:
@@ -148,11 +173,11 @@ class SFTCollator:
     def __call__(self, examples: Sequence[Example]) -> Batch:
         ids = [ex.rows["input_ids"] for ex in examples]
         labels = [ex.rows["labels"] for ex in examples]
-        uniq, per_ex = unique_images(examples, self.loader)
+        uniq, per_ex, prompts = unique_images(examples, self.loader)
         input_ids = pad(ids, self.pad_id)
         tensors = {
             "input_ids": input_ids,
             "attention_mask": pad([[1] * len(s) for s in ids], 0),
             "labels": pad(labels, IGNORE_INDEX),
         }
-        return Batch(tensors, uniq, per_ex, len(examples))
+        return Batch(tensors, uniq, per_ex, len(examples), prompts)

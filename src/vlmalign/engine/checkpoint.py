@@ -79,6 +79,12 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, processor, trainer_state: 
         shutil.rmtree(tmp)
     tmp.mkdir()
     model.save_pretrained(tmp / "model", safe_serialization=True)
+    if is_peft(model):
+        extra = peft_extra_params(model)
+        if extra:
+            from safetensors.torch import save_file
+            save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()},
+                      str(tmp / "model" / EXTRA_PARAMS))
     if processor is not None:
         processor.save_pretrained(tmp / "model")
     for name, mod in (extra_modules or {}).items():
@@ -92,6 +98,32 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, processor, trainer_state: 
     for _, old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+EXTRA_PARAMS = "extra_params.safetensors"
+
+
+def peft_extra_params(model) -> dict:
+    """Trainable parameters of a PEFT model that its adapter file does not hold (bare
+    parameters such as LLaVA-Next's image_newline), by their name in the base model."""
+    out = {}
+    for n, p in model.base_model.model.named_parameters():
+        if p.requires_grad and "lora_" not in n and "modules_to_save" not in n and "original_module" not in n:
+            out[n] = p
+    return out
+
+
+def load_peft_extra(model, model_dir: Path) -> None:
+    f = Path(model_dir) / EXTRA_PARAMS
+    if not f.exists():
+        return
+    from safetensors.torch import load_file
+    params = dict(model.base_model.model.named_parameters())
+    with torch.no_grad():
+        for k, v in load_file(str(f)).items():
+            if k not in params:
+                raise VlmalignError(f"{f}: parameter {k} is not in the model")
+            params[k].copy_(v)
 
 
 def load_weights_into(model, model_dir: Path) -> None:
@@ -110,6 +142,7 @@ def load_weights_into(model, model_dir: Path) -> None:
         res = set_peft_model_state_dict(model, load_file(str(f)))
         if getattr(res, "unexpected_keys", None):
             raise VlmalignError(f"{model_dir}: unexpected adapter keys {res.unexpected_keys[:5]}")
+        load_peft_extra(model, model_dir)
         return
     if not any(model_dir.glob("*.safetensors")):
         raise VlmalignError(f"{model_dir}: no .safetensors weights")

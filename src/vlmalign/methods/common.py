@@ -58,21 +58,40 @@ def configure_trainable(adapter, model_cfg, lora_cfg):
                          "CUDA device. Use lora.enabled=true without lora.qlora.")
     from peft import LoraConfig, get_peft_model
     targets = lora_cfg.targets or adapter.lora_target_modules(include_vision=lora_cfg.include_vision)
-    # modules of groups trained in full (projector) are saved alongside the adapter
-    full = []
-    if model_cfg.train_projector:
-        full = sorted({n.split(".")[0] + "." + n.split(".")[1] if n.count(".") > 1 else n
-                       for n, _ in adapter.param_groups()["projector"]})
+    # groups trained in full next to the adapters (projector, maybe the tower) are saved with the
+    # adapter (PEFT modules_to_save), so an adapter checkpoint is complete and exports cleanly
+    full = [g for g, on in (("projector", model_cfg.train_projector),
+                            ("vision", model_cfg.train_vision and not lora_cfg.include_vision)) if on]
+    owners = {_module_of(n, adapter, g) for g in full for n, _ in adapter.param_groups()[g]}
+    modules = {o for o in owners if isinstance(_get(adapter.model, o), torch.nn.Module)}
+    bare = {n for g in full for n, _ in adapter.param_groups()[g] if _module_of(n, adapter, g) not in modules}
     pcfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                      target_modules=targets, bias="none")
-    trainable_state = {n: p.requires_grad for n, p in adapter.model.named_parameters()}
+                      target_modules=targets, modules_to_save=sorted(modules) or None, bias="none")
     peft_model = get_peft_model(adapter.model, pcfg)
-    # get_peft_model freezes everything but adapters: restore full training of chosen groups
+    # parameters that are not modules (e.g. LLaVA-Next's image_newline) cannot be modules_to_save:
+    # keep them trainable; checkpoints store them in extra_params.safetensors beside the adapter
     for n, p in peft_model.base_model.model.named_parameters():
-        if trainable_state.get(n) and "lora_" not in n:
+        if n in bare:
             p.requires_grad_(True)
-    del full
     return peft_model
+
+
+def _get(model, dotted: str):
+    obj = model
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _module_of(param_name: str, adapter, group: str) -> str:
+    """The top module of ``group`` that owns ``param_name`` (e.g. model.multi_modal_projector)."""
+    prefixes = {"projector": adapter.projector_prefixes, "vision": adapter.vision_prefixes}[group]
+    for p in prefixes:
+        if param_name.startswith(p):
+            return p.rstrip(".")
+    return param_name.rsplit(".", 1)[0]
 
 
 def data_root(data_cfg, file: str) -> str:

@@ -60,7 +60,7 @@ class SFTMethod:
     def compute_loss(self, batch, num_items):
         t = batch.tensors
         labels = t["labels"]
-        enc = self.adapter.encode_images(batch.images) if batch.images else None
+        enc = batch.encode(self.adapter)
         # Only positions that predict a supervised token need the output head (the union over
         # rows): prompt and image positions never build full-vocabulary logits.
         sup = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)
@@ -134,6 +134,14 @@ def train_sft(cfg: SFTConfig, adapter=None) -> tuple[TrainResult, object]:
     if cfg.data.eval_file:
         eval_examples, eval_loader, _ = load_examples(cfg.data.eval_file, cfg.data, adapter, tok,
                                                       kind="conversation", limit=cfg.data.max_eval_samples)
+    if cfg.lora.enabled and not cfg.model.path:
+        # an adapter needs its base on disk to be reloaded or exported: keep the tiny base
+        from pathlib import Path
+        base = Path(cfg.train.output_dir) / "base_model"
+        if not (base / "config.json").exists():
+            adapter.save_pretrained(str(base))
+        adapter.model.config._name_or_path = str(base.resolve())
+        adapter.model.name_or_path = str(base.resolve())  # what PEFT records as the base
     model = configure_trainable(adapter, cfg.model, cfg.lora)
     evaluate = None
     if eval_examples or cfg.eval.vqa_file or cfg.eval.pope_file:

@@ -300,6 +300,14 @@ class VLMAdapter:
     def _extra_forward_kwargs(self, input_ids, attention_mask, mm) -> dict:
         return {}
 
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end a generated answer: the generation config's EOS ids and the tokenizer's."""
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  encoded: EncodedImages | None = None, image_indices: Sequence[Sequence[int]] = (),
                  **generate_kwargs) -> torch.Tensor:

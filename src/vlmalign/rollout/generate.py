@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from ..data.batching import ImageLoader, pad, unique_images
+from ..data.batching import ImageLoader, image_prompts, pad, unique_images
 from ..data.schema import RLPrompt
 
 
@@ -24,11 +24,12 @@ class SamplingConfig:
 class _Prompt:
     rows: dict
     images: list
+    image_prompts: list
 
 
-def _gen_kwargs(cfg: SamplingConfig, tok) -> dict:
-    kw = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": tok.pad_token_id,
-          "eos_token_id": tok.eos_token_id}
+def _gen_kwargs(cfg: SamplingConfig, adapter) -> dict:
+    kw = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": adapter.tokenizer.pad_token_id,
+          "eos_token_id": adapter.stop_token_ids()}
     if cfg.temperature and cfg.temperature > 0:
         kw.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
                   top_k=cfg.top_k if cfg.top_k > 0 else None)
@@ -52,19 +53,17 @@ def generate_batch(adapter, prompts: Sequence, loader: ImageLoader, cfg: Samplin
         refs = [img for m in msgs for img in m.images]
         imgs = [loader.inputs(r) for r in refs]
         t = adapter.tokenize_prompt(msgs, imgs, max_length=max_length)
+        eps = image_prompts(msgs, adapter)
         for _ in range(cfg.num_samples):
-            items.append(_Prompt({"input_ids": t.input_ids}, refs))
-    uniq, per = unique_images(items, loader)
+            items.append(_Prompt({"input_ids": t.input_ids}, refs, eps))
+    uniq, per, uprompts = unique_images(items, loader)
     dev = adapter.device
     ids = pad([it.rows["input_ids"] for it in items], tok.pad_token_id, side="left").to(dev)
     mask = pad([[1] * len(it.rows["input_ids"]) for it in items], 0, side="left").to(dev)
-    enc = adapter.encode_images(uniq) if uniq else None
-    flat = [i for row in per for i in row]
-    kwargs = adapter.mm_kwargs(enc, flat)
-    kwargs.update(adapter._extra_forward_kwargs(ids, mask, kwargs))
+    enc = adapter.encode_images(uniq, prompts=uprompts) if uniq else None
     was_training = adapter.model.training
     adapter.model.eval()
-    out = adapter.model.generate(input_ids=ids, attention_mask=mask, **kwargs, **_gen_kwargs(cfg, tok))
+    out = adapter.generate(ids, mask, encoded=enc, image_indices=per, **_gen_kwargs(cfg, adapter))
     if was_training:
         adapter.model.train()
     texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,63 @@
+"""LoRA adapters: loading an adapter directory over its base, and merging for export."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import ModelError
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def adapter_base(path: str | os.PathLike, base: str | None = None) -> str:
+    """The base model an adapter directory was trained on (``base`` overrides it)."""
+    if base:
+        return base
+    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    b = cfg.get("base_model_name_or_path")
+    if not b:
+        raise ModelError(f"{path}: adapter_config.json names no base model; pass --base DIR")
+    return b
+
+
+def load_with_adapter(path: str, *, base: str | None = None, trust_remote_code: bool = False, dtype=None):
+    """(PeftModel, processor) for an adapter directory; extra trained parameters restored."""
+    from peft import PeftModel
+
+    from ..engine.checkpoint import load_peft_extra
+    from .loading import load_model_and_processor, load_processor
+    base_path = adapter_base(path, base)
+    model, processor = load_model_and_processor(base_path, trust_remote_code=trust_remote_code, dtype=dtype)
+    peft_model = PeftModel.from_pretrained(model, path)
+    load_peft_extra(peft_model, Path(path))
+    try:  # the adapter directory normally carries the processor too (it may have new tokens)
+        processor = load_processor(path, trust_remote_code=trust_remote_code)
+    except Exception:
+        pass
+    return peft_model, processor
+
+
+def load_any(path: str, *, base: str | None = None, trust_remote_code: bool = False, dtype=None):
+    """An adapter for a model directory or a LoRA adapter directory (merged in memory)."""
+    from . import adapter_for, load_adapter
+    if is_adapter_dir(path):
+        peft_model, processor = load_with_adapter(path, base=base, trust_remote_code=trust_remote_code,
+                                                  dtype=dtype)
+        return adapter_for(peft_model.merge_and_unload(), processor)
+    return load_adapter(path, trust_remote_code=trust_remote_code, dtype=dtype)
+
+
+def export_merged(path: str, out: str, *, base: str | None = None, trust_remote_code: bool = False) -> str:
+    """Merge a LoRA adapter into its base and save a standalone Hugging Face directory."""
+    if not is_adapter_dir(path):
+        raise ModelError(f"{path} is not a LoRA adapter directory (no adapter_config.json)")
+    peft_model, processor = load_with_adapter(path, base=base, trust_remote_code=trust_remote_code)
+    merged = peft_model.merge_and_unload()
+    merged.config._name_or_path = str(out)
+    merged.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
