@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, VlmalignError
+from ..errors import DataError, ModelError, VlmalignError
 from .images import load_image
 from .readers import iter_records
 from .schema import ImageRef, Record
@@ -162,6 +162,12 @@ def check_records(path: str | os.PathLike, image_root: str | os.PathLike | None 
                     adapter.check_length(rec, pil, max_length)
                 except DataError as e:
                     problems.append(Problem(index, e.field or "length", e.reason, src))
+                except (ModelError, ValueError) as e:
+                    # the model's processor or template refuses this record (e.g. Qwen2-VL's
+                    # image processor raises ValueError for an aspect ratio over 200): report
+                    # it with the record instead of stopping the whole check
+                    problems.append(Problem(index, "model", f"the model cannot process this record "
+                                                            f"({type(e).__name__}: {e})", src))
             yield index, (None if problems else rec), problems
     except DataError as e:
         yield None, None, [Problem.of(e, src)]
