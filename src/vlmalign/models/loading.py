@@ -17,7 +17,9 @@ def read_config(path: str, *, trust_remote_code: bool = False):
         raise ModelError(f"cannot read a model config at {path!r}: {e}") from None
     except ValueError as e:
         if "trust_remote_code" in str(e) and not trust_remote_code:
-            raise ModelError(f"{path!r} needs custom code; pass trust_remote_code=True only if you trust it") from None
+            raise ModelError(f"{path!r} needs custom code (config.json auto_map); it was not run. Pass "
+                             "trust_remote_code=True (CLI --trust-remote-code, config model.trust_remote_code=true) "
+                             "only if you trust it") from None
         raise ModelError(f"cannot read a model config at {path!r}: {e}") from None
 
 
@@ -45,15 +47,17 @@ def load_model_and_processor(path: str, *, trust_remote_code: bool = False, dtyp
     """Weights-only, safetensors-first loading; remote code only when asked for."""
     from transformers import AutoModelForImageTextToText
     config = read_config(path, trust_remote_code=trust_remote_code)
+    allow_pickle = kwargs.pop("allow_pickle", False)
     if os.path.isdir(path) and not any(f.endswith(".safetensors") for f in os.listdir(path)) \
-            and not kwargs.get("allow_pickle", False):
+            and not allow_pickle:
         raise ModelError(f"{path!r} has no .safetensors weights; vlmalign loads safetensors only "
-                         "(convert the checkpoint first)")
-    kwargs.pop("allow_pickle", None)
+                         "(convert the checkpoint first, or pass allow_pickle=True to read .bin weights "
+                         "with torch.load(weights_only=True))")
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             path, config=config, trust_remote_code=trust_remote_code, dtype=_dtype(dtype),
-            use_safetensors=True, **kwargs)
+            # allow_pickle: safetensors when present, else .bin through transformers' weights-only load
+            use_safetensors=None if allow_pickle else True, **kwargs)
     except ValueError as e:
         raise ModelError(f"cannot load {path!r} as an image-text-to-text model: {e}") from None
     processor = load_processor(path, trust_remote_code=trust_remote_code, config=config)
