@@ -35,8 +35,8 @@ Three ways of building the labels:
    the trailing ``" "`` token, and **no EOS** (TRL warns that the model may not learn to stop).
    We insert EOS after every answer (``VLMAdapter._ensure_eos``): our ids are TRL's ids with
    one EOS added after each answer; our labels are the answer plus EOS. Losses still agree on
-   TRL's tensors. For multi-turn records our labels are currently wrong (see the xfail test:
-   the spans of later turns are not shifted by the EOS inserted for an earlier turn).
+   TRL's tensors, and multi-turn records get EOS after every answer (a test below; this
+   once failed because later turns' spans were not shifted by earlier insertions).
 """
 
 from __future__ import annotations
@@ -267,10 +267,7 @@ def test_llava_hf_template_trl_trains_no_eos_we_add_one(world, tmp_path):
             assert tok.decode(run[-1:]) == " " and tok.decode(run).strip() == ans
 
 
-@pytest.mark.parametrize("name", ["single.json", pytest.param("multi.json", marks=pytest.mark.xfail(
-    strict=True, reason="VLMAdapter._ensure_eos inserts EOS for earlier turns after recording the token "
-                        "spans of later turns, so later turns' labels shift one token left (the ':' of "
-                        "'ASSISTANT:' is supervised, their EOS is not)"))])
+@pytest.mark.parametrize("name", ["single.json", "multi.json"])
 def test_our_labels_end_every_answer_with_eos_under_the_llava_hf_template(world, name):
     model, processor = _tiny(TEMPLATES["llava-hf"])
     adapter = adapter_for(model, processor)

@@ -360,9 +360,15 @@ class VLMAdapter:
                 out_labels.append(lab)
         return out_ids, out_labels
 
+    def _ends_turn(self, token_id: int) -> bool:
+        """True for a token that ends an answer (EOS or a family end-of-turn token)."""
+        return token_id in self.stop_token_ids()
+
     def _ensure_eos(self, ids, offsets, spans):
-        """Make every assistant span end with EOS: templates like llava-hf's omit it, and a
-        model trained without it never learns to stop. Returns ids, offsets, token spans."""
+        """Make every assistant span end with an end-of-turn token: templates like llava-hf's
+        omit it, and a model trained without it never learns to stop. Where the template's
+        answer already ends with one (EOS, Idefics3's ``<end_of_utterance>``), nothing is
+        inserted. Returns ids, offsets and the token spans to supervise."""
         eos = self.tokenizer.eos_token_id
         out_ids, out_off, tok_spans = list(ids), list(offsets), []
         for (s, e) in reversed(spans):
@@ -370,13 +376,14 @@ class VLMAdapter:
             if not inside:
                 raise DataError("empty assistant response", field="messages")
             first, last = inside[0], inside[-1]
-            if out_ids[last] != eos:
-                out_ids.insert(last + 1, eos)
-                out_off.insert(last + 1, (e, e))
-                tok_spans.append((first, last + 2))
-            else:
+            if self._ends_turn(out_ids[last]):
                 tok_spans.append((first, last + 1))
-            # later spans were already handled (we go right to left), so insertions are safe
+                continue
+            out_ids.insert(last + 1, eos)
+            out_off.insert(last + 1, (e, e))
+            # spans recorded so far lie to the right of this insertion: shift them by one
+            tok_spans = [(a + 1, b + 1) for a, b in tok_spans]
+            tok_spans.append((first, last + 2))
         return out_ids, out_off, list(reversed(tok_spans))
 
     def tokenize_messages(self, messages: Sequence[Message], images: Sequence[ImageInputs], *,

@@ -189,20 +189,6 @@ class Idefics3Adapter(VLMAdapter):
                                                     image_seq_len=image_seq_len, chat_template=chat_template)
 
     # ------------------------------------------------------------------ end of turn
-    def _ensure_eos(self, ids, offsets, spans):
-        """Answers that end with ``<end_of_utterance>`` are complete even where the tokenizer's
-        EOS is another token (Idefics3-8B-Llama3): supervise up to it, insert nothing."""
-        eou = self.end_of_turn_id
-        if eou is None or eou == self.tokenizer.eos_token_id:
-            return super()._ensure_eos(ids, offsets, spans)
-        tok_spans = []
-        for s, e in spans:
-            inside = [i for i, (a, b) in enumerate(offsets) if a >= s and b <= e and b > a]
-            if not inside or ids[inside[-1]] != eou:
-                return super()._ensure_eos(ids, offsets, spans)
-            tok_spans.append((inside[0], inside[-1] + 1))
-        return list(ids), list(offsets), tok_spans
-
     def stop_token_ids(self) -> list[int]:
         """The generation config's EOS ids plus ``<end_of_utterance>``."""
         eos = self.model.generation_config.eos_token_id

@@ -41,9 +41,9 @@ class LlavaAdapter(VLMAdapter):
     encoder_keys = ("pixel_values",)
 
 
-def tiny_clip_vision_config(image_size: int, patch_size: int, hidden: int):
+def tiny_clip_vision_config(image_size: int, patch_size: int, hidden: int, layers: int = 2):
     from transformers import CLIPVisionConfig
-    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                             num_attention_heads=2, image_size=image_size, patch_size=patch_size,
                             projection_dim=hidden)
 
@@ -63,7 +63,8 @@ def tiny_clip_image_processor(image_size: int):
 
 
 @register_tiny("llava")
-def build_tiny_llava(image_size: int = 64, patch_size: int = 16, hidden: int = 64, seed: int = 0):
+def build_tiny_llava(image_size: int = 64, patch_size: int = 16, hidden: int = 64, seed: int = 0,
+                     layers: int = 2, vision_hidden: int | None = None, vision_layers: int = 2):
     """Random-init LLaVA-1.5-architecture model + processor, fully offline."""
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -71,8 +72,8 @@ def build_tiny_llava(image_size: int = 64, patch_size: int = 16, hidden: int = 6
     tok = build_tiny_tokenizer(["<image>", "<s>", "</s>", "<pad>", "<unk>"], bos_token="<s>", eos_token="</s>",
                                pad_token="<pad>", unk_token="<unk>", chat_template=LLAVA_CHAT_TEMPLATE)
     config = LlavaConfig(
-        vision_config=tiny_clip_vision_config(image_size, patch_size, hidden),
-        text_config=tiny_llama_config(len(tok), hidden, tok),
+        vision_config=tiny_clip_vision_config(image_size, patch_size, vision_hidden or hidden, vision_layers),
+        text_config=tiny_llama_config(len(tok), hidden, tok, layers),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default", vision_feature_layer=-1,
         projector_hidden_act="gelu", pad_token_id=tok.pad_token_id,
