@@ -75,4 +75,3 @@ class TrainSection:
     resume: bool = opt(False, "continue from the latest checkpoint in output_dir")
     report_to: list[str] = opt([], "trackers through accelerate: tensorboard, wandb, trackio")
     progress: bool = opt(True, "show a progress bar")
-    num_workers: int = opt(0, "data-loader worker processes")

@@ -79,7 +79,12 @@ class ImageLoader:
         key = ref.key()
         hit = self._cache.get(key)
         if hit is None:
-            hit = self.adapter.preprocess_image(self.pil(ref))
+            img = self.pil(ref)
+            try:
+                hit = self.adapter.preprocess_image(img)
+            except (ValueError, RuntimeError) as e:  # e.g. Qwen2-VL refuses aspect ratios > 200
+                raise DataError(f"the model's processor cannot use image {ref.path or key} "
+                                f"({type(e).__name__}: {e})", field="image") from None
             if len(self._cache) >= self.cache_size:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = hit

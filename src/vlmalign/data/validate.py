@@ -177,10 +177,10 @@ def _adapter(model: str | os.PathLike | None):
     if model is None:
         return None
     try:
-        from ..models import load_adapter
+        from ..models.peft import load_any
     except ImportError as e:
         raise VlmalignError(f"the length check needs the model layer ({e})") from None
-    return load_adapter(str(model))
+    return load_any(str(model))
 
 
 def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,

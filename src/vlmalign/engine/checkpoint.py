@@ -70,7 +70,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, processor, trainer_state: dict, *,
-                    keep_last: int = 2, extra_modules: dict | None = None) -> Path:
+                    keep_last: int = 2, extra_modules: dict | None = None, state_dict: dict | None = None) -> Path:
     """Write ``step-N`` atomically; prune to the newest ``keep_last``."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step}"
@@ -78,7 +78,10 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, processor, trainer_state: 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
+    if state_dict is not None:
+        model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
+    else:
+        model.save_pretrained(tmp / "model", safe_serialization=True)
     if is_peft(model):
         extra = peft_extra_params(model)
         if extra:

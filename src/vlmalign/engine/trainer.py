@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+from accelerate.utils import DistributedType
 
 from ..errors import VlmalignError
 from .checkpoint import latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint, set_rng_state
@@ -53,12 +54,19 @@ def _accelerator(train_cfg):
                        project_dir=train_cfg.output_dir, cpu=not torch.cuda.is_available())
 
 
+def _base_name(n: str) -> str:
+    """A parameter's name in the plain model (PEFT adds prefixes and modules_to_save copies)."""
+    if n.startswith("base_model.model."):
+        n = n[len("base_model.model."):]
+    return n.replace(".modules_to_save.default.", ".")
+
+
 def _param_groups(model, optim_cfg, projector_names: set[str]):
     decay, no_decay, proj = [], [], []
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if optim_cfg.projector_lr is not None and n in projector_names:
+        if optim_cfg.projector_lr is not None and _base_name(n) in projector_names:
             proj.append(p)
         elif p.ndim < 2 or "norm" in n.lower() or n.endswith(".bias"):
             no_decay.append(p)
@@ -112,10 +120,11 @@ class Trainer:
         name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[self.oc.schedule]
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=warm,
                                        num_training_steps=self.total_steps)
-        self.runner = self.acc.prepare_model(self.model)
+        # model and optimizer are prepared together: DeepSpeed builds its engine and FSDP shards
+        # only then. The scheduler stays ours (accelerate's would step once per process).
+        self.runner, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         for ad in self.adapters:
             ad.runner = self.runner
-        self.optimizer = self.acc.prepare_optimizer(self.optimizer)
         self.step = 0
         if self.tc.report_to:
             self.acc.init_trackers("vlmalign", config={})
@@ -143,12 +152,15 @@ class Trainer:
     def _save(self) -> str | None:
         self.acc.wait_for_everyone()
         path = None
+        sharded = self.acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        # sharded weights (ZeRO-3, FSDP) are gathered collectively, on every process
+        weights = self.acc.get_state_dict(self.runner) if sharded else None
         if self.acc.is_main_process:
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "total_steps": self.total_steps}
             path = str(save_checkpoint(self.run.checkpoints, self.step, self.acc.unwrap_model(self.runner),
                                        self.processor, state, keep_last=self.tc.keep_last,
-                                       extra_modules=self.extra_modules))
+                                       extra_modules=self.extra_modules, state_dict=weights))
         self.acc.wait_for_everyone()
         return path
 
@@ -201,6 +213,7 @@ class Trainer:
             if gn is not None and not torch.isfinite(torch.as_tensor(gn)):
                 raise NonFiniteLossError(f"non-finite gradient norm at step {self.step + 1}; the run is "
                                          f"stopped and the last good checkpoint is kept ({self._last_ckpt()})")
+        lr = self.scheduler.get_last_lr()[0]  # the rate this update used
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -214,7 +227,7 @@ class Trainer:
         out["items"] = items
         if gn is not None:
             out["grad_norm"] = float(gn)
-        out["lr"] = self.scheduler.get_last_lr()[0]
+        out["lr"] = lr
         return out
 
     def _last_ckpt(self) -> str:
@@ -243,10 +256,12 @@ class Trainer:
             last = m
             rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": time.time() - t0,
                    **{f"train/{k}" if k not in ("lr",) else k: v for k, v in m.items()}}
+            evaluated = False
             if self.evaluate is not None and self.tc.eval_every and self.step % self.tc.eval_every == 0 \
                     and self.step < self.total_steps:
                 rec.update({f"eval/{k}": v for k, v in self.evaluate(self.step).items()})
-            if self.step % max(1, self.tc.log_every) == 0 or self.step == self.total_steps:
+                evaluated = True
+            if evaluated or self.step % max(1, self.tc.log_every) == 0 or self.step == self.total_steps:
                 self.run.log(rec)
                 if self.tc.report_to:
                     self.acc.log(rec, step=self.step)

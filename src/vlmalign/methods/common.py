@@ -30,32 +30,73 @@ def resolve_dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def build_adapter(model_cfg, *, seed: int = 0):
-    """Load ``model.path`` (or build ``model.tiny``) and wrap it in its family adapter."""
+def check_qlora(model_cfg, lora_cfg) -> None:
+    """Refuse QLoRA early (before any data or model is loaded) where it cannot run."""
+    if not lora_cfg.qlora:
+        return
+    if not lora_cfg.enabled:
+        raise ModelError("lora.qlora=true needs lora.enabled=true (QLoRA trains LoRA adapters on a 4-bit base)")
+    if not torch.cuda.is_available():
+        raise ModelError("QLoRA needs a CUDA GPU and bitsandbytes (4-bit weights); this machine has no "
+                         "CUDA device. Use lora.enabled=true without lora.qlora.")
+    if model_cfg.tiny:
+        raise ModelError("QLoRA quantizes weights while loading them: use model.path, not model.tiny")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError("QLoRA needs bitsandbytes: pip install 'vlmalign[gpu]'") from None
+
+
+def build_adapter(model_cfg, *, seed: int = 0, lora_cfg=None):
+    """Load ``model.path`` (or build ``model.tiny``) and wrap it in its family adapter.
+
+    With ``lora.qlora`` the language model is loaded in 4-bit NF4 (bitsandbytes); the vision
+    tower and projector stay in the compute dtype.
+    """
     from ..models import adapter_for, build_tiny, load_adapter
     if bool(model_cfg.path) == bool(model_cfg.tiny):
         raise VlmalignError("set exactly one of model.path and model.tiny")
+    if lora_cfg is not None:
+        check_qlora(model_cfg, lora_cfg)
     if model_cfg.tiny:
         model, processor = build_tiny(model_cfg.tiny, seed=seed)
-        ad = adapter_for(model, processor)
-    else:
-        ad = load_adapter(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code,
-                          dtype=resolve_dtype(model_cfg.dtype))
-    return ad
+        return adapter_for(model, processor)
+    kwargs = {}
+    dtype = resolve_dtype(model_cfg.dtype)
+    if lora_cfg is not None and lora_cfg.qlora:
+        from transformers import BitsAndBytesConfig
+        cls = adapter_class_for(model_cfg)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
+            llm_int8_skip_modules=[p.rstrip(".").split(".")[-1] for p in
+                                   (*cls.vision_prefixes, *cls.projector_prefixes, *cls.head_prefixes)])
+    return load_adapter(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code, dtype=dtype, **kwargs)
+
+
+def adapter_class_for(model_cfg):
+    from ..models.loading import read_config
+    from ..models.registry import adapter_class
+    return adapter_class(read_config(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code).model_type)
 
 
 def configure_trainable(adapter, model_cfg, lora_cfg):
     """Freeze groups per config; wrap with LoRA if enabled. Returns the module to train."""
+    check_qlora(model_cfg, lora_cfg)
+    if lora_cfg.enabled and lora_cfg.qlora:
+        # casts norms to fp32 and enables input grads; it freezes everything, so it runs first
+        from peft import prepare_model_for_kbit_training
+        prepare_model_for_kbit_training(adapter.model, use_gradient_checkpointing=model_cfg.gradient_checkpointing)
     adapter.set_trainable(vision=model_cfg.train_vision, projector=model_cfg.train_projector,
                           language=model_cfg.train_language and not lora_cfg.enabled)
     if model_cfg.gradient_checkpointing:
-        adapter.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(adapter.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            adapter.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            adapter.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         adapter.model.config.use_cache = False
     if not lora_cfg.enabled:
         return adapter.model
-    if lora_cfg.qlora and not torch.cuda.is_available():
-        raise ModelError("QLoRA needs a CUDA GPU and bitsandbytes (4-bit weights); this machine has no "
-                         "CUDA device. Use lora.enabled=true without lora.qlora.")
     from peft import LoraConfig, get_peft_model
     targets = lora_cfg.targets or adapter.lora_target_modules(include_vision=lora_cfg.include_vision)
     # groups trained in full next to the adapters (projector, maybe the tower) are saved with the

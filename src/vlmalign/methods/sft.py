@@ -118,7 +118,7 @@ def make_evaluator(adapter, cfg: SFTConfig, eval_examples, collate):
 def train_sft(cfg: SFTConfig, adapter=None) -> tuple[TrainResult, object]:
     """Run SFT (or pretraining, with its config). Returns the result and the trained adapter."""
     seed_everything(cfg.train.seed)
-    adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed)
+    adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
     if not cfg.data.train_file:
         from ..errors import VlmalignError
         raise VlmalignError("data.train_file is required")
