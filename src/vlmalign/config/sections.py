@@ -56,6 +56,8 @@ class OptimSection:
     warmup_ratio: float = opt(0.03, "warm-up as a fraction of total steps")
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this value (0: no clipping)")
     projector_lr: float | None = opt(None, "separate learning rate for the projector (default: lr)")
+    vision_lr: float | None = opt(None, "separate learning rate for the vision tower when it is trained "
+                                        "(default: lr; LLaVA-NeXT uses a tenth of the LM's)")
 
 
 @dataclass

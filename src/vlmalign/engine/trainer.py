@@ -61,28 +61,35 @@ def _base_name(n: str) -> str:
     return n.replace(".modules_to_save.default.", ".")
 
 
-def _param_groups(model, optim_cfg, projector_names: set[str]):
-    decay, no_decay, proj = [], [], []
+def _param_groups(model, optim_cfg, projector_names: set[str], vision_names: set[str] = frozenset()):
+    """AdamW groups: decay / no decay (biases, norms, 1-d), and the projector and vision tower
+    at their own learning rates when ``optim.projector_lr`` / ``optim.vision_lr`` are set."""
+    groups: dict[tuple, list] = {}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if optim_cfg.projector_lr is not None and _base_name(n) in projector_names:
-            proj.append(p)
-        elif p.ndim < 2 or "norm" in n.lower() or n.endswith(".bias"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    if proj:
-        groups.append({"params": proj, "weight_decay": optim_cfg.weight_decay, "lr": optim_cfg.projector_lr})
-    return [g for g in groups if g["params"]]
+        base = _base_name(n)
+        lr = None
+        if optim_cfg.projector_lr is not None and base in projector_names:
+            lr = optim_cfg.projector_lr
+        elif optim_cfg.vision_lr is not None and base in vision_names:
+            lr = optim_cfg.vision_lr
+        decay = not (p.ndim < 2 or "norm" in n.lower() or n.endswith(".bias"))
+        groups.setdefault((lr, decay), []).append(p)
+    out = []
+    for (lr, decay), params in groups.items():
+        g = {"params": params, "weight_decay": optim_cfg.weight_decay if decay else 0.0}
+        if lr is not None:
+            g["lr"] = lr
+        out.append(g)
+    return out
 
 
 class Trainer:
     def __init__(self, *, method, model, processor, examples: Sequence, collate: Callable,
                  train_cfg, optim_cfg, config=None, evaluate: Callable[[int], dict] | None = None,
                  adapters: Sequence = (), projector_names: set[str] | None = None,
+                 vision_names: set[str] | None = None,
                  extra_modules: dict | None = None):
         self.method = method
         self.model = model
@@ -111,7 +118,7 @@ class Trainer:
         params = list(self.model.parameters()) + [p for m in self.extra_modules.values() for p in m.parameters()]
         if not any(p.requires_grad for p in params):
             raise VlmalignError("nothing to train: every parameter is frozen")
-        groups = _param_groups(self.model, self.oc, projector_names or set())
+        groups = _param_groups(self.model, self.oc, projector_names or set(), vision_names or set())
         for m in self.extra_modules.values():
             groups.append({"params": [p for p in m.parameters() if p.requires_grad], "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, lr=self.oc.lr, betas=tuple(self.oc.betas), eps=self.oc.eps)

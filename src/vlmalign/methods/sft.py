@@ -142,13 +142,16 @@ def train_sft(cfg: SFTConfig, adapter=None) -> tuple[TrainResult, object]:
             adapter.save_pretrained(str(base))
         adapter.model.config._name_or_path = str(base.resolve())
         adapter.model.name_or_path = str(base.resolve())  # what PEFT records as the base
+    # parameter names per group, taken before LoRA wrapping renames them (for per-group lrs)
+    groups = adapter.param_groups()
+    projector = {n for n, _ in groups["projector"]}
+    vision = {n for n, _ in groups["vision"]}
     model = configure_trainable(adapter, cfg.model, cfg.lora)
     evaluate = None
     if eval_examples or cfg.eval.vqa_file or cfg.eval.pope_file:
         ecollate = SFTCollator(eval_loader, adapter.tokenizer.pad_token_id) if eval_examples else None
         evaluate = make_evaluator(adapter, cfg, eval_examples, ecollate)
-    projector = {n for n, _ in adapter.param_groups()["projector"]}
     trainer = Trainer(method=SFTMethod(adapter), model=model, processor=adapter.processor, examples=examples,
                       collate=collate, train_cfg=cfg.train, optim_cfg=cfg.optim, config=cfg, evaluate=evaluate,
-                      adapters=[adapter], projector_names=projector)
+                      adapters=[adapter], projector_names=projector, vision_names=vision)
     return trainer.train(), adapter
