@@ -221,3 +221,25 @@ def test_placeholder_mismatch_is_an_error(tiny):
     msgs = [Message.user(ImageRef(path="a.png"), "Describe."), Message.assistant("ok")]
     with pytest.raises(DataError, match="placeholder count 1 differs from image count 2"):
         ad.tokenize_messages(msgs, ims)
+
+
+def test_text_only_record_and_mixed_batch(tiny):
+    """A record without images tokenizes and runs, alone and beside a row with an image."""
+    family, ad, _ = tiny
+    text_only = ad.tokenize_messages([Message.user("Hello there"), Message.assistant("hi")], [])
+    assert text_only.num_images == 0 and ad.image_token_id not in text_only.input_ids
+    sup = [t for t, lab in zip(text_only.input_ids, text_only.labels) if lab != IGNORE_INDEX]
+    assert ad.tokenizer.decode(sup, skip_special_tokens=True).strip() == "hi"
+    pil, ims = _images(ad, 1)
+    with_img = ad.tokenize_messages([Message.user(ImageRef(path="a.png"), "Colour?"), Message.assistant("red")], ims)
+    rows = [text_only.input_ids, with_img.input_ids]
+    L = max(map(len, rows))
+    pad = ad.tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])
+    enc = ad.encode_images(ims, prompts=[[Message.user(ImageRef(path="a.png"), "Colour?")]])
+    with torch.no_grad():
+        both = ad.forward(ids, mask, encoded=enc, image_indices=[[], [0]]).logits
+        alone = ad.forward(torch.tensor([rows[0]]), torch.ones(1, len(rows[0]), dtype=torch.long),
+                           encoded=None, image_indices=[[]]).logits
+    assert (both[0, : len(rows[0])] - alone[0]).abs().max().item() <= 1e-5
