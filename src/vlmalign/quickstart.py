@@ -27,10 +27,13 @@ from .methods.common import seed_everything, write_json
 from .methods.sft import SFTConfig, pretrain_config, train_sft
 from .models import adapter_for, build_tiny
 
-# Sizes chosen so the whole job takes a few minutes on 2 CPU cores.
+# Sizes chosen so the whole job takes about five minutes on 2 CPU cores.
 DATA = ShapesConfig(seed=0, train_images=1200, eval_images=100)
-PRETRAIN_STEPS = 60
-SFT_STEPS = 300
+PRETRAIN_STEPS = 50
+SFT_STEPS = 1500
+# Tiny-model settings per family. 8-pixel patches (64 image tokens for a 64x64 image) let the
+# random-init model tell shapes apart far sooner than 16-pixel ones (measured on ShapesWorld).
+TINY = {"llava": {"patch_size": 8}}
 
 
 def _measure(adapter, data_dir: Path, vqa, pope) -> dict:
@@ -50,7 +53,7 @@ def _stage_cfg(base: SFTConfig, out: Path, name: str, train_file: Path, steps: i
     cfg.train.max_steps = steps
     cfg.train.batch_size = batch_size
     cfg.train.seed = seed
-    cfg.train.log_every = 5
+    cfg.train.log_every = 10
     cfg.train.keep_last = 1
     cfg.optim.lr = lr
     cfg.optim.warmup_ratio = 0.05
@@ -74,7 +77,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
 
     say(f"[quickstart] building a tiny random-init {family} model")
     seed_everything(seed)
-    model, processor = build_tiny(family, seed=seed)
+    model, processor = build_tiny(family, seed=seed, **TINY.get(family, {}))
     adapter = adapter_for(model, processor)
     stages = []
 
@@ -82,11 +85,10 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
     stages.append({"name": "base", "metrics": _measure(adapter, data_dir, vqa, pope), "seconds": time.time() - t})
     say(f"[quickstart] base: vqa_accuracy={stages[-1]['metrics']['vqa_accuracy']:.3f}")
 
-    sft_cfg = SFTConfig()
-    # the tiny tower is random-init, so SFT trains it too (real recipes usually keep it frozen)
-    sft_cfg.model.train_vision = True
-    plans = [("pretrain", pretrain_config(), data_dir / "captions_train.json", pretrain_steps, 2e-3, 16),
-             ("sft", sft_cfg, data_dir / "vqa_train.json", sft_steps, 1e-3, 16)]
+    # SFT trains projector and language model; the random-init tower stays frozen: its random
+    # features keep colour and layout, and training it as well stalled learning (measured)
+    plans = [("pretrain", pretrain_config(), data_dir / "captions_train.json", pretrain_steps, 2e-3, 32),
+             ("sft", SFTConfig(), data_dir / "vqa_train.json", sft_steps, 3e-3, 32)]
     for name, base_cfg, train_file, steps, lr, bs in plans:
         if steps <= 0:
             continue

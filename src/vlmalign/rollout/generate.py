@@ -8,7 +8,6 @@ from typing import Sequence
 import torch
 
 from ..data.batching import ImageLoader, image_prompts, pad, unique_images
-from ..data.schema import RLPrompt
 
 
 @dataclass
@@ -49,7 +48,7 @@ def generate_batch(adapter, prompts: Sequence, loader: ImageLoader, cfg: Samplin
     tok = adapter.tokenizer
     items = []
     for p in prompts:
-        msgs = p.prompt if isinstance(p, RLPrompt) or hasattr(p, "prompt") else p
+        msgs = p.prompt if hasattr(p, "prompt") else p  # a record (RLPrompt, ...) or a message list
         refs = [img for m in msgs for img in m.images]
         imgs = [loader.inputs(r) for r in refs]
         t = adapter.tokenize_prompt(msgs, imgs, max_length=max_length)
