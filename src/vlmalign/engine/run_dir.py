@@ -66,7 +66,7 @@ class RunDir:
         for r in rows:
             step = r.get("step")
             for k, v in r.items():
-                if k in ("step", "epoch", "time", "lr") or not isinstance(v, (int, float)):
+                if k in ("step", "epoch", "time", "lr") or k.endswith("items") or not isinstance(v, (int, float)):
                     continue
                 if isinstance(v, float) and not math.isfinite(v):
                     continue
