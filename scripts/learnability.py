@@ -93,6 +93,7 @@ def sweep(args) -> None:
     ad.set_trainable(vision=args.train_vision, projector=True, language=True)
     ex, loader = _examples(ad, d / "vqa_train.json")
     vqa = read_file(d / "vqa_eval.json", kind="rl_prompt")
+    seen = read_file(d / "rl_train.json", kind="rl_prompt")[:500]  # questions about training images
     col, meth = SFTCollator(loader, p.tokenizer.pad_token_id), SFTMethod(ad)
     opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.0)
     from transformers import get_scheduler
@@ -114,9 +115,10 @@ def sweep(args) -> None:
         opt.zero_grad()
         if step % max(1, args.steps // 6) == 0 or step == args.steps:
             mm, _ = evaluate_vqa(ad, vqa, ImageLoader(ad, d), max_new_tokens=5, batch_size=64)
+            tr, _ = evaluate_vqa(ad, seen, ImageLoader(ad, d), max_new_tokens=5, batch_size=64)
             per = {k.split("/")[-1]: round(v, 2) for k, v in mm.items() if "/" in k}
-            print(f"step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s) "
-                  f"vqa_accuracy {mm['vqa_accuracy']:.3f} {per}", flush=True)
+            print(f"step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s) held-out vqa_accuracy "
+                  f"{mm['vqa_accuracy']:.3f} {per}; on training images {tr['vqa_accuracy']:.3f}", flush=True)
 
 
 def shuffle(args) -> None:
