@@ -9,7 +9,8 @@ from vlmalign.data.synthetic.scene import _cell_box
 
 CONFIGS = [
     ShapesConfig(),
-    ShapesConfig(grid=3, image_size=48, min_objects=1, max_objects=9,
+    ShapesConfig(grid=3, image_size=48, min_objects=1, max_objects=9, jitter=True,
+                 object_size=(0.4, 1.0),
                  colours=tuple(COLOURS), shapes=("circle", "square", "triangle", "cross", "diamond")),
     ShapesConfig(image_size=32, jitter=False, object_size=(0.3, 1.0)),
 ]
@@ -55,6 +56,15 @@ def test_rendered_pixels_match_scene(config):
         assert seen == {COLOURS[o.colour] for o in scene.objects}
 
 
+def test_jitter_zero_centres_objects():
+    config = ShapesConfig(jitter=0, object_size=(0.75, 0.75))
+    scene = sample_scene(np.random.default_rng(1), config)
+    for o in scene.objects:
+        cl, ct, cr, cb = _cell_box(cell_names(2).index(o.cell), 2, 64)
+        l, t, r, b = o.bbox
+        assert (l - cl, t - ct) == (cr - r, cb - b) == (4, 4)
+
+
 def test_render_resize_keeps_colours():
     scene = Scene((ShapeObject("red", "square", "top left", (4, 4, 24, 24)),), grid=2, image_size=64)
     big = np.asarray(render(scene, 128))
@@ -86,7 +96,7 @@ def test_scene_queries_and_json_roundtrip():
     dict(grid=4), dict(min_objects=0), dict(min_objects=3, max_objects=2), dict(max_objects=5),
     dict(colours=("red", "blue"), shapes=("circle", "square"), max_objects=4),
     dict(image_size=8), dict(question_types=("colour", "mood")), dict(question_types=()),
-    dict(object_size=(0.1, 0.5)), dict(train_images=0), dict(ranked_size=1),
+    dict(object_size=(0.1, 0.5)), dict(jitter=1.5), dict(jitter=-0.1), dict(train_images=0), dict(ranked_size=1),
     dict(background=(220, 30, 30)),
 ])
 def test_config_rejects(bad):

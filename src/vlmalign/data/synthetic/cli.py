@@ -60,8 +60,9 @@ def register(data_subparsers) -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(QUESTION_TYPES)} (default all)")
     p.add_argument("--paraphrases", action="store_true",
                    help="use several phrasings per question type (default: one each)")
-    p.add_argument("--no-jitter", dest="jitter", action="store_false",
-                   help="centre objects in their cells")
+    p.add_argument("--jitter", type=float, default=d.jitter,
+                   help=f"random offset of objects in their cells, 0 (centred) to 1 (anywhere); "
+                        f"default {d.jitter}")
     p.add_argument("--max-turns", type=int, default=d.max_turns,
                    help=f"longest multi-turn VQA SFT record (default {d.max_turns})")
     p.add_argument("--ranked-size", type=int, default=d.ranked_size,

@@ -81,10 +81,11 @@ class ShapesConfig:
     """Which of colour, shape, count, position, existence to ask."""
     paraphrases: bool = False
     """Use several phrasings per question type (False: one fixed phrasing each, easiest)."""
-    object_size: tuple[float, float] = (0.55, 0.85)
+    object_size: tuple[float, float] = (0.7, 0.85)
     """Range of an object's side as a fraction of the cell side (drawn uniformly)."""
-    jitter: bool = True
-    """Place objects at a random offset inside their cell (False: centred)."""
+    jitter: float = 0.5
+    """Random offset of an object inside its cell, as a fraction of the free room around it:
+    0 (or False) centres it, 1 (or True) places it anywhere in the cell."""
     background: tuple[int, int, int] = (255, 255, 255)
     """Background RGB."""
     max_turns: int = 3
@@ -100,6 +101,7 @@ class ShapesConfig:
                            tuple("colour" if q == "color" else q for q in self.question_types))
         object.__setattr__(self, "object_size", tuple(float(x) for x in self.object_size))
         object.__setattr__(self, "background", tuple(int(x) for x in self.background))
+        object.__setattr__(self, "jitter", float(self.jitter))
         self.validate()
 
     def validate(self) -> None:
@@ -135,6 +137,8 @@ class ShapesConfig:
         lo, hi = self.object_size
         if not 0.2 <= lo <= hi <= 1.0:
             bad(f"object_size must satisfy 0.2 <= low <= high <= 1.0, got {self.object_size}")
+        if not 0.0 <= self.jitter <= 1.0:
+            bad(f"jitter must be in [0, 1], got {self.jitter}")
         if self.train_images < 1 or self.eval_images < 1:
             bad("train_images and eval_images must be at least 1")
         if self.max_turns < 1:

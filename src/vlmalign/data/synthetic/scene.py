@@ -118,8 +118,11 @@ def _cell_box(index: int, grid: int, size: int) -> tuple[int, int, int, int]:
 
 def sample_scene(rng: np.random.Generator, config: ShapesConfig) -> Scene:
     """Draw a scene: ``min_objects..max_objects`` objects in distinct cells with distinct
-    colour-shape combinations, each sized and (with ``jitter``) offset at random inside its
-    cell with at least a 1-pixel margin, so objects never touch or overlap."""
+    colour-shape combinations, each sized and (by ``jitter``) offset at random inside its
+    cell with at least a 1-pixel margin, so objects never touch or overlap.
+
+    The random draws are the same whatever ``jitter`` is, so jitter 0 gives the same scenes,
+    only centred."""
     cells = config.cells
     n_cells = len(cells)
     n = int(rng.integers(config.min_objects, config.max_objects + 1))
@@ -135,9 +138,10 @@ def sample_scene(rng: np.random.Generator, config: ShapesConfig) -> Scene:
         room = min(x1 - x0, y1 - y0) - 2  # 1-pixel margin on each side
         side = int(round(float(rng.uniform(lo, hi)) * (min(x1 - x0, y1 - y0))))
         side = max(5, min(side, room))
-        fx, fy = (float(rng.random()), float(rng.random())) if config.jitter else (0.5, 0.5)
-        left = x0 + 1 + int(fx * (x1 - x0 - 2 - side))
-        top = y0 + 1 + int(fy * (y1 - y0 - 2 - side))
+        # offset in [0, 1] of the free room: centred (0.5) +- jitter/2
+        fx, fy = 0.5 + config.jitter * (rng.random(2) - 0.5)
+        left = x0 + 1 + int(round(float(fx) * (x1 - x0 - 2 - side)))
+        top = y0 + 1 + int(round(float(fy) * (y1 - y0 - 2 - side)))
         objects.append(ShapeObject(colour, shape, cells[ci], (left, top, left + side, top + side)))
     return Scene(tuple(objects), grid=config.grid, image_size=config.image_size,
                  background=config.background)
