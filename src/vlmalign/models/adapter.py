@@ -37,7 +37,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..data.schema import (Conversation, ImagePart, Message, PreferencePair, RankedList, Record,
-                           RLPrompt, TextPart, UnpairedExample)
+                           RLPrompt, UnpairedExample)
 from ..errors import DataError, LengthError, ModelError
 
 IGNORE_INDEX = -100
@@ -89,6 +89,24 @@ class TokenizedPair:
     rejected_ids: list[int]   # completion only
     num_images: int
     image_token_counts: list[int]
+
+
+def saved_chat_template(path: str, tokenizer=None) -> str | None:
+    """The chat template saved in a model directory (``chat_template.jinja``, or the older
+    ``chat_template.json``), else the tokenizer's."""
+    import json
+    import os
+    if os.path.isdir(path):
+        jinja, legacy = os.path.join(path, "chat_template.jinja"), os.path.join(path, "chat_template.json")
+        if os.path.isfile(jinja):
+            with open(jinja, encoding="utf-8") as f:
+                return f.read()
+        if os.path.isfile(legacy):
+            with open(legacy, encoding="utf-8") as f:
+                found = json.load(f).get("chat_template")
+            if found:
+                return found
+    return getattr(tokenizer, "chat_template", None)
 
 
 def to_hf_messages(messages: Sequence[Message]) -> list[dict]:
@@ -204,8 +222,34 @@ class VLMAdapter:
 
     @classmethod
     def load_processor(cls, path: str, *, trust_remote_code: bool = False):
+        """AutoProcessor, checked; where it fails, the family's ``_fallback_processor``.
+
+        AutoProcessor hands back the bare tokenizer when it does not know the saved processor
+        class (e.g. our image-only processors), so a result without an image processor counts
+        as a failure too.
+        """
         from transformers import AutoProcessor
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        try:
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - ImportError (torchvision), ValueError, OSError by version
+            reason = repr(e)
+        else:
+            if getattr(processor, "image_processor", None) is not None and hasattr(processor, "_process_images"):
+                return processor
+            reason = f"it returned a {type(processor).__name__}, not a processor with an image processor"
+        try:
+            fallback = cls._fallback_processor(path, trust_remote_code=trust_remote_code)
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"cannot load a processor from {path!r}: AutoProcessor failed ({reason}); "
+                             f"the fallback failed with {e!r}") from None
+        if fallback is None:
+            raise ModelError(f"cannot load a processor from {path!r}: AutoProcessor failed ({reason})")
+        return fallback
+
+    @classmethod
+    def _fallback_processor(cls, path: str, *, trust_remote_code: bool = False):
+        """A processor built another way when AutoProcessor fails (None: no fallback)."""
+        return None
 
     # ------------------------------------------------------------------ images (family hooks)
     # keys of the image processor's output that the vision encoder takes

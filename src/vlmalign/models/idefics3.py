@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ModelError
-from .adapter import ImageInputs, VLMAdapter
+from .adapter import ImageInputs, VLMAdapter, saved_chat_template
 from .registry import register, register_tiny
 from .tiny_tokenizer import build_tiny_tokenizer
 
@@ -142,26 +142,14 @@ class Idefics3Adapter(VLMAdapter):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load_processor(cls, path: str, *, trust_remote_code: bool = False):
-        """AutoProcessor when it works; for SmolVLM without torchvision/num2words (or a directory
-        saved with :class:`SmolVLMImageProcessorOnly`) the image-only processor instead."""
-        try:
-            processor = super().load_processor(path, trust_remote_code=trust_remote_code)
-            if getattr(processor, "image_processor", None) is None:
-                # AutoProcessor hands back the bare tokenizer when the saved processor class is
-                # unknown to it (our image-only class): that is a failure here, not a processor
-                raise ModelError(f"AutoProcessor gave a {type(processor).__name__}, not an image processor")
-            return processor
-        except Exception as auto_error:  # noqa: BLE001 - ImportError, ValueError, OSError, ... by version
-            from .loading import read_config
-            config = read_config(path, trust_remote_code=trust_remote_code)
-            if config.model_type != "smolvlm":
-                raise
-            try:
-                return cls._build_smolvlm_image_only(path, config)
-            except Exception as e:  # noqa: BLE001
-                raise ModelError(f"cannot load a processor from {path!r}: AutoProcessor failed with "
-                                 f"{auto_error!r}; the image-only fallback failed with {e!r}") from None
+    def _fallback_processor(cls, path: str, *, trust_remote_code: bool = False):
+        """For SmolVLM without torchvision/num2words (or a directory saved with
+        :class:`SmolVLMImageProcessorOnly`): the image-only processor. Idefics3 has none."""
+        from .loading import read_config
+        config = read_config(path, trust_remote_code=trust_remote_code)
+        if config.model_type != "smolvlm":
+            return None
+        return cls._build_smolvlm_image_only(path, config)
 
     @staticmethod
     def _build_smolvlm_image_only(path: str, config):
@@ -170,21 +158,11 @@ class Idefics3Adapter(VLMAdapter):
         image_processor = SmolVLMImageProcessorPil.from_pretrained(path)
         vc = config.vision_config
         image_seq_len = int(((vc.image_size // vc.patch_size) ** 2) / (config.scale_factor ** 2))
-        chat_template = None
-        if os.path.isdir(path):
-            pc = os.path.join(path, "processor_config.json")
-            if os.path.isfile(pc):
-                with open(pc, encoding="utf-8") as f:
-                    image_seq_len = json.load(f).get("image_seq_len", image_seq_len)
-            jinja = os.path.join(path, "chat_template.jinja")
-            js = os.path.join(path, "chat_template.json")
-            if os.path.isfile(jinja):
-                with open(jinja, encoding="utf-8") as f:
-                    chat_template = f.read()
-            elif os.path.isfile(js):
-                with open(js, encoding="utf-8") as f:
-                    chat_template = json.load(f).get("chat_template")
-        chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        pc = os.path.join(path, "processor_config.json")
+        if os.path.isfile(pc):
+            with open(pc, encoding="utf-8") as f:
+                image_seq_len = json.load(f).get("image_seq_len", image_seq_len)
+        chat_template = saved_chat_template(path, tokenizer)
         return smolvlm_image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
                                                     image_seq_len=image_seq_len, chat_template=chat_template)
 

@@ -25,15 +25,12 @@ Quirks handled here:
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Sequence
 
 import torch
 from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 
-from ..errors import ModelError
-from .adapter import EncodedImages, ImageInputs, VLMAdapter
+from .adapter import EncodedImages, ImageInputs, VLMAdapter, saved_chat_template
 from .registry import register, register_tiny
 from .tiny_tokenizer import build_tiny_tokenizer
 
@@ -110,42 +107,18 @@ class Qwen2VLAdapter(VLMAdapter):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load_processor(cls, path: str, *, trust_remote_code: bool = False):
-        """AutoProcessor when it works (torchvision installed and a full processor saved);
-        otherwise our image-only processor from the saved tokenizer + image processor."""
-        try:
-            processor = super().load_processor(path, trust_remote_code=trust_remote_code)
-        except Exception as e:  # noqa: BLE001 - ImportError (torchvision), ValueError, OSError by version
-            auto_error = repr(e)
-        else:
-            # AutoProcessor does not know our image-only class name and quietly returns the bare
-            # tokenizer instead of failing: only a processor with an image processor will do
-            if getattr(processor, "image_processor", None) is not None and hasattr(processor, "_process_images"):
-                return processor
-            auto_error = f"it returned a {type(processor).__name__}, not a processor with an image processor"
+    def _fallback_processor(cls, path: str, *, trust_remote_code: bool = False):
+        """Our image-only processor from the saved tokenizer + image processor (used where
+        AutoProcessor needs torchvision, or does not know the saved image-only class)."""
         from .loading import read_config
-        model_type = read_config(path, trust_remote_code=trust_remote_code).model_type
-        try:
-            return cls._build_image_only_processor(path, model_type)
-        except Exception as e:  # noqa: BLE001
-            raise ModelError(f"cannot load a processor from {path!r}: AutoProcessor failed ({auto_error}); "
-                             f"the image-only fallback failed with {e!r}") from None
+        return cls._build_image_only_processor(path, read_config(path, trust_remote_code=trust_remote_code).model_type)
 
     @staticmethod
     def _build_image_only_processor(path: str, model_type: str):
         from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-        chat_template = None
-        if os.path.isdir(path):
-            jinja, legacy = os.path.join(path, "chat_template.jinja"), os.path.join(path, "chat_template.json")
-            if os.path.isfile(jinja):
-                with open(jinja, encoding="utf-8") as f:
-                    chat_template = f.read()
-            elif os.path.isfile(legacy):  # checkpoints saved before chat_template.jinja existed
-                with open(legacy, encoding="utf-8") as f:
-                    chat_template = json.load(f).get("chat_template")
-        chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        chat_template = saved_chat_template(path, tokenizer)
         return image_only_processor_class(model_type)(image_processor=image_processor, tokenizer=tokenizer,
                                                       chat_template=chat_template)
 
