@@ -7,13 +7,11 @@ import argparse
 from ..config import describe, load_config
 
 def _methods():
-    """method -> (default-config factory, config class, runner, help); imported lazily."""
+    """method -> (default-config factory, config class, runner); imported lazily."""
     from ..methods import sft
     return {
-        "pretrain": (sft.pretrain_config, sft.SFTConfig, sft.train_sft,
-                     "projector pretraining on captions (LLaVA stage 1)"),
-        "sft": (sft.SFTConfig, sft.SFTConfig, sft.train_sft,
-                "supervised fine-tuning (full, LoRA or QLoRA)"),
+        "pretrain": (sft.pretrain_config, sft.SFTConfig, sft.train_sft),
+        "sft": (sft.SFTConfig, sft.SFTConfig, sft.train_sft),
     }
 
 
@@ -37,14 +35,14 @@ def register(sub) -> None:
 
 def _options_help(name: str) -> str:
     try:
-        factory, cls, _, _ = _methods()[name]
+        factory, cls, _ = _methods()[name]
     except Exception:  # pragma: no cover - help must never crash
         return ""
     return "options (key = default: help):\n" + "\n".join(describe(cls))
 
 
 def _run(args) -> int:
-    factory, cls, runner, _ = _methods()[args.method]
+    factory, cls, runner = _methods()[args.method]
     cfg = load_config(cls, args.config, args.overrides, base=factory())
     result, _ = runner(cfg)
     print(f"done: {result.step} steps; checkpoint {result.checkpoint}")

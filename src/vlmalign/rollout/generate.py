@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from ..data.batching import ImageLoader, image_prompts, pad, unique_images
+from ..data.batching import Example, ImageLoader, image_prompts, pad, unique_images
 
 
 @dataclass
@@ -17,13 +17,6 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     num_samples: int = 1
-
-
-@dataclass
-class _Prompt:
-    rows: dict
-    images: list
-    image_prompts: list
 
 
 def _gen_kwargs(cfg: SamplingConfig, adapter) -> dict:
@@ -54,7 +47,7 @@ def generate_batch(adapter, prompts: Sequence, loader: ImageLoader, cfg: Samplin
         t = adapter.tokenize_prompt(msgs, imgs, max_length=max_length)
         eps = image_prompts(msgs, adapter)
         for _ in range(cfg.num_samples):
-            items.append(_Prompt({"input_ids": t.input_ids}, refs, eps))
+            items.append(Example(rows={"input_ids": t.input_ids}, images=refs, image_prompts=eps))
     uniq, per, uprompts = unique_images(items, loader)
     dev = adapter.device
     ids = pad([it.rows["input_ids"] for it in items], tok.pad_token_id, side="left").to(dev)
