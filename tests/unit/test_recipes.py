@@ -35,7 +35,7 @@ def _load(path: Path, overrides=()):
     methods = _methods()
     method = _method(path)
     assert method in methods, f"{path}: no train method {method!r} (known: {', '.join(methods)})"
-    factory, cls, _, _ = methods[method]
+    factory, cls, _ = methods[method]
     return load_config(cls, path, list(overrides), base=factory())
 
 
