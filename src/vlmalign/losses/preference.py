@@ -61,8 +61,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
       label is flipped with probability eps.
     * ``"ipo"``: (h - 1 / (2 beta))^2 (IPO, Azar et al. 2023, "A General Theoretical Paradigm to
       Understand Learning from Human Preferences"). The function uses the log-probs it is given:
-      pass length-AVERAGED log-probs for IPO's per-token form (as the paper's experiments and
-      most implementations do), summed ones for the sequence form.
+      pass length-AVERAGED log-probs for IPO's per-token form, summed ones for the sequence
+      form (the caller decides; nothing is averaged here).
     * ``"hinge"``: relu(1 - z) (SLiC-HF, Zhao et al. 2023; RSO, Liu et al. 2024).
 
     policy_* / ref_*: (B,) summed log-probs of the chosen / rejected completion.
