@@ -8,15 +8,17 @@ from ..config import describe, load_config
 
 def _methods():
     """method -> (default-config factory, config class, runner); imported lazily."""
-    from ..methods import sft
+    from ..methods import dpo, sft
     return {
         "pretrain": (sft.pretrain_config, sft.SFTConfig, sft.train_sft),
         "sft": (sft.SFTConfig, sft.SFTConfig, sft.train_sft),
+        "dpo": (dpo.dpo_config, dpo.DPOConfig, dpo.train_dpo),
     }
 
 
 METHOD_HELP = {"pretrain": "projector pretraining on captions (LLaVA stage 1)",
-               "sft": "supervised fine-tuning (full, LoRA or QLoRA)"}
+               "sft": "supervised fine-tuning (full, LoRA or QLoRA)",
+               "dpo": "DPO family (sigmoid, cDPO, IPO, hinge, SimPO, ORPO, token-weighted, mDPO) on preference pairs"}
 
 
 def register(sub) -> None:

@@ -142,6 +142,11 @@ class VLMAdapter:
     # False where the model puts image tokens in a fixed place (InstructBLIP: before BOS) and the
     # chat template renders no placeholder for them.
     placeholders_in_text: ClassVar[bool] = True
+    # True where a prompt's key/value cache can be continued exactly by passing 1-D position ids
+    # (methods/logps.py shares the prompt between chosen and rejected); False for families whose
+    # positions or attention depend on the whole sequence (M-RoPE, prefix-LM), with the reason.
+    prefix_sharing: ClassVar[bool] = True
+    prefix_sharing_note: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module, processor: Any):
         self.model = model
@@ -343,6 +348,10 @@ class VLMAdapter:
 
     def _extra_forward_kwargs(self, input_ids, attention_mask, mm) -> dict:
         return {}
+
+    def kv_cache(self, output):
+        """The key/value cache a ``forward(..., use_cache=True)`` returned (None if none)."""
+        return getattr(output, "cache", None)
 
     def stop_token_ids(self) -> list[int]:
         """Ids that end a generated answer: the generation config's EOS ids and the tokenizer's."""

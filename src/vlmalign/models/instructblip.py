@@ -146,6 +146,10 @@ class InstructBlipAdapter(VLMAdapter):
         emb = self.model.get_input_embeddings().weight
         return emb.new_zeros(0, hidden)
 
+    def kv_cache(self, output):
+        """The language model's cache (InstructBLIP nests the text model's outputs)."""
+        return getattr(getattr(output, "language_model_outputs", None), "cache", None)
+
     def mm_kwargs(self, encoded: EncodedImages | None, indices: Sequence[int]) -> dict[str, Any]:
         from transformers.models.instructblip.modeling_instructblip import BaseModelOutputWithVisionQformerOutputs
         feats = self._features(encoded, indices)

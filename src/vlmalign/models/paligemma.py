@@ -96,6 +96,8 @@ class PaliGemmaAdapter(VLMAdapter):
     projector_prefixes = ("model.multi_modal_projector.",)
     head_prefixes = ("lm_head.",)
     encoder_keys = ("pixel_values",)
+    prefix_sharing = False
+    prefix_sharing_note = "prefix-LM attention follows token_type_ids over the whole sequence"
 
     def __init__(self, model, processor):
         super().__init__(model, processor)

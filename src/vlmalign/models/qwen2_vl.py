@@ -100,6 +100,8 @@ class Qwen2VLAdapter(VLMAdapter):
     vision_prefixes = ("model.visual.",)
     projector_prefixes = ("model.visual.merger.",)
     encoder_keys = ("pixel_values", "image_grid_thw")
+    prefix_sharing = False
+    prefix_sharing_note = "M-RoPE position ids are computed from the whole sequence"
 
     def __init__(self, model, processor):
         super().__init__(model, processor)

@@ -1,0 +1,392 @@
+"""The DPO trainer on tiny models and ShapesWorld hallucination pairs: training with a LoRA or a
+separate reference, the CLI, one image encoding per pair shared by policy and reference, the
+reference log-prob cache (reuse and invalidation), prefix sharing (loss and gradients equal the
+unshared computation; automatic fallback where it is not exact) and every optimisation together
+against the plain computation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmalign.config import load_config
+from vlmalign.data.preference import PreferenceCollator
+from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
+from vlmalign.methods import dpo as dpo_module
+from vlmalign.methods import ref_cache
+from vlmalign.methods.dpo import DPOConfig, DPOMethod, corruption_of, dpo_config, load_pairs, train_dpo
+from vlmalign.methods.logps import Reference, completion_logps, shared_logps, unshared_logps
+from vlmalign.models import adapter_for, build_tiny, load_adapter, save_tiny
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    generate_shapesworld(root / "data", ShapesConfig(seed=1, train_images=8, eval_images=4))
+    save_tiny("llava", str(root / "model"))
+    save_tiny("llava", str(root / "model_seed1"), seed=1)
+    return root
+
+
+def _cfg(world, out, *extra):
+    return load_config(DPOConfig, None, [
+        f"model.path={world / 'model'}", f"data.train_file={world / 'data' / 'dpo_train.json'}",
+        "data.max_length=256", f"train.output_dir={out}", "train.max_steps=3", "train.batch_size=4",
+        "train.progress=false", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant",
+        f"dpo.ref_cache_dir={world / 'ref_cache'}", *extra], base=dpo_config())
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _method_and_batch(family="llava", n=4, loss="sigmoid", data=None, seed=0, **dpo):
+    """A policy adapter (fp32, train mode), a frozen copy as reference and one collated batch."""
+    model, proc = build_tiny(family, seed=seed)
+    model.float().train()
+    ad = adapter_for(model, proc)
+    ref_model, _ = build_tiny(family, seed=seed)
+    ref = adapter_for(ref_model.float().eval(), proc)
+    cfg = dpo_config()
+    cfg.data.train_file = str(data)
+    cfg.data.max_length = 512
+    cfg.dpo.loss = loss
+    for k, v in dpo.items():
+        setattr(cfg.dpo, k, v)
+    corr = corruption_of(cfg.dpo, 0)
+    ex, loader = load_pairs(str(data), cfg, ad, corr, limit=n)
+    batch = PreferenceCollator(loader, ad.tokenizer.pad_token_id, corr)(ex)
+    return ad, ref, cfg, batch, ex, loader
+
+
+def _loss_and_grads(method, batch):
+    method.adapter.model.zero_grad(set_to_none=True)
+    loss, sums = method.compute_loss(batch, batch.size)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in method.adapter.model.named_parameters() if p.grad is not None}
+    return loss.detach(), sums, grads
+
+
+def _assert_grads_close(a: dict, b: dict, rel=TOL):
+    """Every gradient within ``rel`` of the largest gradient entry, and the whole gradient vector
+    within ``rel`` in norm. (Per-entry relative error is meaningless for gradients that are zero
+    in exact arithmetic, e.g. attention key biases, which hold float noise of ~1e-9.)"""
+    assert a.keys() == b.keys() and a
+    scale = max(float(g.abs().max()) for g in a.values())
+    assert scale > 0
+    for n in a:
+        assert float((a[n] - b[n]).abs().max()) <= rel * scale, n
+    diff = math.sqrt(sum(float(((a[n] - b[n]) ** 2).sum()) for n in a))
+    norm = math.sqrt(sum(float((a[n] ** 2).sum()) for n in a))
+    assert diff <= rel * norm
+
+
+def _perturb_language(ad, scale=0.02):
+    """Move the policy's language model and head away from the reference (tower and projector
+    stay equal, so the reference may share the policy's image features)."""
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for g in ("language", "head"):
+            for _, p in ad.param_groups()[g]:
+                p.add_(torch.randn_like(p) * scale)
+
+
+# ----------------------------------------------------------------------------- training
+def test_dpo_trains_with_separate_reference(world, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(world, run, "train.max_steps=6", f"data.eval_file={world / 'data' / 'dpo_eval.json'}")
+    before = load_adapter(str(world / "model")).model.state_dict()
+    result, adapter = train_dpo(cfg)
+    assert result.step == 6
+    after = adapter.model.state_dict()
+    for g, params in adapter.param_groups().items():
+        for name, _ in params:
+            moved = not torch.equal(after[name], before[name])
+            assert moved == (g in ("language", "head")), (g, name)   # tower + projector frozen by default
+    rows = _rows(run)
+    first = rows[0]
+    # step 1: the policy IS the reference, so every implicit reward is 0 and the loss is log 2
+    assert abs(first["train/loss"] - math.log(2)) < 1e-6
+    assert first["train/margin"] == 0 and first["train/chosen_reward"] == 0
+    for k in ("train/accuracy", "train/rejected_reward", "train/logps_chosen", "train/logps_rejected"):
+        assert k in first
+    assert rows[-2]["train/loss"] < math.log(2) - 0.01      # it learns to prefer chosen
+    final = [r for r in rows if "eval/loss" in r][-1]
+    for k in ("eval/loss", "eval/accuracy", "eval/chosen_reward", "eval/rejected_reward", "eval/margin"):
+        assert k in final
+    reloaded = load_adapter(str(run / "checkpoints" / "step-6" / "model"))
+    for k, v in reloaded.model.state_dict().items():
+        assert torch.equal(v, after[k]), k
+
+
+def test_dpo_trains_lora_with_adapters_disabled_as_reference(world, tmp_path):
+    run = tmp_path / "lora"
+    result, adapter = train_dpo(_cfg(world, run, "lora.enabled=true", "lora.r=4"))
+    rows = _rows(run)
+    assert abs(rows[0]["train/loss"] - math.log(2)) < 1e-6   # zero-init B: policy == reference
+    assert rows[-1]["train/margin"] != 0
+    base = load_adapter(str(world / "model")).model.state_dict()
+    lora_moved = False
+    for n, p in adapter.model.named_parameters():
+        if "lora_" in n:
+            lora_moved |= bool(p.detach().abs().sum() > 0) and "lora_B" in n
+        else:
+            key = n.replace("base_layer.", "")
+            assert torch.equal(p.detach(), base[key]), n             # base weights never change
+    assert lora_moved
+    assert (run / "checkpoints" / "step-3" / "model" / "adapter_config.json").exists()
+
+
+def test_cli_train_dpo(world, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    help_out = subprocess.run([sys.executable, "-m", "vlmalign", "train", "dpo", "--help"], env=env,
+                              capture_output=True, text=True, check=True).stdout
+    for key in ("dpo.loss", "dpo.precompute_ref_logps", "dpo.prefix_sharing", "ref.path"):
+        assert key in help_out
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, "-m", "vlmalign", "train", "dpo", f"model.path={world / 'model'}",
+                           f"data.train_file={world / 'data' / 'dpo_train.json'}", "data.max_length=256",
+                           "train.max_steps=1", "train.batch_size=2", "train.progress=false",
+                           f"train.output_dir={out}", "dpo.loss=ipo"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "done: 1 steps" in proc.stdout and "prefix sharing: on" in proc.stdout
+    assert (out / "checkpoints" / "step-1" / "model").is_dir()
+
+
+# ----------------------------------------------------------------------------- encode once
+def test_each_image_is_encoded_once_per_step_for_policy_and_reference(world, tmp_path, monkeypatch):
+    seen = []
+    real = DPOMethod.compute_loss
+
+    def spy(self, batch, num_items):
+        # the loader hands out one ImageInputs object per image file: no image appears twice
+        assert len({id(x) for x in batch.images}) == len(batch.images)
+        seen.append(len(batch.images))
+        return real(self, batch, num_items)
+
+    monkeypatch.setattr(DPOMethod, "compute_loss", spy)
+    built = {}
+    real_frozen = dpo_module._frozen
+
+    def frozen(ref_ad, cfg, adapter):
+        built["ref"] = ref_ad
+        return real_frozen(ref_ad, cfg, adapter)
+
+    monkeypatch.setattr(dpo_module, "_frozen", frozen)
+    _, adapter = train_dpo(_cfg(world, tmp_path / "enc", "train.max_steps=4"))
+    assert len(seen) == 4
+    # one encoder call per micro-batch, over the batch's unique images only (2 pairs per image
+    # in ShapesWorld, so a batch of 4 pairs holds 2 to 4 images); TRL encodes 4 per pair
+    assert adapter.encode_calls == 4
+    assert adapter.encoded_images == sum(seen) < 4 * 4
+    assert built["ref"].encode_calls == 0        # the reference never ran its vision tower
+
+
+@pytest.mark.parametrize("kind", ["model", "lora"])
+def test_reference_encodes_itself_when_the_projector_is_trained(world, tmp_path, monkeypatch, kind):
+    """With a trained projector the policy's features are not the reference's: the reference
+    encodes the images with its own (frozen) projector. The values used in training are checked
+    against a fresh copy of the starting model run through its own pixel path; reusing the
+    policy's features instead would give other numbers (so the check can fail)."""
+    extra = ["model.train_projector=true"] + (["lora.enabled=true", "lora.r=4"] if kind == "lora" else [])
+    captured = {}
+    real = DPOMethod.reference_quantities
+
+    def spy(self, batch, policy_encoded=None):
+        out = real(self, batch, policy_encoded)
+        captured.update(batch=batch, out=out, ref=self.ref)
+        return out
+
+    monkeypatch.setattr(DPOMethod, "reference_quantities", spy)
+    _, adapter = train_dpo(_cfg(world, tmp_path / kind, "train.max_steps=2", *extra))
+    assert captured["ref"].kind == kind and not captured["ref"].share_features
+    batch, used = captured["batch"], captured["out"]
+    fresh = load_adapter(str(world / "model"))
+    fresh.model.eval()
+    want = _pixel_path_sums(fresh, batch)
+    for name in ("chosen", "rejected"):
+        assert torch.allclose(used[name], want[name], rtol=TOL, atol=1e-5), name
+    # wrongly sharing the (trained) policy features would not match
+    ref = captured["ref"]
+    wrong = Reference(ref.adapter, context=ref.context, share_features=True, kind=kind)
+    with torch.no_grad():
+        lp = wrong.token_logps(batch, batch.encode(adapter), share_prefix=False)
+    sums = lp.sum(1)
+    assert not torch.allclose(batch.group(sums, "chosen"), want["chosen"], atol=1e-3)
+
+
+@torch.no_grad()
+def _pixel_path_sums(adapter, batch) -> dict:
+    """Completion log-prob sums of every row from the model's own pixel_values path."""
+    t = batch.tensors
+    rows_imgs = batch.row_image_indices()
+    out = []
+    for r in range(t["input_ids"].shape[0]):
+        n = int(t["attention_mask"][r].sum())
+        ids = t["input_ids"][r:r + 1, :n]
+        pix = adapter.collate_images([batch.images[i] for i in rows_imgs[r]])
+        logits = adapter.forward(ids, pixel_inputs=pix).logits[0].float()
+        p = int(t["row_prompt_lens"][r])
+        lp = logits[p - 1:n - 1].log_softmax(-1).gather(-1, ids[0, p:n, None]).squeeze(-1)
+        out.append(lp.sum())
+    sums = torch.stack(out)
+    return {name: batch.group(sums, name) for name in batch.row_names}
+
+
+# ----------------------------------------------------------------------------- reference cache
+def _count_ref_forwards(monkeypatch):
+    calls = {"n": 0}
+    real = Reference.token_logps
+
+    def counting(self, *a, **k):
+        calls["n"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Reference, "token_logps", counting)
+    return calls
+
+
+def test_precomputed_reference_is_cached_reused_and_invalidated(world, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    calls = _count_ref_forwards(monkeypatch)
+    base = [f"dpo.ref_cache_dir={cache}", "dpo.precompute_ref_logps=true", "train.max_steps=2",
+            "data.max_train_samples=8"]
+    evals = [f"data.eval_file={world / 'data' / 'dpo_eval.json'}", "train.eval_every=1"]
+
+    def run(name, *extra):
+        """(passes computed, caches loaded, reference forwards) of one training run."""
+        before = dict(ref_cache.COUNTERS)
+        n0 = calls["n"]
+        train_dpo(_cfg(world, tmp_path / name, *base, *extra))
+        return (ref_cache.COUNTERS["computed"] - before["computed"],
+                ref_cache.COUNTERS["loaded"] - before["loaded"], calls["n"] - n0)
+
+    # first run: one pass over train (8 pairs / 4) and eval (8 / 4); no reference forward in
+    # the 2 steps or the 2 evaluations
+    assert run("a", *evals) == (2, 0, 2 + 2)
+    keys = {p.name for p in cache.iterdir()}
+    assert len(keys) == 2
+    for k in keys:
+        meta = json.loads((cache / k / "meta.json").read_text())
+        assert meta["quantities"] == ["chosen", "rejected"] and meta["num_examples"] == 8
+        assert (cache / k / "ref_logps.safetensors").exists()
+    # a second run with the same settings (another output dir) reads them: no reference forward
+    assert run("b", *evals) == (0, 2, 0)
+    assert run("b2") == (0, 1, 0)
+    # each key part invalidates: tokenization, data bytes, reference weights, loss settings
+    assert run("c", "data.max_length=300") == (1, 0, 2)
+    changed = tmp_path / "dpo_train.json"
+    recs = json.loads((world / "data" / "dpo_train.json").read_text())
+    recs[0]["chosen"] = recs[0]["chosen"] + " indeed"
+    changed.write_text(json.dumps(recs))
+    assert run("d", f"data.train_file={changed}", f"data.image_root={world / 'data'}") == (1, 0, 2)
+    assert run("e", f"ref.path={world / 'model_seed1'}") == (1, 0, 2)
+    assert run("f", "dpo.loss=token_weighted") == (1, 0, 2)
+    assert run("g", "dpo.loss=token_weighted", "dpo.token_weight_gamma=3") == (1, 0, 2)
+    assert run("h", "dpo.loss=token_weighted", "dpo.token_weight_gamma=3") == (0, 1, 0)
+    # keys: a (train, eval), c, d, e, f, g; b, b2 and h reused earlier ones
+    assert len({p.name for p in cache.iterdir() if not p.name.startswith(".")}) == 2 + 5
+
+
+def test_precomputed_values_equal_the_live_reference(world):
+    ad, ref, cfg, batch, ex, loader = _method_and_batch(data=world / "data" / "dpo_train.json", n=6)
+    live = DPOMethod(ad, cfg.dpo, ref=Reference(ref, share_features=False))
+    values = ref_cache.compute_values(live, ex, PreferenceCollator(loader, ad.tokenizer.pad_token_id), 4, "cpu")
+    cached = DPOMethod(ad, cfg.dpo, ref_values=values)
+    got, want = cached.reference_quantities(batch), live.reference_quantities(batch)
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=TOL, atol=1e-6), k
+
+
+# ----------------------------------------------------------------------------- prefix sharing
+@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3", "instructblip"])
+def test_prefix_sharing_equals_unshared_loss_and_gradients(world, family):
+    ad, ref, cfg, batch, _, _ = _method_and_batch(family, data=world / "data" / "dpo_train.json", n=4)
+    ad.model.eval()   # InstructBLIP's Q-Former has dropout: compare without it
+    assert batch.tensors["prompt_ids"].shape[0] < batch.num_rows        # prompts are shared
+    # the reference is the policy itself, so the loss is exactly log 2; use a moved policy
+    _perturb_language(ad)
+    results = {}
+    for share in (False, True):
+        cfg.dpo.prefix_sharing = share
+        m = DPOMethod(ad, cfg.dpo, ref=Reference(ref, share_features=False))
+        results[share] = _loss_and_grads(m, batch)
+    (l0, s0, g0), (l1, s1, g1) = results[False], results[True]
+    assert abs(float(l0) - math.log(2)) > 1e-3
+    assert abs(float(l1 - l0)) <= TOL * abs(float(l0))
+    for k in ("chosen_reward", "rejected_reward", "logps_chosen"):
+        assert abs(float(s1[k] - s0[k])) <= TOL * max(1.0, abs(float(s0[k]))), k
+    _assert_grads_close(g0, g1)
+
+
+def test_shared_and_unshared_token_logps_agree_and_differ_from_a_wrong_cache(world):
+    """The check above can fail: continuing the wrong prompt's cache changes the numbers."""
+    ad, _, _, batch, _, _ = _method_and_batch(data=world / "data" / "dpo_train.json", n=4)
+    ad.model.eval()
+    with torch.no_grad():
+        enc = batch.encode(ad)
+        a = unshared_logps(ad, batch, enc)
+        b = shared_logps(ad, batch, enc)
+        assert torch.allclose(a, b, rtol=TOL, atol=1e-5)
+        batch.tensors["row_prompt"] = batch.tensors["row_prompt"].flip(0)
+        c = shared_logps(ad, batch, enc)
+    assert not torch.allclose(a, c, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "paligemma"])
+def test_prefix_sharing_falls_back_where_not_exact(world, family, caplog):
+    ad, ref, cfg, batch, _, _ = _method_and_batch(family, data=world / "data" / "dpo_train.json", n=4)
+    ad.model.eval()
+    with caplog.at_level(logging.WARNING, logger="vlmalign.methods.logps"), torch.no_grad():
+        enc = batch.encode(ad)
+        shared = completion_logps(ad, batch, enc, share_prefix=True)
+        plain = unshared_logps(ad, batch, enc)
+    assert torch.equal(shared, plain)
+    assert f"prefix sharing off: {family}: prefix sharing is not exact" in caplog.text
+
+
+# ----------------------------------------------------------------------------- all together
+def test_every_optimisation_together_equals_plain_dpo(world, tmp_path):
+    """Encode-once + prefix sharing + precomputed reference vs. the plain computation (full
+    sequences, the reference encoding images itself, live reference): loss and gradients on one
+    batch, then two training steps end to end."""
+    ad, ref, cfg, batch, ex, loader = _method_and_batch(data=world / "data" / "dpo_train.json", n=6)
+    _perturb_language(ad)
+    plain_cfg = cfg.dpo
+    plain_cfg.prefix_sharing = False
+    plain = DPOMethod(ad, plain_cfg, ref=Reference(ref, share_features=False))
+    fast_cfg = dpo_config().dpo
+    fast = DPOMethod(ad, fast_cfg, ref=Reference(ref, share_features=True))
+    collate = PreferenceCollator(loader, ad.tokenizer.pad_token_id)
+    fast.ref_values = ref_cache.compute_values(fast, ex, collate, 3, "cpu")
+    fast.ref = None
+    calls0 = ref.encode_calls
+    l0, s0, g0 = _loss_and_grads(plain, batch)
+    assert ref.encode_calls == calls0 + 1                  # the plain path encodes for the reference
+    enc0 = ad.encode_calls
+    l1, s1, g1 = _loss_and_grads(fast, batch)
+    assert ad.encode_calls == enc0 + 1 and ref.encode_calls == calls0 + 1
+    assert abs(float(l1 - l0)) <= TOL * abs(float(l0))
+    for k in ("chosen_reward", "rejected_reward", "margin", "accuracy"):
+        assert abs(float(s1[k] - s0[k])) <= TOL * max(1.0, abs(float(s0[k]))), k
+    _assert_grads_close(g0, g1)
+
+    runs = {}
+    for name, extra in (("plain", ["dpo.prefix_sharing=false"]),
+                        ("fast", ["dpo.prefix_sharing=true", "dpo.precompute_ref_logps=true",
+                                  f"dpo.ref_cache_dir={tmp_path / 'c'}"])):
+        train_dpo(_cfg(world, tmp_path / name, "train.max_steps=2", "train.precision=fp32",
+                       "data.max_train_samples=8", *extra))
+        runs[name] = _rows(tmp_path / name)
+    for a, b in zip(runs["plain"], runs["fast"]):
+        assert abs(a["train/loss"] - b["train/loss"]) <= TOL * abs(a["train/loss"])
