@@ -53,15 +53,16 @@ SIDES = ("ours", "trl")
 # LLaVA-1.5-7B: Vicuna-7B (hidden 4096, 32 layers, 32 heads, MLP 11008, vocab 32000) behind a
 # CLIP ViT-L/14 at 336 px (hidden 1024, 24 layers, 16 heads, MLP 4096: 576 image tokens) and a
 # 2-layer MLP projector. A typical instruction is ~1/4 of the image tokens, answers ~1/4 of the
-# whole sequence. The CPU preset keeps those proportions at 1/8 of the width and 1/4 of the
-# sequence: image 144 tokens, prompt text ~36, completions ~60 (a quarter of ~240), vision tower
-# ~3% of the language model's FLOPs per row, output head ~2% of its parameters.
+# whole sequence. The CPU preset keeps those proportions at 1/8 of the depth-scaled width
+# (hidden 384, MLP 2.6875x, 4 layers; vision tower 1/4 of the LM's width and 3/4 of its depth)
+# and 1/4 of the sequence: image 144 tokens, prompt text ~36 (~54 with the template's tokens),
+# completions ~60 (a quarter of ~258); output head ~3% of the LM's parameters.
 PRESETS: dict[str, dict] = {
     "smoke": dict(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64, vision_hidden=16,
                   vision_layers=1, vision_heads=2, vision_intermediate=32, image_size=16, patch_size=8,
                   vocab_size=None, prompt_tokens=6, completion_tokens=6, pairs_per_step=2),
-    "cpu": dict(hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1376, vision_hidden=128,
-                vision_layers=3, vision_heads=2, vision_intermediate=512, image_size=96, patch_size=8,
+    "cpu": dict(hidden=384, layers=4, heads=6, kv_heads=6, intermediate=1032, vision_hidden=96,
+                vision_layers=3, vision_heads=2, vision_intermediate=384, image_size=96, patch_size=8,
                 vocab_size=None, prompt_tokens=36, completion_tokens=60, pairs_per_step=4),
     "llava-1.5-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008,
                          vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
@@ -241,6 +242,31 @@ def _register_cpu_attention_flops() -> None:
             return 2 * attn(q, k, v)
 
 
+PARTS = ("vision_tower", "multi_modal_projector", "language_model", "lm_head")
+# Module names FlopCounterMode gives a part when it runs outside the top model's own forward
+# (our adapter calls ``model.model.get_image_features`` directly: the tower is then a root).
+PART_ROOTS = {"vision_tower": "CLIPVisionModel", "multi_modal_projector": "LlavaMultiModalProjector"}
+
+
+def flops_by_part(counts: dict, total: int) -> dict:
+    """FLOPs per model part from FlopCounterMode's per-module counts: the shallowest module of
+    each name (PEFT and wrappers only add prefixes) plus the part's class name where it ran as a
+    root. Backward ops are attributed by torch's module tracker, so the split is approximate;
+    ``other`` is what no part claimed."""
+    out = {}
+    for part in PARTS:
+        names = [k for k in counts if k.split(".")[-1] == part]
+        flops = 0
+        if names:
+            best = min(names, key=lambda k: k.count("."))
+            flops += sum(counts[best].values())
+        if PART_ROOTS.get(part) in counts:
+            flops += sum(counts[PART_ROOTS[part]].values())
+        out[part] = int(flops)
+    out["other"] = total - sum(out.values())
+    return out
+
+
 def _flop_mode():
     from torch.utils.flop_counter import FlopCounterMode
     return FlopCounterMode(display=False)
@@ -271,8 +297,10 @@ class StepClock:
         self.spec = spec
         self.vision = vision
         self.ends: list[float] = []
+        self.cpu: list[float] = []
         self.flops: int | None = None
         self.flop_breakdown: dict = {}
+        self.flop_parts: dict = {}
         self.images_at: dict[int, int] = {}
 
     def flop_mode(self):
@@ -280,10 +308,13 @@ class StepClock:
 
     def record_flops(self, mode) -> None:
         self.flops = int(mode.get_total_flops())
-        self.flop_breakdown = {str(k): int(v) for k, v in mode.get_flop_counts().get("Global", {}).items()}
+        counts = mode.get_flop_counts()
+        self.flop_breakdown = {str(k): int(v) for k, v in counts.get("Global", {}).items()}
+        self.flop_parts = flops_by_part(counts, self.flops)
 
     def step_done(self) -> None:
         self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
         self.images_at[len(self.ends)] = self.vision.images
 
     def summary(self) -> dict:
@@ -292,11 +323,14 @@ class StepClock:
         window = self.ends[w + n - 1] - self.ends[w - 1]
         pairs = n * s.batch_size
         images = self.images_at[w + n] - self.images_at[w]
+        cpu = self.cpu[w + n - 1] - self.cpu[w - 1]
         return {"pairs_per_s": pairs / window, "timed_s": window, "timed_pairs": pairs,
+                "cpu_s_per_pair": cpu / pairs,
                 "step_s": [b - a for a, b in zip(self.ends[w - 1:], self.ends[w:])],
                 "vision_encodes_per_pair": images / pairs,
                 "flops_per_pair": (self.flops or 0) / s.batch_size,
-                "flop_breakdown_per_pair": {k: v / s.batch_size for k, v in self.flop_breakdown.items()}}
+                "flop_breakdown_per_pair": {k: v / s.batch_size for k, v in self.flop_breakdown.items()},
+                "flops_by_part_per_pair": {k: v / s.batch_size for k, v in self.flop_parts.items()}}
 
 
 def _rss_mb() -> float:
@@ -332,16 +366,14 @@ def run_ours(spec: Spec) -> dict:
     from vlmalign.methods import dpo
 
     clock = StepClock(spec, vision)
-    marks: dict[str, float] = {"start": time.perf_counter()}
+    marks: dict[str, float] = {"start": time.perf_counter()}  # setup_s: load, data, ref precompute
     counters: dict[str, int] = {}
     original_step = engine.Trainer.train_step
-    adapters: list = []
 
     def train_step(self):
         if not clock.ends:  # first step: everything before it was setup + precompute
             marks["first_step"] = time.perf_counter()
             counters["images_before_training"] = vision.images
-            adapters.extend(self.adapters)
             counters["adapter_images_before"] = sum(a.encoded_images for a in self.adapters)
         if len(clock.ends) == spec.warmup:
             counters["adapter_images_window_start"] = sum(a.encoded_images for a in self.adapters)
@@ -357,7 +389,7 @@ def run_ours(spec: Spec) -> dict:
         return out
 
     engine.Trainer.train_step = train_step
-    precompute = _wrap_precompute(dpo, marks, vision, counters)
+    precompute = _wrap_precompute(vision)
 
     overrides = [
         f"model.path={spec.model_dir}", f"model.dtype={spec.dtype}",
@@ -371,50 +403,51 @@ def run_ours(spec: Spec) -> dict:
         f"train.precision={spec.dtype}",
         f"dpo.beta={spec.beta}", f"dpo.precompute_ref_logps={str(spec.precompute_ref).lower()}",
         f"dpo.prefix_sharing={str(spec.prefix_sharing).lower()}",
+        # a fresh cache per run: every run computes (and is timed computing) the reference pass
+        f"dpo.ref_cache_dir={spec.work_dir}/ref-cache-{os.getpid()}",
     ]
     cfg = load_config(dpo.DPOConfig, None, overrides)
     result, adapter = dpo.train_dpo(cfg)
     marks["end"] = time.perf_counter()
     out = clock.summary()
-    pre_pairs = spec.pairs
     pre_s = precompute.get("seconds")
-    if pre_s is None:  # no hook found: everything between start of train_dpo and step 1
-        pre_s = None
+    pre_pairs = precompute.get("pairs", 0)
+    if spec.precompute_ref and pre_s is None:
+        raise RuntimeError("dpo.precompute_ref_logps=true but no reference pass ran (loaded from a cache?)")
     out.update({
         "peak_mem_mb": _peak_mb(), "base_mem_mb": base_mb,
         "adapter_encodes_per_pair": (counters["adapter_images_window_end"]
                                      - counters["adapter_images_window_start"]) / out["timed_pairs"],
         "setup_s": marks["first_step"] - marks["start"],
         "precompute_s": pre_s,
-        "precompute_pairs": pre_pairs if pre_s is not None else 0,
-        "precompute_encodes_per_pair": precompute.get("images", 0) / pre_pairs if pre_s is not None else 0.0,
-        "precompute_flops_per_pair": precompute.get("flops", 0) / pre_pairs if pre_s is not None else 0.0,
+        "precompute_pairs": pre_pairs,
+        "precompute_encodes_per_pair": precompute["images"] / pre_pairs if pre_pairs else 0.0,
+        "precompute_flops_per_pair": precompute["flops"] / pre_pairs if pre_pairs else 0.0,
         "final_loss": result.metrics.get("loss"),
         "trainable_params": _trainable(adapter.model),
     })
     return out
 
 
-def _wrap_precompute(dpo_module, marks, vision, counters) -> dict:
-    """Time the reference log-prob precompute pass (and count its FLOPs and encodes)."""
+def _wrap_precompute(vision) -> dict:
+    """Time the reference log-prob precompute pass (``ref_cache.compute_values``: one pass over
+    the data with the frozen reference) and count its FLOPs and vision-tower images."""
+    from vlmalign.methods import ref_cache
     info: dict = {}
-    name = next((n for n in ("precompute_ref_logps", "precompute_reference_logps", "precompute_ref")
-                 if callable(getattr(dpo_module, n, None))), None)
-    if name is None:
-        return info
-    original = getattr(dpo_module, name)
+    original = ref_cache.compute_values
 
     def wrapped(*args, **kwargs):
         images0 = vision.images
         t0 = time.perf_counter()
-        with _flop_mode() as mode:
+        with _flop_mode() as mode:  # the counter's overhead is below the run-to-run noise here
             out = original(*args, **kwargs)
         info["seconds"] = time.perf_counter() - t0
         info["flops"] = int(mode.get_total_flops())
         info["images"] = vision.images - images0
+        info["pairs"] = len(args[1]) if len(args) > 1 else len(kwargs["examples"])
         return out
 
-    setattr(dpo_module, name, wrapped)
+    ref_cache.compute_values = wrapped
     return info
 
 
@@ -435,6 +468,7 @@ def run_trl(spec: Spec) -> dict:
     from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    marks = {"start": time.perf_counter()}  # setup_s: load, data, trainer construction
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.dtype]
     model = LlavaForConditionalGeneration.from_pretrained(spec.model_dir, dtype=dtype)
     processor = AutoProcessor.from_pretrained(spec.model_dir)
@@ -475,7 +509,6 @@ def run_trl(spec: Spec) -> dict:
         fp16=spec.dtype == "fp16", dataloader_num_workers=0, max_length=None, disable_tqdm=True,
         precompute_ref_log_probs=False,
     )
-    marks = {"start": time.perf_counter()}
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                          peft_config=peft_config, callbacks=[Clock()])
     original = trainer.training_step
@@ -545,6 +578,7 @@ def _aggregate(runs: list[dict]) -> dict:
         "pairs_per_s": statistics.median(r["pairs_per_s"] for r in runs),
         "vision_encodes_per_pair": statistics.median(r["vision_encodes_per_pair"] for r in runs),
         "flops_per_pair": statistics.median(r["flops_per_pair"] for r in runs),
+        "cpu_s_per_pair": statistics.median(r["cpu_s_per_pair"] for r in runs),
         "peak_mem_mb": max(r["peak_mem_mb"] for r in runs),
         "base_mem_mb": statistics.median(r["base_mem_mb"] for r in runs),
         "rounds_pairs_per_s": [r["pairs_per_s"] for r in runs],
@@ -553,6 +587,7 @@ def _aggregate(runs: list[dict]) -> dict:
         "trainable_params": runs[0]["trainable_params"],
         "final_loss": runs[-1]["final_loss"],
         "flop_breakdown_per_pair": runs[0]["flop_breakdown_per_pair"],
+        "flops_by_part_per_pair": runs[0]["flops_by_part_per_pair"],
     }
     pre = [r["precompute_s"] for r in runs if r.get("precompute_s")]
     if pre:
@@ -605,11 +640,15 @@ def _table(report: dict) -> str:
             ratio=f"{report['speedup']:.2f}x"),
         row("pairs/s, one epoch incl. ref precompute", o["epoch_pairs_per_s"], t["epoch_pairs_per_s"],
             ratio=f"{report['speedup_epoch']:.2f}x"),
+        row("CPU s/pair, training steps (all threads)", o["cpu_s_per_pair"], t["cpu_s_per_pair"], "{:.2f}",
+            ratio=f"{t['cpu_s_per_pair'] / o['cpu_s_per_pair']:.2f}x"),
         row("vision encodes/pair, training step", o["vision_encodes_per_pair"], t["vision_encodes_per_pair"],
             "{:.2f}"),
         row("vision encodes/pair, ref precompute", o.get("precompute_encodes_per_pair"), None, "{:.2f}"),
         row("GFLOPs/pair, training step", o["flops_per_pair"] / 1e9, t["flops_per_pair"] / 1e9, "{:.2f}",
             ratio=f"{report['flops_ratio']:.2f}x"),
+        *[row(f"  of which {part}", o["flops_by_part_per_pair"].get(part, 0) / 1e9,
+              t["flops_by_part_per_pair"].get(part, 0) / 1e9, "{:.2f}") for part in (*PARTS, "other")],
         row("GFLOPs/pair, ref precompute", (o.get("precompute_flops_per_pair") or 0) / 1e9 or None, None, "{:.2f}"),
         row("peak RSS MB (whole process)", o["peak_mem_mb"], t["peak_mem_mb"], "{:.0f}",
             ratio=f"{o['peak_mem_mb'] / t['peak_mem_mb']:.2f}x"),
@@ -646,7 +685,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="pairs per step (unset: the preset's)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per run (the first counts FLOPs)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per run")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved runs per side")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved runs per side (medians are reported)")
     p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (constant) on both sides")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta on both sides")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
