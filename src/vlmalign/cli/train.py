@@ -8,16 +8,18 @@ from ..config import describe, load_config
 
 def _methods():
     """method -> (default-config factory, config class, runner); imported lazily."""
-    from ..methods import dpo, sft
+    from ..methods import dpo, rm, sft
     return {
         "pretrain": (sft.pretrain_config, sft.SFTConfig, sft.train_sft),
         "sft": (sft.SFTConfig, sft.SFTConfig, sft.train_sft),
+        "rm": (rm.RMConfig, rm.RMConfig, rm.train_rm),
         "dpo": (dpo.dpo_config, dpo.DPOConfig, dpo.train_dpo),
     }
 
 
 METHOD_HELP = {"pretrain": "projector pretraining on captions (LLaVA stage 1)",
                "sft": "supervised fine-tuning (full, LoRA or QLoRA)",
+               "rm": "reward model: scalar head on any family, pairs or ranked lists",
                "dpo": "DPO family (sigmoid, cDPO, IPO, hinge, SimPO, ORPO, token-weighted, mDPO) on preference pairs"}
 
 

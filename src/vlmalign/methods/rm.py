@@ -1,0 +1,342 @@
+"""Reward models on any supported VLM: the family model plus a scalar head
+(:class:`vlmalign.models.scalar_head.ScalarModel`) trained on preference pairs or ranked lists.
+
+Data: every record is a prompt (with its images) and two or more candidate responses, best
+first: a :class:`PreferencePair` gives (chosen, rejected) (the rejected side may use other
+images), a :class:`RankedList` gives K responses. One record is one training item. All
+candidates of a record go into the same batch and share the record's images, which are
+encoded once per batch (``Batch.encode``), however many candidates use them.
+
+Loss (``rm.list_loss``; arithmetic in :mod:`vlmalign.losses.reward`):
+
+* ``pairwise``: Bradley-Terry on every (better, worse) pair the ranking implies, averaged over
+  the record's pairs (InstructGPT, Ouyang et al. 2022: all C(K, 2) comparisons of a prompt form
+  one batch element). With ``rm.margin`` each pair's margin is ``rm.margin_scale`` times the
+  difference of the record's scores (Llama 2's margin loss, Touvron et al. 2023).
+* ``plackett_luce``: the listwise likelihood of the whole ranking. For K = 2 both are equal.
+
+Metrics (train and ``data.eval_file``): ``loss``, ``accuracy`` (share of pairs ordered right),
+``margin`` (mean score gap of the pairs), ``chosen_reward`` / ``rejected_reward`` (best and
+worst candidate's score).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import opt, section
+from ..config.sections import DataSection, LoraSection, ModelSection, OptimSection, TrainSection
+from ..data.batching import Batch, pad, unique_images
+from ..data.schema import Conversation, PreferencePair, RankedList, UnpairedExample
+from ..engine.trainer import Trainer, TrainResult, _base_name
+from ..errors import DataError, VlmalignError
+from ..losses.reward import bradley_terry_loss, plackett_luce_loss
+from .common import build_adapter, configure_trainable, seed_everything
+
+LIST_LOSSES = ("pairwise", "plackett_luce")
+
+
+@dataclass
+class RMSection:
+    list_loss: str = opt("pairwise", "pairwise: Bradley-Terry on every implied pair, averaged per record "
+                                     "(InstructGPT); plackett_luce: likelihood of the whole ranking",
+                         LIST_LOSSES)
+    margin: bool = opt(False, "pairwise only: ask for a score gap of margin_scale x the difference of the "
+                              "record's scores (ranked lists: 'scores'; pairs: a numeric 'margin' field); "
+                              "records without them are refused")
+    margin_scale: float = opt(1.0, "multiplies the score difference used as margin")
+
+
+@dataclass
+class RMConfig:
+    model: ModelSection = section(ModelSection, "model to start from and which parts to train")
+    lora: LoraSection = section(LoraSection, "LoRA / QLoRA")
+    data: DataSection = section(DataSection, "preference pairs or ranked lists (train and held-out)")
+    optim: OptimSection = section(OptimSection, "optimizer and learning-rate schedule")
+    train: TrainSection = section(TrainSection, "loop, batch sizes (records), precision, checkpoints")
+    rm: RMSection = section(RMSection, "reward-model loss")
+
+
+# ----------------------------------------------------------------------------- records -> candidates
+def candidates(rec) -> list[tuple[str, list, str, list | None]]:
+    """(label, prompt messages, response, other images or None) per candidate, best first.
+
+    Preference pairs and ranked lists give two or more; unpaired examples and conversations
+    (their last assistant turn) give one, for scoring only."""
+    if isinstance(rec, PreferencePair):
+        return [("chosen", rec.prompt, rec.chosen, None),
+                ("rejected", rec.prompt, rec.rejected, rec.rejected_images)]
+    if isinstance(rec, RankedList):
+        return [(f"responses[{k}]", rec.prompt, r, None) for k, r in enumerate(rec.responses)]
+    if isinstance(rec, UnpairedExample):
+        return [("completion", rec.prompt, rec.completion, None)]
+    if isinstance(rec, Conversation):
+        last = max((i for i, m in enumerate(rec.messages) if m.role == "assistant"), default=None)
+        if not last:
+            raise rec.error("no assistant turn after a prompt to score", "messages")
+        return [(f"messages[{last}]", rec.messages[:last], rec.messages[last].text, None)]
+    raise rec.error(f"a {rec.kind} record has no response to score", "kind")
+
+
+def _margins(rec, wanted: bool) -> list[float] | None:
+    """Per-candidate numbers whose differences are the pair margins (None: not used)."""
+    if not wanted:
+        return None
+    if isinstance(rec, RankedList) and rec.scores is not None:
+        return list(rec.scores)
+    m = rec.meta.get("margin") if isinstance(rec, PreferencePair) else None
+    if isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m):
+        return [float(m), 0.0]
+    raise rec.error("rm.margin=true needs per-response scores (ranked lists) or a numeric margin (pairs)",
+                    "scores" if isinstance(rec, RankedList) else "margin")
+
+
+def make_tokenizer(adapter, loader, max_length, *, train: bool, margin: bool = False):
+    """``tokenize(record, image_inputs) -> rows`` for :func:`vlmalign.data.batching.prepare`.
+
+    rows: ``candidates`` (token ids per candidate: prompt + response ending with its end-of-turn
+    token, where the score is read), ``image_slots`` (per candidate, indices into the example's
+    images) and ``scores`` (margins)."""
+    def tokenize(rec, imgs):
+        if train and not isinstance(rec, (PreferencePair, RankedList)):
+            raise rec.error(f"{rec.kind} records cannot train a reward model: use preference pairs or "
+                            "ranked lists", "kind")
+        cands, slots = [], []
+        n_prompt = len(imgs)
+        extra = 0
+        for label, prompt, response, other in candidates(rec):
+            ims = imgs
+            slot = list(range(n_prompt))
+            if other is not None:
+                ims = [loader.inputs(r) for r in other]
+                slot = list(range(n_prompt + extra, n_prompt + extra + len(other)))
+                extra += len(other)
+            try:
+                p, c, _ = adapter.tokenize_completion(prompt, response, ims, max_length=max_length)
+            except DataError as e:
+                raise e.located(field=label) from None
+            cands.append(p + c)
+            slots.append(slot)
+        return {"candidates": cands, "image_slots": slots, "scores": _margins(rec, margin)}
+    return tokenize
+
+
+def _add_rejected_images(examples) -> None:
+    """Rejected-side images (mDPO-style pairs) join the record's images after the prompt's."""
+    for ex in examples:
+        other = getattr(ex.record, "rejected_images", None)
+        if other:
+            ex.images = ex.images + list(other)
+            ex.image_prompts = (ex.image_prompts or [None] * len(other)) * 2
+
+
+def load_rm_examples(path, data_cfg, adapter, *, train: bool, margin: bool = False, limit=None):
+    """Read and tokenize a pairs / ranked-lists file (errors name file, record and field)."""
+    from ..data.batching import ImageLoader, SkipReport, prepare
+    from .common import data_root, read_records
+    recs, rep1 = read_records(path, data_cfg, limit=limit)
+    loader = ImageLoader(adapter, data_root(data_cfg, path))
+    tok = make_tokenizer(adapter, loader, data_cfg.max_length, train=train, margin=margin)
+    examples, rep2 = prepare(recs, tok, loader, on_error=data_cfg.on_error)
+    rep = SkipReport(skipped=rep1.skipped + rep2.skipped, total=rep1.total)
+    if rep.count:
+        print(f"{path}: {rep.summary()}")
+    _add_rejected_images(examples)
+    return examples, loader, rep
+
+
+class RMCollator:
+    """Examples -> one batch: every candidate of every record is a row; images are unique per
+    batch and shared by all rows that use them. ``side`` pads right (training) or left."""
+
+    def __init__(self, loader, pad_id: int, side: str = "right"):
+        self.loader = loader
+        self.pad_id = pad_id
+        self.side = side
+
+    def __call__(self, examples) -> Batch:
+        uniq, per_ex, prompts = unique_images(examples, self.loader)
+        ids, indices, slots, better, worse, owner, margin = [], [], [], [], [], [], []
+        kmax = max(len(ex.rows["candidates"]) for ex in examples)
+        for e, ex in enumerate(examples):
+            rows = []
+            for cand, sl in zip(ex.rows["candidates"], ex.rows["image_slots"]):
+                rows.append(len(ids))
+                ids.append(cand)
+                indices.append([per_ex[e][s] for s in sl])
+            sc = ex.rows.get("scores")
+            for i in range(len(rows)):
+                for j in range(i + 1, len(rows)):
+                    better.append(rows[i])
+                    worse.append(rows[j])
+                    owner.append(e)
+                    margin.append(sc[i] - sc[j] if sc is not None else float("nan"))
+            slots.append(rows + [-1] * (kmax - len(rows)))
+        tensors = {
+            "input_ids": pad(ids, self.pad_id, self.side),
+            "attention_mask": pad([[1] * len(s) for s in ids], 0, self.side),
+            "slots": torch.tensor(slots, dtype=torch.long),            # (E, K) row of each candidate
+            "pair_better": torch.tensor(better, dtype=torch.long),     # (P,) rows
+            "pair_worse": torch.tensor(worse, dtype=torch.long),       # (P,)
+            "pair_owner": torch.tensor(owner, dtype=torch.long),       # (P,) example of each pair
+            "pair_margin": torch.tensor(margin, dtype=torch.float32),  # (P,) score differences
+        }
+        return Batch(tensors, uniq, indices, len(examples), prompts)
+
+
+# ----------------------------------------------------------------------------- the method
+def _per_example_mean(x: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """(P,) pair values -> (n,) mean over each example's pairs."""
+    tot = x.new_zeros(n).index_add(0, owner, x)
+    cnt = x.new_zeros(n).index_add(0, owner, torch.ones_like(x))
+    return tot / cnt
+
+
+def record_losses(scores: torch.Tensor, t: dict, rm_cfg) -> tuple[torch.Tensor, dict]:
+    """Row scores (rows,) -> per-record losses (E,) and per-record stats (E,)."""
+    slots = t["slots"]
+    E = slots.shape[0]
+    if rm_cfg.list_loss == "plackett_luce":
+        mask = slots >= 0
+        S = scores[slots.clamp(min=0)]                                  # (E, K) best first
+        losses, st = plackett_luce_loss(S, mask)
+        last = mask.sum(dim=1) - 1
+        worst = S.detach().gather(1, last[:, None]).squeeze(1)
+        return losses, {"accuracy": st["accuracy"], "margin": st["margin"], "chosen_reward": st["chosen_reward"],
+                        "rejected_reward": worst}
+    margin = t["pair_margin"] * rm_cfg.margin_scale if rm_cfg.margin else None
+    lp, st = bradley_terry_loss(scores[t["pair_better"]], scores[t["pair_worse"]], margin)
+    own = t["pair_owner"]
+    d = scores.detach()
+    best = d[slots[:, 0]]
+    last = (slots >= 0).sum(dim=1) - 1
+    worst = d[slots.gather(1, last[:, None]).squeeze(1)]
+    return _per_example_mean(lp, own, E), {
+        "accuracy": _per_example_mean(st["accuracy"], own, E),
+        "margin": _per_example_mean(st["margin"], own, E),
+        "chosen_reward": best, "rejected_reward": worst}
+
+
+class RMMethod:
+    """One item per record; the loss is the sum of per-record losses over the global count."""
+
+    def __init__(self, model, rm_cfg: RMSection):
+        self.model = model  # ScalarModel; forwards go through model.adapter (and the engine's runner)
+        self.cfg = rm_cfg
+
+    def count_items(self, batch) -> int:
+        return batch.size
+
+    def compute_loss(self, batch, num_items):
+        scores = self.model.score(batch)                                 # (rows,)
+        losses, st = record_losses(scores, batch.tensors, self.cfg)      # (E,)
+        sums = {k: v.detach().float().sum() for k, v in st.items()}
+        sums["loss"] = losses.detach().float().sum()
+        sums["items"] = torch.tensor(float(batch.size))
+        return losses.sum() / num_items, sums
+
+
+@torch.no_grad()
+def evaluate_rm(model, examples, collate, batch_size: int, rm_cfg: RMSection | None = None) -> dict:
+    """Held-out metrics: ``accuracy`` and ``margin`` over every implied pair, ``loss`` per record."""
+    rm_cfg = rm_cfg or RMSection()
+    was = model.training
+    model.eval()
+    acc = mar = loss = 0.0
+    pairs = recs = 0
+    dev = model.adapter.device
+    for i in range(0, len(examples), batch_size):
+        b = collate(examples[i:i + batch_size]).to(dev)
+        s = model.score(b).float()
+        t = b.tensors
+        diff = s[t["pair_better"]] - s[t["pair_worse"]]
+        acc += float((diff > 0).sum())
+        mar += float(diff.sum())
+        pairs += diff.numel()
+        lo, _ = record_losses(s, t, rm_cfg)
+        loss += float(lo.sum())
+        recs += b.size
+    if was:
+        model.train()
+    return {"loss": loss / max(recs, 1), "accuracy": acc / max(pairs, 1), "margin": mar / max(pairs, 1),
+            "pairs": float(pairs)}
+
+
+# ----------------------------------------------------------------------------- training
+def _check(cfg: RMConfig) -> None:
+    if not cfg.data.train_file:
+        raise VlmalignError("data.train_file is required (preference pairs or ranked lists)")
+    if cfg.rm.margin and cfg.rm.list_loss != "pairwise":
+        raise VlmalignError("rm.margin applies to rm.list_loss=pairwise only")
+
+
+def train_rm(cfg: RMConfig, adapter=None) -> tuple[TrainResult, object]:
+    """Train a reward model. Returns the result and the trained ScalarModel (``.adapter``)."""
+    from ..models.scalar_head import ScalarModel
+    _check(cfg)
+    seed_everything(cfg.train.seed)
+    adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
+    examples, loader, _ = load_rm_examples(cfg.data.train_file, cfg.data, adapter, train=True,
+                                           margin=cfg.rm.margin, limit=cfg.data.max_train_samples)
+    pad_id = adapter.tokenizer.pad_token_id
+    eval_examples, eval_loader = [], None
+    if cfg.data.eval_file:
+        eval_examples, eval_loader, _ = load_rm_examples(cfg.data.eval_file, cfg.data, adapter, train=True,
+                                                         margin=cfg.rm.margin, limit=cfg.data.max_eval_samples)
+    if cfg.lora.enabled and not cfg.model.path:
+        # an adapter needs its base on disk to be reloaded: keep the tiny base beside the run
+        from pathlib import Path
+        base = Path(cfg.train.output_dir) / "base_model"
+        if not (base / "config.json").exists():
+            adapter.save_pretrained(str(base))
+        adapter.model.config._name_or_path = str(base.resolve())
+        adapter.model.name_or_path = str(base.resolve())
+    groups = adapter.param_groups()
+    projector = {n for n, _ in groups["projector"]}
+    vision = {n for n, _ in groups["vision"]}
+    base_module = configure_trainable(adapter, cfg.model, cfg.lora)
+    for _, p in groups["head"]:  # the LM head plays no part in the score
+        p.requires_grad_(False)
+    model = ScalarModel(adapter, base_module, kind="reward", seed=cfg.train.seed)
+    # the engine names parameters as they are in the module it trains ("base." + ...)
+    plain = {n: _base_name(n[len("base."):]) for n, _ in model.named_parameters() if n.startswith("base.")}
+    proj_names = {_base_name(n) for n, b in plain.items() if b in projector}
+    vis_names = {_base_name(n) for n, b in plain.items() if b in vision}
+    evaluate = None
+    if eval_examples:
+        ecollate = RMCollator(eval_loader, pad_id)
+        evaluate = lambda step: evaluate_rm(model, eval_examples, ecollate, cfg.train.batch_size, cfg.rm)  # noqa: E731
+    trainer = Trainer(method=RMMethod(model, cfg.rm), model=model, processor=adapter.processor, examples=examples,
+                      collate=RMCollator(loader, pad_id), train_cfg=cfg.train, optim_cfg=cfg.optim, config=cfg,
+                      evaluate=evaluate, adapters=[adapter], projector_names=proj_names, vision_names=vis_names)
+    return trainer.train(), model
+
+
+# ----------------------------------------------------------------------------- scoring
+@torch.no_grad()
+def score_records(model, records, loader, *, batch_size: int = 16, max_length: int | None = None,
+                  on_error: str = "raise"):
+    """Score every (image, prompt, response) of ``records``; yields one dict per candidate."""
+    from ..data.batching import prepare
+    tok = make_tokenizer(model.adapter, loader, max_length, train=False)
+    examples, rep = prepare(records, tok, loader, on_error=on_error)
+    _add_rejected_images(examples)
+    collate = RMCollator(loader, model.adapter.tokenizer.pad_token_id)
+    model.eval()
+    dev = model.adapter.device
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        b = collate(chunk).to(dev)
+        s = model.score(b).float().cpu().tolist()
+        slots = b.tensors["slots"].tolist()
+        for ex, sl in zip(chunk, slots):
+            rec = ex.record
+            for k, (label, prompt, response, other) in enumerate(candidates(rec)):
+                imgs = other if other is not None else rec.images
+                user = [m for m in prompt if m.role == "user"]
+                yield {"id": rec.id, "index": rec.index, "candidate": label, "rank": k,
+                       "prompt": user[-1].text if user else "", "images": [im.to_json() for im in imgs],
+                       "response": response, "score": s[sl[k]]}
