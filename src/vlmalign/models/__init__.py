@@ -9,6 +9,7 @@ from __future__ import annotations
 from .adapter import (IGNORE_INDEX, EncodedImages, ImageInputs, Tokenized, TokenizedPair, VLMAdapter,
                       to_hf_messages)
 from .registry import adapter_class, families
+from .scalar_head import ScalarModel, load_scalar_model
 
 
 def adapter_for(model, processor) -> VLMAdapter:
@@ -44,4 +45,5 @@ def save_tiny(family: str, out_dir: str, **kwargs) -> str:
 
 
 __all__ = ["IGNORE_INDEX", "EncodedImages", "ImageInputs", "Tokenized", "TokenizedPair", "VLMAdapter",
-           "adapter_for", "adapter_class", "build_tiny", "families", "load_adapter", "save_tiny", "to_hf_messages"]
+           "adapter_for", "adapter_class", "build_tiny", "families", "load_adapter", "save_tiny", "to_hf_messages",
+           "ScalarModel", "load_scalar_model"]
