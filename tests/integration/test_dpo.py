@@ -390,3 +390,158 @@ def test_every_optimisation_together_equals_plain_dpo(world, tmp_path):
         runs[name] = _rows(tmp_path / name)
     for a, b in zip(runs["plain"], runs["fast"]):
         assert abs(a["train/loss"] - b["train/loss"]) <= TOL * abs(a["train/loss"])
+
+
+# ----------------------------------------------------------------------------- every loss
+LOSS_SETTINGS = {"sigmoid": {}, "cdpo": {"label_smoothing": 0.1}, "ipo": {}, "hinge": {},
+                 "simpo": {"beta": 2.0, "simpo_gamma": 0.3}, "orpo": {"orpo_lambda": 0.2},
+                 "token_weighted": {"token_weight_gamma": 4.0}, "mdpo": {"mdpo_anchor": 0.05}}
+
+
+@torch.no_grad()
+def _pixel_token_logps(adapter, batch) -> list[torch.Tensor]:
+    """Per row: the completion's token log-probs from the model's own pixel_values path, one
+    unpadded sequence at a time (independent of our batching, sharing and encoding)."""
+    t = batch.tensors
+    imgs = batch.row_image_indices()
+    out = []
+    for r in range(t["input_ids"].shape[0]):
+        n = int(t["attention_mask"][r].sum())
+        ids = t["input_ids"][r:r + 1, :n]
+        pix = adapter.collate_images([batch.images[i] for i in imgs[r]])
+        logits = adapter.forward(ids, pixel_inputs=pix).logits[0].float()
+        p = int(t["row_prompt_lens"][r])
+        out.append(logits[p - 1:n - 1].log_softmax(-1).gather(-1, ids[0, p:n, None]).squeeze(-1))
+    return out
+
+
+def _expected_losses(d, batch, pol, ref):
+    """The loss functions of losses/preference.py applied to per-row log-probs, by hand."""
+    from vlmalign.losses.preference import (changed_token_weights, dpo_loss, mdpo_loss, orpo_loss,
+                                            simpo_loss)
+    B = batch.size
+
+    def rows(lst, name):
+        i = batch.row_names.index(name)
+        return lst[i * B:(i + 1) * B]
+
+    def total(lst, name):
+        return torch.stack([x.sum() for x in rows(lst, name)])
+
+    def mean(lst, name):
+        return torch.stack([x.mean() for x in rows(lst, name)])
+
+    pc, pr, rc, rr = total(pol, "chosen"), total(pol, "rejected"), total(ref, "chosen"), total(ref, "rejected")
+    if d.loss in ("sigmoid", "cdpo", "hinge"):
+        return dpo_loss(pc, pr, rc, rr, beta=d.beta, loss_type="hinge" if d.loss == "hinge" else "sigmoid",
+                        label_smoothing=d.label_smoothing)[0]
+    if d.loss == "ipo":
+        return dpo_loss(mean(pol, "chosen"), mean(pol, "rejected"), mean(ref, "chosen"), mean(ref, "rejected"),
+                        beta=d.beta, loss_type="ipo")[0]
+    if d.loss == "simpo":
+        return simpo_loss(mean(pol, "chosen"), mean(pol, "rejected"), beta=d.beta, gamma=d.simpo_gamma)[0]
+    if d.loss == "orpo":
+        c = mean(pol, "chosen")
+        return orpo_loss(c, mean(pol, "rejected"), -c, lam=d.orpo_lambda)[0]
+    if d.loss == "token_weighted":
+        ids = batch.tensors["completion_ids"]
+        mask = batch.tensors["completion_mask"]
+        vals = {k: [] for k in ("pc", "pr", "rc", "rr")}
+        for b in range(B):
+            c_ids, r_ids = ids[b][mask[b]], ids[B + b][mask[B + b]]
+            wc, wr = changed_token_weights(c_ids[None], r_ids[None], torch.ones_like(c_ids[None], dtype=torch.bool),
+                                           torch.ones_like(r_ids[None], dtype=torch.bool), gamma=d.token_weight_gamma)
+            for key, lp, w in (("pc", pol[b], wc[0]), ("pr", pol[B + b], wr[0]), ("rc", ref[b], wc[0]),
+                               ("rr", ref[B + b], wr[0])):
+                vals[key].append((w * lp).sum() / w.sum())
+        v = {k: torch.stack(x) for k, x in vals.items()}
+        return dpo_loss(v["pc"], v["pr"], v["rc"], v["rr"], beta=d.beta)[0]
+    assert d.loss == "mdpo"
+    return mdpo_loss(pc, pr, rc, rr, total(pol, "chosen_corrupt"), total(ref, "chosen_corrupt"), beta=d.beta,
+                     anchor=d.mdpo_anchor)[0]
+
+
+@pytest.mark.parametrize("loss", list(LOSS_SETTINGS))
+def test_each_loss_is_wired_to_its_function(world, loss):
+    ad, ref, cfg, batch, _, _ = _method_and_batch(loss=loss, data=world / "data" / "dpo_train.json", n=2,
+                                                  **LOSS_SETTINGS[loss])
+    _perturb_language(ad)
+    ad.model.eval()
+    method = DPOMethod(ad, cfg.dpo, ref=Reference(ref, share_features=True))
+    value, sums = method.compute_loss(batch, batch.size)
+    want = _expected_losses(cfg.dpo, batch, _pixel_token_logps(ad, batch), _pixel_token_logps(ref, batch))
+    assert abs(float(value) - float(want.mean())) <= TOL * abs(float(want.mean())), (float(value), float(want.mean()))
+    assert abs(float(sums["loss"]) - float(want.sum())) <= TOL * abs(float(want.sum()))
+    value.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in ad.model.parameters())
+
+
+def test_mdpo_corrupted_images_are_other_pixels_and_reproducible(world):
+    ad, _, cfg, batch, ex, loader = _method_and_batch(loss="mdpo", data=world / "data" / "dpo_train.json", n=4)
+    assert batch.row_names == ("chosen", "rejected", "chosen_corrupt")
+    B = batch.size
+    imgs = batch.row_image_indices()
+    for b in range(B):
+        real, corrupt = imgs[b][0], imgs[2 * B + b][0]
+        assert imgs[B + b] == imgs[b]                      # the rejected row keeps the real image
+        a = batch.images[real].tensors["pixel_values"]
+        c = batch.images[corrupt].tensors["pixel_values"]
+        assert a.shape == c.shape and not torch.allclose(a, c, atol=1e-2)
+    again = PreferenceCollator(loader, ad.tokenizer.pad_token_id, corruption_of(cfg.dpo, 0))(ex)
+    for x, y in zip(batch.images, again.images):
+        assert torch.equal(x.tensors["pixel_values"], y.tensors["pixel_values"])
+    other = PreferenceCollator(loader, ad.tokenizer.pad_token_id, corruption_of(cfg.dpo, 1))(ex)
+    assert not torch.equal(batch.images[-1].tensors["pixel_values"], other.images[-1].tensors["pixel_values"])
+
+
+def test_rejected_images_are_shown_with_the_rejected_response(world, tmp_path):
+    """A pair whose rejected response comes with another image gets its own prompt row; sharing
+    and the loss stay exact."""
+    recs = json.loads((world / "data" / "dpo_train.json").read_text())[:4:2]   # two images
+    lines = []
+    for i, r in enumerate(recs):
+        other = recs[1 - i]["image"]
+        lines.append({"kind": "preference", "prompt": [{"role": "user", "content": [
+            {"type": "image", "image": r["image"]}, {"type": "text", "text": r["prompt"]}]}],
+            "chosen": r["chosen"], "rejected": r["rejected"], "rejected_images": [other]})
+    f = world / "data" / "with_rejected_images.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    ad, ref, cfg, batch, _, _ = _method_and_batch(data=f, n=2)
+    assert batch.tensors["prompt_ids"].shape[0] == 4        # 2 pairs x (real, rejected's image)
+    imgs = batch.row_image_indices()
+    assert imgs[0] == imgs[3] and imgs[1] == imgs[2] and imgs[0] != imgs[1]
+    _perturb_language(ad)
+    ad.model.eval()
+    method = DPOMethod(ad, cfg.dpo, ref=Reference(ref, share_features=True))
+    value, _ = method.compute_loss(batch, batch.size)
+    want = _expected_losses(cfg.dpo, batch, _pixel_token_logps(ad, batch), _pixel_token_logps(ref, batch))
+    assert abs(float(value) - float(want.mean())) <= TOL * abs(float(want.mean()))
+
+
+@pytest.mark.parametrize("loss", ["cdpo", "hinge", "simpo", "orpo", "mdpo"])
+def test_train_each_loss(world, tmp_path, loss, monkeypatch):
+    built = []
+    monkeypatch.setattr(dpo_module, "_frozen", lambda *a, _f=dpo_module._frozen: built.append(1) or _f(*a))
+    extra = [f"dpo.{k}={v}" for k, v in LOSS_SETTINGS[loss].items()]
+    if loss == "mdpo":
+        extra += ["dpo.precompute_ref_logps=true", f"dpo.ref_cache_dir={tmp_path / 'c'}"]
+    result, _ = train_dpo(_cfg(world, tmp_path / loss, f"dpo.loss={loss}", "train.max_steps=2",
+                               "data.max_train_samples=8", *extra))
+    assert result.step == 2 and math.isfinite(result.metrics["loss"])
+    assert bool(built) == (loss not in ("simpo", "orpo"))     # reference-free losses build no reference
+    keys = set(_rows(tmp_path / loss)[-1])
+    assert {"train/loss", "train/accuracy", "train/margin"} <= keys
+    if loss == "mdpo":
+        assert {"train/cond_loss", "train/anchor_loss", "train/cond_accuracy"} <= keys
+        meta = json.loads(next((tmp_path / "c").glob("*/meta.json")).read_text())
+        assert meta["quantities"] == ["chosen", "chosen_corrupt", "rejected"]
+    if loss == "orpo":
+        assert {"train/or_loss", "train/nll"} <= keys
+
+
+def test_bad_settings_are_refused(world, tmp_path):
+    from vlmalign.errors import VlmalignError
+    with pytest.raises(VlmalignError, match="cdpo needs dpo.label_smoothing"):
+        train_dpo(_cfg(world, tmp_path / "x", "dpo.loss=cdpo"))
+    with pytest.raises(VlmalignError, match="label_smoothing applies to"):
+        train_dpo(_cfg(world, tmp_path / "y", "dpo.loss=ipo", "dpo.label_smoothing=0.1"))
