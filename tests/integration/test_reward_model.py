@@ -84,6 +84,23 @@ def test_scalar_head_reads_the_last_real_token_for_every_family(family):
     assert len(set(round(x, 4) for x in alone.tolist())) == 3  # different responses, different scores
 
 
+def test_scores_stay_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    m, p = build_tiny("llava")
+    ad = adapter_for(m.to(torch.bfloat16), p)
+    model = ScalarModel(ad, seed=0)
+    prompt = [Message.user(ImageRef(path="a.png"), "Describe.")]
+    inputs = [ad.preprocess_image(Image.new("RGB", (64, 64), "red"))]
+    rows = [sum(ad.tokenize_completion(prompt, r, inputs)[:2], []) for r in ("a red circle", "a blue square")]
+    ids = pad(rows, ad.tokenizer.pad_token_id)
+    mask = pad([[1] * len(r) for r in rows], 0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        s = ad.forward(ids, mask, encoded=ad.encode_images(inputs), image_indices=[[0], [0]]).scores
+    assert s.dtype == torch.float32
+    # scores computed in bf16 would sit on the bf16 grid (8 mantissa bits) and tie near neighbours
+    assert not torch.equal(s, s.bfloat16().float()), s
+
+
 # ----------------------------------------------------------------------------- learning (llava)
 def test_rm_learns_shapesworld_rankings_and_reloads(world, tmp_path):
     # ranked lists: the correct caption, then captions with 1 and 2 errors (3 implied pairs each)

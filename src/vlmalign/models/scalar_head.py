@@ -121,7 +121,7 @@ class ScalarModel(nn.Module):
         if head.in_features != hidden or head.out_features != 1:
             raise ModelError(f"scalar head is Linear({head.in_features}, {head.out_features}); the model's "
                              f"hidden size is {hidden}")
-        # fp32 head: one tiny matrix, and scores keep full precision under bf16 bases
+        # fp32 head (one tiny matrix): scores keep full precision under bf16 bases
         self.head = head.to(device=adapter.device, dtype=torch.float32)
         object.__setattr__(self, "adapter", adapter)  # not a submodule: base already holds the model
         adapter.runner = self
@@ -134,7 +134,10 @@ class ScalarModel(nn.Module):
         out = self.base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                         **kwargs)
         h = final_hidden_state(out)                                       # (B, T, H)
-        values = self.head(h.to(self.head.weight.dtype)).squeeze(-1)      # (B, T)
+        # the head runs in fp32 even under bf16/fp16 autocast: scores rounded to bf16 (8 bits
+        # of mantissa) would tie candidates whose scores differ by less than ~1%
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            values = self.head(h.float()).squeeze(-1)                     # (B, T)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return ScalarOutput(values=values, scores=gather_last(values, attention_mask))
