@@ -314,3 +314,26 @@ def test_quickstart_rm_recipe_trains_one_step(world, tmp_path):
     result, model = train_rm(cfg)
     assert result.step == 1 and "eval/accuracy" in result.metrics
     assert (Path(result.checkpoint) / "model" / HEAD_WEIGHTS).exists()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_including_the_head(world, tmp_path):
+    import os
+    import subprocess
+    import sys
+    common = ["train", "rm", f"model.path={world / 'model'}", f"data.train_file={world / 'data' / 'dpo_train.json'}",
+              "data.max_length=256", "train.max_steps=3", "train.progress=false", "optim.lr=1e-3"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "vlmalign", *common, "train.batch_size=4", f"train.output_dir={one}"],
+                   check=True, env=env, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29547", "-m", "vlmalign", *common, "train.batch_size=2", f"train.output_dir={two}"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    la, lb = ([json.loads(x)["train/loss"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two))
+    assert len(la) == len(lb) == 3 and all(abs(x - y) <= 1e-5 for x, y in zip(la, lb)), (la, lb)
+    # the head is inside the module DDP wraps: its gradients are reduced over both processes
+    ha, hb = (load_file(str(d / "checkpoints" / "step-3" / "model" / HEAD_WEIGHTS)) for d in (one, two))
+    for k in ha:
+        assert torch.allclose(ha[k], hb[k], atol=1e-6), k
