@@ -19,7 +19,8 @@ from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 from vlmalign.errors import DataError, VlmalignError
 from vlmalign.methods.rm import RMCollator, RMConfig, RMMethod, evaluate_rm, load_rm_examples, train_rm
 from vlmalign.models import adapter_for, build_tiny, families, load_adapter, save_tiny
-from vlmalign.models.scalar_head import HEAD_CONFIG, HEAD_WEIGHTS, ScalarModel, load_scalar_model
+from vlmalign.models.scalar_head import (HEAD_CONFIG, HEAD_WEIGHTS, ScalarModel, final_hidden_state,
+                                         load_scalar_model)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,6 @@ def test_scalar_head_reads_the_last_real_token_for_every_family(family):
     m, p = build_tiny(family)
     m.eval()
     ad = adapter_for(m, p)
-    model = ScalarModel(ad, seed=0)
     ims = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
     inputs = [ad.preprocess_image(i) for i in ims]
     prompt = [Message.user(ImageRef(path="a.png"), "What colour is it?")]
@@ -66,19 +66,18 @@ def test_scalar_head_reads_the_last_real_token_for_every_family(family):
     enc = ad.encode_images(inputs, prompts=[prompt, prompt])
     pad_id = ad.tokenizer.pad_token_id
     with torch.no_grad():
+        # the head reads the LM head's input: lm_head(final hidden state) reproduces the logits
+        out = ad.forward(torch.tensor([rows[0]]), encoded=enc, image_indices=idx[:1], output_hidden_states=True,
+                         use_cache=False)
+        lm = m.get_output_embeddings()
+        assert torch.allclose(lm(final_hidden_state(out))[0, -1], out.logits[0, -1], atol=1e-5)
+        ScalarModel(ad, seed=0)  # from here on ad.forward runs the scalar model
         got = {}
         for side in ("right", "left"):
             ids, mask = pad(rows, pad_id, side), pad([[1] * len(r) for r in rows], 0, side)
             got[side] = ad.forward(ids, mask, encoded=enc, image_indices=idx).scores
         alone = torch.cat([ad.forward(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long), encoded=enc,
                                       image_indices=[i]).scores for r, i in zip(rows, idx)])
-        # the head reads the LM head's input: lm_head(final hidden) reproduces the model's logits
-        out = m(input_ids=torch.tensor([rows[0]]), **ad.mm_kwargs(enc, idx[0]),
-                **ad._extra_forward_kwargs(torch.tensor([rows[0]]), None, ad.mm_kwargs(enc, idx[0])),
-                output_hidden_states=True, use_cache=False)
-        from vlmalign.models.scalar_head import final_hidden_state
-        lm = m.get_output_embeddings()
-        assert torch.allclose(lm(final_hidden_state(out))[0, -1], out.logits[0, -1], atol=1e-5)
     assert torch.allclose(got["right"], got["left"], atol=1e-5), (got["right"], got["left"])
     assert torch.allclose(got["right"], alone, atol=1e-5), (got["right"], alone)
     assert len(set(round(x, 4) for x in alone.tolist())) == 3  # different responses, different scores
@@ -308,7 +307,8 @@ def test_bad_pairs_are_refused_with_their_location(world, tmp_path):
 def test_quickstart_rm_recipe_trains_one_step(world, tmp_path):
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "quickstart" / "rm.yaml"
     cfg = load_config(RMConfig, recipe, [
-        f"data.train_file={world / 'data' / 'ranked_train.json'}", f"data.eval_file={world / 'data' / 'ranked_eval.json'}",
+        f"data.train_file={world / 'data' / 'ranked_train.json'}",
+        f"data.eval_file={world / 'data' / 'ranked_eval.json'}",
         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "train.batch_size=4", "train.progress=false",
         "data.max_eval_samples=4"])
     result, model = train_rm(cfg)
