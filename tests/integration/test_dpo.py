@@ -545,3 +545,26 @@ def test_bad_settings_are_refused(world, tmp_path):
         train_dpo(_cfg(world, tmp_path / "x", "dpo.loss=cdpo"))
     with pytest.raises(VlmalignError, match="label_smoothing applies to"):
         train_dpo(_cfg(world, tmp_path / "y", "dpo.loss=ipo", "dpo.label_smoothing=0.1"))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(world, tmp_path):
+    """LoRA (reference = adapters disabled), prefix sharing and the precomputed reference across
+    two gloo processes: the main process computes the cache, the other waits and reads it; the
+    losses equal a one-process run with the same global batch."""
+    common = ["train", "dpo", f"model.path={world / 'model'}", f"data.train_file={world / 'data' / 'dpo_train.json'}",
+              "data.max_length=256", "train.max_steps=3", "train.progress=false", "optim.lr=1e-3",
+              "optim.warmup_steps=0", "lora.enabled=true", "lora.r=4", "dpo.precompute_ref_logps=true"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "vlmalign", *common, "train.batch_size=4", f"train.output_dir={one}",
+                    f"dpo.ref_cache_dir={tmp_path / 'c1'}"], check=True, env=env, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29541", "-m", "vlmalign", *common, "train.batch_size=2", f"train.output_dir={two}",
+                        f"dpo.ref_cache_dir={tmp_path / 'c2'}"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (r.stdout + r.stderr).count("reference log-probs: computed") == 1
+    la, lb = ([x["train/loss"] for x in _rows(d)] for d in (one, two))
+    assert len(la) == len(lb) == 3 and abs(la[0] - math.log(2)) < 1e-6
+    for x, y in zip(la, lb):
+        assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (la, lb)

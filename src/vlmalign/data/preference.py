@@ -79,9 +79,7 @@ def _corrupt_token(record, i: int, ref: ImageRef) -> str:
 class _Images:
     """Unique images of one batch, keyed on (kind, identity, encoder prompt)."""
 
-    def __init__(self, loader: ImageLoader, corruption: Corruption | None):
-        self.loader = loader
-        self.corruption = corruption
+    def __init__(self):
         self.keys: dict[tuple, int] = {}
         self.items: list = []
         self.prompts: list = []
@@ -95,13 +93,10 @@ class _Images:
         return self.keys[k]
 
 
-def corrupted_inputs(loader: ImageLoader, corruption: Corruption, record, refs: Sequence[ImageRef]) -> list:
-    """Preprocessed corrupted copies of ``refs`` (mDPO), one per image of ``record``."""
-    out = []
-    for i, ref in enumerate(refs):
-        img = corruption.apply(loader.pil(ref), _corrupt_token(record, i, ref))
-        out.append(loader.adapter.preprocess_image(img))
-    return out
+def corrupted_input(loader: ImageLoader, corruption: Corruption, record, i: int, ref: ImageRef):
+    """The preprocessed corrupted copy of image ``i`` (``ref``) of ``record`` (mDPO)."""
+    img = corruption.apply(loader.pil(ref), _corrupt_token(record, i, ref))
+    return loader.adapter.preprocess_image(img)
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -128,7 +123,7 @@ def tokenize_pair(adapter, record, images: Sequence, *, max_length: int | None, 
         if rej is not None:
             alt = [loader.inputs(r) for r in rej]
         else:
-            alt = corrupted_inputs(loader, corruption, record, record.images)
+            alt = [corrupted_input(loader, corruption, record, i, r) for i, r in enumerate(record.images)]
         p, c, _ = adapter.tokenize_completion(record.prompt, record.chosen, alt, max_length=max_length)
         if c != t.chosen_ids:
             raise DataError("the chosen response tokenizes differently under the corrupted images",
@@ -197,7 +192,7 @@ class PreferenceCollator:
         self.corruption = corruption
 
     def __call__(self, examples: Sequence[Example]) -> PreferenceBatch:
-        imgs = _Images(self.loader, self.corruption)
+        imgs = _Images()
         prompts: list[list[int]] = []
         prompt_images: list[list[int]] = []
         names = ROWS + ((CORRUPT_ROW,) if self.corruption is not None else ())
@@ -231,7 +226,7 @@ class PreferenceCollator:
                     else:
                         cidx.append(imgs.index(
                             ("corrupt", self.corruption.key(), _corrupt_token(rec, i, ref)), pr,
-                            lambda r=ref, i=i, rec=rec: self._corrupt_one(rec, i, r)))
+                            lambda r=ref, i=i, rec=rec: corrupted_input(self.loader, self.corruption, rec, i, r)))
                 prompts.append(ex.rows["corrupt_prompt"])
                 prompt_images.append(cidx)
                 rows[CORRUPT_ROW].append((len(prompts) - 1, ex.rows["chosen"]))
@@ -252,10 +247,6 @@ class PreferenceCollator:
             "example_index": torch.tensor([ex.rows.get("_index", [-1])[0] for ex in examples], dtype=torch.long),
         }
         return PreferenceBatch(tensors, imgs.items, prompt_images, len(examples), imgs.prompts, names)
-
-    def _corrupt_one(self, rec, i: int, ref: ImageRef):
-        img = self.corruption.apply(self.loader.pil(ref), _corrupt_token(rec, i, ref))
-        return self.loader.adapter.preprocess_image(img)
 
 
 def index_examples(examples: Sequence[Example]) -> list[Example]:
