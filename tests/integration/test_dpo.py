@@ -545,6 +545,9 @@ def test_bad_settings_are_refused(world, tmp_path):
         train_dpo(_cfg(world, tmp_path / "x", "dpo.loss=cdpo"))
     with pytest.raises(VlmalignError, match="label_smoothing applies to"):
         train_dpo(_cfg(world, tmp_path / "y", "dpo.loss=ipo", "dpo.label_smoothing=0.1"))
+    other = save_tiny("idefics3", str(tmp_path / "idefics3"))
+    with pytest.raises(VlmalignError, match="the reference must be the policy's family"):
+        train_dpo(_cfg(world, tmp_path / "z", f"ref.path={other}"))
 
 
 @pytest.mark.slow

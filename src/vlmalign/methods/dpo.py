@@ -58,7 +58,8 @@ class DPOSection:
                                           "~/.cache/vlmalign, then ref_logps)")
     prefix_sharing: bool = opt(True, "run each prompt once and continue chosen/rejected from its key/value "
                                      "cache where exact (falls back to full sequences otherwise, logged)")
-    disable_dropout: bool = opt(True, "turn dropout off in policy and reference (log-ratios stay consistent)")
+    disable_dropout: bool = opt(True, "turn dropout off in policy (LoRA dropout included) and reference, so "
+                                      "log-ratios are not noise")
 
 
 @dataclass
@@ -217,20 +218,26 @@ def same_encoder(policy, ref, model_cfg, lora_cfg) -> bool:
     return True
 
 
-def build_reference(cfg: DPOConfig, adapter, peft_model):
-    """(Reference, separate adapter or None) for the config; call before any training step."""
+def build_reference(cfg: DPOConfig, adapter, peft_model, copy_ref=None):
+    """(Reference or None, separate reference adapter or None) for the config: the LoRA-disabled
+    policy, ``copy_ref`` (a copy of the starting policy taken before training), or ``ref.path``."""
     if cfg.dpo.loss in REFERENCE_FREE_LOSSES:
         return None, None
+    if copy_ref is not None:
+        return _frozen(copy_ref, cfg, adapter), copy_ref
     if cfg.lora.enabled and not cfg.ref.path:
         share = same_encoder(adapter, adapter, cfg.model, cfg.lora)
         return Reference(adapter, context=peft_model.disable_adapter, share_features=share, kind="lora"), None
-    if cfg.ref.path:
-        from ..models import load_adapter
-        from .common import resolve_dtype
-        ref_ad = load_adapter(cfg.ref.path, trust_remote_code=cfg.model.trust_remote_code,
-                              dtype=resolve_dtype(cfg.model.dtype))
-    else:
-        raise VlmalignError("internal: the frozen copy must be made before training (make_ref_copy)")
+    if not cfg.ref.path:
+        raise VlmalignError("no reference: set ref.path, enable LoRA, or pass a copy of the starting policy")
+    from ..errors import ModelError
+    from ..models import load_adapter
+    from .common import resolve_dtype
+    ref_ad = load_adapter(cfg.ref.path, trust_remote_code=cfg.model.trust_remote_code,
+                          dtype=resolve_dtype(cfg.model.dtype))
+    if ref_ad.family != adapter.family or ref_ad.tokenizer.get_vocab() != adapter.tokenizer.get_vocab():
+        raise ModelError(f"ref.path {cfg.ref.path!r}: the reference must be the policy's family with the same "
+                         f"tokenizer (got {ref_ad.family} vs {adapter.family}, or a different vocabulary)")
     return _frozen(ref_ad, cfg, adapter), ref_ad
 
 
@@ -316,10 +323,7 @@ def train_dpo(cfg: DPOConfig, adapter=None) -> tuple[TrainResult, object]:
     model = configure_trainable(adapter, cfg.model, cfg.lora)
     if d.disable_dropout:
         disable_dropout(model)
-    if copy_ref is not None:
-        reference, ref_ad = _frozen(copy_ref, cfg, adapter), copy_ref
-    else:
-        reference, ref_ad = build_reference(cfg, adapter, model)
+    reference, ref_ad = build_reference(cfg, adapter, model, copy_ref)
     if reference is not None:
         print(reference.describe())
     why = prefix_sharing_problem(adapter) if d.prefix_sharing else "dpo.prefix_sharing=false"
@@ -352,29 +356,20 @@ def train_dpo(cfg: DPOConfig, adapter=None) -> tuple[TrainResult, object]:
 
 
 def _precomputed(cfg, method, examples, collate, data_file, ref_fp, adapter, trainer, plain):
+    """The reference values of ``examples``: loaded from the cache, or computed once and stored."""
     from . import ref_cache
     from .common import data_root
     d = cfg.dpo
-    root = data_root(cfg.data, data_file)
-    parts = {
-        "version": ref_cache.FORMAT_VERSION,
-        "data": {"sha256": ref_cache.file_sha256(data_file), "format": cfg.data.format,
-                 "image_root": str(root), "images": ref_cache.images_fingerprint(examples, root),
-                 "num_examples": len(examples), "on_error": cfg.data.on_error},
-        "tokens": {"max_length": cfg.data.max_length,
-                   "chat_template": ref_cache.json_sha256(getattr(adapter.processor, "chat_template", None)
-                                                          or getattr(adapter.tokenizer, "chat_template", None)),
-                   "rows": ref_cache.rows_fingerprint(examples)},
-        "image_processor": ref_cache.json_sha256(
-            getattr(getattr(adapter.processor, "image_processor", None), "to_dict", dict)()),
-        "reference": {"weights": ref_fp, "kind": method.ref.kind, "family": adapter.family,
-                      "dtype": str(next(method.ref.adapter.model.parameters()).dtype),
-                      "precision": trainer.acc.mixed_precision},
-        "loss": {"rows": list(ROWS + ((CORRUPT_ROW,) if collate.corruption else ())),
-                 "token_weights": [d.token_weight_gamma, d.token_weight_normalize]
-                 if d.loss == "token_weighted" else None,
-                 "corruption": collate.corruption.key() if collate.corruption else None},
-    }
+    ref_model = method.ref.adapter.model
+    parts = ref_cache.key_parts(
+        data_file=data_file, data_cfg=cfg.data, image_root=data_root(cfg.data, data_file), examples=examples,
+        adapter=adapter,
+        reference={"weights": ref_fp, "kind": method.ref.kind, "dtype": str(next(ref_model.parameters()).dtype),
+                   "precision": trainer.acc.mixed_precision},
+        loss={"rows": list(ROWS + ((CORRUPT_ROW,) if collate.corruption else ())),
+              "token_weights": [d.token_weight_gamma, d.token_weight_normalize]
+              if d.loss == "token_weighted" else None,
+              "corruption": collate.corruption.key() if collate.corruption else None})
     cache = ref_cache.RefLogpsCache(d.ref_cache_dir or ref_cache.default_cache_dir(), parts)
 
     def compute():

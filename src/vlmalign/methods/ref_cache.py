@@ -107,6 +107,24 @@ def rows_fingerprint(examples) -> str:
     return h.hexdigest()
 
 
+def key_parts(*, data_file, data_cfg, image_root, examples, adapter, reference: dict, loss: dict) -> dict:
+    """Everything the cached numbers depend on (see the module docstring), as plain JSON."""
+    processor = adapter.processor
+    template = getattr(processor, "chat_template", None) or getattr(adapter.tokenizer, "chat_template", None)
+    image_processor = getattr(processor, "image_processor", None)
+    return {
+        "version": FORMAT_VERSION,
+        "data": {"sha256": file_sha256(data_file), "format": data_cfg.format, "image_root": str(image_root),
+                 "images": images_fingerprint(examples, image_root), "num_examples": len(examples),
+                 "on_error": data_cfg.on_error},
+        "tokens": {"max_length": data_cfg.max_length, "chat_template": json_sha256(template),
+                   "rows": rows_fingerprint(examples)},
+        "image_processor": json_sha256(image_processor.to_dict() if image_processor is not None else None),
+        "reference": {"family": adapter.family, **reference},
+        "loss": loss,
+    }
+
+
 class RefLogpsCache:
     """One cache entry: ``root/<key>/`` with ``ref_logps.safetensors`` and ``meta.json``."""
 
