@@ -571,3 +571,18 @@ def test_two_processes_match_one(world, tmp_path):
     assert len(la) == len(lb) == 3 and abs(la[0] - math.log(2)) < 1e-6
     for x, y in zip(la, lb):
         assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (la, lb)
+
+
+def test_weight_fingerprint_sees_a_single_small_change():
+    model, _ = build_tiny("llava")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    base = ref_cache.module_fingerprint(sd.items())
+    assert ref_cache.module_fingerprint(sd.items()) == base
+    name = "model.language_model.layers.1.mlp.up_proj.weight"
+    orig = sd[name].clone()
+    sd[name][3, 5] += 1e-6
+    assert ref_cache.module_fingerprint(sd.items()) != base
+    sd[name] = orig.clone()
+    assert ref_cache.module_fingerprint(sd.items()) == base
+    sd[name][[3, 4]] = orig[[4, 3]]              # two rows swapped: same sum, other positions
+    assert ref_cache.module_fingerprint(sd.items()) != base
