@@ -86,11 +86,11 @@ class Spec:
     lora_alpha: int = 32
     batch_size: int = 4
     warmup: int = 2
-    steps: int = 4
+    steps: int = 6
     lr: float = 1e-6
     beta: float = 0.1
     seed: int = 0
-    threads: int = 0
+    threads: int = 1
     prefix_sharing: bool = True
     precompute_ref: bool = True
     arch: dict = field(default_factory=dict)
@@ -684,11 +684,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(off: the full language model)")
     p.add_argument("--batch-size", type=int, default=None, help="pairs per step (unset: the preset's)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per run (the first counts FLOPs)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per run")
     p.add_argument("--rounds", type=int, default=3, help="interleaved runs per side (medians are reported)")
     p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (constant) on both sides")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta on both sides")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (0: torch's default; unset: 1 on CPU, 0 on CUDA). One on "
+                        "CPU because on a shared 2-core "
+                        "machine two-thread ops stall whenever a thread is descheduled (measured 6-12x "
+                        "slower per step under load), which buries the work each side does")
     p.add_argument("--no-prefix-sharing", action="store_true", help="ours: one full row per completion")
     p.add_argument("--live-ref", action="store_true", help="ours: live reference instead of precomputed")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -725,7 +729,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import torch
     spec = Spec(preset=args.preset, device=args.device, dtype=args.dtype, lora=args.lora, batch_size=batch,
-                warmup=args.warmup, steps=args.steps, lr=args.lr, beta=args.beta, threads=args.threads,
+                warmup=args.warmup, steps=args.steps, lr=args.lr, beta=args.beta,
+                threads=args.threads if args.threads is not None else (1 if args.device == "cpu" else 0),
                 prefix_sharing=not args.no_prefix_sharing, precompute_ref=not args.live_ref, arch=arch,
                 work_dir=str(work))
     if not args.quiet:
@@ -747,7 +752,7 @@ def main(argv=None) -> int:
     cfg = AutoConfig.from_pretrained(str(model_dir))
     report["setup"] = {
         "preset": args.preset, "device": args.device, "dtype": args.dtype,
-        "threads": args.threads or torch.get_num_threads(), "arch": arch, "vocab_size": cfg.text_config.vocab_size,
+        "threads": spec.threads or torch.get_num_threads(), "arch": arch, "vocab_size": cfg.text_config.vocab_size,
         "seq": seq, "batch_size": batch, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
         "lr": args.lr, "beta": args.beta, "prefix_sharing": spec.prefix_sharing,
         "precompute_ref": spec.precompute_ref,
