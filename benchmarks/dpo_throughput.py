@@ -23,7 +23,7 @@ is timed and counted separately (``precompute_*``), and reported two ways: train
 (``pairs_per_s``, the steady state) and one epoch including the precompute pass amortised over
 it (``epoch_pairs_per_s``; the run's pairs are exactly one epoch).
 
-    .venv/bin/python benchmarks/dpo_throughput.py --json bench.json          # CPU, ~5-8 min
+    .venv/bin/python benchmarks/dpo_throughput.py --json bench.json   # CPU, ~3 min on 2 shared cores
     .venv/bin/python benchmarks/dpo_throughput.py --preset smoke --rounds 1 --warmup 1 --steps 1
     # GPU (not run by us yet): LLaVA-1.5-7B shapes, bf16, MFU against a peak of 989 TFLOP/s
     python benchmarks/dpo_throughput.py --device cuda --preset llava-1.5-7b --dtype bf16 \
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -373,8 +372,6 @@ def run_ours(spec: Spec) -> dict:
     def train_step(self):
         if not clock.ends:  # first step: everything before it was setup + precompute
             marks["first_step"] = time.perf_counter()
-            counters["images_before_training"] = vision.images
-            counters["adapter_images_before"] = sum(a.encoded_images for a in self.adapters)
         if len(clock.ends) == spec.warmup:
             counters["adapter_images_window_start"] = sum(a.encoded_images for a in self.adapters)
         if not clock.ends:
@@ -408,7 +405,6 @@ def run_ours(spec: Spec) -> dict:
     ]
     cfg = load_config(dpo.DPOConfig, None, overrides)
     result, adapter = dpo.train_dpo(cfg)
-    marks["end"] = time.perf_counter()
     out = clock.summary()
     pre_s = precompute.get("seconds")
     pre_pairs = precompute.get("pairs", 0)
@@ -691,14 +687,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per process (0: torch's default; unset: 1 on CPU, 0 on CUDA). One on "
                         "CPU because on a shared 2-core "
-                        "machine two-thread ops stall whenever a thread is descheduled (measured 6-12x "
-                        "slower per step under load), which buries the work each side does")
+                        "machine two-thread ops stall whenever a thread is descheduled (measured 4-11x "
+                        "slower per pair under load), which buries the work each side does")
     p.add_argument("--no-prefix-sharing", action="store_true", help="ours: one full row per completion")
     p.add_argument("--live-ref", action="store_true", help="ours: live reference instead of precomputed")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="accelerator peak TFLOP/s for the dtype; adds MFU = FLOPs/pair x pairs/s / peak")
     p.add_argument("--sides", default="ours,trl", help="comma list of sides to run")
-    p.add_argument("--work-dir", default=None, help="where the model, data and runs go (unset: a temp dir, removed at the end)")
+    p.add_argument("--work-dir", default=None,
+                   help="where the model, data and runs go (unset: a temp dir, removed at the end)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the report here")
     p.add_argument("--quiet", action="store_true", help="print only the table")
     p.add_argument("--_child", help=argparse.SUPPRESS)
