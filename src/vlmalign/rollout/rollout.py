@@ -1,0 +1,632 @@
+"""Rollouts for online RL: k sampled responses per prompt, with the log-probs they were drawn with.
+
+    batch = rollout(adapter, records, loader, SamplingConfig(temperature=1.0, max_new_tokens=64), k=8, seed=0)
+    new_lp = sequence_logprobs(adapter, batch, with_grad=True)           # (N*k, T), policy being trained
+    ratio = (new_lp - batch.logprobs).exp()                              # PPO/GRPO importance ratio
+
+**Layout of a** :class:`RolloutBatch` (N prompts x k samples = R rows; the rows of prompt i are
+``i*k .. i*k+k-1`` and ``group_ids`` says so):
+
+* ``prompt_ids`` (R, Lp) LEFT-padded, ``response_ids`` (R, T) RIGHT-padded, so every row's
+  response starts at column Lp of ``input_ids = cat(prompt_ids, response_ids)``. The logit
+  that predicts response token j of any row sits at position Lp - 1 + j.
+* ``response_mask`` (R, T) is True on the response tokens up to AND INCLUDING the stop token
+  (EOS or one of the family's stop ids); nothing after it. ``finished`` (R,) is True where the
+  row stopped on a stop token and False where it ran into ``max_new_tokens``.
+* Images: each unique image of the batch is encoded ONCE (``encoded``); the k samples of a
+  prompt, and every other prompt that shows the same image, use the same features through
+  ``image_indices[row]`` (unique on (image, encoder prompt) for InstructBLIP, like training
+  batches).
+
+**Log-probs.** Token choice happens in a logits processor inside HF ``generate`` (which keeps
+the KV cache, left-padding positions and M-RoPE bookkeeping); HF then only takes the argmax of
+the one-hot scores the processor returns. The processor sees the model's raw fp32 logits
+``z`` and records, for the token it draws:
+
+* ``logprobs = log_softmax(z / T)[token]``: the temperature-scaled, UNFILTERED policy
+  distribution. This is what :func:`sequence_logprobs` recomputes (it divides by the same T)
+  and what PPO/GRPO importance ratios compare against. At temperature 0 (greedy) T counts as 1.
+* ``sampling_logprobs``: the log-probability under the distribution actually sampled from,
+  after temperature, top-k and top-p (renormalised over the kept tokens). Equal to ``logprobs``
+  when top-k and top-p are off, up to the (normally negligible) mass of the image placeholder
+  ids, which are never sampled; 0 for greedy decoding (a point mass).
+
+Filtering order: image placeholder ids removed (a generated placeholder would claim image
+features that do not exist, so the response could not be scored), temperature, then top-k
+(every token whose logit ties the k-th largest is kept), then top-p (the smallest prefix of
+tokens sorted by probability whose mass reaches p; at least one token). The model's own
+generation config (repetition penalty, n-gram blocking, suppressed tokens, ...) is set aside
+during a rollout, so the sampled distribution is the policy's, which the log-probs describe.
+
+**Positions.** Generate derives position ids from the attention mask (``cumsum - 1``; for
+Qwen2-VL, M-RoPE t/h/w ids from the mask, ``image_grid_thw`` and ``mm_token_type_ids``);
+:func:`sequence_logprobs` computes them with the same model method, so a left-padded row is
+scored at the positions it was sampled at. (1-D RoPE only sees position differences, so a
+plain forward that counts padding would give the same logits there; what must be right is
+M-RoPE, where image tokens take t/h/w positions rather than a running count, and absolute
+position embeddings.) Tests: recomputed == sampling-time log-probs within 1e-4 in fp32 for
+LLaVA and Qwen2-VL with left-padded multi-image prompts.
+
+**Determinism.** Sampling draws from a ``torch.Generator`` seeded with ``seed`` on the model's
+device; the global RNG is neither used nor advanced (with ``seed=None`` one seed is drawn from
+the global RNG, so ``torch.manual_seed`` upstream still fixes the result; the seed used is
+kept in ``batch.seed``). Same model, records, config, ``batch_size``, seed and device give
+the same tokens. The model runs in eval mode during generation (dropout off); recompute
+log-probs in eval mode too (or with dropout disabled) for them to match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import torch
+
+from ..data.batching import Example, ImageLoader, image_prompts, pad, unique_images
+from ..errors import DataError, VlmalignError
+from .generate import SamplingConfig
+
+BACKENDS = ("hf", "vllm")
+
+
+class RolloutError(VlmalignError):
+    """A rollout that cannot be run as asked (missing backend, bad settings, bad records)."""
+
+
+# ---------------------------------------------------------------------- the batch
+@dataclass
+class RolloutBatch:
+    """N prompts x k sampled responses (R = N*k rows), ready for a training forward.
+
+    Tensors live on the model's device. ``group_ids[r]`` indexes ``records`` (the prompt row r
+    answers); a :meth:`select`-ed batch keeps the full ``records`` list and the original ids.
+    """
+
+    records: list                  # the N source records (or message lists), in order
+    k: int                         # samples per prompt
+    prompt_ids: torch.Tensor       # (R, Lp) long, left-padded with the pad id
+    prompt_mask: torch.Tensor      # (R, Lp) long, 1 on real prompt tokens
+    response_ids: torch.Tensor     # (R, T) long, right-padded with the pad id
+    response_mask: torch.Tensor    # (R, T) bool, response tokens up to and including the stop token
+    logprobs: torch.Tensor         # (R, T) fp32, log_softmax(z / temperature)[token]; 0 where masked
+    sampling_logprobs: torch.Tensor  # (R, T) fp32, under the filtered (top-k/top-p) distribution
+    finished: torch.Tensor         # (R,) bool, stopped on a stop token (False: hit max_new_tokens)
+    group_ids: torch.Tensor        # (R,) long, index into ``records``
+    texts: list[str]               # (R) decoded responses (special tokens and the stop token left out)
+    images: list                   # unique ImageInputs of the batch
+    image_prompts: list            # per unique image, its encoder prompt (None for most families)
+    image_indices: list[list[int]]  # per row, the images its placeholders use (into ``images``)
+    encoded: Any                   # EncodedImages of ``images`` at sampling time (None: text only)
+    temperature: float             # temperature of ``logprobs`` (1.0 for greedy)
+    config: SamplingConfig
+    seed: int
+    pad_token_id: int
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.response_ids.shape[0])
+
+    @property
+    def prompt_length(self) -> int:
+        """Lp: the column where every row's response starts."""
+        return int(self.prompt_ids.shape[1])
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(R, Lp + T) prompt + response: left padding, then right padding."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(R, Lp + T) long: 1 on prompt tokens and on response tokens up to the stop token."""
+        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """(R,) response tokens per row (the stop token included)."""
+        return self.response_mask.sum(1)
+
+    def encode(self, adapter):
+        """Encode the batch's unique images once with ``adapter`` (None for text-only batches)."""
+        if not self.images:
+            return None
+        return adapter.encode_images(self.images, prompts=self.image_prompts)
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> "RolloutBatch":
+        """The sub-batch of ``rows`` (micro-batches for a trainer): only the images those rows use
+        (``encoded`` sliced, not recomputed) and padding columns no selected row needs dropped."""
+        idx = torch.as_tensor(list(rows) if not torch.is_tensor(rows) else rows, dtype=torch.long)
+        if idx.numel() == 0:
+            raise RolloutError("select() needs at least one row")
+        if int(idx.min()) < 0 or int(idx.max()) >= self.num_rows:
+            raise RolloutError(f"select(): row indices must lie in [0, {self.num_rows}), got {idx.tolist()}")
+        dev = self.response_ids.device
+        rows_l = idx.tolist()
+        used = sorted({i for r in rows_l for i in self.image_indices[r]})
+        remap = {old: new for new, old in enumerate(used)}
+        encoded = self.encoded
+        if encoded is not None:
+            from ..models.adapter import EncodedImages
+            sel = torch.as_tensor(used, dtype=torch.long)
+            encoded = EncodedImages(features=[encoded.features[i] for i in used],
+                                    extras={k: v[sel.to(v.device)] for k, v in encoded.extras.items()})
+            if not used:
+                encoded = None
+        di = idx.to(dev)
+        pm, rm = self.prompt_mask[di], self.response_mask[di]
+        left = int((pm.sum(1)).max())                        # prompt columns still needed
+        right = int(rm.sum(1).max()) if rm.numel() else 0    # response columns still needed
+        Lp = self.prompt_length
+        return replace(
+            self,
+            prompt_ids=self.prompt_ids[di, Lp - left:], prompt_mask=pm[:, Lp - left:],
+            response_ids=self.response_ids[di, :right], response_mask=rm[:, :right],
+            logprobs=self.logprobs[di, :right], sampling_logprobs=self.sampling_logprobs[di, :right],
+            finished=self.finished[di], group_ids=self.group_ids[di], texts=[self.texts[r] for r in rows_l],
+            images=[self.images[i] for i in used], image_prompts=[self.image_prompts[i] for i in used],
+            image_indices=[[remap[i] for i in self.image_indices[r]] for r in rows_l], encoded=encoded)
+
+
+# ---------------------------------------------------------------------- sampling
+def filter_logits(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then top-p filtering of (R, V) logits: dropped entries become -inf.
+
+    top-k keeps every logit >= the k-th largest (ties kept); top-p keeps, per row, the tokens
+    sorted by probability until their mass reaches ``top_p`` (a token is kept when the mass
+    BEFORE it is < top_p, so the most likely token always stays).
+    """
+    V = z.shape[-1]
+    if top_k and 0 < top_k < V:
+        kth = z.topk(top_k, dim=-1).values[:, -1:]                       # (R, 1)
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_z, order = z.sort(dim=-1, descending=True)               # (R, V)
+        p = torch.softmax(sorted_z, dim=-1)
+        before = p.cumsum(-1) - p                                        # mass of the tokens ranked above
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        z = z.masked_fill(drop, float("-inf"))
+    return z
+
+
+class _Sampler:
+    """HF logits processor that draws the next token itself and records its log-probs.
+
+    Called by ``generate`` with the raw fp32 logits (R, V) of the last position; returns scores
+    that are 0 on the drawn token and -inf elsewhere, so the greedy search HF runs picks it.
+    """
+
+    def __init__(self, cfg: SamplingConfig, generator: torch.Generator | None, banned: Sequence[int] = ()):
+        self.banned = sorted(set(int(b) for b in banned))
+        self.greedy = not (cfg.temperature and cfg.temperature > 0)
+        self.temperature = 1.0 if self.greedy else float(cfg.temperature)
+        self.top_k = int(cfg.top_k or 0)
+        self.top_p = float(cfg.top_p if cfg.top_p is not None else 1.0)
+        self.generator = generator
+        self.tokens: list[torch.Tensor] = []
+        self.logprobs: list[torch.Tensor] = []
+        self.sampling_logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        z = scores.float()
+        if self.temperature != 1.0:
+            z = z / self.temperature
+        logp = torch.log_softmax(z, dim=-1)                               # (R, V) the policy's
+        zs = z
+        if self.banned:  # image placeholders: a generated one would not match any image features
+            zs = z.clone()
+            zs[:, self.banned] = float("-inf")
+        if self.greedy:
+            tok = zs.argmax(dim=-1)                                       # (R,)
+            slp = torch.zeros(tok.shape, dtype=torch.float32, device=z.device)
+        else:
+            logq = torch.log_softmax(filter_logits(zs, self.top_k, self.top_p), dim=-1)
+            tok = torch.multinomial(logq.exp(), 1, generator=self.generator).squeeze(1)
+            slp = logq.gather(1, tok[:, None]).squeeze(1)
+        self.tokens.append(tok)
+        self.logprobs.append(logp.gather(1, tok[:, None]).squeeze(1))
+        self.sampling_logprobs.append(slp)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, tok[:, None], 0.0)
+
+
+@contextlib.contextmanager
+def _plain_generation_configs(model, eos: list[int], pad_id: int):
+    """Set aside the generation configs of ``model`` and its submodules (InstructBLIP generates
+    with its language model's) for configs that add no logits processors of their own."""
+    from transformers import GenerationConfig
+    saved = []
+    for mod in model.modules():
+        gc = getattr(mod, "generation_config", None)
+        if isinstance(gc, GenerationConfig):
+            saved.append((mod, gc))
+    try:
+        for mod, gc in saved:
+            mod.generation_config = GenerationConfig(bos_token_id=gc.bos_token_id, eos_token_id=list(eos),
+                                                     pad_token_id=pad_id,
+                                                     decoder_start_token_id=gc.decoder_start_token_id)
+        yield
+    finally:
+        for mod, gc in saved:
+            mod.generation_config = gc
+
+
+# ---------------------------------------------------------------------- rollout
+def _where(rec, i: int) -> str:
+    """``FILE: record N`` for error messages (the position in ``records`` where no index is known)."""
+    src, idx = getattr(rec, "source", None), getattr(rec, "index", None)
+    return DataError("", file=src, index=i if idx is None else idx).format().rstrip(": ")
+
+
+def _located(e: DataError, rec, i: int) -> DataError:
+    """``e`` with the record's file and index filled in, keeping its class (LengthError stays one)."""
+    idx = getattr(rec, "index", None)
+    loc = e.located(file=getattr(rec, "source", None), index=i if idx is None else idx)
+    return type(e)(loc.reason, file=loc.file, index=loc.index, field=loc.field)
+
+
+def _prompt_of(rec, i: int):
+    if isinstance(rec, (list, tuple)):
+        return list(rec)
+    msgs = getattr(rec, "prompt", None)
+    if msgs is None:
+        raise RolloutError(f"{_where(rec, i)}: field 'prompt': a {type(rec).__name__} has no prompt to roll out "
+                           "(use RL prompt, preference, ranked or unpaired records, or message lists)")
+    return msgs
+
+
+def rollout(adapter, records: Sequence, loader: ImageLoader, cfg: SamplingConfig | None = None,
+            k: int | None = None, *, seed: int | None = None, batch_size: int | None = None,
+            max_prompt_length: int | None = None, backend: str = "hf", vllm_engine=None) -> RolloutBatch:
+    """Sample ``k`` responses (default ``cfg.num_samples``) for each record's prompt.
+
+    ``records``: RL prompts (or any record with a ``prompt``, or plain message lists).
+    ``batch_size``: prompts per ``generate`` call (default: all at once); images are still
+    encoded once for the whole call. ``max_prompt_length``: raise ``LengthError`` naming the
+    record for longer prompts (never truncated). ``backend="vllm"`` samples with a vLLM engine
+    you pass as ``vllm_engine`` (see :func:`_vllm_rollout`); it needs vllm and CUDA.
+    """
+    cfg = cfg or SamplingConfig()
+    k = cfg.num_samples if k is None else int(k)
+    if backend not in BACKENDS:
+        raise RolloutError(f"unknown rollout backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    if k < 1:
+        raise RolloutError(f"k (samples per prompt) must be >= 1, got {k}")
+    if cfg.max_new_tokens < 1:
+        raise RolloutError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
+        raise RolloutError(f"top_p must lie in (0, 1], got {cfg.top_p}")
+    if cfg.top_k is not None and cfg.top_k < 0:
+        raise RolloutError(f"top_k must be >= 0 (0: off), got {cfg.top_k}")
+    if cfg.temperature is not None and cfg.temperature < 0:
+        raise RolloutError(f"temperature must be >= 0 (0: greedy), got {cfg.temperature}")
+    if not records:
+        raise RolloutError("rollout() got no records")
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    if backend == "vllm":
+        return _vllm_rollout(adapter, list(records), loader, cfg, k, seed=seed, engine=vllm_engine,
+                             max_prompt_length=max_prompt_length)
+
+    # tokenize every prompt once (errors name the record), then k rows per prompt
+    items: list[Example] = []
+    for i, rec in enumerate(records):
+        msgs = _prompt_of(rec, i)
+        refs = [img for m in msgs for img in m.images]
+        try:
+            imgs = [loader.inputs(r) for r in refs]
+            t = adapter.tokenize_prompt(msgs, imgs, max_length=max_prompt_length)
+        except DataError as e:
+            raise _located(e, rec, i) from None
+        eps = image_prompts(msgs, adapter)
+        items.extend(Example(rows={"input_ids": t.input_ids}, images=refs, image_prompts=eps, record=rec)
+                     for _ in range(k))
+    uniq, per_row, uprompts = unique_images(items, loader)
+    dev = adapter.device
+    model = adapter.model
+    tok = adapter.tokenizer
+    stops = adapter.stop_token_ids()
+    if not stops:
+        raise RolloutError(f"{adapter.family}: the model has no EOS / stop token ids; responses could not stop")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    generator = torch.Generator(device=dev).manual_seed(seed)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            enc = adapter.encode_images(uniq, prompts=uprompts) if uniq else None
+            per = (batch_size or len(records)) * k
+            parts = [_generate_rows(adapter, items[s:s + per], per_row[s:s + per], enc, cfg, generator,
+                                    stops, pad_id)
+                     for s in range(0, len(items), per)]
+    finally:
+        if was_training:
+            model.train()
+
+    R = len(items)
+    prompt_ids = pad([list(p[0][r]) for p in parts for r in range(p[0].shape[0])], pad_id, side="left")
+    prompt_mask = pad([list(p[1][r]) for p in parts for r in range(p[1].shape[0])], 0, side="left")
+    T = max(p[2].shape[1] for p in parts)
+
+    def _right(j, value, dtype):
+        out = torch.full((R, T), value, dtype=dtype, device=dev)
+        s = 0
+        for p in parts:
+            n, t = p[j].shape
+            out[s:s + n, :t] = p[j]
+            s += n
+        return out
+
+    response_ids = _right(2, pad_id, torch.long)
+    response_mask = _right(3, False, torch.bool)
+    logprobs = _right(4, 0.0, torch.float32)
+    sampling_logprobs = _right(5, 0.0, torch.float32)
+    finished = torch.cat([p[6] for p in parts])
+    lengths = response_mask.sum(1).tolist()
+    fin = finished.tolist()
+    texts = [s.strip() for s in tok.batch_decode(
+        [response_ids[r, :lengths[r] - (1 if fin[r] else 0)].tolist() for r in range(R)],
+        skip_special_tokens=True)]
+    greedy = not (cfg.temperature and cfg.temperature > 0)
+    return RolloutBatch(
+        records=list(records), k=k, prompt_ids=prompt_ids.to(dev), prompt_mask=prompt_mask.to(dev),
+        response_ids=response_ids, response_mask=response_mask, logprobs=logprobs,
+        sampling_logprobs=sampling_logprobs, finished=finished,
+        group_ids=torch.arange(len(records), device=dev).repeat_interleave(k), texts=texts, images=uniq,
+        image_prompts=uprompts, image_indices=per_row, encoded=enc,
+        temperature=1.0 if greedy else float(cfg.temperature), config=cfg, seed=seed, pad_token_id=pad_id)
+
+
+def banned_token_ids(adapter) -> list[int]:
+    """Image / video placeholder ids, never sampled: the model's forward counts them as image
+    slots, so a response holding one could not be scored (features and tokens would not match)."""
+    ids = {getattr(adapter, "image_token_id", None), getattr(adapter, "placeholder_id", None),
+           getattr(adapter, "video_token_id", None)}
+    return sorted(i for i in ids if i is not None)
+
+
+def response_stop_mask(seq: torch.Tensor, stops: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, T) generated ids -> (mask (R, T) bool up to and including the first stop id, finished (R,))."""
+    is_stop = torch.isin(seq, torch.as_tensor(list(stops), device=seq.device))
+    finished = is_stop.any(dim=1)
+    T = seq.shape[1]
+    first = torch.where(finished, is_stop.long().argmax(dim=1), torch.full_like(finished, T - 1, dtype=torch.long))
+    mask = torch.arange(T, device=seq.device).unsqueeze(0) <= first.unsqueeze(1)
+    return mask, finished
+
+
+def _generate_rows(adapter, items, per_row, enc, cfg, generator, stops, pad_id):
+    """One HF ``generate`` call over ``items`` (already k-expanded)."""
+    dev = adapter.device
+    ids = pad([it.rows["input_ids"] for it in items], pad_id, side="left").to(dev)
+    mask = pad([[1] * len(it.rows["input_ids"]) for it in items], 0, side="left").to(dev)
+    sampler = _Sampler(cfg, generator, banned_token_ids(adapter))
+    from transformers import LogitsProcessorList
+    with _plain_generation_configs(adapter.model, stops, pad_id):
+        out = adapter.generate(ids, mask, encoded=enc, image_indices=per_row, max_new_tokens=cfg.max_new_tokens,
+                               do_sample=False, use_cache=True, eos_token_id=list(stops), pad_token_id=pad_id,
+                               logits_processor=LogitsProcessorList([sampler]))
+    # decoder-only models return prompt + new tokens; a language-model-only generate from
+    # embeddings (InstructBLIP) returns only the new ones
+    Lp = ids.shape[1]
+    seq = out[:, Lp:] if out.shape[1] >= Lp and torch.equal(out[:, :Lp], ids) else out
+    n = seq.shape[1]
+    if n == 0 or len(sampler.tokens) < n:
+        raise RolloutError(f"{adapter.family}: generate returned {n} new tokens but the sampler ran "
+                           f"{len(sampler.tokens)} steps")
+    drawn = torch.stack(sampler.tokens[:n], dim=1)                       # (R, n)
+    lp = torch.stack(sampler.logprobs[:n], dim=1)
+    slp = torch.stack(sampler.sampling_logprobs[:n], dim=1)
+    rmask, finished = response_stop_mask(seq, stops)
+    if not torch.equal(seq[rmask], drawn[rmask]):
+        raise RolloutError(f"{adapter.family}: generate did not emit the tokens the sampler drew "
+                           "(another logits processor or a custom generate changed them)")
+    seq = seq.masked_fill(~rmask, pad_id)
+    return (ids, mask, seq, rmask, lp.masked_fill(~rmask, 0.0), slp.masked_fill(~rmask, 0.0), finished)
+
+
+# ---------------------------------------------------------------------- recomputation
+def _position_ids(adapter, ids: torch.Tensor, mask: torch.Tensor, enc, image_indices) -> torch.Tensor | None:
+    """Position ids for a training forward over left-padded rows, as ``generate`` computed them.
+
+    HF's generate derives positions from the attention mask (``cumsum - 1`` for 1-D RoPE,
+    which a plain forward does NOT do: it counts from the first column, padding included);
+    Qwen2-VL's override returns (4, R, L) ids (text positions + M-RoPE t/h/w) from the mask,
+    ``image_grid_thw`` and ``mm_token_type_ids``. We call the same method, so the positions of
+    the recomputation are those of sampling. None where the model's forward takes no
+    ``position_ids`` (generate passes none there either).
+    """
+    model = adapter.model
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return None
+    fn = getattr(model, "_prepare_position_ids_for_generation", None)
+    if fn is None:  # not a GenerationMixin: the 1-D rule
+        return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    flat = [i for row in image_indices for i in row]
+    mm = adapter.mm_kwargs(enc, flat)
+    mm.update(adapter._extra_forward_kwargs(ids, mask, mm))
+    return fn(ids, {"attention_mask": mask, **mm})
+
+
+def _response_forward(adapter, batch: RolloutBatch, encoded, *, hidden: bool, keep: int | None = None):
+    """Forward over prompt + response. Callers read the T + 1 last positions (the first T
+    predict the response tokens; counted from the end, so families that prepend query tokens
+    to the text, like InstructBLIP, line up too); logits are built for ``keep`` positions
+    (default T + 1)."""
+    ids, mask = batch.input_ids, batch.attention_mask
+    T = batch.response_ids.shape[1]
+    kw = {}
+    pos = _position_ids(adapter, ids, mask, encoded, batch.image_indices)
+    if pos is not None:
+        kw["position_ids"] = pos
+    if hidden:
+        kw["output_hidden_states"] = True
+    return adapter.forward(ids, mask, encoded=encoded, image_indices=batch.image_indices, use_cache=False,
+                           logits_to_keep=T + 1 if keep is None else keep, **kw)
+
+
+def sequence_logprobs(adapter, batch: RolloutBatch, encoded=None, with_grad: bool = False, *,
+                      temperature: float | None = None, return_hidden: bool = False):
+    """Per-token log-probs (R, T) of the batch's response tokens under ``adapter``'s model.
+
+    A training-style forward over ``batch.input_ids`` (left-padded prompt + right-padded
+    response) with position ids taken from the attention mask exactly as at sampling time.
+    ``log_softmax(logits / temperature)`` (default ``batch.temperature``, as for
+    ``batch.logprobs``), 0 where ``response_mask`` is off. ``encoded``: features to use (e.g.
+    ``batch.encoded`` when the vision tower and projector are frozen); None encodes the batch's
+    unique images once with this adapter (under grad when ``with_grad``). ``return_hidden``:
+    also return the final hidden states (R, T, H) at the positions that predict each response
+    token (the input of a value head).
+    """
+    from ..methods.logps import _token_logps
+    from ..models.scalar_head import final_hidden_state
+    t = batch.temperature if temperature is None else float(temperature)
+    if t <= 0:
+        raise RolloutError(f"temperature for log-probs must be > 0, got {t}")
+    ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
+    with ctx:
+        enc = batch.encode(adapter) if encoded is None else encoded
+        out = _response_forward(adapter, batch, enc, hidden=return_hidden)
+        logits = out.logits[:, :-1]                                         # (R, T, V)
+        if t != 1.0:
+            logits = logits / t
+        lp = _token_logps(logits, batch.response_ids).masked_fill(~batch.response_mask, 0.0)
+        if not return_hidden:
+            return lp
+        h = final_hidden_state(out)                                         # (R, L, H)
+        T = batch.response_ids.shape[1]
+        return lp, h[:, -(T + 1):-1]
+
+
+def sequence_values(value_model, batch: RolloutBatch, encoded=None, with_grad: bool = False) -> torch.Tensor:
+    """Per-token values (R, T) of a :class:`~vlmalign.models.ScalarModel` (kind "value") at the
+    positions that predict each response token: ``values[r, j]`` is V(prompt + response[:j]),
+    the state before response token j. 0 where ``response_mask`` is off."""
+    adapter = value_model.adapter
+    ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
+    with ctx:
+        enc = batch.encode(adapter) if encoded is None else encoded
+        out = _response_forward(adapter, batch, enc, hidden=False, keep=1)   # values need no logits
+        T = batch.response_ids.shape[1]
+        return out.values[:, -(T + 1):-1].masked_fill(~batch.response_mask, 0.0)
+
+
+# ---------------------------------------------------------------------- vLLM (optional)
+def require_vllm():
+    """The ``vllm`` module, or a RolloutError naming what is missing (the package, CUDA)."""
+    missing = []
+    try:
+        import vllm
+    except ImportError:
+        vllm = None
+        missing.append("the vllm package (pip install vllm; vlmalign does not depend on it)")
+    if not torch.cuda.is_available():
+        missing.append("a CUDA device (torch.cuda.is_available() is False)")
+    if missing:
+        raise RolloutError("rollout backend 'vllm' needs " + " and ".join(missing) +
+                           "; the default backend 'hf' runs anywhere")
+    return vllm
+
+
+def _vllm_rollout(adapter, records, loader, cfg, k, *, seed, engine, max_prompt_length) -> RolloutBatch:
+    """Sample with ``engine`` (a ``vllm.LLM`` holding the CURRENT policy weights: vlmalign does
+    not copy weights into vLLM, so a trainer reloads or syncs them itself).
+
+    Prompts go to vLLM as the rendered chat template plus PIL images; the prompt ids vLLM
+    reports must equal ours (else RolloutError), so the batch is scored on exactly what was
+    sampled. ``logprobs`` are recomputed with ``adapter`` (:func:`sequence_logprobs`, one no-grad
+    forward) so they mean the same as with the HF backend; ``sampling_logprobs`` are the ones
+    vLLM returns (what they are depends on the engine's ``logprobs_mode``: the default
+    ``raw_logprobs`` is before temperature and filtering, ``processed_logprobs`` after). Where
+    vLLM leaves a stop token out of its output (``stop_reason`` holds its id), it is appended,
+    with its recomputed log-prob as its sampling log-prob.
+    """
+    vllm = require_vllm()
+    if engine is None:
+        raise RolloutError("rollout backend 'vllm' needs vllm_engine=vllm.LLM(model=<directory of the current "
+                           "policy weights>, ...)")
+    stops = adapter.stop_token_ids()
+    tok = adapter.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    greedy = not (cfg.temperature and cfg.temperature > 0)
+    prompts, ours, items = [], [], []
+    for i, rec in enumerate(records):
+        msgs = _prompt_of(rec, i)
+        refs = [img for m in msgs for img in m.images]
+        try:
+            imgs = [loader.inputs(r) for r in refs]
+            t = adapter.tokenize_prompt(msgs, imgs, max_length=max_prompt_length)
+            pil = [loader.pil(r) for r in refs]
+        except DataError as e:
+            raise _located(e, rec, i) from None
+        req = {"prompt": adapter.render(msgs, add_generation_prompt=True)}
+        if pil:
+            req["multi_modal_data"] = {"image": pil if len(pil) > 1 else pil[0]}
+        prompts.append(req)
+        ours.append(list(t.input_ids))
+        items.extend(Example(rows={"input_ids": t.input_ids}, images=refs,
+                             image_prompts=image_prompts(msgs, adapter), record=rec) for _ in range(k))
+    params = vllm.SamplingParams(n=k, temperature=0.0 if greedy else float(cfg.temperature),
+                                 top_p=float(cfg.top_p), top_k=int(cfg.top_k) if cfg.top_k else -1,
+                                 max_tokens=int(cfg.max_new_tokens), stop_token_ids=list(stops), logprobs=0,
+                                 seed=int(seed))
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    rows, slps = [], []
+    for i, out in enumerate(outs):
+        if list(out.prompt_token_ids) != ours[i]:
+            raise RolloutError(f"{_where(records[i], i)}: vLLM tokenized the prompt differently from {adapter.family}'s "
+                               f"adapter ({len(out.prompt_token_ids)} vs {len(ours[i])} ids); its samples could not "
+                               "be scored on the same sequence")
+        if len(out.outputs) != k:
+            raise RolloutError(f"vLLM returned {len(out.outputs)} samples for prompt {i}, expected {k}")
+        for o in out.outputs:
+            ids = list(o.token_ids)
+            lps = [float(o.logprobs[j][t].logprob) if o.logprobs else float("nan") for j, t in enumerate(ids)]
+            if (o.finish_reason == "stop" and (not ids or ids[-1] not in stops)
+                    and isinstance(getattr(o, "stop_reason", None), int)):
+                ids.append(int(o.stop_reason))
+                lps.append(float("nan"))  # filled from the recomputation below
+            if not ids:
+                raise RolloutError(f"vLLM returned an empty response for prompt {i}")
+            rows.append(ids)
+            slps.append(lps)
+    dev = adapter.device
+    uniq, per_row, uprompts = unique_images(items, loader)
+    seq = pad(rows, pad_id).to(dev)
+    rmask, finished = response_stop_mask(seq, stops)
+    lengths = [len(r) for r in rows]
+    within = torch.arange(seq.shape[1], device=dev).unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1)
+    rmask = rmask & within
+    slp = torch.zeros(seq.shape, dtype=torch.float32)
+    for r, lp in enumerate(slps):
+        slp[r, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    slp = slp.to(dev)
+    R = len(rows)
+    fin = finished.tolist()
+    texts = [s.strip() for s in tok.batch_decode(
+        [rows[r][:int(rmask[r].sum()) - (1 if fin[r] else 0)] for r in range(R)], skip_special_tokens=True)]
+    ids_l = [ours[r // k] for r in range(R)]
+    batch = RolloutBatch(
+        records=list(records), k=k, prompt_ids=pad(ids_l, pad_id, side="left").to(dev),
+        prompt_mask=pad([[1] * len(x) for x in ids_l], 0, side="left").to(dev),
+        response_ids=seq.masked_fill(~rmask, pad_id), response_mask=rmask,
+        logprobs=torch.zeros(seq.shape, dtype=torch.float32, device=dev), sampling_logprobs=slp,
+        finished=finished, group_ids=torch.arange(len(records), device=dev).repeat_interleave(k), texts=texts,
+        images=uniq, image_prompts=uprompts, image_indices=per_row, encoded=None,
+        temperature=1.0 if greedy else float(cfg.temperature), config=cfg, seed=int(seed), pad_token_id=pad_id)
+    with torch.no_grad():
+        model = adapter.model
+        was_training = model.training
+        model.eval()
+        try:
+            batch.encoded = batch.encode(adapter)
+            batch.logprobs = sequence_logprobs(adapter, batch, encoded=batch.encoded)
+        finally:
+            if was_training:
+                model.train()
+    missing = torch.isnan(batch.sampling_logprobs)
+    batch.sampling_logprobs = torch.where(missing, batch.logprobs, batch.sampling_logprobs).masked_fill(~rmask, 0.0)
+    return batch
