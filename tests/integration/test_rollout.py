@@ -164,6 +164,13 @@ def test_left_padding_gives_the_tokens_of_the_prompt_alone(fam, data):
     assert torch.equal(both.response_ids[0, :n], alone.response_ids[0, :n])
     assert int(both.response_lengths[0]) == n
     assert (both.logprobs[0, :n] - alone.logprobs[0, :n]).abs().max().item() < 1e-4
+    # one generate call per prompt (each padded on its own) merges into the same batch
+    chunked = rollout(ad, [recs[0], _long_prompt(recs)], loader, GREEDY, k=1, seed=0, batch_size=1)
+    assert torch.equal(chunked.prompt_ids, both.prompt_ids) and torch.equal(chunked.prompt_mask, both.prompt_mask)
+    T = int(chunked.response_lengths.max())
+    assert torch.equal(chunked.response_ids[:, :T], both.response_ids[:, :T])
+    assert torch.equal(chunked.response_mask, both.response_mask[:, :chunked.response_mask.shape[1]])
+    assert _masked_close(chunked.logprobs, both.logprobs[:, :chunked.logprobs.shape[1]], chunked.response_mask, 1e-4)
 
 
 # ---------------------------------------------------------------------- log-prob recomputation

@@ -347,8 +347,9 @@ def rollout(adapter, records: Sequence, loader: ImageLoader, cfg: SamplingConfig
             model.train()
 
     R = len(items)
-    prompt_ids = pad([list(p[0][r]) for p in parts for r in range(p[0].shape[0])], pad_id, side="left")
-    prompt_mask = pad([list(p[1][r]) for p in parts for r in range(p[1].shape[0])], 0, side="left")
+    prompts = [it.rows["input_ids"] for it in items]          # chunks may differ in padded width
+    prompt_ids = pad(prompts, pad_id, side="left")
+    prompt_mask = pad([[1] * len(x) for x in prompts], 0, side="left")
     T = max(p[2].shape[1] for p in parts)
 
     def _right(j, value, dtype):
