@@ -10,7 +10,8 @@ import sys
 from ..errors import VlmalignError
 
 # module name under vlmalign.cli -> registers one or more top-level commands
-COMMAND_MODULES = ("data", "models", "train", "generate", "chat", "export", "quickstart", "score")
+COMMAND_MODULES = ("data", "models", "train", "generate", "chat", "export", "quickstart", "score",
+                   "generate_preferences")
 
 
 def build_parser() -> argparse.ArgumentParser:
