@@ -35,8 +35,8 @@ class DataError(VlmalignError):
 
     def located(self, *, file: str | None = None, index: int | None = None,
                 field: str | None = None) -> "DataError":
-        """A copy with missing location parts filled in (existing ones win)."""
-        return DataError(self.reason, file=self.file if self.file is not None else file,
+        """A copy of the same class with missing location parts filled in (existing ones win)."""
+        return type(self)(self.reason, file=self.file if self.file is not None else file,
                          index=self.index if self.index is not None else index,
                          field=self.field if self.field is not None else field)
 
