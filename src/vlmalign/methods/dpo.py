@@ -1,5 +1,6 @@
 """The DPO family on vision-language models: DPO (sigmoid), cDPO, IPO, hinge, SimPO, ORPO,
-token-weighted DPO (RLHF-V's dense DPO) and mDPO.
+token-weighted DPO (RLHF-V's dense DPO), mDPO, and listwise DPO on ranked lists
+(``methods/listwise.py``; KTO, which shares ``fit``, is ``methods/kto.py``).
 
 Per micro-batch: the batch's unique images are encoded once and serve chosen, rejected and the
 reference (when the vision tower and projector are frozen and the same in both); each prompt
@@ -30,13 +31,14 @@ from .common import build_adapter, configure_trainable, load_examples, seed_ever
 from .logps import Reference, completion_logps, prefix_sharing_problem
 
 log = logging.getLogger(__name__)
-LOSSES = ("sigmoid", "ipo", "hinge", "cdpo", "simpo", "orpo", "token_weighted", "mdpo")
+LOSSES = ("sigmoid", "ipo", "hinge", "cdpo", "simpo", "orpo", "token_weighted", "mdpo", "listwise")
 
 
 @dataclass
 class DPOSection:
     loss: str = opt("sigmoid", "sigmoid (DPO), cdpo (DPO with label_smoothing), ipo, hinge, simpo, orpo, "
-                               "token_weighted (RLHF-V dense DPO), mdpo (conditional, corrupted image)", LOSSES)
+                               "token_weighted (RLHF-V dense DPO), mdpo (conditional, corrupted image), "
+                               "listwise (Plackett-Luce DPO on ranked lists)", LOSSES)
     beta: float = opt(0.1, "inverse temperature (IPO: the regularisation tau; SimPO's paper uses 2.0)")
     label_smoothing: float = opt(0.0, "cDPO: probability that a label is flipped (sigmoid/cdpo/token_weighted)")
     ipo_average: bool = opt(True, "IPO on log-ratios averaged over completion tokens (TRL, the IPO authors); "
@@ -112,9 +114,14 @@ class DPOMethod:
     ``ref_values`` holds precomputed values: name -> (N,) tensor indexed by example position).
     """
 
+    batch_kind = "pairs"   # ListwiseMethod (methods/listwise.py): "ranked"
+
     def __init__(self, adapter, cfg, ref: Reference | None = None, ref_values: dict | None = None):
         cfg = getattr(cfg, "dpo", cfg)  # a DPOConfig or its dpo section
         _validate(cfg)
+        if (cfg.loss == "listwise") != (self.batch_kind == "ranked"):
+            raise VlmalignError("dpo.loss=listwise is computed by methods.listwise.ListwiseMethod on ranked lists, "
+                                "the other losses by DPOMethod on pairs")
         self.adapter = adapter
         self.cfg = cfg
         self.ref = ref
@@ -218,10 +225,16 @@ def same_encoder(policy, ref, model_cfg, lora_cfg) -> bool:
     return True
 
 
+def method_section(cfg):
+    """The method's section of a config of this family: ``cfg.dpo`` (DPOConfig) or ``cfg.kto``."""
+    return cfg.dpo if hasattr(cfg, "dpo") else cfg.kto
+
+
 def build_reference(cfg: DPOConfig, adapter, peft_model, copy_ref=None):
-    """(Reference or None, separate reference adapter or None) for the config: the LoRA-disabled
-    policy, ``copy_ref`` (a copy of the starting policy taken before training), or ``ref.path``."""
-    if cfg.dpo.loss in REFERENCE_FREE_LOSSES:
+    """(Reference or None, separate reference adapter or None) for the config (a DPOConfig or a
+    KTOConfig): the LoRA-disabled policy, ``copy_ref`` (a copy of the starting policy taken
+    before training), or ``ref.path``."""
+    if getattr(method_section(cfg), "loss", None) in REFERENCE_FREE_LOSSES:
         return None, None
     if copy_ref is not None:
         return _frozen(copy_ref, cfg, adapter), copy_ref
@@ -244,7 +257,7 @@ def build_reference(cfg: DPOConfig, adapter, peft_model, copy_ref=None):
 def _frozen(ref_ad, cfg, adapter) -> Reference:
     ref_ad.model.eval()
     ref_ad.model.requires_grad_(False)
-    if cfg.dpo.disable_dropout:
+    if method_section(cfg).disable_dropout:
         disable_dropout(ref_ad.model)
     return Reference(ref_ad, share_features=same_encoder(adapter, ref_ad, cfg.model, cfg.lora), kind="model")
 
@@ -290,20 +303,41 @@ def make_evaluator(method_for_eval, examples, collate, batch_size):
 
 def train_dpo(cfg: DPOConfig, adapter=None) -> tuple[TrainResult, object]:
     """Train with the configured preference loss. Returns the result and the trained adapter."""
-    from . import ref_cache
     d = cfg.dpo
     _validate(d)
     seed_everything(cfg.train.seed)
     if not cfg.data.train_file:
         raise VlmalignError("data.train_file is required")
     adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
+    if d.loss == "listwise":  # ranked lists (methods/listwise.py)
+        from .listwise import ListwiseMethod, load_listwise
+        examples, collate, eval_examples, ecollate, parts = load_listwise(cfg, adapter)
+        return fit(cfg, adapter, ListwiseMethod, examples, collate, eval_examples, ecollate, cache_parts=parts)
     corruption = corruption_of(d, cfg.train.seed)
     examples, loader = load_pairs(cfg.data.train_file, cfg, adapter, corruption, cfg.data.max_train_samples)
     eval_examples, eval_loader = ([], None)
     if cfg.data.eval_file:
         eval_examples, eval_loader = load_pairs(cfg.data.eval_file, cfg, adapter, corruption,
                                                cfg.data.max_eval_samples)
-    needs_ref = d.loss not in REFERENCE_FREE_LOSSES
+    pad_id = adapter.tokenizer.pad_token_id
+    collate = PreferenceCollator(loader, pad_id, corruption)
+    ecollate = PreferenceCollator(eval_loader, pad_id, corruption) if eval_examples else None
+    parts = {"rows": list(ROWS + ((CORRUPT_ROW,) if corruption else ())),
+             "token_weights": [d.token_weight_gamma, d.token_weight_normalize] if d.loss == "token_weighted" else None,
+             "corruption": corruption.key() if corruption else None}
+    return fit(cfg, adapter, DPOMethod, examples, collate, eval_examples, ecollate,
+               needs_ref=d.loss not in REFERENCE_FREE_LOSSES, cache_parts=parts)
+
+
+def fit(cfg, adapter, method_cls, examples, collate, eval_examples=(), ecollate=None, *, needs_ref: bool = True,
+        cache_parts: dict | None = None, trainer_cls=Trainer, finish_eval=None) -> tuple[TrainResult, object]:
+    """The run every reference-based method of this family shares once its data is tokenized
+    (DPO losses, listwise DPO, KTO): trainable parts, the reference (``build_reference``), the
+    trainer, and with ``precompute_ref_logps`` the cached reference values (``cache_parts``: what
+    the loss's quantities depend on, part of the cache key). ``method_cls(adapter, section,
+    ref=)`` is the step function; ``finish_eval`` post-processes evaluation means."""
+    from . import ref_cache
+    d = method_section(cfg)
     copy_ref = None
     if needs_ref and not cfg.ref.path and not cfg.lora.enabled:
         copy_ref = type(adapter)(copy.deepcopy(adapter.model), adapter.processor)  # frozen starting policy
@@ -323,21 +357,22 @@ def train_dpo(cfg: DPOConfig, adapter=None) -> tuple[TrainResult, object]:
     model = configure_trainable(adapter, cfg.model, cfg.lora)
     if d.disable_dropout:
         disable_dropout(model)
-    reference, ref_ad = build_reference(cfg, adapter, model, copy_ref)
+    reference, ref_ad = build_reference(cfg, adapter, model, copy_ref) if needs_ref else (None, None)
     if reference is not None:
         print(reference.describe())
-    why = prefix_sharing_problem(adapter) if d.prefix_sharing else "dpo.prefix_sharing=false"
+    why = prefix_sharing_problem(adapter) if d.prefix_sharing else \
+        ("dpo" if hasattr(cfg, "dpo") else "kto") + ".prefix_sharing=false"
     print("prefix sharing: " + ("on" if why is None else f"off ({why})"))
-    method = DPOMethod(adapter, d, ref=reference)
-    pad_id = adapter.tokenizer.pad_token_id
-    collate = PreferenceCollator(loader, pad_id, corruption)
-    ecollate = PreferenceCollator(eval_loader, pad_id, corruption) if eval_examples else None
-    eval_method = DPOMethod(adapter, d, ref=reference) if eval_examples else None
-    trainer = Trainer(method=method, model=model, processor=adapter.processor, examples=examples,
-                      collate=collate, train_cfg=cfg.train, optim_cfg=cfg.optim, config=cfg,
-                      evaluate=make_evaluator(eval_method, eval_examples, ecollate, cfg.train.batch_size)
-                      if eval_examples else None,
-                      adapters=[adapter], projector_names=projector, vision_names=vision)
+    method = method_cls(adapter, d, ref=reference)
+    eval_method = method_cls(adapter, d, ref=reference) if eval_examples else None
+    evaluate = None
+    if eval_examples:
+        evaluate = make_evaluator(eval_method, eval_examples, ecollate, cfg.train.batch_size)
+        if finish_eval is not None:
+            evaluate = (lambda ev: lambda step: finish_eval(ev(step)))(evaluate)
+    trainer = trainer_cls(method=method, model=model, processor=adapter.processor, examples=examples,
+                          collate=collate, train_cfg=cfg.train, optim_cfg=cfg.optim, config=cfg, evaluate=evaluate,
+                          adapters=[adapter], projector_names=projector, vision_names=vision)
     if ref_ad is not None:
         ref_ad.model.to(trainer.acc.device)
     if needs_ref and d.precompute_ref_logps:
@@ -347,7 +382,7 @@ def train_dpo(cfg: DPOConfig, adapter=None) -> tuple[TrainResult, object]:
                                (eval_method, eval_examples, ecollate, cfg.data.eval_file)):
             if m is None:
                 continue
-            m.ref_values = _precomputed(cfg, m, exs, col, f, fp, adapter, trainer, plain)
+            m.ref_values = _precomputed(cfg, m, exs, col, f, fp, adapter, trainer, plain, cache_parts)
         for m in (method, eval_method):
             if m is not None:
                 m.ref = None
@@ -355,21 +390,18 @@ def train_dpo(cfg: DPOConfig, adapter=None) -> tuple[TrainResult, object]:
     return trainer.train(), adapter
 
 
-def _precomputed(cfg, method, examples, collate, data_file, ref_fp, adapter, trainer, plain):
+def _precomputed(cfg, method, examples, collate, data_file, ref_fp, adapter, trainer, plain, loss_parts):
     """The reference values of ``examples``: loaded from the cache, or computed once and stored."""
     from . import ref_cache
     from .common import data_root
-    d = cfg.dpo
+    d = method_section(cfg)
     ref_model = method.ref.adapter.model
     parts = ref_cache.key_parts(
         data_file=data_file, data_cfg=cfg.data, image_root=data_root(cfg.data, data_file), examples=examples,
         adapter=adapter,
         reference={"weights": ref_fp, "kind": method.ref.kind, "dtype": str(next(ref_model.parameters()).dtype),
                    "precision": trainer.acc.mixed_precision},
-        loss={"rows": list(ROWS + ((CORRUPT_ROW,) if collate.corruption else ())),
-              "token_weights": [d.token_weight_gamma, d.token_weight_normalize]
-              if d.loss == "token_weighted" else None,
-              "corruption": collate.corruption.key() if collate.corruption else None})
+        loss=loss_parts)
     cache = ref_cache.RefLogpsCache(d.ref_cache_dir or ref_cache.default_cache_dir(), parts)
 
     def compute():
