@@ -4,16 +4,24 @@ Stages (each row of ``report.json``):
 
 * ``base``     -- the untrained model, measured on held-out data;
 * ``pretrain`` -- projector-only training on captions (LLaVA stage 1), measured again;
-* ``sft``      -- full fine-tuning on VQA conversations, measured on held-out data.
+* ``sft``      -- full fine-tuning on VQA conversations, measured on held-out data;
+* ``rm``       -- a reward model (scalar head on a copy of the SFT model) trained on ShapesWorld
+  preferences, measured by held-out pairwise accuracy;
+* ``dpo``      -- DPO of the SFT model on ShapesWorld hallucination pairs (the SFT model is the
+  reference), measured by held-out preference accuracy and again by VQA and POPE.
 
 Metrics per stage: ``vqa_accuracy`` (exact match after normalisation) and its split per question
 type, the POPE-style ``pope_accuracy``, ``pope_f1``, ``pope_precision``, ``pope_recall`` and
 ``pope_yes_ratio`` (existence questions about present and absent objects), and for training
-stages ``train_loss`` (last logged value) and ``steps``.
+stages ``train_loss`` (last logged value) and ``steps``. The ``rm`` stage reports ``rm_accuracy``,
+``rm_margin`` and ``rm_loss`` instead of VQA metrics (it does not generate); the ``dpo`` stage
+adds ``dpo_accuracy``, ``dpo_margin``, ``dpo_chosen_reward``, ``dpo_rejected_reward`` and
+``dpo_loss``. Any training stage can be skipped with ``<stage>_steps=0``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import replace
@@ -34,7 +42,22 @@ from .models import adapter_for, build_tiny
 DATA = ShapesConfig(seed=0, train_images=6000, eval_images=100)
 PRETRAIN_STEPS = 50
 SFT_STEPS = 2000
-TINY: dict[str, dict] = {}  # per-family overrides of the tiny builder's defaults
+# Per-family overrides of the tiny builder's defaults. A width-64 LM initialised at std 1/sqrt(64)
+# instead of transformers' 0.02 learned ShapesWorld VQA faster (learnability sweep, 1200 steps:
+# 0.666 against about 0.55 held-out).
+TINY: dict[str, dict] = {"llava": {"init_std": 0.125}}
+
+# The preference stages (rm, dpo) start from the SFT model; settings chosen by measurement
+# (docs/PREFERENCE.md, docs/REWARD.md).
+PREF_BATCH = 16
+RM_STEPS = 150
+RM_LISTS = True     # ranked caption lists rather than the hallucination pairs
+RM_LORA = False
+RM_LR = 1e-3
+DPO_STEPS = 150
+DPO_LORA = False
+DPO_LR = 1e-4
+DPO_BETA = 0.1
 
 
 def _measure(adapter, data_dir: Path, vqa, pope) -> dict:
@@ -62,9 +85,85 @@ def _stage_cfg(base: SFTConfig, out: Path, name: str, train_file: Path, steps: i
     return cfg
 
 
+def _pref_cfg(cfg, out: Path, name: str, train_file: Path, eval_file: Path, steps: int, seed: int, lr: float,
+              batch_size: int):
+    """Settings shared by the rm and dpo stages (RMConfig / DPOConfig share these sections)."""
+    cfg.data.train_file = str(train_file)
+    cfg.data.eval_file = str(eval_file)
+    cfg.data.max_length = 256
+    # one pass over the first steps x batch records: reading, tokenizing (and for DPO the
+    # reference pass over) all 6,000 images' preferences would cost more than the training
+    cfg.data.max_train_samples = steps * batch_size
+    cfg.train.output_dir = str(out / name)
+    cfg.train.max_steps = steps
+    cfg.train.batch_size = batch_size
+    cfg.train.seed = seed
+    cfg.train.log_every = 5
+    cfg.train.eval_every = max(steps // 5, 1)
+    cfg.train.keep_last = 1
+    cfg.optim.lr = lr
+    cfg.optim.warmup_ratio = 0.1
+    cfg.optim.weight_decay = 0.0
+    return cfg
+
+
+def rm_stage_config(out: Path, data_dir: Path, steps: int, seed: int, *, lists: bool = RM_LISTS,
+                    lora: bool = RM_LORA, lr: float = RM_LR, batch_size: int = PREF_BATCH):
+    """The reward-model stage: ranked caption lists (``lists``) or the hallucination pairs,
+    held-out accuracy on ``dpo_eval.json`` (the pairs the dpo stage is measured on)."""
+    from .methods.rm import RMConfig
+    train = data_dir / ("ranked_train.json" if lists else "dpo_train.json")
+    cfg = _pref_cfg(RMConfig(), out, "rm", train, data_dir / "dpo_eval.json", steps, seed, lr, batch_size)
+    cfg.model.train_vision = False   # frozen in SFT too
+    cfg.model.train_projector = not lora
+    cfg.model.train_language = True
+    cfg.lora.enabled = lora
+    return cfg
+
+
+def dpo_stage_config(out: Path, data_dir: Path, steps: int, seed: int, *, lora: bool = DPO_LORA,
+                     lr: float = DPO_LR, beta: float = DPO_BETA, batch_size: int = PREF_BATCH):
+    """The DPO stage: ``dpo_train.json`` (a wrong colour / shape / position / count, in a short
+    answer or a caption), the starting model as the reference, its log-probs computed once."""
+    from .methods.dpo import dpo_config
+    cfg = _pref_cfg(dpo_config(), out, "dpo", data_dir / "dpo_train.json", data_dir / "dpo_eval.json", steps,
+                    seed, lr, batch_size)
+    cfg.lora.enabled = lora
+    cfg.dpo.beta = beta
+    cfg.dpo.precompute_ref_logps = True
+    cfg.dpo.ref_cache_dir = str(out / "ref_cache")
+    return cfg
+
+
+def train_rm_stage(adapter, cfg) -> tuple[dict, object]:
+    """Train a reward model on a COPY of ``adapter``'s model (the policy stays as it is)."""
+    from .methods.rm import train_rm
+    rm_adapter = type(adapter)(copy.deepcopy(adapter.model), adapter.processor)
+    result, rm = train_rm(cfg, adapter=rm_adapter)
+    r = result.metrics
+    m = {"rm_accuracy": r["eval/accuracy"], "rm_margin": r["eval/margin"], "rm_loss": r["eval/loss"],
+         "train_loss": r.get("loss"), "steps": result.step}
+    return m, rm
+
+
+def train_dpo_stage(adapter, cfg) -> tuple[dict, object]:
+    """DPO on ``adapter`` (trained in place; the reference is its state before training)."""
+    from .methods.dpo import train_dpo
+    result, adapter = train_dpo(cfg, adapter=adapter)
+    r = result.metrics
+    m = {"dpo_accuracy": r["eval/accuracy"], "dpo_margin": r["eval/margin"],
+         "dpo_chosen_reward": r["eval/chosen_reward"], "dpo_rejected_reward": r["eval/rejected_reward"],
+         "dpo_loss": r["eval/loss"], "train_loss": r.get("loss"), "steps": result.step}
+    return m, adapter
+
+
 def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava", seed: int = 0,
                    pretrain_steps: int = PRETRAIN_STEPS, sft_steps: int = SFT_STEPS,
-                   data: ShapesConfig = DATA, quiet: bool = False) -> dict:
+                   data: ShapesConfig = DATA, quiet: bool = False, rm_steps: int = RM_STEPS,
+                   dpo_steps: int = DPO_STEPS) -> dict:
+    """Run the stages and write ``report.json`` / ``report.md`` under ``out``. A training stage
+    with ``<stage>_steps=0`` is skipped; later stages start from the model the earlier ones left
+    (rm and dpo from the SFT model when it ran)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
@@ -106,6 +205,31 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
                        "run_dir": cfg.train.output_dir})
         say(f"[quickstart] {name}: vqa_accuracy={m['vqa_accuracy']:.3f} ({time.time() - t:.0f}s)")
 
+    if rm_steps > 0:
+        cfg = rm_stage_config(out, data_dir, rm_steps, seed)
+        cfg.train.progress = not quiet
+        say(f"[quickstart] rm: {rm_steps} steps on {Path(cfg.data.train_file).name}")
+        t = time.time()
+        m, rm = train_rm_stage(adapter, cfg)
+        del rm  # a copy: the policy the next stage trains is unchanged
+        stages.append({"name": "rm", "metrics": m, "seconds": time.time() - t, "train_seconds": time.time() - t,
+                       "run_dir": cfg.train.output_dir})
+        say(f"[quickstart] rm: rm_accuracy={m['rm_accuracy']:.3f} ({time.time() - t:.0f}s)")
+
+    if dpo_steps > 0:
+        cfg = dpo_stage_config(out, data_dir, dpo_steps, seed)
+        cfg.train.progress = not quiet
+        say(f"[quickstart] dpo: {dpo_steps} steps on {Path(cfg.data.train_file).name}")
+        t = time.time()
+        pm, adapter = train_dpo_stage(adapter, cfg)
+        train_s = time.time() - t
+        m = _measure(adapter, data_dir, vqa, pope)
+        m.update(pm)
+        stages.append({"name": "dpo", "metrics": m, "seconds": time.time() - t, "train_seconds": train_s,
+                       "run_dir": cfg.train.output_dir})
+        say(f"[quickstart] dpo: dpo_accuracy={m['dpo_accuracy']:.3f} vqa_accuracy={m['vqa_accuracy']:.3f} "
+            f"({time.time() - t:.0f}s)")
+
     report = {"family": family, "seed": seed, "data": str(data_dir), "stages": stages,
               "total_seconds": time.time() - t_all}
     write_json(out / "report.json", report)
@@ -128,7 +252,47 @@ def render_table(report: dict) -> str:
             v = s["metrics"].get(k)
             cells.append(f"{v:>16.3f}" if isinstance(v, (int, float)) and v is not None else f"{'-':>16}")
         lines.append(f"{s['name']:<10}" + "".join(cells) + f"{s['seconds']:>10.1f}")
+    pref = [s for s in report["stages"] if _pref_prefix(s)]
+    if pref:
+        lines += ["", "held-out preference pairs (dpo_eval.json)",
+                  f"{'stage':<10}" + "".join(f"{k:>16}" for k in PREF_METRICS)]
+        lines.append("-" * len(lines[-1]))
+        for s in pref:
+            pre = _pref_prefix(s)
+            cells = [s["metrics"].get(pre + k) for k in PREF_METRICS]
+            lines.append(f"{s['name']:<10}" + "".join(f"{v:>16.3f}" if isinstance(v, (int, float)) else f"{'-':>16}"
+                                                      for v in cells))
     return "\n".join(lines)
+
+
+PREF_METRICS = ("accuracy", "margin", "chosen_reward", "rejected_reward", "loss")
+CHANGE_METRICS = ("vqa_accuracy", "pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio")
+
+
+def _pref_prefix(stage: dict) -> str | None:
+    """``rm_`` / ``dpo_`` for the stages measured on preference pairs, else None."""
+    for pre in ("rm_", "dpo_"):
+        if pre + "accuracy" in stage["metrics"]:
+            return pre
+    return None
+
+
+def _dpo_changes(report: dict) -> list[str]:
+    """Markdown rows: each VQA/POPE metric before DPO (the last stage measured on them) and after."""
+    st = report["stages"]
+    i = next((k for k, s in enumerate(st) if s["name"] == "dpo"), None)
+    before = next((s for s in reversed(st[:i]) if "vqa_accuracy" in s["metrics"]), None) if i else None
+    if before is None:
+        return []
+    after = st[i]["metrics"]
+    rows = [f"## What DPO changed ({before['name']} -> dpo)", "", f"| metric | {before['name']} | dpo | change |",
+            "|---|---|---|---|"]
+    types = sorted(k for k in after if k.startswith("vqa_accuracy/"))
+    for k in (*CHANGE_METRICS[:1], *types, *CHANGE_METRICS[1:]):
+        a, b = before["metrics"].get(k), after.get(k)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            rows.append(f"| {k} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
+    return rows + [""]
 
 
 def render_markdown(report: dict, out: Path) -> str:
@@ -144,6 +308,7 @@ def render_markdown(report: dict, out: Path) -> str:
             lines.append(f"| {s['name']} | " + " | ".join(f"{s['metrics'].get(t, float('nan')):.3f}"
                                                          for t in types) + " |")
         lines.append("")
+    lines += _dpo_changes(report)
     for s in report["stages"]:
         png = Path(s.get("run_dir", "")) / "training.png"
         if s.get("run_dir") and png.exists():

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+from ..errors import VlmalignError
+
+# training stages that can be skipped, in run order (base is a measurement, always taken)
+STAGES = ("pretrain", "sft", "rm", "dpo")
+
 
 def register(sub) -> None:
     p = sub.add_parser("quickstart", help="run the embedded end-to-end demo offline and write a report")
     p.add_argument("--out", default="runs/quickstart", help="output directory (report.json, report.md)")
     p.add_argument("--family", default="llava", help="tiny model family to build")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--skip", default="", metavar="STAGES",
+                   help=f"comma-separated training stages to leave out ({', '.join(STAGES)}); later stages "
+                        "start from the model the earlier ones left, e.g. --skip rm,dpo stops after SFT")
     p.set_defaults(func=_run)
+
+
+def parse_skip(value: str) -> set[str]:
+    """``"rm,dpo"`` -> {"rm", "dpo"}; an unknown name is an error naming the valid ones."""
+    names = {v.strip() for v in value.split(",") if v.strip()}
+    bad = sorted(names - set(STAGES))
+    if bad:
+        raise VlmalignError(f"--skip: unknown stage(s) {', '.join(bad)}; choose from {', '.join(STAGES)}")
+    return names
 
 
 def _run(args) -> int:
     from ..quickstart import run_quickstart
-    run_quickstart(args.out, family=args.family, seed=args.seed)
+    skip = parse_skip(args.skip)
+    run_quickstart(args.out, family=args.family, seed=args.seed, **{f"{s}_steps": 0 for s in skip})
     return 0

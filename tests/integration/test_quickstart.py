@@ -1,0 +1,121 @@
+"""`vlmalign quickstart` on a few ShapesWorld images with a few steps per stage: the report has
+every stage with its documented metrics, the rm stage leaves the policy alone, --skip works."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
+from vlmalign.quickstart import dpo_stage_config, render_markdown, rm_stage_config, run_quickstart, train_rm_stage
+
+SMALL = ShapesConfig(seed=0, train_images=16, eval_images=4)
+VQA_KEYS = {"vqa_accuracy", "pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"}
+RM_KEYS = {"rm_accuracy", "rm_margin", "rm_loss", "train_loss", "steps"}
+DPO_KEYS = {"dpo_accuracy", "dpo_margin", "dpo_chosen_reward", "dpo_rejected_reward", "dpo_loss", "train_loss",
+            "steps"}
+
+
+def _finite(metrics: dict, keys) -> None:
+    for k in keys:
+        v = metrics[k]
+        assert isinstance(v, (int, float)) and math.isfinite(v), (k, v)
+
+
+def test_quickstart_report_has_the_rm_and_dpo_stages(tmp_path):
+    out = tmp_path / "qs"
+    report = run_quickstart(out, data=SMALL, pretrain_steps=1, sft_steps=2, rm_steps=2, dpo_steps=2, quiet=True)
+    on_disk = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in on_disk["stages"]] == ["base", "pretrain", "sft", "rm", "dpo"]
+    assert on_disk["stages"] == json.loads(json.dumps(report["stages"]))
+    st = {s["name"]: s for s in on_disk["stages"]}
+    for s in on_disk["stages"]:
+        assert s["seconds"] > 0
+    rm, dpo = st["rm"]["metrics"], st["dpo"]["metrics"]
+    assert RM_KEYS <= rm.keys() and not VQA_KEYS & rm.keys()   # the reward model does not answer questions
+    _finite(rm, RM_KEYS)
+    assert rm["steps"] == 2 and 0.0 <= rm["rm_accuracy"] <= 1.0
+    assert DPO_KEYS | VQA_KEYS <= dpo.keys()
+    _finite(dpo, DPO_KEYS | VQA_KEYS)
+    assert dpo["steps"] == 2 and 0.0 <= dpo["dpo_accuracy"] <= 1.0
+    # margin = chosen reward - rejected reward (means over the same held-out pairs)
+    assert dpo["dpo_margin"] == pytest.approx(dpo["dpo_chosen_reward"] - dpo["dpo_rejected_reward"], abs=1e-5)
+    # each stage wrote its run directory with metrics and curves, and report.md shows them
+    md = (out / "report.md").read_text()
+    for name in ("rm", "dpo"):
+        run = Path(st[name]["run_dir"])
+        assert run == out / name and (run / "metrics.jsonl").exists() and (run / "training.png").exists()
+        assert f"![{name}]({name}/training.png)" in md
+    assert "held-out preference pairs" in md and "What DPO changed (sft -> dpo)" in md
+    # the DPO reference is the SFT model: its log-probs were cached under the run
+    assert any((out / "ref_cache").iterdir())
+
+
+def test_a_stage_with_zero_steps_is_left_out(tmp_path):
+    report = run_quickstart(tmp_path / "qs", data=SMALL, pretrain_steps=0, sft_steps=1, rm_steps=0, dpo_steps=1,
+                            quiet=True)
+    assert [s["name"] for s in report["stages"]] == ["base", "sft", "dpo"]
+    assert not (tmp_path / "qs" / "rm").exists()
+
+
+def test_the_rm_stage_trains_a_copy_and_leaves_the_policy_alone(tmp_path):
+    from vlmalign.models import adapter_for, build_tiny
+    data = tmp_path / "data"
+    generate_shapesworld(data, SMALL)
+    adapter = adapter_for(*build_tiny("llava", seed=0))
+    before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    cfg = rm_stage_config(tmp_path, data, 2, 0)
+    cfg.train.progress = False
+    m, rm = train_rm_stage(adapter, cfg)
+    assert rm.adapter is not adapter and rm.adapter.model is not adapter.model
+    after = adapter.model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # ... while the reward model's language model did move
+    moved = [k for k, v in rm.adapter.model.state_dict().items() if "language_model" in k and k in before
+             and not torch.equal(v, before[k])]
+    assert moved
+    # the dpo stage config trains on the hallucination pairs with the starting model as reference
+    d = dpo_stage_config(tmp_path, data, 3, 0)
+    assert d.data.train_file.endswith("dpo_train.json") and d.data.eval_file.endswith("dpo_eval.json")
+    assert d.dpo.precompute_ref_logps and d.ref.path is None and d.data.max_train_samples == 3 * d.train.batch_size
+
+
+def test_markdown_shows_what_dpo_changed():
+    report = {"family": "llava", "seed": 0, "total_seconds": 1.0, "stages": [
+        {"name": "sft", "metrics": {"vqa_accuracy": 0.50, "pope_accuracy": 0.60, "pope_yes_ratio": 0.40},
+         "seconds": 1.0},
+        {"name": "rm", "metrics": {"rm_accuracy": 0.70, "rm_margin": 1.5, "rm_loss": 0.55}, "seconds": 1.0},
+        {"name": "dpo", "metrics": {"vqa_accuracy": 0.55, "pope_accuracy": 0.58, "pope_yes_ratio": 0.45,
+                                    "dpo_accuracy": 0.65, "dpo_margin": 0.3, "dpo_chosen_reward": -1.0,
+                                    "dpo_rejected_reward": -1.3, "dpo_loss": 0.6}, "seconds": 1.0}]}
+    md = render_markdown(report, Path("."))
+    # the change is dpo - sft: 0.55 - 0.50 = +0.05, 0.58 - 0.60 = -0.02, 0.45 - 0.40 = +0.05
+    assert "| vqa_accuracy | 0.500 | 0.550 | +0.050 |" in md
+    assert "| pope_accuracy | 0.600 | 0.580 | -0.020 |" in md
+    assert "| pope_yes_ratio | 0.400 | 0.450 | +0.050 |" in md
+    # the preference table: rm row has no rewards, dpo row has them all
+    lines = md.splitlines()
+    pref = lines[lines.index("held-out preference pairs (dpo_eval.json)"):]
+    assert pref[1].split() == ["stage", "accuracy", "margin", "chosen_reward", "rejected_reward", "loss"]
+    assert pref[3].split() == ["rm", "0.700", "1.500", "-", "-", "0.550"]
+    assert pref[4].split() == ["dpo", "0.650", "0.300", "-1.000", "-1.300", "0.600"]
+
+
+def test_cli_skip_maps_to_zero_steps(monkeypatch, tmp_path, capsys):
+    import vlmalign.quickstart as qs
+    from vlmalign.cli.main import main
+    seen = {}
+    monkeypatch.setattr(qs, "run_quickstart", lambda out, **kw: seen.update(out=out, **kw))
+    assert main(["quickstart", "--out", str(tmp_path), "--skip", "rm, dpo"]) == 0
+    assert seen["rm_steps"] == 0 and seen["dpo_steps"] == 0
+    assert "sft_steps" not in seen and "pretrain_steps" not in seen
+    seen.clear()
+    assert main(["quickstart", "--out", str(tmp_path)]) == 0
+    assert not any(k.endswith("_steps") for k in seen)
+    assert main(["quickstart", "--skip", "rm,ppo"]) == 2
+    assert "--skip: unknown stage(s) ppo; choose from pretrain, sft, rm, dpo" in capsys.readouterr().err
