@@ -9,12 +9,14 @@ from ..config import describe, load_config
 def _methods():
     """method -> (default-config factory, config class, runner); imported lazily."""
     from ..methods import dpo, kto, rm, sft
+    from ..methods import grpo
     return {
         "pretrain": (sft.pretrain_config, sft.SFTConfig, sft.train_sft),
         "sft": (sft.SFTConfig, sft.SFTConfig, sft.train_sft),
         "rm": (rm.RMConfig, rm.RMConfig, rm.train_rm),
         "dpo": (dpo.dpo_config, dpo.DPOConfig, dpo.train_dpo),
         "kto": (kto.kto_config, kto.KTOConfig, kto.train_kto),
+        "grpo": (grpo.grpo_config, grpo.GRPOConfig, grpo.train_grpo),
     }
 
 
@@ -23,7 +25,9 @@ METHOD_HELP = {"pretrain": "projector pretraining on captions (LLaVA stage 1)",
                "rm": "reward model: scalar head on any family, pairs or ranked lists",
                "dpo": "DPO family (sigmoid, cDPO, IPO, hinge, SimPO, ORPO, token-weighted, mDPO) on preference "
                       "pairs; listwise DPO on ranked lists",
-               "kto": "KTO on unpaired examples (prompt, completion, desirable/undesirable label)"}
+               "kto": "KTO on unpaired examples (prompt, completion, desirable/undesirable label)",
+               "grpo": "online RL without a critic: GRPO, Dr. GRPO, RLOO, REINFORCE++ (k samples per prompt, "
+                       "reward functions / reward models / VLM judges)"}
 
 
 def register(sub) -> None:

@@ -1,0 +1,242 @@
+"""Configuration sections, the shared policy objective, setup (prompts, policy, reference) and the
+held-out evaluation of the online-RL loop (:mod:`.online`)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from ..config import opt
+from ..errors import VlmalignError
+from ..losses.rl import KL_KINDS, aggregate, kl_penalty, masked_mean, policy_loss_clipped
+from ..rewards import RewardInput
+from ..rollout import SamplingConfig, rollout, sequence_logprobs
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- config sections
+@dataclass
+class RolloutSection:
+    prompts_per_step: int = opt(8, "prompts sampled per step and process")
+    k: int = opt(4, "responses sampled per prompt (the group size)")
+    temperature: float = opt(1.0, "sampling temperature (log-probs and ratios use the same temperature)")
+    top_p: float = opt(1.0, "nucleus sampling mass (1: off)")
+    top_k: int = opt(0, "sample among the k most likely tokens (0: off)")
+    max_new_tokens: int = opt(64, "response token budget (responses that reach it count as unfinished)")
+    generation_batch_size: int | None = opt(None, "prompts per generate call (default: the whole step); "
+                                                  "images are still encoded once per step")
+
+
+@dataclass
+class KLSection:
+    coef: float = opt(0.0, "weight of the KL(policy || reference) penalty (0: none)")
+    estimator: str = opt("k3", "per-token KL estimate: k1 (log-ratio), k2 (squared/2), k3 (low-variance, >= 0)",
+                         KL_KINDS)
+    placement: str = opt("loss", "loss: add coef * KL to the loss (GRPO); reward: subtract it from the "
+                                 "reward before the advantages (PPO, REINFORCE++)", ("loss", "reward"))
+    track: bool = opt(True, "compute and log the KL to the reference even when coef is 0 (keeps a reference "
+                            "and runs one no-grad reference forward per step)")
+
+
+@dataclass
+class UpdateSection:
+    epochs: int = opt(1, "passes over each rollout's rows (PPO epochs)")
+    minibatch_size: int = opt(0, "rows per optimizer step and process (0: all rows of the step's rollout); "
+                                 "train.batch_size is the rows per forward")
+    clip_eps: float = opt(0.2, "ratio clip: 1 - clip_eps .. 1 + clip_eps_high")
+    clip_eps_high: float | None = opt(None, "upper ratio clip (DAPO clip-higher; default clip_eps)")
+    old_logprobs: str = opt("auto", "ratio denominator. auto: with one optimizer step per rollout the policy's own "
+                                    "detached log-probs (ratio 1), else a no-grad forward before the updates; "
+                                    "recompute: always that forward; sampling: the log-probs recorded while "
+                                    "sampling (no forward)", ("auto", "recompute", "sampling"))
+    disable_dropout: bool = opt(True, "turn dropout off in policy and reference, so log-probs are not noise")
+
+
+def policy_objective(logprobs, data, mask, *, update: UpdateSection, kl: KLSection, agg: str, num_items,
+                     norm_len: int | None = None):
+    """The clipped policy-gradient loss plus, with ``kl.placement=loss``, ``kl.coef * KL``
+    (losses/rl.py does the arithmetic). ``data``: this micro-batch's ``advantages`` and
+    optional ``old_logprobs`` / ``ref_logprobs`` (R, T). Returns ``(loss, stats)``; stat keys
+    ending in ``loss`` add up over micro-batches, the others are token means."""
+    old = data.get("old_logprobs")
+    old = logprobs.detach() if old is None else old
+    loss, st = policy_loss_clipped(logprobs, old, data["advantages"], mask, clip_eps=update.clip_eps,
+                                   clip_eps_high=update.clip_eps_high, agg=agg, num_items=num_items,
+                                   norm_len=norm_len)
+    stats = {"policy_loss": loss.detach(), "clipfrac": st["clipfrac"], "approx_kl": st["approx_kl"],
+             "ratio_mean": st["ratio_mean"]}
+    ref = data.get("ref_logprobs")
+    if ref is not None:
+        per_token = kl_penalty(logprobs, ref, kl.estimator)
+        stats["kl"] = masked_mean(per_token.detach(), mask)
+        if kl.coef > 0 and kl.placement == "loss":
+            kl_loss = kl.coef * aggregate(per_token, mask, agg, num_items=num_items, norm_len=norm_len)
+            loss = loss + kl_loss
+            stats["kl_loss"] = kl_loss.detach()
+    return loss, stats
+
+
+def check_online_config(cfg) -> None:
+    ro, up, tc = cfg.rollout, cfg.update, cfg.train
+    for name, v, lo in (("rollout.prompts_per_step", ro.prompts_per_step, 1), ("rollout.k", ro.k, 1),
+                        ("rollout.max_new_tokens", ro.max_new_tokens, 1), ("update.epochs", up.epochs, 1),
+                        ("update.minibatch_size", up.minibatch_size, 0), ("train.batch_size", tc.batch_size, 1)):
+        if v < lo:
+            raise VlmalignError(f"{name} must be >= {lo}, got {v}")
+    if tc.grad_accum != 1:
+        raise VlmalignError("train.grad_accum does not apply to online RL: update.minibatch_size sets the rows per "
+                            "optimizer step and train.batch_size the rows per forward")
+    if up.minibatch_size > ro.prompts_per_step * ro.k:
+        raise VlmalignError(f"update.minibatch_size ({up.minibatch_size}) exceeds the rows of a rollout "
+                            f"(rollout.prompts_per_step x rollout.k = {ro.prompts_per_step * ro.k})")
+    if cfg.data.max_length <= ro.max_new_tokens:
+        raise VlmalignError(f"data.max_length ({cfg.data.max_length}) must exceed rollout.max_new_tokens "
+                            f"({ro.max_new_tokens}): prompts get the difference")
+    if not isinstance(cfg.reward, list) or not cfg.reward:
+        raise VlmalignError("reward: list at least one reward source (docs/RL.md, 'Reward sources')")
+
+
+
+# ----------------------------------------------------------------------------- setup
+def load_prompts(path: str, cfg, adapter, limit=None):
+    """RL prompts of ``path`` and their image loader. Every prompt is tokenized and its images
+    loaded once up front, so a bad record stops the run (or is skipped and counted under
+    ``data.on_error=skip``) before any step; prompts longer than ``data.max_length -
+    rollout.max_new_tokens`` are refused, never cut."""
+    from .common import load_examples
+    max_prompt = cfg.data.max_length - cfg.rollout.max_new_tokens
+
+    def tok(rec, imgs):
+        return {"input_ids": adapter.tokenize_prompt(rec.prompt, imgs, max_length=max_prompt).input_ids}
+
+    examples, loader, _ = load_examples(path, cfg.data, adapter, tok, kind="rl_prompt", limit=limit)
+    return [e.record for e in examples], loader
+
+
+def _save_tiny_base(cfg, adapter) -> None:
+    """LoRA on a tiny model built in memory: keep its base on disk so the adapter reloads."""
+    from pathlib import Path
+    base = Path(cfg.train.output_dir) / "base_model"
+    if not (base / "config.json").exists():
+        adapter.save_pretrained(str(base))
+    adapter.model.config._name_or_path = str(base.resolve())
+    adapter.model.name_or_path = str(base.resolve())
+
+
+def run_online(cfg, method, adapter=None, reward=None):
+    """Build policy, reference and data for ``cfg`` and train with ``method``. ``reward``: a
+    ready :class:`~vlmalign.rewards.CombinedReward` (or any ``inputs -> (total, parts)``
+    callable with ``stats()``) instead of the recipe's ``reward:`` list. Returns
+    ``(TrainResult, adapter)``."""
+    from .common import build_adapter, configure_trainable, seed_everything
+    from .dpo import build_reference, disable_dropout
+    from .online import OnlineTrainer
+    check_online_config(cfg)
+    seed_everything(cfg.train.seed)
+    if not cfg.data.train_file:
+        raise VlmalignError("data.train_file (RL prompts) is required")
+    adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
+    records, loader = load_prompts(cfg.data.train_file, cfg, adapter, cfg.data.max_train_samples)
+    eval_records, eval_loader = [], None
+    if cfg.data.eval_file:
+        eval_records, eval_loader = load_prompts(cfg.data.eval_file, cfg, adapter, cfg.data.max_eval_samples)
+    needs_ref = cfg.kl.coef > 0 or cfg.kl.track
+    copy_ref = None
+    if needs_ref and not cfg.ref.path and not cfg.lora.enabled:
+        copy_ref = type(adapter)(copy.deepcopy(adapter.model), adapter.processor)  # frozen starting policy
+    if cfg.lora.enabled and not cfg.model.path:
+        _save_tiny_base(cfg, adapter)
+    groups = adapter.param_groups()
+    projector = {n for n, _ in groups["projector"]}
+    vision = {n for n, _ in groups["vision"]}
+    model = configure_trainable(adapter, cfg.model, cfg.lora)
+    if cfg.update.disable_dropout:
+        disable_dropout(model)
+    reference = None
+    if needs_ref:
+        # DPO's builder: LoRA-disabled policy, the frozen copy, or ref.path (same family and vocabulary)
+        spec = SimpleNamespace(dpo=SimpleNamespace(loss="sigmoid", disable_dropout=cfg.update.disable_dropout),
+                               model=cfg.model, lora=cfg.lora, ref=cfg.ref)
+        reference, _ = build_reference(spec, adapter, model, copy_ref)
+        print(reference.describe())
+    trainer = OnlineTrainer(cfg=cfg, method=method, adapter=adapter, model=model, records=records, loader=loader,
+                            reference=reference, reward=reward, eval_records=eval_records, eval_loader=eval_loader,
+                            projector_names=projector, vision_names=vision)
+    return trainer.train(), adapter
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _kl_rows(tr, mb) -> tuple[float, int] | None:
+    """Summed exact KL(policy || reference) over the response tokens of sub-batch ``mb`` and
+    their count; one row of full-vocabulary log-probs at a time. None where the output head
+    applied to the final hidden state does not reproduce the forward's log-probs (e.g. a family
+    that rescales its logits)."""
+    ref, mask = tr.reference, mb.response_mask
+    lp, h = sequence_logprobs(tr.adapter, mb, encoded=tr.policy_features(mb), temperature=1.0, return_hidden=True)
+    with ref.context():
+        enc = mb.encoded if (ref.share_features and tr.encoder_frozen) else None
+        rlp, rh = sequence_logprobs(ref.adapter, mb, encoded=enc, temperature=1.0, return_hidden=True)
+    tol = 1e-3 if h.dtype == torch.float32 else 5e-2
+    total = 0.0
+    for r in range(mask.shape[0]):
+        m, ids = mask[r], mb.response_ids[r][mask[r]]
+        logp = torch.log_softmax(tr.head_logits(tr.adapter, h[r, m]), dim=-1)        # (n, V)
+        logq = torch.log_softmax(tr.head_logits(ref.adapter, rh[r, m]), dim=-1)
+        for full, want in ((logp, lp[r, m]), (logq, rlp[r, m])):
+            if (full.gather(-1, ids[:, None]).squeeze(-1) - want).abs().max().item() > tol:
+                log.warning("%s: the output head on the final hidden state does not reproduce the model's "
+                            "log-probs; eval/kl is not reported", tr.adapter.family)
+                return None
+        total += float(torch.nn.functional.kl_div(logq, logp, log_target=True, reduction="sum"))
+    return total, int(mask.sum())
+
+
+def evaluate(tr, step: int) -> dict:
+    """Greedy responses to the held-out prompts (main process): mean reward (total and per
+    source), response length, share finished, and the exact per-token KL(policy || reference)
+    along those responses, ``sum_v p(v) (log p(v) - log q(v))`` averaged over response tokens
+    (the distance this stage has moved from its reference)."""
+    out = {}
+    if tr.acc.is_main_process:
+        out = _evaluate(tr)
+    tr.acc.wait_for_everyone()
+    return out
+
+
+def _evaluate(tr) -> dict:
+    cfg, ad, ref = tr.cfg, tr.adapter, tr.reference
+    greedy = SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0)
+    chunk = cfg.rollout.generation_batch_size or cfg.rollout.prompts_per_step * cfg.rollout.k
+    sums: dict[str, float] = {}
+    kl_ok = ref is not None
+    n = 0
+    with tr.no_grad_pass():
+        for s in range(0, len(tr.eval_records), chunk):
+            b = rollout(ad, tr.eval_records[s:s + chunk], tr.eval_loader, greedy, 1, seed=0,
+                        max_prompt_length=tr.max_prompt_length)
+            lengths, fin = b.response_lengths.tolist(), b.finished.tolist()
+            inputs = [RewardInput.from_record(b.records[g], t, finished=bool(f), response_tokens=int(m))
+                      for g, t, f, m in zip(b.group_ids.tolist(), b.texts, fin, lengths)]
+            total, parts = tr.eval_reward(inputs)
+            n += len(inputs)
+            for key, v in (("reward", total.sum()), ("response_length", sum(lengths)), ("finished", sum(fin)),
+                           *((f"reward/{p}", v.sum()) for p, v in parts.items())):
+                sums[key] = sums.get(key, 0.0) + float(v)
+            bs = cfg.train.batch_size
+            for r0 in range(0, b.num_rows, bs) if kl_ok else ():
+                got = _kl_rows(tr, b.select(range(r0, min(b.num_rows, r0 + bs))))
+                if got is None:
+                    kl_ok = False
+                    break
+                sums["kl"] = sums.get("kl", 0.0) + got[0]
+                sums["_tokens"] = sums.get("_tokens", 0.0) + got[1]
+    tokens = sums.pop("_tokens", 0.0)
+    out = {k: v / max(n, 1) for k, v in sums.items() if k != "kl"}
+    if kl_ok and tokens:
+        out["kl"] = sums["kl"] / tokens
+    return out
