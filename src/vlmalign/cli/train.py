@@ -10,6 +10,7 @@ def _methods():
     """method -> (default-config factory, config class, runner); imported lazily."""
     from ..methods import dpo, kto, rm, sft
     from ..methods import grpo
+    from ..methods import ppo
     return {
         "pretrain": (sft.pretrain_config, sft.SFTConfig, sft.train_sft),
         "sft": (sft.SFTConfig, sft.SFTConfig, sft.train_sft),
@@ -17,6 +18,7 @@ def _methods():
         "dpo": (dpo.dpo_config, dpo.DPOConfig, dpo.train_dpo),
         "kto": (kto.kto_config, kto.KTOConfig, kto.train_kto),
         "grpo": (grpo.grpo_config, grpo.GRPOConfig, grpo.train_grpo),
+        "ppo": (ppo.ppo_config, ppo.PPOConfig, ppo.train_ppo),
     }
 
 
@@ -27,7 +29,9 @@ METHOD_HELP = {"pretrain": "projector pretraining on captions (LLaVA stage 1)",
                       "pairs; listwise DPO on ranked lists",
                "kto": "KTO on unpaired examples (prompt, completion, desirable/undesirable label)",
                "grpo": "online RL without a critic: GRPO, Dr. GRPO, RLOO, REINFORCE++ (k samples per prompt, "
-                       "reward functions / reward models / VLM judges)"}
+                       "reward functions / reward models / VLM judges)",
+               "ppo": "PPO with a critic: value model from the policy or a reward model, KL to a frozen reference, "
+                      "GAE, minibatch epochs, critic warm-up"}
 
 
 def register(sub) -> None:

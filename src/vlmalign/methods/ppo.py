@@ -1,0 +1,221 @@
+"""PPO with a critic on vision-language models (``vlmalign train ppo``).
+
+The policy samples responses to RL prompts (images encoded once per step, shared by every sample
+of a prompt, the reference and the critic when their encoders are frozen and equal); the
+recipe's reward sources score them; the frozen reference (the policy with its LoRA adapters
+disabled, a frozen copy of the starting policy, or ``ref.path``) gives per-token KL; the critic
+(:mod:`.ppo_value`: a value head on a copy of the starting policy or on a reward model) gives
+per-token values. Advantages are GAE over token rewards ``-beta * KL_t`` plus the score at the
+last token (InstructGPT, Ouyang et al. 2022; Ziegler et al. 2019), whitened; then
+``update.epochs`` passes of minibatch updates of the clipped policy loss (Schulman et al. 2017)
+and the clipped value loss. Policy and critic share no parameters and have an optimizer each
+(learning rate, weight decay and gradient clipping of their own), so one backward of the sum of
+both losses gives each its own gradient. During the first ``value.warmup_iterations`` steps
+only the critic learns.
+
+The loop (rollout, rewards, reference, minibatch epochs, checkpoints, evaluation) is
+:mod:`.online`; this module supplies its hooks. docs/RL.md ("PPO") lists settings and metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..config import opt, section
+from ..config.sections import DataSection, LoraSection, ModelSection, OptimSection, TrainSection
+from ..errors import VlmalignError
+from ..losses.rl import AGGREGATIONS, masked_mean, value_loss_clipped
+from ..rollout import sequence_values
+from .dpo import RefSection
+from .online import KLSection, RolloutSection, UpdateSection, policy_objective, run_online
+from .ppo_value import (ValueSection, build_value_model, check_value_section, critic_features, explained_variance,
+                        ppo_advantages, sequence_kl, shape_scores, shares_policy_features)
+
+
+@dataclass
+class PPOSection:
+    gamma: float = opt(1.0, "GAE discount per token")
+    lam: float = opt(0.95, "GAE lambda (1: Monte-Carlo returns minus values; 0: one-step TD)")
+    whiten_advantages: bool = opt(True, "normalise the advantages to mean 0, std 1 over each rollout's tokens")
+    loss_agg: str = opt("token_mean", "how per-token policy and value losses are averaged", AGGREGATIONS)
+    missing_eos_penalty: float = opt(0.0, "subtracted from the score of a response that hit "
+                                          "rollout.max_new_tokens without a stop token")
+    length_penalty: float = opt(0.0, "subtracted from the score per response token")
+
+
+@dataclass
+class PPOConfig:
+    model: ModelSection = section(ModelSection, "policy model to start from and which parts to train")
+    lora: LoraSection = section(LoraSection, "LoRA / QLoRA (the critic gets LoRA adapters of its own)")
+    data: DataSection = section(DataSection, "RL prompts (train_file, eval_file); max_length bounds prompt + "
+                                             "response")
+    optim: OptimSection = section(OptimSection, "optimizer and learning-rate schedule of the policy (per "
+                                                "optimizer step)")
+    train: TrainSection = section(TrainSection, "steps (one rollout each), batch_size = rows per forward, "
+                                                "precision, checkpoints, eval_every")
+    rollout: RolloutSection = section(RolloutSection, "sampling: prompts per step, k, temperature, top_p/top_k, "
+                                                      "max_new_tokens")
+    reward: list[dict] = opt([{"type": "function", "name": "exact_match", "weight": 1.0}],
+                             "reward sources, each {type: function|model|judge, weight, ...} (docs/RL.md)")
+    kl: KLSection = section(KLSection, "KL to the reference: coef, estimator, in the reward (PPO) or the loss")
+    update: UpdateSection = section(UpdateSection, "updates per rollout: epochs, minibatch size, ratio clip")
+    ppo: PPOSection = section(PPOSection, "GAE, advantage whitening, loss aggregation, score penalties")
+    value: ValueSection = section(ValueSection, "the critic: initialisation, learning rate, value clip, warm-up")
+    ref: RefSection = section(RefSection, "reference model")
+
+
+def ppo_config() -> PPOConfig:
+    """Defaults: the language model learns, vision tower and projector stay frozen (one image
+    encoding per step serves sampling, reference, critic and every update); KL 0.05 with the
+    k1 estimator folded into the reward; 4 PPO epochs per rollout; gamma 1, lambda 0.95, ratio
+    and value clip 0.2 (the PPO-for-LMs settings of Ziegler et al. 2019 / InstructGPT); a small
+    constant policy learning rate and a 10x larger critic one."""
+    cfg = PPOConfig()
+    cfg.model.train_vision = False
+    cfg.model.train_projector = False
+    cfg.kl.coef = 0.05
+    cfg.kl.estimator = "k1"
+    cfg.kl.placement = "reward"
+    cfg.update.epochs = 4
+    cfg.optim.lr = 1e-6
+    cfg.optim.schedule = "constant"
+    cfg.optim.warmup_ratio = 0.0
+    cfg.train.batch_size = 8
+    return cfg
+
+
+def check_ppo_config(cfg: PPOConfig) -> None:
+    check_value_section(cfg.value)
+    p = cfg.ppo
+    if not 0.0 <= p.gamma <= 1.0 or not 0.0 <= p.lam <= 1.0:
+        raise VlmalignError(f"ppo.gamma and ppo.lam must lie in [0, 1], got {p.gamma} and {p.lam}")
+    if p.loss_agg not in AGGREGATIONS:
+        raise VlmalignError(f"ppo.loss_agg {p.loss_agg!r} is not one of {', '.join(AGGREGATIONS)}")
+    if cfg.value.warmup_iterations >= max(cfg.train.max_steps, 1) and cfg.train.max_steps > 0:
+        raise VlmalignError(f"value.warmup_iterations ({cfg.value.warmup_iterations}) leaves no step of "
+                            f"train.max_steps ({cfg.train.max_steps}) for the policy")
+
+
+class _Trainable(torch.nn.Module):
+    """The critic's trainable parameters (the same tensors) under flat names: what the loop puts
+    in its optimizer and checkpoints. Frozen parts are rebuilt from their source on resume."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                self.register_parameter(n.replace(".", "__"), p)
+
+
+class PPOMethod:
+    """The online loop's hooks for PPO: values at rollout time, GAE advantages, policy + value loss.
+
+    ``value_model``: the critic (:func:`~.ppo_value.build_value_model` from ``adapter``, the
+    policy adapter BEFORE training, unless given)."""
+
+    def __init__(self, cfg: PPOConfig, adapter, value_model=None):
+        from .common import resolve_dtype
+        check_ppo_config(cfg)
+        self.cfg = cfg
+        self.agg = cfg.ppo.loss_agg
+        self.value_model = value_model if value_model is not None else build_value_model(
+            cfg.value, adapter, adapter.model, cfg.lora, seed=cfg.train.seed, dtype=resolve_dtype(cfg.model.dtype))
+        self.share = shares_policy_features(adapter, self.value_model, cfg.model, cfg.lora)
+        self._view = _Trainable(self.value_model)
+        # the critic's own optimizer: its learning rate and gradient clipping apart from the policy's
+        self.critic_optimizer = torch.optim.AdamW(list(self._view.parameters()), lr=cfg.value.lr,
+                                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                                  weight_decay=cfg.value.weight_decay)
+        self._critic_batch = None
+        self.critic_grad_norm = None
+
+    # ------------------------------------------------------------------ loop hooks
+    def extra_modules(self) -> dict:
+        return {"value_model": self._view}
+
+    def update_policy(self, loop) -> bool:
+        """False during the critic warm-up: the loop then skips the policy's optimizer step."""
+        return loop.step >= self.cfg.value.warmup_iterations
+
+    def optimizer_step(self, loop) -> None:
+        """After each minibatch (the loop has stepped, or skipped, the policy): step the critic."""
+        params = list(self._view.parameters())
+        mg = self.cfg.value.max_grad_norm
+        if mg and mg > 0:
+            gn = torch.nn.utils.clip_grad_norm_(params, mg)
+            if not torch.isfinite(gn):
+                raise VlmalignError(f"non-finite critic gradient norm at step {loop.step + 1}; the run is stopped")
+            self.critic_grad_norm = float(gn)
+        self.critic_optimizer.step()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"critic_optimizer": self.critic_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "critic_optimizer" not in state:
+            raise VlmalignError("the checkpoint holds no critic optimizer state (not a PPO run?)")
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+
+    def rollout_extras(self, loop, batch) -> dict:
+        """(no grad, run by the loop before the updates) the critic's values of the rollout.
+        The critic's image features are the rollout's own, or its own encoding, once."""
+        if loop.world > 1:
+            raise VlmalignError("PPO runs in one process for now: the critic is not wrapped for distributed "
+                                "training, so its gradients would not be averaged across processes")
+        if getattr(loop.acc, "scaler", None) is not None:
+            raise VlmalignError("PPO does not support train.precision=fp16 (the critic's optimizer would see "
+                                "loss-scaled gradients); use bf16 or fp32")
+        vm = self.value_model
+        vm.to(loop.acc.device)
+        vm.eval()
+        self._critic_batch = replace(batch, encoded=critic_features(vm, batch, self.share))
+        values = loop.chunked(lambda mb: sequence_values(vm, mb, encoded=mb.encoded), self._critic_batch)
+        vm.train()
+        return {"values": values, "row_index": torch.arange(batch.num_rows, device=values.device)}
+
+    def advantages(self, loop, batch, data) -> dict:
+        p, kl, mask = self.cfg.ppo, self.cfg.kl, batch.response_mask
+        scores = shape_scores(data["scores"], batch.finished, batch.response_lengths,
+                              missing_eos_penalty=p.missing_eos_penalty, length_penalty=p.length_penalty)
+        old = data.get("old_logprobs", batch.logprobs)     # the rollout policy's log-probs
+        ref = data.get("ref_logprobs", old)                # no reference: no KL
+        coef = kl.coef if kl.placement == "reward" else 0.0
+        out = ppo_advantages(scores, old, ref, data["values"], mask, kl_coef=coef, kl_kind=kl.estimator,
+                             gamma=p.gamma, lam=p.lam, whiten=p.whiten_advantages)
+        data["advantages"], data["returns"] = out["advantages"], out["returns"]
+        stats = {"score": float(scores.mean()), "kl_rollout": float(sequence_kl(old, ref, mask).mean()),
+                 "value_mean": float(masked_mean(data["values"], mask)),
+                 "return_mean": float(masked_mean(out["returns"], mask)),
+                 "explained_variance": explained_variance(data["values"], out["returns"], mask),
+                 "critic_warmup": float(loop.step < self.cfg.value.warmup_iterations)}
+        return stats
+
+    def loss(self, loop, mb, data, logprobs, hidden, num_items):
+        c, mask = self.cfg, mb.response_mask
+        cmb = self._critic_batch.select(data["row_index"].tolist())   # the same rows, the critic's features
+        values = sequence_values(self.value_model, cmb, encoded=cmb.encoded, with_grad=True)
+        vloss, vst = value_loss_clipped(values, data["values"], data["returns"], mask, clip_range=c.value.clip_range,
+                                        agg=self.agg, num_items=num_items, norm_len=c.rollout.max_new_tokens)
+        stats = {"value_loss": vloss.detach(), "vf_clipfrac": vst["vf_clipfrac"], "value_error": vst["value_error"]}
+        loss = vloss   # the critic's parameters get only this gradient, the policy's only the policy loss
+        if self.update_policy(loop):     # warm-up: no policy loss (and the loop skips its optimizer step)
+            ploss, pst = policy_objective(logprobs, data, mask, update=c.update, kl=c.kl, agg=self.agg,
+                                          num_items=num_items, norm_len=c.rollout.max_new_tokens)
+            loss = loss + ploss
+            stats.update(pst)
+        return loss, stats
+
+
+def train_ppo(cfg: PPOConfig, adapter=None, reward=None, method: PPOMethod | None = None):
+    """Train with PPO. ``adapter``: the starting policy (default: built from ``cfg.model``);
+    ``method``: a ready :class:`PPOMethod` for that adapter (default: built here, critic
+    included). Returns ``(TrainResult, adapter)``; the critic is ``method.value_model``."""
+    from .common import build_adapter, seed_everything
+    check_ppo_config(cfg)
+    seed_everything(cfg.train.seed)
+    adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
+    method = method or PPOMethod(cfg, adapter)
+    return run_online(cfg, method, adapter=adapter, reward=reward)
