@@ -29,16 +29,18 @@ from vlmalign.models import adapter_for, build_tiny
 
 
 def _data(args) -> Path:
-    d = Path(args.data or f"/tmp/vlmalign-learn-{args.train_images}")
+    tag = "" if (args.min_objects, args.max_objects) == (1, 3) else f"-o{args.min_objects}{args.max_objects}"
+    d = Path(args.data or f"/tmp/vlmalign-learn-{args.train_images}{tag}")
     if not (d / "manifest.json").exists():
-        generate_shapesworld(d, ShapesConfig(seed=0, train_images=args.train_images, eval_images=100))
+        generate_shapesworld(d, ShapesConfig(seed=0, train_images=args.train_images, eval_images=100,
+                                             min_objects=args.min_objects, max_objects=args.max_objects))
     return d
 
 
 def _model(args):
     seed_everything(args.seed)
     m, p = build_tiny("llava", patch_size=args.patch, hidden=args.hidden, layers=args.layers,
-                      vision_hidden=args.vision_hidden, seed=args.seed)
+                      vision_hidden=args.vision_hidden, seed=args.seed, init_std=args.init_std)
     return m, p, adapter_for(m, p)
 
 
@@ -152,10 +154,13 @@ def main() -> None:
     ap.add_argument("what", choices=("probe", "sweep", "shuffle"))
     ap.add_argument("--data", help="ShapesWorld dir (generated if missing)")
     ap.add_argument("--train-images", type=int, default=6000)
+    ap.add_argument("--min-objects", type=int, default=1)
+    ap.add_argument("--max-objects", type=int, default=3)
     ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vision-hidden", type=int, default=None)
+    ap.add_argument("--init-std", type=float, default=None, help="language model initializer_range")
     ap.add_argument("--train-vision", action="store_true")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--steps", type=int, default=2000)
