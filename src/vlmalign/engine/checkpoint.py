@@ -91,8 +91,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, processor, trainer_state: 
     if processor is not None:
         processor.save_pretrained(tmp / "model")
     for name, mod in (extra_modules or {}).items():
-        from safetensors.torch import save_file
-        save_file({k: v.detach().contiguous().cpu() for k, v in mod.state_dict().items()},
+        from safetensors.torch import save_file as save_tensors
+        save_tensors({k: v.detach().contiguous().cpu() for k, v in mod.state_dict().items()},
                   str(tmp / f"{name}.safetensors"))
     torch.save({**trainer_state, "rng": rng_state(), "step": step}, tmp / "trainer_state.pt")
     if final.exists():

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from accelerate.utils import DistributedType
