@@ -8,7 +8,10 @@ Stages (each row of ``report.json``):
 * ``rm``       -- a reward model (scalar head on a copy of the SFT model) trained on ShapesWorld
   preferences, measured by held-out pairwise accuracy;
 * ``dpo``      -- DPO of the SFT model on ShapesWorld hallucination pairs (the SFT model is the
-  reference), measured by held-out preference accuracy and again by VQA and POPE.
+  reference), measured by held-out preference accuracy and again by VQA and POPE;
+* ``grpo``     -- GRPO of the model the earlier stages left (DPO, else SFT) with the ShapesWorld
+  verifiable reward (exact match against the reference answer; :mod:`vlmalign.quickstart_rl`),
+  measured by held-out reward before and after, and again by VQA and POPE.
 
 Metrics per stage: ``vqa_accuracy`` (exact match after normalisation) and its split per question
 type, the POPE-style ``pope_accuracy``, ``pope_f1``, ``pope_precision``, ``pope_recall`` and
@@ -16,7 +19,8 @@ type, the POPE-style ``pope_accuracy``, ``pope_f1``, ``pope_precision``, ``pope_
 stages ``train_loss`` (last logged value) and ``steps``. The ``rm`` stage reports ``rm_accuracy``,
 ``rm_margin`` and ``rm_loss`` instead of VQA metrics (it does not generate); the ``dpo`` stage
 adds ``dpo_accuracy``, ``dpo_margin``, ``dpo_chosen_reward``, ``dpo_rejected_reward`` and
-``dpo_loss``. Any training stage can be skipped with ``<stage>_steps=0``.
+``dpo_loss``; the ``grpo`` stage adds ``reward``, ``reward_start``, ``kl``, ``train_reward`` and
+``train_kl``. Any training stage can be skipped with ``<stage>_steps=0``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .eval.vqa import evaluate_pope, evaluate_vqa
 from .methods.common import seed_everything, write_json
 from .methods.sft import SFTConfig, pretrain_config, train_sft
 from .models import adapter_for, build_tiny
+from .quickstart_rl import GRPO_STEPS, grpo_stage_config, rl_markdown, rl_table, train_grpo_stage
 
 # Sizes chosen so the whole job takes about five minutes on 2 CPU cores. Measured on
 # ShapesWorld: with 1,200 training images held-out accuracy stalls near 0.55 (the tiny model
@@ -160,10 +165,10 @@ def train_dpo_stage(adapter, cfg) -> tuple[dict, object]:
 def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava", seed: int = 0,
                    pretrain_steps: int = PRETRAIN_STEPS, sft_steps: int = SFT_STEPS,
                    data: ShapesConfig = DATA, quiet: bool = False, rm_steps: int = RM_STEPS,
-                   dpo_steps: int = DPO_STEPS) -> dict:
+                   dpo_steps: int = DPO_STEPS, grpo_steps: int = GRPO_STEPS) -> dict:
     """Run the stages and write ``report.json`` / ``report.md`` under ``out``. A training stage
     with ``<stage>_steps=0`` is skipped; later stages start from the model the earlier ones left
-    (rm and dpo from the SFT model when it ran)."""
+    (rm and dpo from the SFT model when it ran, grpo from the DPO or else the SFT model)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
@@ -230,6 +235,20 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
         say(f"[quickstart] dpo: dpo_accuracy={m['dpo_accuracy']:.3f} vqa_accuracy={m['vqa_accuracy']:.3f} "
             f"({time.time() - t:.0f}s)")
 
+    if grpo_steps > 0:
+        cfg = grpo_stage_config(out, data_dir, grpo_steps, seed)
+        cfg.train.progress = not quiet
+        say(f"[quickstart] grpo: {grpo_steps} steps on {Path(cfg.data.train_file).name}")
+        t = time.time()
+        rl, adapter = train_grpo_stage(adapter, cfg)
+        train_s = time.time() - t
+        m = _measure(adapter, data_dir, vqa, pope)
+        m.update(rl)
+        stages.append({"name": "grpo", "metrics": m, "seconds": time.time() - t, "train_seconds": train_s,
+                       "run_dir": cfg.train.output_dir})
+        say(f"[quickstart] grpo: reward {m['reward_start']:.3f} -> {m['reward']:.3f} "
+            f"vqa_accuracy={m['vqa_accuracy']:.3f} ({time.time() - t:.0f}s)")
+
     report = {"family": family, "seed": seed, "data": str(data_dir), "stages": stages,
               "total_seconds": time.time() - t_all}
     write_json(out / "report.json", report)
@@ -262,6 +281,7 @@ def render_table(report: dict) -> str:
             cells = [s["metrics"].get(pre + k) for k in PREF_METRICS]
             lines.append(f"{s['name']:<10}" + "".join(f"{v:>16.3f}" if isinstance(v, (int, float)) else f"{'-':>16}"
                                                       for v in cells))
+    lines += rl_table(report)
     return "\n".join(lines)
 
 
@@ -309,6 +329,7 @@ def render_markdown(report: dict, out: Path) -> str:
                                                          for t in types) + " |")
         lines.append("")
     lines += _dpo_changes(report)
+    lines += rl_markdown(report)
     for s in report["stages"]:
         png = Path(s.get("run_dir", "")) / "training.png"
         if s.get("run_dir") and png.exists():

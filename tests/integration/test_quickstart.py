@@ -1,5 +1,6 @@
 """`vlmalign quickstart` on a few ShapesWorld images with a few steps per stage: the report has
-every stage with its documented metrics, the rm stage leaves the policy alone, --skip works."""
+every stage with its documented metrics, the rm stage leaves the policy alone, the grpo stage
+measures its held-out reward before and after, --skip works."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
-from vlmalign.quickstart import dpo_stage_config, render_markdown, rm_stage_config, run_quickstart, train_rm_stage
+from vlmalign.quickstart import dpo_stage_config, render_markdown, render_table, rm_stage_config, run_quickstart, \
+    train_rm_stage
+from vlmalign.quickstart_rl import GRPO_KEYS, rl_curves
 
 SMALL = ShapesConfig(seed=0, train_images=16, eval_images=4)
 VQA_KEYS = {"vqa_accuracy", "pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"}
@@ -26,11 +29,12 @@ def _finite(metrics: dict, keys) -> None:
         assert isinstance(v, (int, float)) and math.isfinite(v), (k, v)
 
 
-def test_quickstart_report_has_the_rm_and_dpo_stages(tmp_path):
+def test_quickstart_report_has_the_rm_dpo_and_grpo_stages(tmp_path):
     out = tmp_path / "qs"
-    report = run_quickstart(out, data=SMALL, pretrain_steps=1, sft_steps=2, rm_steps=2, dpo_steps=2, quiet=True)
+    report = run_quickstart(out, data=SMALL, pretrain_steps=1, sft_steps=2, rm_steps=2, dpo_steps=2, grpo_steps=2,
+                            quiet=True)
     on_disk = json.loads((out / "report.json").read_text())
-    assert [s["name"] for s in on_disk["stages"]] == ["base", "pretrain", "sft", "rm", "dpo"]
+    assert [s["name"] for s in on_disk["stages"]] == ["base", "pretrain", "sft", "rm", "dpo", "grpo"]
     assert on_disk["stages"] == json.loads(json.dumps(report["stages"]))
     st = {s["name"]: s for s in on_disk["stages"]}
     for s in on_disk["stages"]:
@@ -46,20 +50,34 @@ def test_quickstart_report_has_the_rm_and_dpo_stages(tmp_path):
     assert dpo["dpo_margin"] == pytest.approx(dpo["dpo_chosen_reward"] - dpo["dpo_rejected_reward"], abs=1e-5)
     # each stage wrote its run directory with metrics and curves, and report.md shows them
     md = (out / "report.md").read_text()
-    for name in ("rm", "dpo"):
+    for name in ("rm", "dpo", "grpo"):
         run = Path(st[name]["run_dir"])
         assert run == out / name and (run / "metrics.jsonl").exists() and (run / "training.png").exists()
         assert f"![{name}]({name}/training.png)" in md
     assert "held-out preference pairs" in md and "What DPO changed (sft -> dpo)" in md
     # the DPO reference is the SFT model: its log-probs were cached under the run
     assert any((out / "ref_cache").iterdir())
+    # grpo: RL metrics and VQA/POPE, all finite; rewards are exact-match means, so in [0, 1]
+    grpo = st["grpo"]["metrics"]
+    assert set(GRPO_KEYS) | VQA_KEYS <= grpo.keys()
+    _finite(grpo, set(GRPO_KEYS) | VQA_KEYS)
+    assert grpo["steps"] == 2 and 0.0 <= grpo["reward_start"] <= 1.0 and 0.0 <= grpo["reward"] <= 1.0
+    assert grpo["kl"] >= 0.0
+    # reward_start is the held-out measurement at step 0, reward the one after the last step
+    curve = rl_curves(st["grpo"]["run_dir"])
+    assert curve[0]["step"] == 0 and curve[0]["reward"] == grpo["reward_start"]
+    assert curve[-1]["step"] == 2 and curve[-1]["reward"] == grpo["reward"] and curve[-1]["kl"] == grpo["kl"]
+    # at step 0 the policy is its own reference: KL 0
+    assert curve[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert "What GRPO changed" in md and "| step | held-out reward | held-out KL |" in md
+    assert "held-out RL prompts (rl_eval.json" in render_table(on_disk)
 
 
 def test_a_stage_with_zero_steps_is_left_out(tmp_path):
     report = run_quickstart(tmp_path / "qs", data=SMALL, pretrain_steps=0, sft_steps=1, rm_steps=0, dpo_steps=1,
-                            quiet=True)
+                            grpo_steps=0, quiet=True)
     assert [s["name"] for s in report["stages"]] == ["base", "sft", "dpo"]
-    assert not (tmp_path / "qs" / "rm").exists()
+    assert not (tmp_path / "qs" / "rm").exists() and not (tmp_path / "qs" / "grpo").exists()
 
 
 def test_the_rm_stage_trains_a_copy_and_leaves_the_policy_alone(tmp_path):
@@ -111,11 +129,22 @@ def test_cli_skip_maps_to_zero_steps(monkeypatch, tmp_path, capsys):
     from vlmalign.cli.main import main
     seen = {}
     monkeypatch.setattr(qs, "run_quickstart", lambda out, **kw: seen.update(out=out, **kw))
-    assert main(["quickstart", "--out", str(tmp_path), "--skip", "rm, dpo"]) == 0
-    assert seen["rm_steps"] == 0 and seen["dpo_steps"] == 0
+    assert main(["quickstart", "--out", str(tmp_path), "--skip", "rm, dpo,grpo"]) == 0
+    assert seen["rm_steps"] == 0 and seen["dpo_steps"] == 0 and seen["grpo_steps"] == 0
     assert "sft_steps" not in seen and "pretrain_steps" not in seen
     seen.clear()
     assert main(["quickstart", "--out", str(tmp_path)]) == 0
     assert not any(k.endswith("_steps") for k in seen)
     assert main(["quickstart", "--skip", "rm,ppo"]) == 2
-    assert "--skip: unknown stage(s) ppo; choose from pretrain, sft, rm, dpo" in capsys.readouterr().err
+    assert "--skip: unknown stage(s) ppo; choose from pretrain, sft, rm, dpo, grpo" in capsys.readouterr().err
+
+
+def test_markdown_shows_what_grpo_changed():
+    report = {"family": "llava", "seed": 0, "total_seconds": 1.0, "stages": [
+        {"name": "grpo", "metrics": {"vqa_accuracy": 0.6, "reward_start": 0.55, "reward": 0.62, "kl": 0.0123,
+                                     "steps": 40}, "seconds": 1.0}]}
+    md = render_markdown(report, Path("."))
+    # 0.62 - 0.55 = +0.07
+    assert "reward 0.550 -> 0.620 (+0.070) in 40 steps; KL(policy || start) per answer token: 0.0123." in md
+    table = render_table(report).splitlines()
+    assert table[-1].split() == ["grpo", "0.5500", "0.6200", "0.0123"]

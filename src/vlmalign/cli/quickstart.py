@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..errors import VlmalignError
 
 # training stages that can be skipped, in run order (base is a measurement, always taken)
-STAGES = ("pretrain", "sft", "rm", "dpo")
+STAGES = ("pretrain", "sft", "rm", "dpo", "grpo")
 
 
 def register(sub) -> None:
@@ -15,7 +15,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--skip", default="", metavar="STAGES",
                    help=f"comma-separated training stages to leave out ({', '.join(STAGES)}); later stages "
-                        "start from the model the earlier ones left, e.g. --skip rm,dpo stops after SFT")
+                        "start from the model the earlier ones left, e.g. --skip rm,dpo,grpo stops after SFT")
     p.set_defaults(func=_run)
 
 
