@@ -297,7 +297,7 @@ def test_ppo_raises_held_out_reward(data, tmp_path):
     rows = _metrics(cfg.train.output_dir)
     ev = [(r["step"], r["eval/reward"]) for r in rows if "eval/reward" in r]
     assert [s for s, _ in ev] == [0, 5, 10, 15]
-    # measured (seed 0): held-out greedy reward 0.42 at the start, 0.97 after 15 steps
+    # measured (seed 0): held-out greedy reward 0.42 at the start, 1.37 after 15 steps
     assert ev[-1][1] > ev[0][1] + 0.3
     train = [r for r in rows if "train/reward" in r]
     first = sum(r["train/reward"] for r in train[:3]) / 3
