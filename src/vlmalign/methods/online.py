@@ -194,8 +194,10 @@ class OnlineTrainer:
 
     @staticmethod
     def head_logits(adapter, hidden, temperature: float = 1.0) -> torch.Tensor:
-        """Full-vocabulary fp32 logits (..., V) from final hidden states (the output head's input)."""
-        return adapter.model.get_output_embeddings()(hidden).float() / temperature
+        """Full-vocabulary fp32 logits (..., V) from final hidden states (the output head's input;
+        under mixed precision they may be in a lower dtype than the head's weights)."""
+        head = adapter.model.get_output_embeddings()
+        return head(hidden.to(head.weight.dtype)).float() / temperature
 
     @classmethod
     @torch.no_grad()
@@ -250,7 +252,7 @@ class OnlineTrainer:
                **{p[4:]: v / n for p, v in red.items() if p.startswith("adv/")},
                "response_length": red["len"] / n, "finished": red["fin"] / n,
                "zero_std_groups": red["flat"] / red["groups"] if k > 1 else float("nan"),
-               **{f"reward/{s}": v for s, v in self.reward.stats().items()},
+               **{f"reward/{s}": v for s, v in getattr(self.reward, "stats", dict)().items()},
                **upd, "rollout_s": t_roll, "update_s": time.time() - t1}
         self.step += 1
         return out

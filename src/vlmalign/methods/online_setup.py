@@ -101,7 +101,6 @@ def check_online_config(cfg) -> None:
         raise VlmalignError("reward: list at least one reward source (docs/RL.md, 'Reward sources')")
 
 
-
 # ----------------------------------------------------------------------------- setup
 def load_prompts(path: str, cfg, adapter, limit=None):
     """RL prompts of ``path`` and their image loader. Every prompt is tokenized and its images
@@ -130,8 +129,8 @@ def _save_tiny_base(cfg, adapter) -> None:
 
 def run_online(cfg, method, adapter=None, reward=None):
     """Build policy, reference and data for ``cfg`` and train with ``method``. ``reward``: a
-    ready :class:`~vlmalign.rewards.CombinedReward` (or any ``inputs -> (total, parts)``
-    callable with ``stats()``) instead of the recipe's ``reward:`` list. Returns
+    ready :class:`~vlmalign.rewards.CombinedReward` (or any callable ``inputs -> (total (N,),
+    {name: (N,)})``, optionally with ``stats()``) instead of the recipe's ``reward:`` list. Returns
     ``(TrainResult, adapter)``."""
     from .common import build_adapter, configure_trainable, seed_everything
     from .dpo import build_reference, disable_dropout
