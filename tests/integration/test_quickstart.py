@@ -55,6 +55,8 @@ def test_quickstart_report_has_the_rm_dpo_and_grpo_stages(tmp_path):
         assert run == out / name and (run / "metrics.jsonl").exists() and (run / "training.png").exists()
         assert f"![{name}]({name}/training.png)" in md
     assert "held-out preference pairs" in md and "What DPO changed (sft -> dpo)" in md
+    by_type = md[md.index("## VQA accuracy by question type"):].split("\n\n")[1].splitlines()
+    assert [row.split(" | ")[0] for row in by_type[2:]] == ["| base", "| pretrain", "| sft", "| dpo", "| grpo"]
     # the DPO reference is the SFT model: its log-probs were cached under the run
     assert any((out / "ref_cache").iterdir())
     # grpo: RL metrics and VQA/POPE, all finite; rewards are exact-match means, so in [0, 1]
