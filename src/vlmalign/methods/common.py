@@ -80,6 +80,27 @@ def adapter_class_for(model_cfg):
     return adapter_class(read_config(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code).model_type)
 
 
+def prepare_trainable(adapter, cfg):
+    """Every trainer's last step before the loop: returns ``(module to train, projector names,
+    vision names)``.
+
+    LoRA on a model built in memory (no ``model.path``) first saves its base under
+    ``train.output_dir/base_model`` so the adapter can be reloaded and exported; group parameter
+    names are taken before LoRA wrapping renames them (for per-group learning rates); then the
+    chosen groups are made trainable (:func:`configure_trainable`).
+    """
+    if cfg.lora.enabled and not cfg.model.path:
+        base = Path(cfg.train.output_dir) / "base_model"
+        if not (base / "config.json").exists():
+            adapter.save_pretrained(str(base))
+        adapter.model.config._name_or_path = str(base.resolve())
+        adapter.model.name_or_path = str(base.resolve())  # what PEFT records as the base
+    groups = adapter.param_groups()
+    projector = {n for n, _ in groups["projector"]}
+    vision = {n for n, _ in groups["vision"]}
+    return configure_trainable(adapter, cfg.model, cfg.lora), projector, vision
+
+
 def configure_trainable(adapter, model_cfg, lora_cfg):
     """Freeze groups per config; wrap with LoRA if enabled. Returns the module to train."""
     check_qlora(model_cfg, lora_cfg)

@@ -27,7 +27,7 @@ from ..engine.trainer import Trainer, TrainResult
 from ..errors import VlmalignError
 from ..losses.preference import REFERENCE_FREE_LOSSES, changed_token_weights, dpo_loss, mdpo_loss, \
     orpo_loss, preference_loss, simpo_loss, token_weighted_logps
-from .common import build_adapter, configure_trainable, load_examples, seed_everything
+from .common import build_adapter, prepare_trainable, load_examples, seed_everything
 from .logps import Reference, completion_logps, prefix_sharing_problem
 
 log = logging.getLogger(__name__)
@@ -344,17 +344,7 @@ def fit(cfg, adapter, method_cls, examples, collate, eval_examples=(), ecollate=
     lora_base_fp = None
     if needs_ref and d.precompute_ref_logps and cfg.lora.enabled and not cfg.ref.path:
         lora_base_fp = ref_cache.module_fingerprint(adapter.model.state_dict().items())
-    if cfg.lora.enabled and not cfg.model.path:
-        from pathlib import Path
-        base = Path(cfg.train.output_dir) / "base_model"
-        if not (base / "config.json").exists():
-            adapter.save_pretrained(str(base))
-        adapter.model.config._name_or_path = str(base.resolve())
-        adapter.model.name_or_path = str(base.resolve())
-    groups = adapter.param_groups()
-    projector = {n for n, _ in groups["projector"]}
-    vision = {n for n, _ in groups["vision"]}
-    model = configure_trainable(adapter, cfg.model, cfg.lora)
+    model, projector, vision = prepare_trainable(adapter, cfg)
     if d.disable_dropout:
         disable_dropout(model)
     reference, ref_ad = build_reference(cfg, adapter, model, copy_ref) if needs_ref else (None, None)

@@ -117,22 +117,12 @@ def load_prompts(path: str, cfg, adapter, limit=None):
     return [e.record for e in examples], loader
 
 
-def _save_tiny_base(cfg, adapter) -> None:
-    """LoRA on a tiny model built in memory: keep its base on disk so the adapter reloads."""
-    from pathlib import Path
-    base = Path(cfg.train.output_dir) / "base_model"
-    if not (base / "config.json").exists():
-        adapter.save_pretrained(str(base))
-    adapter.model.config._name_or_path = str(base.resolve())
-    adapter.model.name_or_path = str(base.resolve())
-
-
 def run_online(cfg, method, adapter=None, reward=None):
     """Build policy, reference and data for ``cfg`` and train with ``method``. ``reward``: a
     ready :class:`~vlmalign.rewards.CombinedReward` (or any callable ``inputs -> (total (N,),
     {name: (N,)})``, optionally with ``stats()``) instead of the recipe's ``reward:`` list. Returns
     ``(TrainResult, adapter)``."""
-    from .common import build_adapter, configure_trainable, seed_everything
+    from .common import build_adapter, prepare_trainable, seed_everything
     from .dpo import build_reference, disable_dropout
     from .online import OnlineTrainer
     check_online_config(cfg)
@@ -148,12 +138,7 @@ def run_online(cfg, method, adapter=None, reward=None):
     copy_ref = None
     if needs_ref and not cfg.ref.path and not cfg.lora.enabled:
         copy_ref = type(adapter)(copy.deepcopy(adapter.model), adapter.processor)  # frozen starting policy
-    if cfg.lora.enabled and not cfg.model.path:
-        _save_tiny_base(cfg, adapter)
-    groups = adapter.param_groups()
-    projector = {n for n, _ in groups["projector"]}
-    vision = {n for n, _ in groups["vision"]}
-    model = configure_trainable(adapter, cfg.model, cfg.lora)
+    model, projector, vision = prepare_trainable(adapter, cfg)
     if cfg.update.disable_dropout:
         disable_dropout(model)
     reference = None

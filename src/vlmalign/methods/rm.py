@@ -34,7 +34,7 @@ from ..data.schema import Conversation, PreferencePair, RankedList, UnpairedExam
 from ..engine.trainer import Trainer, TrainResult, _base_name
 from ..errors import DataError, VlmalignError
 from ..losses.reward import bradley_terry_loss, plackett_luce_loss
-from .common import build_adapter, configure_trainable, seed_everything
+from .common import build_adapter, prepare_trainable, seed_everything
 
 LIST_LOSSES = ("pairwise", "plackett_luce")
 
@@ -286,18 +286,8 @@ def train_rm(cfg: RMConfig, adapter=None) -> tuple[TrainResult, object]:
     if cfg.data.eval_file:
         eval_examples, eval_loader, _ = load_rm_examples(cfg.data.eval_file, cfg.data, adapter, train=True,
                                                          margin=cfg.rm.margin, limit=cfg.data.max_eval_samples)
-    if cfg.lora.enabled and not cfg.model.path:
-        # an adapter needs its base on disk to be reloaded: keep the tiny base beside the run
-        from pathlib import Path
-        base = Path(cfg.train.output_dir) / "base_model"
-        if not (base / "config.json").exists():
-            adapter.save_pretrained(str(base))
-        adapter.model.config._name_or_path = str(base.resolve())
-        adapter.model.name_or_path = str(base.resolve())
     groups = adapter.param_groups()
-    projector = {n for n, _ in groups["projector"]}
-    vision = {n for n, _ in groups["vision"]}
-    base_module = configure_trainable(adapter, cfg.model, cfg.lora)
+    base_module, projector, vision = prepare_trainable(adapter, cfg)
     for _, p in groups["head"]:  # the LM head plays no part in the score
         p.requires_grad_(False)
     model = ScalarModel(adapter, base_module, kind="reward", seed=cfg.train.seed)

@@ -16,7 +16,7 @@ from ..config.sections import DataSection, LoraSection, ModelSection, OptimSecti
 from ..data.batching import IGNORE_INDEX, SFTCollator
 from ..engine.trainer import Trainer, TrainResult
 from ..losses.sft import sft_loss
-from .common import build_adapter, configure_trainable, load_examples, read_records, seed_everything
+from .common import build_adapter, prepare_trainable, load_examples, read_records, seed_everything
 
 
 @dataclass
@@ -134,19 +134,7 @@ def train_sft(cfg: SFTConfig, adapter=None) -> tuple[TrainResult, object]:
     if cfg.data.eval_file:
         eval_examples, eval_loader, _ = load_examples(cfg.data.eval_file, cfg.data, adapter, tok,
                                                       kind="conversation", limit=cfg.data.max_eval_samples)
-    if cfg.lora.enabled and not cfg.model.path:
-        # an adapter needs its base on disk to be reloaded or exported: keep the tiny base
-        from pathlib import Path
-        base = Path(cfg.train.output_dir) / "base_model"
-        if not (base / "config.json").exists():
-            adapter.save_pretrained(str(base))
-        adapter.model.config._name_or_path = str(base.resolve())
-        adapter.model.name_or_path = str(base.resolve())  # what PEFT records as the base
-    # parameter names per group, taken before LoRA wrapping renames them (for per-group lrs)
-    groups = adapter.param_groups()
-    projector = {n for n, _ in groups["projector"]}
-    vision = {n for n, _ in groups["vision"]}
-    model = configure_trainable(adapter, cfg.model, cfg.lora)
+    model, projector, vision = prepare_trainable(adapter, cfg)
     evaluate = None
     if eval_examples or cfg.eval.vqa_file or cfg.eval.pope_file:
         ecollate = SFTCollator(eval_loader, adapter.tokenizer.pad_token_id) if eval_examples else None
