@@ -112,7 +112,9 @@ def test_k_samples_differ_under_sampling_and_agree_when_greedy(fam, data):
         r0 = 3 * grp
         for r in (r0 + 1, r0 + 2):
             assert torch.equal(g.response_ids[r], g.response_ids[r0])
-            assert torch.equal(g.logprobs[r], g.logprobs[r0])
+            # identical tokens; log-probs of different batch rows may differ in the last bits (BLAS
+            # blocking depends on the thread count)
+            assert torch.allclose(g.logprobs[r], g.logprobs[r0], rtol=0, atol=1e-5)
             assert g.texts[r] == g.texts[r0]
 
 
