@@ -22,22 +22,12 @@ from vlmalign.data.completions import UnpairedCollator, add_mismatched_rows
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 from vlmalign.errors import DataError, LengthError, VlmalignError
 from vlmalign.methods import dpo as dpo_module
-from vlmalign.methods import logps, ref_cache
+from vlmalign.methods import ref_cache
 from vlmalign.methods.kto import KTOConfig, KTOMethod, balance_note, kto_config, load_unpaired, train_kto
 from vlmalign.methods.logps import Reference
 from vlmalign.models import adapter_for, build_tiny, load_adapter, save_tiny
 
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _keep_logps_notes():
-    """logps warns once per process about prefix sharing being off; keep that state as it was so
-    tests elsewhere that expect the warning still see it."""
-    saved = set(logps._warned)
-    yield
-    logps._warned.clear()
-    logps._warned.update(saved)
 
 
 @pytest.fixture(scope="module")

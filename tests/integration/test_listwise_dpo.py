@@ -17,23 +17,13 @@ from vlmalign.data.preference import PreferenceCollator
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 from vlmalign.errors import DataError, VlmalignError
 from vlmalign.methods import dpo as dpo_module
-from vlmalign.methods import logps, ref_cache
+from vlmalign.methods import ref_cache
 from vlmalign.methods.dpo import DPOConfig, DPOMethod, dpo_config, load_pairs, train_dpo
 from vlmalign.methods.listwise import ListwiseMethod, load_listwise
 from vlmalign.methods.logps import Reference
 from vlmalign.models import adapter_for, build_tiny, save_tiny
 
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _keep_logps_notes():
-    """logps warns once per process about prefix sharing being off; keep that state as it was so
-    tests elsewhere that expect the warning still see it."""
-    saved = set(logps._warned)
-    yield
-    logps._warned.clear()
-    logps._warned.update(saved)
 
 
 @pytest.fixture(scope="module")
