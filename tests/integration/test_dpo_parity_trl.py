@@ -177,4 +177,6 @@ def test_loss_and_gradients_equal_trls(world, weights, tmp_path, loss_type):
 def test_ipo_with_summed_log_ratios_is_not_trls(world, weights, tmp_path):
     theirs, _, _, _ = _trl_side(world, weights, "ipo", tmp_path)
     ours, _, _, _ = _our_side(world, weights, "ipo", ipo_average=False)
-    assert abs(ours - theirs) > 1e-2 * abs(theirs)
+    # summing instead of averaging changes the loss by far more than the parity tolerance
+    # (0.9% here: the completions are mostly 1-3 tokens)
+    assert abs(ours - theirs) > 100 * TOL * abs(theirs)

@@ -71,7 +71,9 @@ def test_one_step_updates_the_policy_and_logs_the_metrics(world, tmp_path):
         assert f"train/{key}" in train, key
     assert 0 < train["train/reward"] < 1 and train["train/reward_std"] > 0
     assert train["train/reward"] == train["train/reward/format"]      # the only source, weight 1
-    assert train["train/response_length"] == 6 and train["train/finished"] == 0   # random: no EOS in 6
+    # random model: few responses stop before the 6-token budget
+    assert train["train/finished"] < 1 and train["train/response_length"] <= 6
+    assert train["train/finished"] > 0 or train["train/response_length"] == 6
     assert 0 <= train["train/zero_std_groups"] <= 1
     # entropy of a random tiny model is close to log(vocabulary size)
     assert abs(train["train/entropy"] - torch.log(torch.tensor(float(len(ad.tokenizer)))).item()) < 0.1

@@ -145,8 +145,8 @@ def _setup(world, family, n, kl="mismatched", **kto):
     ad = adapter_for(model, proc)
     ref_model, _ = build_tiny(family, seed=0)
     ref = adapter_for(ref_model.float().eval(), proc)
-    torch.manual_seed(7)
-    with torch.no_grad():
+    torch.manual_seed(2)   # for llava the raw KL estimate is then above 0 (unclamped; seed 7 stopped
+    with torch.no_grad():   # giving that when the tiny tokenizer learned its chat-template words)
         for g in ("language", "head"):
             for _, p in ad.param_groups()[g]:
                 p.add_(torch.randn_like(p) * 0.02)

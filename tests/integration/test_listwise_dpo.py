@@ -58,7 +58,7 @@ def _policy_and_reference(family):
     ad = adapter_for(model.float().eval(), proc)
     ref_model, _ = build_tiny(family, seed=0)
     ref = adapter_for(ref_model.float().eval(), proc)
-    torch.manual_seed(11)
+    torch.manual_seed(3)
     with torch.no_grad():
         for g in ("language", "head"):
             for _, p in ad.param_groups()[g]:

@@ -336,4 +336,9 @@ def test_two_processes_match_one_including_the_head(world, tmp_path):
     # the head is inside the module DDP wraps: its gradients are reduced over both processes
     ha, hb = (load_file(str(d / "checkpoints" / "step-3" / "model" / HEAD_WEIGHTS)) for d in (one, two))
     for k in ha:
+        if k.endswith("bias"):
+            # a pairwise loss sees only score differences: the bias's gradient is 0 up to rounding,
+            # which Adam scales to steps of up to lr, differently in each run (3 steps, lr 1e-3)
+            assert ha[k].abs().max() <= 3e-3 + 1e-6 and hb[k].abs().max() <= 3e-3 + 1e-6, k
+            continue
         assert torch.allclose(ha[k], hb[k], atol=1e-6), k

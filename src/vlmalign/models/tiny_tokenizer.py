@@ -32,6 +32,14 @@ _CORPUS = [" ".join(_CORPUS_WORDS)] * 20 + [
     "Describe the image. There is a yellow cross in the bottom left.",
     "The quick brown fox jumps over the lazy dog. 0123456789",
 ]
+# The chat templates' role words and the questions' first words as the templates render them
+# (``USER: What ...? ASSISTANT: red</s>USER: ...``, ``User:...<end_of_utterance>\nAssistant:``), so
+# each becomes one token: spelled out letter by letter they made up about half of a ShapesWorld
+# VQA sequence. Each line starts a role word, so no merge joins a space to USER / User / Assistant.
+_CORPUS += [line for _ in range(20) for line in (
+    "USER: What colour is it? ASSISTANT: red", "USER: Where is it? ASSISTANT: top left",
+    "USER: How many? ASSISTANT: 2", "USER: Is there one? ASSISTANT: no", "USER: Describe the image.",
+    "User: What is it?", "Assistant: yes", "What", "Where", "How", "Is", "Describe")]
 
 
 def build_tiny_tokenizer(
