@@ -18,6 +18,9 @@ WIDE = ShapesConfig(seed=11, train_images=40, eval_images=20, grid=3, image_size
                     colours=("red", "green", "blue", "yellow", "purple", "orange"),
                     shapes=("circle", "square", "triangle", "cross", "diamond"),
                     min_objects=2, max_objects=5, paraphrases=True, ranked_size=4)
+# the quickstart's layout: the image after the question, one question per VQA record
+AFTER = ShapesConfig(seed=5, train_images=40, eval_images=20, image_position="after", max_turns=1)
+CONFIGS = {"small": SMALL, "wide": WIDE, "after": AFTER}
 
 
 class Dataset:
@@ -32,9 +35,9 @@ class Dataset:
         return json.loads(p.read_text())
 
 
-@pytest.fixture(scope="session", params=["small", "wide"])
+@pytest.fixture(scope="session", params=sorted(CONFIGS))
 def dataset(request, tmp_path_factory) -> Dataset:
-    config = SMALL if request.param == "small" else WIDE
+    config = CONFIGS[request.param]
     root = tmp_path_factory.mktemp(f"shapes_{request.param}")
     return Dataset(root, config, generate_shapesworld(root, config))
 
@@ -66,9 +69,14 @@ _PATTERNS = [
 ]
 
 
+def _text(prompt: str) -> str:
+    """A prompt without its image placeholder (``image_position="after"`` spells it out)."""
+    return prompt.replace("<image>", "").strip()
+
+
 def _oracle(question: str, scene: Scene) -> str:
     """The true answer, computed from the scene independently of the generator's code."""
-    q = question.strip().lower()
+    q = _text(question).lower()
     for pattern, answer in _PATTERNS:
         m = pattern.match(q)
         if m:
@@ -77,7 +85,7 @@ def _oracle(question: str, scene: Scene) -> str:
 
 
 def _is_caption_prompt(text: str) -> bool:
-    return text.strip() in ("Describe the image.", "What is in the image?",
+    return _text(text) in ("Describe the image.", "What is in the image?",
                             "Describe the shapes in the image.")
 
 

@@ -13,6 +13,21 @@ from vlmalign.data.synthetic import (FILES, answer_matches, caption, caption_err
 from vlmalign.data.synthetic.tasks import absent_objects
 
 
+def _placed(dataset, text: str, explicit: bool = True) -> str:
+    """``text`` with the image placeholder where the dataset's ``image_position`` puts it
+    (before the text only LLaVA files, ``explicit``, spell it out)."""
+    if dataset.config.image_position == "after":
+        return text + "\n<image>"
+    return "<image>\n" + text if explicit else text
+
+
+def _unplaced(dataset, value: str, explicit: bool = True) -> str:
+    """The text of ``value``, checking that the placeholder is exactly where it belongs."""
+    text = value.replace("<image>", "").strip()
+    assert value == _placed(dataset, text, explicit), value
+    return text
+
+
 def _split_of(rel):
     return "train" if rel.startswith("images/train_") else "eval"
 
@@ -59,8 +74,8 @@ def test_captions_describe_scenes_exactly(dataset, oracle, is_caption_prompt):
     for name in ("captions_train", "captions_eval"):
         for rec in dataset.load(name):
             human, gpt = rec["conversations"]
-            assert human["from"] == "human" and human["value"].startswith("<image>\n")
-            assert is_caption_prompt(human["value"][len("<image>\n"):])
+            assert human["from"] == "human"
+            assert is_caption_prompt(_unplaced(dataset, human["value"]))
             scene = dataset.scenes[rec["image"]]
             assert sorted(parse_caption(gpt["value"])) == sorted(
                 (o.colour, o.shape, o.cell) for o in scene.objects)
@@ -75,13 +90,13 @@ def test_vqa_train_answers_are_true(dataset, oracle, is_caption_prompt):
         conv = rec["conversations"]
         scene = dataset.scenes[rec["image"]]
         assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
-        assert conv[0]["value"].startswith("<image>\n")
+        _unplaced(dataset, conv[0]["value"])
         assert sum(t["value"].count("<image>") for t in conv) == 1
         turns[len(conv) // 2] += 1
         for q, a in zip(conv[0::2], conv[1::2]):
-            question = q["value"].replace("<image>\n", "")
+            question = q["value"].replace("<image>", "").strip()
             assert a["value"] == oracle(question, scene), (question, a["value"], scene)
-    assert turns[1] > 0 and max(turns) > 1, "single- and multi-turn records"
+    assert turns[1] > 0 and (max(turns) > 1 or dataset.config.max_turns == 1), "single- and multi-turn records"
     assert max(turns) <= dataset.config.max_turns
 
 
@@ -91,6 +106,7 @@ def test_vqa_format_answers_are_true(dataset, oracle, is_caption_prompt):
         assert Counter(r["question_type"] for r in recs).keys() <= set(dataset.config.question_types)
         for r in recs:
             scene = dataset.scenes[r["image"]]
+            _unplaced(dataset, r["question"], explicit=False)
             assert r["answer"] == oracle(r["question"], scene), (name, r)
             if r["question_type"] == "count":
                 assert r["answer"].isdigit()
@@ -131,7 +147,7 @@ def test_preference_pairs_chosen_right_rejected_wrong(dataset, oracle, is_captio
         kinds = Counter()
         for r in recs:
             assert set(r) == {"id", "image", "prompt", "chosen", "rejected", "question_type", "error"}
-            assert "<image>" not in r["prompt"]
+            _unplaced(dataset, r["prompt"], explicit=False)
             scene = dataset.scenes[r["image"]]
             kinds[r["error"]] += 1
             if r["question_type"] == "caption":
@@ -158,7 +174,7 @@ def test_ranked_lists_strictly_ordered_by_errors(dataset):
     for name in ("ranked_train", "ranked_eval"):
         for r in dataset.load(name):
             human, gpt = r["conversations"]
-            assert human["value"].startswith("<image>\n")
+            _unplaced(dataset, human["value"])
             responses = gpt["value"]
             assert isinstance(responses, list) and len(responses) == k
             scene = dataset.scenes[r["image"]]
@@ -173,6 +189,7 @@ def test_kto_labels_are_true(dataset, oracle, is_caption_prompt):
         assert Counter(r["label"] for r in recs)[True] == Counter(r["label"] for r in recs)[False]
         for r in recs:
             assert isinstance(r["label"], bool) and len(r["images"]) == 1
+            _unplaced(dataset, r["prompt"], explicit=False)
             scene = dataset.scenes[r["images"][0]]
             if r["question_type"] == "caption":
                 assert (caption_errors(r["completion"], scene) == 0) == r["label"]

@@ -43,7 +43,7 @@ def test_reader_reads_every_file(dataset, name):
         assert load_image(img, root=dataset.root).size == (dataset.config.image_size,) * 2
     rec, row = recs[0], raw[0]
     if rec.kind == "rl_prompt":
-        assert rec.reference == row["answer"] and rec.prompt[-1].text.strip() == row["question"]
+        assert rec.reference == row["answer"] and rec.prompt[-1].text.strip() == row["question"].replace("<image>", "").strip()
     elif rec.kind == "preference":
         assert (rec.chosen, rec.rejected) == (row["chosen"], row["rejected"])
         assert not answer_matches(rec.rejected, rec.chosen)
@@ -55,3 +55,16 @@ def test_reader_reads_every_file(dataset, name):
         assert rec.messages[-1].role == "assistant"
         assert rec.messages[-1].text == row["conversations"][-1]["value"]
         assert "<image>" not in "".join(m.text for m in rec.messages)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
+def test_image_position_survives_reading(dataset, name):
+    """Whatever the format, the first user turn reads as [image, text] by default and as
+    [text, image] with ``image_position="after"``."""
+    from vlmalign.data.schema import ImagePart
+    after = dataset.config.image_position == "after"
+    for rec in read_file(dataset.paths[name])[:10]:
+        turns = rec.messages if rec.kind == "conversation" else rec.prompt
+        first = next(m for m in turns if m.role == "user")
+        kinds = ["image" if isinstance(p, ImagePart) else "text" for p in first.content]
+        assert kinds == (["text", "image"] if after else ["image", "text"]), (rec.id, first.content)

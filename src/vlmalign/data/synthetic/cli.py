@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from .config import QUESTION_TYPES, ShapesConfig
+from .config import IMAGE_POSITIONS, QUESTION_TYPES, ShapesConfig
 from .generate import FILES
 
 
@@ -65,6 +65,9 @@ def register(data_subparsers) -> argparse.ArgumentParser:
                         f"default {d.jitter}")
     p.add_argument("--max-turns", type=int, default=d.max_turns,
                    help=f"longest multi-turn VQA SFT record (default {d.max_turns})")
+    p.add_argument("--image-position", choices=IMAGE_POSITIONS, default=d.image_position,
+                   help=f"image before or after the first user turn's text (default {d.image_position}; "
+                        f"'after' lets a tiny causal LM's image tokens see the question)")
     p.add_argument("--ranked-size", type=int, default=d.ranked_size,
                    help=f"responses per ranked list (default {d.ranked_size})")
     p.set_defaults(func=run_shapes)
@@ -73,7 +76,7 @@ def register(data_subparsers) -> argparse.ArgumentParser:
 
 _CONFIG_ARGS = ("seed", "train_images", "eval_images", "image_size", "grid", "min_objects",
                 "max_objects", "colours", "shapes", "question_types", "paraphrases", "jitter",
-                "max_turns", "ranked_size")
+                "max_turns", "image_position", "ranked_size")
 
 
 def run_shapes(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ PLURALS: dict[str, str] = {
     "cross": "crosses", "diamond": "diamonds",
 }
 
+IMAGE_POSITIONS: tuple[str, ...] = ("before", "after")
 QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "count", "position", "existence")
 
 _ROWS = {1: ("",), 2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
@@ -90,6 +91,12 @@ class ShapesConfig:
     """Background RGB."""
     max_turns: int = 3
     """Longest multi-turn VQA SFT conversation (questions about one image grouped 1..max_turns)."""
+    image_position: str = "before"
+    """Where the image goes in the first user turn: ``before`` its text (LLaVA's ``<image>\\n``
+    convention; VQA, plain_dpo and KTO prompts then carry no placeholder, which readers take to
+    mean image first) or ``after`` it (``What colour ...?\\n<image>`` in every file). With the
+    image after the question a causal LM's image tokens see the question, which a tiny
+    random-init model learns far faster (README, Quickstart)."""
     ranked_size: int = 3
     """Responses per ranked list: the correct caption, then captions with 1, 2, ... errors."""
 
@@ -143,6 +150,8 @@ class ShapesConfig:
             bad("train_images and eval_images must be at least 1")
         if self.max_turns < 1:
             bad("max_turns must be at least 1")
+        if self.image_position not in IMAGE_POSITIONS:
+            bad(f"image_position must be one of {', '.join(IMAGE_POSITIONS)}, got {self.image_position!r}")
         if not 2 <= self.ranked_size <= n_cells + 1:
             bad(f"ranked_size must be in 2..{n_cells + 1} (one error per cell at most)")
         if len(self.background) != 3 or any(not 0 <= v <= 255 for v in self.background):

@@ -33,9 +33,11 @@ manifest.json           -             config, counts, files, reader formats and 
                                       sha256 of each file
 ======================  ============  ==========================================================
 
-Prompts in plain_dpo, VQA and KTO files carry no image placeholder (like the Resonance
-samples): the record's image goes before the text of the first user turn. LLaVA files put
-``<image>\\n`` at the start of the first human turn. ``manifest.json`` names, per file, the
+With ``image_position="before"`` (the default) prompts in plain_dpo, VQA and KTO files carry no
+image placeholder (like the Resonance samples): the record's image goes before the text of the
+first user turn, and LLaVA files put ``<image>\\n`` at the start of the first human turn. With
+``image_position="after"`` every file spells the placeholder out after that text
+(``What colour is the shape in the top left?\\n<image>``). ``manifest.json`` names, per file, the
 ``format`` to pass to :func:`vlmalign.data.readers.read_file` and the record kind it yields
 (conversation, rl_prompt, preference, ranked, unpaired).
 """
@@ -107,8 +109,17 @@ def _dump_jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
-def _human(text: str, first: bool) -> dict:
-    return {"from": "human", "value": ("<image>\n" + text) if first else text}
+def _human(text: str, first: bool, config: ShapesConfig) -> dict:
+    return {"from": "human", "value": _with_image(text, config, explicit=True) if first else text}
+
+
+def _with_image(text: str, config: ShapesConfig, explicit: bool = False) -> str:
+    """``text`` with the image placeholder where ``config.image_position`` puts it. Before the
+    text, only LLaVA files (``explicit``) spell it out: the other formats' readers put an image
+    without a placeholder first."""
+    if config.image_position == "after":
+        return text + "\n<image>"
+    return "<image>\n" + text if explicit else text
 
 
 def _gpt(value) -> dict:
@@ -174,7 +185,7 @@ def build_records(config: ShapesConfig, scenes: dict[str, list[tuple[str, Scene,
             rng = _rng(seed, sid, i, _CAPTION)
             files[f"captions_{split}"].append({
                 "id": f"caption-{split}-{i:05d}", "image": rel,
-                "conversations": [_human(_caption_prompt(rng, config), True), _gpt(caption(scene))]})
+                "conversations": [_human(_caption_prompt(rng, config), True, config), _gpt(caption(scene))]})
 
             # VQA: every type once per image; existence alternates yes/no across images
             rng = _rng(seed, sid, i, _VQA)
@@ -188,14 +199,14 @@ def build_records(config: ShapesConfig, scenes: dict[str, list[tuple[str, Scene,
                     chunk = qas_shuffled[k:k + turns]
                     conv = []
                     for j, qa in enumerate(chunk):
-                        conv += [_human(qa.question, j == 0), _gpt(qa.answer)]
+                        conv += [_human(qa.question, j == 0, config), _gpt(qa.answer)]
                     files["vqa_train"].append({"id": f"vqa-train-{i:05d}-{k}", "image": rel,
                                                "conversations": conv})
                     k += turns
             else:
                 for qa in qas:
                     files["vqa_eval"].append(_vqa_record(f"vqa-eval-{i:05d}-{qa.question_type}",
-                                                         rel, qa))
+                                                         rel, qa, config))
 
                 # POPE: per category one yes and one no (skipped together when impossible)
                 rng = _rng(seed, sid, i, _POPE)
@@ -205,7 +216,7 @@ def build_records(config: ShapesConfig, scenes: dict[str, list[tuple[str, Scene,
                         continue
                     yes = ask(scene, "existence", rng, config, variant="present")
                     for qa in (yes, no):
-                        rec = _vqa_record(f"pope-{i:05d}-{cat}-{qa.answer}", rel, qa)
+                        rec = _vqa_record(f"pope-{i:05d}-{cat}-{qa.answer}", rel, qa, config)
                         rec.update(category=cat, object=qa.meta["object"])
                         files["pope_eval"].append(rec)
 
@@ -214,14 +225,15 @@ def build_records(config: ShapesConfig, scenes: dict[str, list[tuple[str, Scene,
             t = qtypes[i % nq]
             qa = ask(scene, t, rng, config, variant=_variant(t, i // nq))
             files[f"dpo_{split}"].append({
-                "id": f"dpo-{split}-{i:05d}-qa", "image": rel, "prompt": qa.question,
+                "id": f"dpo-{split}-{i:05d}-qa", "image": rel, "prompt": _with_image(qa.question, config),
                 "chosen": qa.answer, "rejected": wrong_answer(scene, qa, rng, config),
                 "question_type": t, "error": "wrong_" + t})
             kind = CAPTION_ERROR_KINDS[i % len(CAPTION_ERROR_KINDS)]
             (bad, applied), = corrupted_captions(scene, rng, config, [kind])
             files[f"dpo_{split}"].append({
                 "id": f"dpo-{split}-{i:05d}-caption", "image": rel,
-                "prompt": _caption_prompt(rng, config), "chosen": caption(scene), "rejected": bad,
+                "prompt": _with_image(_caption_prompt(rng, config), config), "chosen": caption(scene),
+                "rejected": bad,
                 "question_type": "caption", "error": applied[0]})
 
             # ranked lists (LLaVA ranked): correct caption, then 1, 2, ... errors
@@ -232,14 +244,14 @@ def build_records(config: ShapesConfig, scenes: dict[str, list[tuple[str, Scene,
             files[f"ranked_{split}"].append({
                 "id": f"ranked-{split}-{i:05d}", "image": rel,
                 "num_errors": list(range(config.ranked_size)),
-                "conversations": [_human(_caption_prompt(rng, config), True),
+                "conversations": [_human(_caption_prompt(rng, config), True, config),
                                   _gpt([caption(scene)] + [c for c, _ in worse])]})
 
             # RL prompts with verifiable answers (VQA): one question per image
             rng = _rng(seed, sid, i, _RL)
             t = qtypes[i % nq]
             qa = ask(scene, t, rng, config, variant=_variant(t, i // nq))
-            files[f"rl_{split}"].append(_vqa_record(f"rl-{split}-{i:05d}", rel, qa))
+            files[f"rl_{split}"].append(_vqa_record(f"rl-{split}-{i:05d}", rel, qa, config))
 
             # unpaired (KTO): one desirable and one undesirable example on different prompts
             rng = _rng(seed, sid, i, _KTO)
@@ -256,13 +268,14 @@ def build_records(config: ShapesConfig, scenes: dict[str, list[tuple[str, Scene,
                     prompt = qa.question
                     completion = qa.answer if good else wrong_answer(scene, qa, rng, config)
                 files[f"kto_{split}"].append({
-                    "id": f"kto-{split}-{i:05d}-{'good' if good else 'bad'}", "prompt": prompt,
+                    "id": f"kto-{split}-{i:05d}-{'good' if good else 'bad'}",
+                    "prompt": _with_image(prompt, config),
                     "completion": completion, "label": good, "images": [rel], "question_type": t})
     return files
 
 
-def _vqa_record(rid: str, image: str, qa: QA) -> dict:
-    rec = {"id": rid, "image": image, "question": qa.question, "answer": qa.answer,
+def _vqa_record(rid: str, image: str, qa: QA, config: ShapesConfig) -> dict:
+    rec = {"id": rid, "image": image, "question": _with_image(qa.question, config), "answer": qa.answer,
            "question_type": qa.question_type}
     if qa.question_type == "existence":
         rec["label"] = qa.answer
