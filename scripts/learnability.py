@@ -4,6 +4,8 @@
         linear probe: can shape be read from the frozen random vision features of a grid cell?
     python scripts/learnability.py sweep --steps 2000 --train-images 6000 [--patch 16 --hidden 64 ...]
         SFT a tiny LLaVA on ShapesWorld VQA, printing held-out accuracy per question type
+        (the quickstart's data and settings: --image-position after --max-turns 1 --init-std 0.125
+        --lr 1e-3)
     python scripts/learnability.py shuffle --steps 600
         loss with the true images vs. images shuffled across rows (does the model use images?)
 
@@ -30,17 +32,24 @@ from vlmalign.models import adapter_for, build_tiny
 
 def _data(args) -> Path:
     tag = "" if (args.min_objects, args.max_objects) == (1, 3) else f"-o{args.min_objects}{args.max_objects}"
+    if (args.image_position, args.max_turns) != ("before", 3):
+        tag += f"-{args.image_position}-t{args.max_turns}"
     d = Path(args.data or f"/tmp/vlmalign-learn-{args.train_images}{tag}")
     if not (d / "manifest.json").exists():
         generate_shapesworld(d, ShapesConfig(seed=0, train_images=args.train_images, eval_images=100,
-                                             min_objects=args.min_objects, max_objects=args.max_objects))
+                                             min_objects=args.min_objects, max_objects=args.max_objects,
+                                             image_position=args.image_position, max_turns=args.max_turns))
     return d
 
 
 def _model(args):
     seed_everything(args.seed)
     m, p = build_tiny("llava", patch_size=args.patch, hidden=args.hidden, layers=args.layers,
-                      vision_hidden=args.vision_hidden, seed=args.seed, init_std=args.init_std)
+                      vision_hidden=args.vision_hidden, seed=args.seed, init_std=args.init_std,
+                      heads=args.heads, kv_heads=args.kv_heads)
+    if args.vision_pos_std is not None:
+        with torch.no_grad():
+            m.model.vision_tower.embeddings.position_embedding.weight.normal_(0, args.vision_pos_std)
     return m, p, adapter_for(m, p)
 
 
@@ -97,7 +106,8 @@ def sweep(args) -> None:
     vqa = read_file(d / "vqa_eval.json", kind="rl_prompt")
     seen = read_file(d / "rl_train.json", kind="rl_prompt")[:500]  # questions about training images
     col, meth = SFTCollator(loader, p.tokenizer.pad_token_id), SFTMethod(ad)
-    opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.0,
+                            betas=(0.9, args.beta2))
     from transformers import get_scheduler
     sch = get_scheduler("cosine", opt, num_warmup_steps=int(0.05 * args.steps), num_training_steps=args.steps)
     gen = torch.Generator().manual_seed(args.seed)
@@ -111,11 +121,11 @@ def sweep(args) -> None:
         m.train()
         loss, _ = meth.compute_loss(b, meth.count_items(b))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(m.parameters(), args.clip)
         opt.step()
         sch.step()
         opt.zero_grad()
-        if step % max(1, args.steps // 6) == 0 or step == args.steps:
+        if step % max(1, args.steps // args.evals) == 0 or step == args.steps:
             mm, _ = evaluate_vqa(ad, vqa, ImageLoader(ad, d), max_new_tokens=5, batch_size=64)
             tr, _ = evaluate_vqa(ad, seen, ImageLoader(ad, d), max_new_tokens=5, batch_size=64)
             per = {k.split("/")[-1]: round(v, 2) for k, v in mm.items() if "/" in k}
@@ -156,11 +166,20 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=6000)
     ap.add_argument("--min-objects", type=int, default=1)
     ap.add_argument("--max-objects", type=int, default=3)
+    ap.add_argument("--image-position", default="before", choices=("before", "after"),
+                    help="ShapesWorld image before or after the question (the quickstart: after)")
+    ap.add_argument("--max-turns", type=int, default=3, help="ShapesWorld VQA turns per record (quickstart: 1)")
     ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vision-hidden", type=int, default=None)
     ap.add_argument("--init-std", type=float, default=None, help="language model initializer_range")
+    ap.add_argument("--heads", type=int, default=4, help="language model attention heads")
+    ap.add_argument("--kv-heads", type=int, default=2, help="language model key/value heads")
+    ap.add_argument("--vision-pos-std", type=float, default=None, help="re-init the vision position embeddings")
+    ap.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    ap.add_argument("--evals", type=int, default=6, help="held-out evaluations during the sweep")
     ap.add_argument("--train-vision", action="store_true")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--steps", type=int, default=2000)

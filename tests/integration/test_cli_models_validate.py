@@ -68,6 +68,23 @@ def test_models_tiny_unknown_family_is_refused(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_models_tiny_init_std(tmp_path):
+    """--init-std reaches the language model's initializer (the quickstart's 0.125) and is
+    refused, naming the family, where the tiny builder has no such option."""
+    import json
+    rc, _, _ = run_cli("models", "tiny", "llava", "--out", str(tmp_path / "a"), "--init-std", "0.125")
+    assert rc == 0
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["text_config"]["initializer_range"] == 0.125
+    from safetensors.torch import load_file
+    w = load_file(str(tmp_path / "a" / "model.safetensors"))
+    emb = next(v for k, v in w.items() if k.endswith("embed_tokens.weight"))
+    assert 0.1 < float(emb.std()) < 0.15          # 0.02 without the option
+    rc, _, err = run_cli("models", "tiny", "qwen2_vl", "--out", str(tmp_path / "b"), "--init-std", "0.1")
+    assert rc == 2 and "tiny qwen2_vl builder has no init_std option" in err
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_dir_reloads_with_transformers_and_load_adapter(tiny_dirs, family):
     d = tiny_dirs[family]

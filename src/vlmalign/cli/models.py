@@ -15,6 +15,9 @@ def register(sub) -> None:
     t.add_argument("family", help="model family (see `vlmalign models list`)")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--seed", type=int, default=0, help="random seed for the weights")
+    t.add_argument("--init-std", type=float, default=None,
+                   help="language-model init std (families whose tiny builder takes init_std, e.g. llava; "
+                        "the quickstart uses 0.125)")
     t.set_defaults(func=_tiny)
 
     ls = msub.add_parser("list", help="list the families with an adapter and a tiny builder")
@@ -30,8 +33,18 @@ def register(sub) -> None:
 
 
 def _tiny(args) -> int:
+    import inspect
+
+    from ..errors import VlmalignError
     from ..models import save_tiny
-    save_tiny(args.family, args.out, seed=args.seed)
+    from ..models.registry import tiny_builders
+    kwargs = {"seed": args.seed}
+    if args.init_std is not None:
+        builder = tiny_builders().get(args.family)
+        if builder is not None and "init_std" not in inspect.signature(builder).parameters:
+            raise VlmalignError(f"--init-std: the tiny {args.family} builder has no init_std option")
+        kwargs["init_std"] = args.init_std
+    save_tiny(args.family, args.out, **kwargs)
     print(f"wrote tiny {args.family} model to {args.out}")
     return 0
 

@@ -48,11 +48,12 @@ def tiny_clip_vision_config(image_size: int, patch_size: int, hidden: int, layer
                             projection_dim=hidden)
 
 
-def tiny_llama_config(vocab_size: int, hidden: int, tok, layers: int = 2, init_std: float | None = None):
+def tiny_llama_config(vocab_size: int, hidden: int, tok, layers: int = 2, init_std: float | None = None,
+                      heads: int = 4, kv_heads: int = 2):
     from transformers import LlamaConfig
     extra = {} if init_std is None else {"initializer_range": init_std}
     return LlamaConfig(**extra, vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 4,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                        max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
 
@@ -66,7 +67,7 @@ def tiny_clip_image_processor(image_size: int):
 @register_tiny("llava")
 def build_tiny_llava(image_size: int = 64, patch_size: int = 16, hidden: int = 64, seed: int = 0,
                      layers: int = 2, vision_hidden: int | None = None, vision_layers: int = 2,
-                     init_std: float | None = None):
+                     init_std: float | None = None, heads: int = 4, kv_heads: int = 2):
     """Random-init LLaVA-1.5-architecture model + processor, fully offline.
 
     ``init_std`` sets the language model's ``initializer_range`` (default: transformers' 0.02,
@@ -80,7 +81,7 @@ def build_tiny_llava(image_size: int = 64, patch_size: int = 16, hidden: int = 6
                                pad_token="<pad>", unk_token="<unk>", chat_template=LLAVA_CHAT_TEMPLATE)
     config = LlavaConfig(
         vision_config=tiny_clip_vision_config(image_size, patch_size, vision_hidden or hidden, vision_layers),
-        text_config=tiny_llama_config(len(tok), hidden, tok, layers, init_std),
+        text_config=tiny_llama_config(len(tok), hidden, tok, layers, init_std, heads, kv_heads),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default", vision_feature_layer=-1,
         projector_hidden_act="gelu", pad_token_id=tok.pad_token_id,
