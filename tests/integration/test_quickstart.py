@@ -1,22 +1,24 @@
 """`vlmalign quickstart` on a few ShapesWorld images with a few steps per stage: the report has
-every stage with its documented metrics, the rm stage leaves the policy alone, the grpo stage
-measures its held-out reward before and after, --skip works."""
+every stage with its documented metrics, the rm stage leaves the policy alone, the grpo (or ppo)
+stage measures its held-out reward on paraphrased questions before and after, --skip and --rl
+work."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
-from vlmalign.quickstart import dpo_stage_config, render_markdown, render_table, rm_stage_config, run_quickstart, \
+from vlmalign.data.synthetic import generate_shapesworld
+from vlmalign.quickstart import DATA, dpo_stage_config, render_markdown, render_table, rm_stage_config, run_quickstart, \
     train_rm_stage
 from vlmalign.quickstart_rl import GRPO_KEYS, rl_curves
 
-SMALL = ShapesConfig(seed=0, train_images=16, eval_images=4)
+SMALL = replace(DATA, train_images=16, eval_images=4)   # the quickstart's layout, fewer images
 VQA_KEYS = {"vqa_accuracy", "pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"}
 RM_KEYS = {"rm_accuracy", "rm_margin", "rm_loss", "train_loss", "steps"}
 DPO_KEYS = {"dpo_accuracy", "dpo_margin", "dpo_chosen_reward", "dpo_rejected_reward", "dpo_loss", "train_loss",
@@ -31,7 +33,7 @@ def _finite(metrics: dict, keys) -> None:
 
 def test_quickstart_report_has_the_rm_dpo_and_grpo_stages(tmp_path):
     out = tmp_path / "qs"
-    report = run_quickstart(out, data=SMALL, pretrain_steps=1, sft_steps=2, rm_steps=2, dpo_steps=2, grpo_steps=2,
+    report = run_quickstart(out, data=SMALL, pretrain_steps=1, sft_steps=2, rm_steps=2, dpo_steps=2, rl_steps=2,
                             quiet=True)
     on_disk = json.loads((out / "report.json").read_text())
     assert [s["name"] for s in on_disk["stages"]] == ["base", "pretrain", "sft", "rm", "dpo", "grpo"]
@@ -72,12 +74,35 @@ def test_quickstart_report_has_the_rm_dpo_and_grpo_stages(tmp_path):
     # at step 0 the policy is its own reference: KL 0
     assert curve[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert "What GRPO changed" in md and "| step | held-out reward | held-out KL |" in md
-    assert "held-out RL prompts (rl_eval.json" in render_table(on_disk)
+    assert "held-out paraphrased questions (data_rl/vqa_eval.json" in render_table(on_disk)
+    # the RL stage's data: the same images, questions in every phrasing, the image after them
+    cfg = json.loads((out / "data_rl" / "manifest.json").read_text())["config"]
+    assert cfg["paraphrases"] is True and cfg["image_position"] == "after" == SMALL.image_position
+    assert cfg["train_images"] == 2 * 16 and cfg["eval_images"] == SMALL.eval_images
 
+
+def test_quickstart_rl_ppo_runs_a_ppo_stage(tmp_path):
+    out = tmp_path / "qs"
+    report = run_quickstart(out, data=SMALL, pretrain_steps=0, sft_steps=1, rm_steps=0, dpo_steps=0, rl="ppo",
+                            rl_steps=2, quiet=True)
+    assert [s["name"] for s in report["stages"]] == ["base", "sft", "ppo"]
+    ppo = report["stages"][-1]
+    assert set(GRPO_KEYS) | VQA_KEYS <= ppo["metrics"].keys()
+    _finite(ppo["metrics"], set(GRPO_KEYS) | VQA_KEYS)
+    assert ppo["metrics"]["steps"] == 2 and Path(ppo["run_dir"]) == out / "ppo"
+    curve = rl_curves(ppo["run_dir"])
+    assert curve[0]["reward"] == ppo["metrics"]["reward_start"] and curve[-1]["reward"] == ppo["metrics"]["reward"]
+    # the critic was trained: its value loss is logged
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert any(k.endswith("value_loss") for r in rows for k in r)
+    md = (out / "report.md").read_text()
+    assert "What PPO changed" in md and "![ppo](ppo/training.png)" in md
+    with pytest.raises(ValueError, match="grpo, ppo"):
+        run_quickstart(tmp_path / "bad", data=SMALL, rl="reinforce", quiet=True)
 
 def test_a_stage_with_zero_steps_is_left_out(tmp_path):
     report = run_quickstart(tmp_path / "qs", data=SMALL, pretrain_steps=0, sft_steps=1, rm_steps=0, dpo_steps=1,
-                            grpo_steps=0, quiet=True)
+                            rl_steps=0, quiet=True)
     assert [s["name"] for s in report["stages"]] == ["base", "sft", "dpo"]
     assert not (tmp_path / "qs" / "rm").exists() and not (tmp_path / "qs" / "grpo").exists()
 
@@ -132,13 +157,16 @@ def test_cli_skip_maps_to_zero_steps(monkeypatch, tmp_path, capsys):
     seen = {}
     monkeypatch.setattr(qs, "run_quickstart", lambda out, **kw: seen.update(out=out, **kw))
     assert main(["quickstart", "--out", str(tmp_path), "--skip", "rm, dpo,grpo"]) == 0
-    assert seen["rm_steps"] == 0 and seen["dpo_steps"] == 0 and seen["grpo_steps"] == 0
-    assert "sft_steps" not in seen and "pretrain_steps" not in seen
+    assert seen["rm_steps"] == 0 and seen["dpo_steps"] == 0 and seen["rl_steps"] == 0
+    assert "sft_steps" not in seen and "pretrain_steps" not in seen and seen["rl"] == "grpo"
     seen.clear()
-    assert main(["quickstart", "--out", str(tmp_path)]) == 0
-    assert not any(k.endswith("_steps") for k in seen)
-    assert main(["quickstart", "--skip", "rm,ppo"]) == 2
-    assert "--skip: unknown stage(s) ppo; choose from pretrain, sft, rm, dpo, grpo" in capsys.readouterr().err
+    assert main(["quickstart", "--out", str(tmp_path), "--rl", "ppo", "--skip", "ppo"]) == 0
+    assert seen["rl"] == "ppo" and seen["rl_steps"] == 0
+    seen.clear()
+    assert main(["quickstart", "--out", str(tmp_path), "--rl", "ppo"]) == 0
+    assert not any(k.endswith("_steps") for k in seen) and seen["rl"] == "ppo"
+    assert main(["quickstart", "--skip", "rm,reinforce"]) == 2
+    assert "--skip: unknown stage(s) reinforce; choose from pretrain, sft, rm, dpo, grpo, ppo" in capsys.readouterr().err
 
 
 def test_markdown_shows_what_grpo_changed():

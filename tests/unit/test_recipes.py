@@ -120,7 +120,14 @@ def test_quickstart_recipes_train_one_step_each(tmp_path):
     small = ["train.max_steps=1", "train.batch_size=4", "train.progress=false", "data.max_train_samples=8",
              "eval.max_samples=4", "eval.batch_size=4"]
 
-    pre = _relocate(_load(RECIPES / "quickstart" / "pretrain.yaml", small), data_dir, tmp_path, "pretrain")
+    # stage 1 starts from the tiny model its header builds (`vlmalign models tiny llava --init-std 0.125`)
+    from vlmalign.cli.main import main
+    tiny = tmp_path / "tiny"
+    pre_raw = _load(RECIPES / "quickstart" / "pretrain.yaml")
+    assert pre_raw.model.path == "runs/quickstart/tiny"
+    assert main(["models", "tiny", "llava", "--out", str(tiny), "--init-std", "0.125"]) == 0
+    pre = _relocate(_load(RECIPES / "quickstart" / "pretrain.yaml", [*small, f"model.path={tiny}"]), data_dir,
+                    tmp_path, "pretrain")
     result, _ = train_sft(pre)
     assert result.step == 1 and result.checkpoint
     assert "eval/vqa_accuracy" in result.metrics and "eval/pope_accuracy" in result.metrics

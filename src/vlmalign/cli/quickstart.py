@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..errors import VlmalignError
 
 # training stages that can be skipped, in run order (base is a measurement, always taken)
-STAGES = ("pretrain", "sft", "rm", "dpo", "grpo")
+STAGES = ("pretrain", "sft", "rm", "dpo", "grpo", "ppo")
 
 
 def register(sub) -> None:
@@ -13,6 +13,9 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/quickstart", help="output directory (report.json, report.md)")
     p.add_argument("--family", default="llava", help="tiny model family to build")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--rl", default="grpo", choices=("grpo", "ppo"),
+                   help="the online-RL stage: GRPO (default) or PPO with a critic; either is skipped "
+                        "with --skip grpo (or ppo)")
     p.add_argument("--skip", default="", metavar="STAGES",
                    help=f"comma-separated training stages to leave out ({', '.join(STAGES)}); later stages "
                         "start from the model the earlier ones left, e.g. --skip rm,dpo,grpo stops after SFT")
@@ -31,5 +34,8 @@ def parse_skip(value: str) -> set[str]:
 def _run(args) -> int:
     from ..quickstart import run_quickstart
     skip = parse_skip(args.skip)
-    run_quickstart(args.out, family=args.family, seed=args.seed, **{f"{s}_steps": 0 for s in skip})
+    steps = {f"{s}_steps": 0 for s in skip - {"grpo", "ppo"}}
+    if skip & {"grpo", "ppo"}:
+        steps["rl_steps"] = 0
+    run_quickstart(args.out, family=args.family, seed=args.seed, rl=args.rl, **steps)
     return 0
