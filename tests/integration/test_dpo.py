@@ -490,8 +490,13 @@ def test_mdpo_corrupted_images_are_other_pixels_and_reproducible(world):
     again = PreferenceCollator(loader, ad.tokenizer.pad_token_id, corruption_of(cfg.dpo, 0))(ex)
     for x, y in zip(batch.images, again.images):
         assert torch.equal(x.tensors["pixel_values"], y.tensors["pixel_values"])
+    # another seed crops elsewhere: some corrupted image changes (any single one may not: a crop of
+    # at most 20% can fall on plain background under both seeds; the seed also mixes in the
+    # file's path, so which one depends on where the test runs)
     other = PreferenceCollator(loader, ad.tokenizer.pad_token_id, corruption_of(cfg.dpo, 1))(ex)
-    assert not torch.equal(batch.images[-1].tensors["pixel_values"], other.images[-1].tensors["pixel_values"])
+    corrupt = sorted({imgs[2 * B + b][0] for b in range(B)})
+    assert any(not torch.equal(batch.images[i].tensors["pixel_values"], other.images[i].tensors["pixel_values"])
+               for i in corrupt)
 
 
 def test_rejected_images_are_shown_with_the_rejected_response(world, tmp_path):
