@@ -163,10 +163,6 @@ def train_rl_stage(method: str, adapter, cfg) -> tuple[dict, object]:
     return m, adapter
 
 
-def train_grpo_stage(adapter, cfg) -> tuple[dict, object]:
-    return train_rl_stage("grpo", adapter, cfg)
-
-
 def rl_curves(run_dir: str | Path) -> list[dict]:
     """The held-out measurements of an online-RL run dir, in step order: ``{"step", "reward",
     "kl"}`` (``kl`` None where it was not measured)."""

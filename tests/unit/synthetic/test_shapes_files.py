@@ -84,7 +84,6 @@ def test_captions_describe_scenes_exactly(dataset, oracle, is_caption_prompt):
 
 
 def test_vqa_train_answers_are_true(dataset, oracle, is_caption_prompt):
-    types = set()
     turns = Counter()
     for rec in dataset.load("vqa_train"):
         conv = rec["conversations"]
