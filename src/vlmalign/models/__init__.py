@@ -6,6 +6,24 @@
 
 from __future__ import annotations
 
+# Encoding each image once hands the features to transformers' forward and generate as
+# ``mm_encoder_outputs``, which transformers accepts from 5.18 on (5.17's generate refuses it).
+MIN_TRANSFORMERS = "5.18"
+
+
+def _check_transformers() -> None:
+    import transformers
+    from packaging.version import Version
+
+    from ..errors import ModelError
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise ModelError(f"vlmalign needs transformers>={MIN_TRANSFORMERS} (found {transformers.__version__}): "
+                         f"it passes precomputed image features as mm_encoder_outputs; "
+                         f"pip install 'transformers>={MIN_TRANSFORMERS},<6'")
+
+
+_check_transformers()
+
 from .adapter import (IGNORE_INDEX, EncodedImages, ImageInputs, Tokenized, TokenizedPair, VLMAdapter,
                       to_hf_messages)
 from .registry import adapter_class, families
