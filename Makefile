@@ -27,7 +27,7 @@ setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/vlmalign quickstart --out $(OUT)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/vlmalign quickstart --out $(OUT) --overwrite
 
 test: setup-dev
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests

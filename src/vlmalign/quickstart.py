@@ -177,16 +177,22 @@ def train_dpo_stage(adapter, cfg) -> tuple[dict, object]:
 def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava", seed: int = 0,
                    pretrain_steps: int = PRETRAIN_STEPS, sft_steps: int = SFT_STEPS,
                    data: ShapesConfig = DATA, quiet: bool = False, rm_steps: int = RM_STEPS,
-                   dpo_steps: int = DPO_STEPS, rl: str = "grpo", rl_steps: int | None = None) -> dict:
+                   dpo_steps: int = DPO_STEPS, rl: str = "grpo", rl_steps: int | None = None,
+                   overwrite: bool = False) -> dict:
     """Run the stages and write ``report.json`` / ``report.md`` under ``out``. A training stage
     with ``<stage>_steps=0`` is skipped; later stages start from the model the earlier ones left
     (rm and dpo from the SFT model when it ran, the RL stage from the DPO or else the SFT model).
     ``rl``: the RL stage's method, ``grpo`` or ``ppo`` (also its name in the report);
-    ``rl_steps``: its steps (default: that method's ``RL_STEPS``)."""
+    ``rl_steps``: its steps (default: that method's ``RL_STEPS``). An ``out`` that holds an earlier
+    quickstart is refused unless ``overwrite`` (its stages' runs are then replaced).
+
+    Each stage's ``config.yaml`` names the model it started from (``model.path``: ``base_model/``
+    or the previous stage's last checkpoint), so ``vlmalign train METHOD --config`` reruns it."""
     if rl not in RL_METHODS:
         raise ValueError(f"unknown RL stage {rl!r}; choose from {', '.join(RL_METHODS)}")
     rl_steps = RL_STEPS[rl] if rl_steps is None else rl_steps
     out = Path(out)
+    _claim(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     say = (lambda *a: None) if quiet else print
@@ -201,7 +207,15 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
     seed_everything(seed)
     model, processor = build_tiny(family, seed=seed, **TINY.get(family, {}))
     adapter = adapter_for(model, processor)
+    start = out / "base_model"  # the model each stage's config.yaml names as model.path
+    adapter.save_pretrained(str(start))
     stages = []
+
+    def stage_cfg(cfg):
+        cfg.train.progress = not quiet
+        cfg.train.overwrite = overwrite
+        cfg.model.path, cfg.model.tiny = str(start.resolve()), None
+        return cfg
 
     t = time.time()
     stages.append({"name": "base", "metrics": _measure(adapter, data_dir, vqa, pope), "seconds": time.time() - t})
@@ -216,9 +230,9 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
             continue
         say(f"[quickstart] {name}: {steps} steps on {train_file.name}")
         t = time.time()
-        cfg = _stage_cfg(base_cfg, out, name, train_file, steps, seed, lr, bs)
-        cfg.train.progress = not quiet
+        cfg = stage_cfg(_stage_cfg(base_cfg, out, name, train_file, steps, seed, lr, bs))
         result, adapter = train_sft(cfg, adapter=adapter)
+        start = Path(result.checkpoint) / "model"
         train_s = time.time() - t
         m = _measure(adapter, data_dir, vqa, pope)
         m["train_loss"] = result.metrics.get("loss")
@@ -228,8 +242,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
         say(f"[quickstart] {name}: vqa_accuracy={m['vqa_accuracy']:.3f} ({time.time() - t:.0f}s)")
 
     if rm_steps > 0:
-        cfg = rm_stage_config(out, data_dir, rm_steps, seed)
-        cfg.train.progress = not quiet
+        cfg = stage_cfg(rm_stage_config(out, data_dir, rm_steps, seed))
         say(f"[quickstart] rm: {rm_steps} steps on {Path(cfg.data.train_file).name}")
         t = time.time()
         m, rm = train_rm_stage(adapter, cfg)
@@ -239,11 +252,11 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
         say(f"[quickstart] rm: rm_accuracy={m['rm_accuracy']:.3f} ({time.time() - t:.0f}s)")
 
     if dpo_steps > 0:
-        cfg = dpo_stage_config(out, data_dir, dpo_steps, seed)
-        cfg.train.progress = not quiet
+        cfg = stage_cfg(dpo_stage_config(out, data_dir, dpo_steps, seed))
         say(f"[quickstart] dpo: {dpo_steps} steps on {Path(cfg.data.train_file).name}")
         t = time.time()
         pm, adapter = train_dpo_stage(adapter, cfg)
+        start = _last_model(cfg)
         train_s = time.time() - t
         m = _measure(adapter, data_dir, vqa, pope)
         m.update(pm)
@@ -256,8 +269,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
         rl_dir = out / "data_rl"
         say(f"[quickstart] generating paraphrased ShapesWorld questions for {rl} in {rl_dir}")
         generate_shapesworld(rl_dir, rl_data_config(data, seed, rl_steps, RL_PROMPTS[rl]))
-        cfg = rl_stage_config(rl, out, rl_dir, rl_steps, seed)
-        cfg.train.progress = not quiet
+        cfg = stage_cfg(rl_stage_config(rl, out, rl_dir, rl_steps, seed))
         say(f"[quickstart] {rl}: {rl_steps} steps on {Path(cfg.data.train_file).name}")
         t = time.time()
         rlm, adapter = train_rl_stage(rl, adapter, cfg)
@@ -277,6 +289,21 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
     say(render_table(report))
     say(f"\nreport: {out / 'report.json'} and {out / 'report.md'}")
     return report
+
+
+def _claim(out: Path, overwrite: bool) -> None:
+    from .engine.run_dir import holds_run
+    from .errors import VlmalignError
+    earlier = (out / "report.json").exists() or (out.is_dir() and any(holds_run(p) for p in out.iterdir()
+                                                                      if p.is_dir()))
+    if earlier and not overwrite:
+        raise VlmalignError(f"{out} already holds a quickstart run: pass --overwrite to replace it "
+                            "(overwrite=True from Python) or choose another --out")
+
+
+def _last_model(cfg) -> Path:
+    from .engine.checkpoint import latest_checkpoint
+    return latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints") / "model"
 
 
 KEY_METRICS = ("vqa_accuracy", "pope_accuracy", "pope_f1", "pope_yes_ratio", "train_loss")

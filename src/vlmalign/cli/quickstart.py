@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--skip", default="", metavar="STAGES",
                    help=f"comma-separated training stages to leave out ({', '.join(STAGES)}); later stages "
                         "start from the model the earlier ones left, e.g. --skip rm,dpo,grpo stops after SFT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier quickstart in --out (without it such an --out is refused)")
     p.set_defaults(func=_run)
 
 
@@ -37,5 +39,5 @@ def _run(args) -> int:
     steps = {f"{s}_steps": 0 for s in skip - {"grpo", "ppo"}}
     if skip & {"grpo", "ppo"}:
         steps["rl_steps"] = 0
-    run_quickstart(args.out, family=args.family, seed=args.seed, rl=args.rl, **steps)
+    run_quickstart(args.out, family=args.family, seed=args.seed, rl=args.rl, overwrite=args.overwrite, **steps)
     return 0

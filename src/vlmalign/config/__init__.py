@@ -24,9 +24,13 @@ class ConfigError(VlmalignError):
     pass
 
 
-def opt(default: Any, help: str, choices: tuple | None = None):
-    """A config option: default value, help text and optional allowed values."""
-    meta = {"help": help, "choices": choices}
+def opt(default: Any, help: str, choices: tuple | None = None, *, ge: float | None = None,
+        gt: float | None = None, le: float | None = None, lt: float | None = None):
+    """A config option: default value, help text, optional allowed values and an optional range
+    (``ge`` / ``gt`` / ``le`` / ``lt`` bounds, checked for every number the option is given,
+    each element of a list; ``None`` stays allowed where the type allows it)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    meta = {"help": help, "choices": choices, "bounds": bounds}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     if is_dataclass(default):
@@ -36,6 +40,29 @@ def opt(default: Any, help: str, choices: tuple | None = None):
 
 def section(cls, help: str):
     return field(default_factory=cls, metadata={"help": help, "choices": None})
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUND_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b,
+             "lt": lambda v, b: v < b}
+
+
+def range_text(bounds: dict) -> str:
+    """``bounds`` as the help shows them, e.g. ``>= 1`` or ``>= 0, < 1``."""
+    return ", ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in bounds.items())
+
+
+def check_bounds(value: Any, bounds: dict, where: str) -> None:
+    """Refuse a number (or any number in a list) outside the option's declared range."""
+    if not bounds or value is None:
+        return
+    for i, v in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        for k, b in bounds.items():
+            if not _BOUND_OK[k](v, b):
+                at = f"{where}[{i}]" if isinstance(value, (list, tuple)) else where
+                raise ConfigError(f"{at}: {v!r} is out of range (must be {range_text(bounds)})")
 
 
 def _hints(cls) -> dict:
@@ -120,6 +147,7 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
             choices = f.metadata.get("choices")
             if choices and v not in choices:
                 raise ConfigError(f"{prefix + key}: {v!r} is not one of {', '.join(map(str, choices))}")
+            check_bounds(v, f.metadata.get("bounds") or {}, prefix + key)
             setattr(obj, key, v)
 
 
@@ -163,6 +191,20 @@ def save_config(cfg, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def validate_config(cfg, prefix: str = "") -> None:
+    """Check every option of a config built in Python (not only those read from YAML or the
+    command line) against its declared choices and range."""
+    for f in fields(cfg):
+        cur = getattr(cfg, f.name)
+        if is_dataclass(cur):
+            validate_config(cur, prefix + f.name + ".")
+            continue
+        choices = f.metadata.get("choices")
+        if choices and cur not in choices:
+            raise ConfigError(f"{prefix + f.name}: {cur!r} is not one of {', '.join(map(str, choices))}")
+        check_bounds(cur, f.metadata.get("bounds") or {}, prefix + f.name)
+
+
 def describe(cls, prefix: str = "") -> list[str]:
     """One line per option: ``section.key (default): help``."""
     lines = []
@@ -175,8 +217,10 @@ def describe(cls, prefix: str = "") -> list[str]:
         else:
             ch = f.metadata.get("choices")
             extra = f" [{'|'.join(map(str, ch))}]" if ch else ""
+            if f.metadata.get("bounds"):
+                extra += f" ({range_text(f.metadata['bounds'])})"
             lines.append(f"  {prefix}{f.name} = {cur!r}{extra}: {f.metadata.get('help', '')}")
     return lines
 
 
-__all__ = ["ConfigError", "dataclass", "describe", "load_config", "opt", "save_config", "section", "to_dict"]
+__all__ = ["ConfigError", "check_bounds", "dataclass", "describe", "load_config", "opt", "save_config", "section", "to_dict", "validate_config"]

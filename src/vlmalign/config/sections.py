@@ -23,9 +23,9 @@ class ModelSection:
 @dataclass
 class LoraSection:
     enabled: bool = opt(False, "train LoRA adapters instead of full weights (language model Linear layers)")
-    r: int = opt(16, "LoRA rank")
-    alpha: int = opt(32, "LoRA alpha (scaling = alpha / r)")
-    dropout: float = opt(0.0, "LoRA dropout")
+    r: int = opt(16, "LoRA rank", ge=1)
+    alpha: int = opt(32, "LoRA alpha (scaling = alpha / r)", gt=0)
+    dropout: float = opt(0.0, "LoRA dropout", ge=0, lt=1)
     targets: list[str] = opt([], "module names to wrap; empty: every Linear of the language model")
     include_vision: bool = opt(False, "also wrap the vision tower's Linear layers")
     qlora: bool = opt(False, "load the base model in 4-bit (bitsandbytes, CUDA only)")
@@ -38,42 +38,46 @@ class DataSection:
     image_root: str | None = opt(None, "directory image paths are resolved in (and confined to); "
                                        "default: the data file's directory")
     format: str = opt("auto", "data format (auto-detected by default)")
-    max_length: int = opt(1024, "maximum tokens per sample; longer samples are refused, never cut")
+    max_length: int = opt(1024, "maximum tokens per sample; longer samples are refused, never cut", ge=1)
     on_error: str = opt("raise", "bad records: raise (stop with the record's location) or skip "
                                  "(drop, count and report)", ("raise", "skip"))
-    max_train_samples: int | None = opt(None, "use only the first N training records")
-    max_eval_samples: int | None = opt(None, "use only the first N evaluation records")
+    max_train_samples: int | None = opt(None, "use only the first N training records (null: all)", ge=1)
+    max_eval_samples: int | None = opt(None, "use only the first N evaluation records (null: all)", ge=1)
 
 
 @dataclass
 class OptimSection:
-    lr: float = opt(2e-5, "peak learning rate")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
-    eps: float = opt(1e-8, "AdamW epsilon")
+    lr: float = opt(2e-5, "peak learning rate", gt=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas (two numbers)", ge=0, lt=1)
+    eps: float = opt(1e-8, "AdamW epsilon", gt=0)
     schedule: str = opt("cosine", "learning-rate schedule after warm-up", ("cosine", "linear", "constant"))
-    warmup_steps: int = opt(0, "linear warm-up steps (overrides warmup_ratio when > 0)")
-    warmup_ratio: float = opt(0.03, "warm-up as a fraction of total steps")
-    max_grad_norm: float = opt(1.0, "clip the gradient norm to this value (0: no clipping)")
-    projector_lr: float | None = opt(None, "separate learning rate for the projector (default: lr)")
+    warmup_steps: int = opt(0, "linear warm-up steps (overrides warmup_ratio when > 0)", ge=0)
+    warmup_ratio: float = opt(0.03, "warm-up as a fraction of total steps", ge=0, le=1)
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this value (0: no clipping)", ge=0)
+    projector_lr: float | None = opt(None, "separate learning rate for the projector (default: lr)", gt=0)
     vision_lr: float | None = opt(None, "separate learning rate for the vision tower when it is trained "
-                                        "(default: lr; LLaVA-NeXT uses a tenth of the LM's)")
+                                        "(default: lr; LLaVA-NeXT uses a tenth of the LM's)", gt=0)
 
 
 @dataclass
 class TrainSection:
     output_dir: str = opt("runs/run", "run directory: config, metrics.jsonl, checkpoints, plots, report")
-    seed: int = opt(0, "random seed (data order, init of new heads, dropout)")
-    epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)")
-    max_steps: int = opt(0, "optimizer steps to run (0: derive from epochs)")
-    batch_size: int = opt(8, "micro-batch size per process")
-    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    seed: int = opt(0, "random seed (data order, init of new heads, dropout)", ge=0)
+    epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)", gt=0)
+    max_steps: int = opt(0, "optimizer steps to run (0: derive from epochs)", ge=0)
+    batch_size: int = opt(8, "micro-batch size per process", ge=1)
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", ge=1)
     precision: str = opt("auto", "auto (bf16 on GPU when supported, else fp32), fp32, bf16, fp16",
                          ("auto", "fp32", "bf16", "fp16"))
-    log_every: int = opt(1, "log metrics every N optimizer steps")
-    eval_every: int = opt(0, "evaluate every N steps (0: only at the end)")
-    save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
-    keep_last: int = opt(2, "checkpoints to keep")
-    resume: bool = opt(False, "continue from the latest checkpoint in output_dir")
+    log_every: int = opt(1, "log metrics every N optimizer steps", ge=1)
+    eval_every: int = opt(0, "evaluate every N steps (0: only at the end)", ge=0)
+    save_every: int = opt(0, "checkpoint every N steps (0: only at the end)", ge=0)
+    keep_last: int = opt(2, "checkpoints to keep (0: all)", ge=0)
+    resume: bool = opt(False, "continue from the latest checkpoint in output_dir (the batch settings must match)")
+    overwrite: bool = opt(False, "start afresh in an output_dir that holds an earlier run, deleting its "
+                                 "checkpoints, metrics and plots (without it or resume, such a run is refused)")
     report_to: list[str] = opt([], "trackers through accelerate: tensorboard, wandb, trackio")
-    progress: bool = opt(True, "show a progress bar")
+    progress: bool = opt(True, "show a progress bar on a terminal")
+    progress_seconds: float = opt(30.0, "without a bar (output not a terminal, or progress=false): a progress "
+                                        "line every N seconds (0: none)", ge=0)

@@ -8,6 +8,7 @@ loaded with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -71,13 +72,32 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, processor, trainer_state: dict, *,
                     keep_last: int = 2, extra_modules: dict | None = None, state_dict: dict | None = None) -> Path:
-    """Write ``step-N`` atomically; prune to the newest ``keep_last``."""
+    """Write ``step-N`` atomically; prune to the newest ``keep_last``. A write that fails (a
+    full disk, most often) removes its partial copy, keeps every earlier checkpoint and says why."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step}"
     tmp = ckpt_dir / f".tmp-step-{step}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+        _write_checkpoint(tmp, model, processor, trainer_state, step, extra_modules, state_dict)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(_write_failure(ckpt_dir, step, e)) from e
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+class CheckpointWriteError(VlmalignError):
+    pass
+
+
+def _write_checkpoint(tmp: Path, model, processor, trainer_state, step, extra_modules, state_dict) -> None:
     if state_dict is not None:
         model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
     else:
@@ -93,14 +113,40 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, processor, trainer_state: 
     for name, mod in (extra_modules or {}).items():
         from safetensors.torch import save_file as save_tensors
         save_tensors({k: v.detach().contiguous().cpu() for k, v in mod.state_dict().items()},
-                  str(tmp / f"{name}.safetensors"))
+                     str(tmp / f"{name}.safetensors"))
     torch.save({**trainer_state, "rng": rng_state(), "step": step}, tmp / "trainer_state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for _, old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+# torch's zip writer reports a full disk as "[enforce fail at inline_container.cc] unexpected pos"
+_DISK_FULL_TEXT = ("unexpected pos", "no space left", "file write failed", "disk quota")
+
+
+def _write_failure(ckpt_dir: Path, step: int, err: Exception) -> str:
+    try:
+        free = shutil.disk_usage(ckpt_dir).free
+    except OSError:
+        free = None
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+        any(t in str(err).lower() for t in _DISK_FULL_TEXT)
+    prev = latest_checkpoint(ckpt_dir)
+    kept = f"the previous checkpoint {prev} is kept" if prev else "no earlier checkpoint exists"
+    where = f"{ckpt_dir} ({free / 2**20:.0f} MiB free)" if free is not None else str(ckpt_dir)
+    why = "the disk is full" if full else f"{type(err).__name__}: {err}"
+    return f"could not write checkpoint step-{step} to {where}: {why}; the partial copy was removed and {kept}"
+
+
+def check_resume_layout(state: dict, current: dict, ckpt: Path) -> None:
+    """Refuse to resume with settings that change which records each step sees (batch size,
+    accumulation, process count, seed, data size) — the data position would no longer match."""
+    saved = state.get("layout")
+    if not saved:
+        return  # a checkpoint from before these were recorded
+    diff = [f"{k}: {saved[k]} in the checkpoint, {current[k]} now" for k in current
+            if k in saved and saved[k] != current[k]]
+    if diff:
+        raise VlmalignError(f"cannot resume from {ckpt} with different settings ({'; '.join(diff)}): use the "
+                            "settings of the interrupted run, or start a new run (train.overwrite=true or "
+                            "another train.output_dir)")
 
 
 EXTRA_PARAMS = "extra_params.safetensors"

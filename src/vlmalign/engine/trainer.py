@@ -25,9 +25,12 @@ from typing import Callable, Sequence
 import torch
 from accelerate.utils import DistributedType
 
+from ..config import validate_config
 from ..errors import VlmalignError
-from .checkpoint import latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint, set_rng_state
-from .run_dir import RunDir
+from .checkpoint import check_resume_layout, latest_checkpoint, load_trainer_state, load_weights_into, \
+    save_checkpoint, set_rng_state
+from .loop import final_evaluation, run_steps
+from .run_dir import RunDir, claim_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,8 @@ class Trainer:
         self.evaluate = evaluate
         self.adapters = list(adapters)
         self.extra_modules = extra_modules or {}
+        validate_config(config if config is not None else train_cfg)
+        claim_output_dir(train_cfg)
         self.acc = _accelerator(train_cfg)
         self.run = RunDir(train_cfg.output_dir, main_process=self.acc.is_main_process)
         if config is not None:
@@ -108,7 +113,8 @@ class Trainer:
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
         if not self.examples:
-            raise VlmalignError("no training examples")
+            raise VlmalignError("no training examples (every record of the training file was skipped or "
+                                "the file is empty)")
         g = self.tc.batch_size * self.tc.grad_accum * self.world
         n = len(self.examples)
         self.global_batch = g
@@ -164,30 +170,36 @@ class Trainer:
         weights = self.acc.get_state_dict(self.runner) if sharded else None
         if self.acc.is_main_process:
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "total_steps": self.total_steps}
+                     "total_steps": self.total_steps, "layout": self.layout()}
             path = str(save_checkpoint(self.run.checkpoints, self.step, self.acc.unwrap_model(self.runner),
                                        self.processor, state, keep_last=self.tc.keep_last,
                                        extra_modules=self.extra_modules, state_dict=weights))
         self.acc.wait_for_everyone()
         return path
 
+    def layout(self) -> dict:
+        """The settings that fix which records each step sees: a resumed run must keep them."""
+        return {"train.batch_size": self.tc.batch_size, "train.grad_accum": self.tc.grad_accum,
+                "processes": self.world, "train.seed": self.tc.seed, "examples": len(self.examples)}
+
     def _resume(self) -> None:
         ck = latest_checkpoint(self.run.checkpoints)
         if ck is None:
             log.info("no checkpoint in %s: starting from scratch", self.run.checkpoints)
             return
+        st = load_trainer_state(ck)
+        check_resume_layout(st, self.layout(), ck)
         load_weights_into(self.acc.unwrap_model(self.runner), ck / "model")
         for name, mod in self.extra_modules.items():
             from safetensors.torch import load_file
             mod.load_state_dict(load_file(str(ck / f"{name}.safetensors")))
-        st = load_trainer_state(ck)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         set_rng_state(st["rng"])
         self.step = int(st["step"])
         self.run.truncate_metrics_after(self.step)
         if self.acc.is_main_process:
-            print(f"resumed from {ck} at step {self.step}")
+            log.info("resumed from %s at step %d", ck, self.step)
 
     # ---------------------------------------------------------------- loop
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -248,42 +260,33 @@ class Trainer:
                 f"non-finite loss ({loss.item()}) at step {self.step + 1}; the run is stopped without "
                 f"updating the weights, and the last good checkpoint is kept ({self._last_ckpt()})")
 
+    def _one_step(self, t0: float) -> dict:
+        m = self.train_step()
+        rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": time.time() - t0,
+               **{f"train/{k}" if k not in ("lr",) else k: v for k, v in m.items()}}
+        evaluated = False
+        if self.evaluate is not None and self.tc.eval_every and self.step % self.tc.eval_every == 0 \
+                and self.step < self.total_steps:
+            rec.update({f"eval/{k}": v for k, v in self.evaluate(self.step).items()})
+            evaluated = True
+        if evaluated or self.step % max(1, self.tc.log_every) == 0 or self.step == self.total_steps:
+            self.run.log(rec)
+            if self.tc.report_to:
+                self.acc.log(rec, step=self.step)
+        return m
+
     def train(self) -> TrainResult:
         if self.tc.resume:
             self._resume()
-        bar = None
-        if self.tc.progress and self.acc.is_main_process:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        last: dict = {}
-        ckpt = None
         t0 = time.time()
-        while self.step < self.total_steps:
-            m = self.train_step()
-            last = m
-            rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": time.time() - t0,
-                   **{f"train/{k}" if k not in ("lr",) else k: v for k, v in m.items()}}
-            evaluated = False
-            if self.evaluate is not None and self.tc.eval_every and self.step % self.tc.eval_every == 0 \
-                    and self.step < self.total_steps:
-                rec.update({f"eval/{k}": v for k, v in self.evaluate(self.step).items()})
-                evaluated = True
-            if evaluated or self.step % max(1, self.tc.log_every) == 0 or self.step == self.total_steps:
-                self.run.log(rec)
-                if self.tc.report_to:
-                    self.acc.log(rec, step=self.step)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{m.get('loss', float('nan')):.4f}")
-            if self.tc.save_every and self.step % self.tc.save_every == 0 and self.step < self.total_steps:
-                ckpt = self._save()
-        if bar is not None:
-            bar.close()
+        last = run_steps(self, self.tc, one_step=lambda: self._one_step(t0), save=self._save,
+                         postfix=lambda m: {"loss": f"{m.get('loss', float('nan')):.4f}"},
+                         last_checkpoint=self._last_ckpt, desc="train")
+        ckpt = self._save()  # before the final evaluation: an evaluation that fails never costs the weights
         final_eval = {}
         if self.evaluate is not None:
-            final_eval = {f"eval/{k}": v for k, v in self.evaluate(self.step).items()}
+            final_eval = final_evaluation(self.evaluate, self.step, ckpt, log)
             self.run.log({"step": self.step, **final_eval})
-        ckpt = self._save()
         self.run.plot()
         if self.tc.report_to:
             self.acc.end_training()

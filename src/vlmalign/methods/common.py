@@ -89,9 +89,13 @@ def prepare_trainable(adapter, cfg):
     names are taken before LoRA wrapping renames them (for per-group learning rates); then the
     chosen groups are made trainable (:func:`configure_trainable`).
     """
+    from ..config import validate_config
+    from ..engine.run_dir import claim_output_dir
+    validate_config(cfg)
+    claim_output_dir(cfg.train)  # refuse an earlier run's directory before writing anything into it
     if cfg.lora.enabled and not cfg.model.path:
         base = Path(cfg.train.output_dir) / "base_model"
-        if not (base / "config.json").exists():
+        if cfg.train.overwrite or not (base / "config.json").exists():
             adapter.save_pretrained(str(base))
         adapter.model.config._name_or_path = str(base.resolve())
         adapter.model.name_or_path = str(base.resolve())  # what PEFT records as the base
@@ -120,6 +124,7 @@ def configure_trainable(adapter, model_cfg, lora_cfg):
         return adapter.model
     from peft import LoraConfig, get_peft_model
     targets = lora_cfg.targets or adapter.lora_target_modules(include_vision=lora_cfg.include_vision)
+    _check_lora_targets(adapter.model, targets, bool(lora_cfg.targets))
     # groups trained in full next to the adapters (projector, maybe the tower) are saved with the
     # adapter (PEFT modules_to_save), so an adapter checkpoint is complete and exports cleanly
     full = [g for g, on in (("projector", model_cfg.train_projector),
@@ -136,6 +141,19 @@ def configure_trainable(adapter, model_cfg, lora_cfg):
         if n in bare:
             p.requires_grad_(True)
     return peft_model
+
+
+def _check_lora_targets(model, targets, given: bool) -> None:
+    """Refuse LoRA targets that match no Linear layer (PEFT's own error names no option)."""
+    if isinstance(targets, str):
+        return  # a regular expression: PEFT matches it against full names
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    leaves = {n.rsplit(".", 1)[-1] for n in names}
+    missing = [t for t in targets if t not in leaves and not any(n == t or n.endswith("." + t) for n in names)]
+    if missing or not targets:
+        where = "lora.targets" if given else "the family's default LoRA targets"
+        raise ModelError(f"{where}: {', '.join(missing) or '(none)'} match no Linear layer of the model; "
+                         f"Linear layer names include {', '.join(sorted(leaves)[:12])}")
 
 
 def _get(model, dotted: str):
@@ -163,6 +181,9 @@ def data_root(data_cfg, file: str) -> str:
 def read_records(path: str, data_cfg, *, kind: str | None = None, limit: int | None = None):
     """Read a data file into schema records, honouring the skip policy for unreadable records."""
     from ..data.readers import iter_records
+    if limit is not None and limit < 1:
+        raise VlmalignError(f"{path}: a record limit must be at least 1 (got {limit}); leave it unset to use "
+                            "every record")
     recs, report = [], SkipReport()
     for item in iter_records(path, format=data_cfg.format, kind=kind):
         idx, rec = item if isinstance(item, tuple) else (None, item)

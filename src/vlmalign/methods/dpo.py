@@ -39,21 +39,21 @@ class DPOSection:
     loss: str = opt("sigmoid", "sigmoid (DPO), cdpo (DPO with label_smoothing), ipo, hinge, simpo, orpo, "
                                "token_weighted (RLHF-V dense DPO), mdpo (conditional, corrupted image), "
                                "listwise (Plackett-Luce DPO on ranked lists)", LOSSES)
-    beta: float = opt(0.1, "inverse temperature (IPO: the regularisation tau; SimPO's paper uses 2.0)")
-    label_smoothing: float = opt(0.0, "cDPO: probability that a label is flipped (sigmoid/cdpo/token_weighted)")
+    beta: float = opt(0.1, "inverse temperature (IPO: the regularisation tau; SimPO's paper uses 2.0)", gt=0)
+    label_smoothing: float = opt(0.0, "cDPO: probability that a label is flipped (sigmoid/cdpo/token_weighted)", ge=0, lt=0.5)
     ipo_average: bool = opt(True, "IPO on log-ratios averaged over completion tokens (TRL, the IPO authors); "
                                   "false: summed")
-    simpo_gamma: float = opt(0.5, "SimPO target reward margin")
-    orpo_lambda: float = opt(0.1, "ORPO weight of the odds-ratio term next to the chosen NLL")
-    token_weight_gamma: float = opt(5.0, "token_weighted: weight of tokens where chosen and rejected differ")
+    simpo_gamma: float = opt(0.5, "SimPO target reward margin", ge=0)
+    orpo_lambda: float = opt(0.1, "ORPO weight of the odds-ratio term next to the chosen NLL", ge=0)
+    token_weight_gamma: float = opt(5.0, "token_weighted: weight of tokens where chosen and rejected differ", ge=0)
     token_weight_normalize: bool = opt(True, "token_weighted: divide by the summed weights (RLHF-V eq. 4)")
     mdpo_corruption: str = opt("crop", "mdpo: how the corrupted image is made (used where a record has no "
                                        "rejected_images)", ("crop", "noise"))
-    mdpo_keep: float = opt(0.2, "mdpo crop: largest fraction of the image area kept")
-    mdpo_noise_std: float = opt(0.5, "mdpo noise: Gaussian noise std (pixels in 0-1)")
+    mdpo_keep: float = opt(0.2, "mdpo crop: largest fraction of the image area kept", gt=0, le=1)
+    mdpo_noise_std: float = opt(0.5, "mdpo noise: Gaussian noise std (pixels in 0-1)", ge=0)
     mdpo_anchor: float = opt(0.0, "mdpo: anchor the chosen reward must stay above")
-    mdpo_cond_weight: float = opt(1.0, "mdpo: weight of the conditional (image) preference term")
-    mdpo_anchor_weight: float = opt(1.0, "mdpo: weight of the anchor term")
+    mdpo_cond_weight: float = opt(1.0, "mdpo: weight of the conditional (image) preference term", ge=0)
+    mdpo_anchor_weight: float = opt(1.0, "mdpo: weight of the anchor term", ge=0)
     precompute_ref_logps: bool = opt(False, "compute reference log-probs once before training and cache them "
                                             "on disk (reused across epochs and runs)")
     ref_cache_dir: str | None = opt(None, "reference log-prob cache directory (default: $VLMALIGN_CACHE or "

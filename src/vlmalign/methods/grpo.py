@@ -36,7 +36,7 @@ class GRPOSection:
                                 "response weighs the same), token_sum_norm (Dr. GRPO: / max_new_tokens); auto: "
                                 "the estimator's own (grpo: seq_mean_token_mean, dr_grpo: token_sum_norm, "
                                 "rloo and reinforce_pp: token_mean)", ("auto",) + AGGREGATIONS)
-    std_eps: float = opt(1e-6, "grpo: added to the group std before dividing")
+    std_eps: float = opt(1e-6, "grpo: added to the group std before dividing", ge=0)
 
 
 @dataclass

@@ -48,10 +48,10 @@ KL_ESTIMATES = ("mismatched", "zero")
 
 @dataclass
 class KTOSection:
-    beta: float = opt(0.1, "inverse temperature of the implicit reward beta * (policy - reference) log-prob")
-    desirable_weight: float = opt(1.0, "lambda_D: weight of a desirable example's loss")
+    beta: float = opt(0.1, "inverse temperature of the implicit reward beta * (policy - reference) log-prob", gt=0)
+    desirable_weight: float = opt(1.0, "lambda_D: weight of a desirable example's loss", ge=0)
     undesirable_weight: float = opt(1.0, "lambda_U: weight of an undesirable example's loss (the paper advises "
-                                         "lambda_D n_D / (lambda_U n_U) between 1 and 4/3; the run prints it)")
+                                         "lambda_D n_D / (lambda_U n_U) between 1 and 4/3; the run prints it)", ge=0)
     kl_estimate: str = opt("mismatched", "reference point z0: mismatched (KTO paper: log-ratio of each prompt "
                                          "with another example's completion, micro-batch mean, clamped at 0, no "
                                          "gradient) or zero (z0 = 0, no extra rows)", KL_ESTIMATES)

@@ -49,9 +49,11 @@ import time
 import torch
 from accelerate.utils import DistributedType
 
-from ..engine.checkpoint import latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint, \
-    set_rng_state
-from ..engine.run_dir import RunDir
+from ..config import validate_config
+from ..engine.checkpoint import check_resume_layout, latest_checkpoint, load_trainer_state, load_weights_into, \
+    save_checkpoint, set_rng_state
+from ..engine.loop import final_evaluation, run_steps
+from ..engine.run_dir import RunDir, claim_output_dir
 from ..engine.trainer import NonFiniteLossError, TrainResult, _accelerator, _param_groups
 from ..errors import VlmalignError
 from ..losses.rl import entropy_from_logits
@@ -83,6 +85,8 @@ class OnlineTrainer:
         from ..rewards import build_reward
         from .common import data_root, resolve_dtype
         check_online_config(cfg)
+        validate_config(cfg)
+        claim_output_dir(cfg.train)
         self.cfg, self.method, self.adapter, self.reference = cfg, method, adapter, reference
         self.records, self.loader = list(records), loader
         self.eval_records, self.eval_loader = list(eval_records), eval_loader
@@ -339,7 +343,7 @@ class OnlineTrainer:
         path = None
         if self.acc.is_main_process:
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "total_steps": self.total_steps,
+                     "total_steps": self.total_steps, "layout": self.layout(),
                      "method": self.method.state_dict() if hasattr(self.method, "state_dict") else {}}
             path = str(save_checkpoint(self.run.checkpoints, self.step, self.acc.unwrap_model(self.runner),
                                        self.adapter.processor, state, keep_last=self.cfg.train.keep_last,
@@ -347,16 +351,23 @@ class OnlineTrainer:
         self.acc.wait_for_everyone()
         return path
 
+    def layout(self) -> dict:
+        """The settings that fix which prompts and samples each step draws: a resumed run keeps them."""
+        ro = self.cfg.rollout
+        return {"rollout.prompts_per_step": ro.prompts_per_step, "rollout.k": ro.k, "processes": self.world,
+                "train.seed": self.cfg.train.seed, "prompts": len(self.records)}
+
     def resume(self) -> bool:
         ck = latest_checkpoint(self.run.checkpoints)
         if ck is None:
             log.info("no checkpoint in %s: starting from scratch", self.run.checkpoints)
             return False
+        st = load_trainer_state(ck)
+        check_resume_layout(st, self.layout(), ck)
         load_weights_into(self.acc.unwrap_model(self.runner), ck / "model")
         from safetensors.torch import load_file
         for name, mod in self.extra_modules.items():
             mod.load_state_dict(load_file(str(ck / f"{name}.safetensors")))
-        st = load_trainer_state(ck)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         if hasattr(self.method, "load_state_dict"):
@@ -365,7 +376,7 @@ class OnlineTrainer:
         self.step = int(st["step"])
         self.run.truncate_metrics_after(self.step)
         if self.acc.is_main_process:
-            print(f"resumed from {ck} at step {self.step}")
+            log.info("resumed from %s at step %d", ck, self.step)
         return True
 
     # ------------------------------------------------------------------ the run
@@ -385,37 +396,31 @@ class OnlineTrainer:
         has_eval = bool(self.eval_records)
         if has_eval and not resumed and self.step == 0:
             self._log({"step": 0, **{f"eval/{k}": v for k, v in self.evaluate(0).items()}})
-        bar = None
-        if tc.progress and self.acc.is_main_process:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="rl", dynamic_ncols=True)
-        last: dict = {}
         t0 = time.time()
-        while self.step < self.total_steps:
-            self._grad_norm = None
-            last = self.train_step()
-            if self._grad_norm is not None:
-                last["grad_norm"] = self._grad_norm
-            rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": time.time() - t0,
-                   **{(k if k == "lr" else f"train/{k}"): v for k, v in last.items()}}
-            if has_eval and tc.eval_every and self.step % tc.eval_every == 0 and self.step < self.total_steps:
-                rec.update({f"eval/{k}": v for k, v in self.evaluate(self.step).items()})
-            if self.step % max(1, tc.log_every) == 0 or self.step == self.total_steps or \
-                    any(k.startswith("eval/") for k in rec):
-                self._log(rec)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last.get('kl', float('nan')):.4f}")
-            if tc.save_every and self.step % tc.save_every == 0 and self.step < self.total_steps:
-                self.save()
-        if bar is not None:
-            bar.close()
+        last = run_steps(self, tc, one_step=lambda: self._one_step(t0, has_eval), save=self.save,
+                         postfix=lambda m: {"reward": f"{m['reward']:.3f}", "kl": f"{m.get('kl', float('nan')):.4f}"},
+                         last_checkpoint=self._last_ckpt, desc="rl")
+        ckpt = self.save()  # before the final evaluation: an evaluation that fails never costs the weights
         final = {}
         if has_eval:
-            final = {f"eval/{k}": v for k, v in self.evaluate(self.step).items()}
+            final = final_evaluation(self.evaluate, self.step, ckpt, log)
             self._log({"step": self.step, **final})
-        ckpt = self.save()
         self.run.plot()
         if tc.report_to:
             self.acc.end_training()
         return TrainResult(self.step, {**last, **final}, ckpt)
+
+    def _one_step(self, t0: float, has_eval: bool) -> dict:
+        tc = self.cfg.train
+        self._grad_norm = None
+        last = self.train_step()
+        if self._grad_norm is not None:
+            last["grad_norm"] = self._grad_norm
+        rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": time.time() - t0,
+               **{(k if k == "lr" else f"train/{k}"): v for k, v in last.items()}}
+        if has_eval and tc.eval_every and self.step % tc.eval_every == 0 and self.step < self.total_steps:
+            rec.update({f"eval/{k}": v for k, v in self.evaluate(self.step).items()})
+        if self.step % max(1, tc.log_every) == 0 or self.step == self.total_steps or \
+                any(k.startswith("eval/") for k in rec):
+            self._log(rec)
+        return last

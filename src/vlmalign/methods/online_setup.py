@@ -22,19 +22,19 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- config sections
 @dataclass
 class RolloutSection:
-    prompts_per_step: int = opt(8, "prompts sampled per step and process")
-    k: int = opt(4, "responses sampled per prompt (the group size)")
-    temperature: float = opt(1.0, "sampling temperature (log-probs and ratios use the same temperature)")
-    top_p: float = opt(1.0, "nucleus sampling mass (1: off)")
-    top_k: int = opt(0, "sample among the k most likely tokens (0: off)")
-    max_new_tokens: int = opt(64, "response token budget (responses that reach it count as unfinished)")
+    prompts_per_step: int = opt(8, "prompts sampled per step and process", ge=1)
+    k: int = opt(4, "responses sampled per prompt (the group size)", ge=1)
+    temperature: float = opt(1.0, "sampling temperature (log-probs and ratios use the same temperature)", gt=0)
+    top_p: float = opt(1.0, "nucleus sampling mass (1: off)", gt=0, le=1)
+    top_k: int = opt(0, "sample among the k most likely tokens (0: off)", ge=0)
+    max_new_tokens: int = opt(64, "response token budget (responses that reach it count as unfinished)", ge=1)
     generation_batch_size: int | None = opt(None, "prompts per generate call (default: the whole step); "
-                                                  "images are still encoded once per step")
+                                                  "images are still encoded once per step", ge=1)
 
 
 @dataclass
 class KLSection:
-    coef: float = opt(0.0, "weight of the KL(policy || reference) penalty (0: none)")
+    coef: float = opt(0.0, "weight of the KL(policy || reference) penalty (0: none)", ge=0)
     estimator: str = opt("k3", "per-token KL estimate: k1 (log-ratio), k2 (squared/2), k3 (low-variance, >= 0)",
                          KL_KINDS)
     placement: str = opt("loss", "loss: add coef * KL to the loss (GRPO); reward: subtract it from the "
@@ -45,11 +45,11 @@ class KLSection:
 
 @dataclass
 class UpdateSection:
-    epochs: int = opt(1, "passes over each rollout's rows (PPO epochs)")
+    epochs: int = opt(1, "passes over each rollout's rows (PPO epochs)", ge=1)
     minibatch_size: int = opt(0, "rows per optimizer step and process (0: all rows of the step's rollout); "
-                                 "train.batch_size is the rows per forward")
-    clip_eps: float = opt(0.2, "ratio clip: 1 - clip_eps .. 1 + clip_eps_high")
-    clip_eps_high: float | None = opt(None, "upper ratio clip (DAPO clip-higher; default clip_eps)")
+                                 "train.batch_size is the rows per forward", ge=0)
+    clip_eps: float = opt(0.2, "ratio clip: 1 - clip_eps .. 1 + clip_eps_high", gt=0)
+    clip_eps_high: float | None = opt(None, "upper ratio clip (DAPO clip-higher; default clip_eps)", gt=0)
     old_logprobs: str = opt("auto", "ratio denominator. auto: with one optimizer step per rollout the policy's own "
                                     "detached log-probs (ratio 1), else a no-grad forward before the updates; "
                                     "recompute: always that forward; sampling: the log-probs recorded while "

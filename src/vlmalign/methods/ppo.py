@@ -36,13 +36,13 @@ from .ppo_value import (ValueSection, build_value_model, check_value_section, cr
 
 @dataclass
 class PPOSection:
-    gamma: float = opt(1.0, "GAE discount per token")
-    lam: float = opt(0.95, "GAE lambda (1: Monte-Carlo returns minus values; 0: one-step TD)")
+    gamma: float = opt(1.0, "GAE discount per token", ge=0, le=1)
+    lam: float = opt(0.95, "GAE lambda (1: Monte-Carlo returns minus values; 0: one-step TD)", ge=0, le=1)
     whiten_advantages: bool = opt(True, "normalise the advantages to mean 0, std 1 over each rollout's tokens")
     loss_agg: str = opt("token_mean", "how per-token policy and value losses are averaged", AGGREGATIONS)
     missing_eos_penalty: float = opt(0.0, "subtracted from the score of a response that hit "
-                                          "rollout.max_new_tokens without a stop token")
-    length_penalty: float = opt(0.0, "subtracted from the score per response token")
+                                          "rollout.max_new_tokens without a stop token", ge=0)
+    length_penalty: float = opt(0.0, "subtracted from the score per response token", ge=0)
 
 
 @dataclass

@@ -41,14 +41,14 @@ class ValueSection:
                     VALUE_INITS)
     path: str | None = opt(None, "value.init=reward_model: a directory written by `vlmalign train rm` (same family "
                                  "and tokenizer as the policy)")
-    lr: float = opt(1e-5, "critic learning rate (its own AdamW, constant; betas and eps from optim)")
-    weight_decay: float = opt(0.0, "critic AdamW weight decay")
+    lr: float = opt(1e-5, "critic learning rate (its own AdamW, constant; betas and eps from optim)", gt=0)
+    weight_decay: float = opt(0.0, "critic AdamW weight decay", ge=0)
     max_grad_norm: float = opt(1.0, "clip the critic's gradient norm to this value, apart from the policy's "
-                                    "(0: no clipping)")
+                                    "(0: no clipping)", ge=0)
     clip_range: float | None = opt(0.2, "value clipping: new values stay within this distance of the rollout's "
-                                        "(null: unclipped squared error)")
+                                        "(null: unclipped squared error)", gt=0)
     warmup_iterations: int = opt(0, "rollout iterations at the start that train only the critic; the policy "
-                                    "is not changed during them")
+                                    "is not changed during them", ge=0)
 
 
 def check_value_section(v: ValueSection) -> None:

@@ -47,7 +47,7 @@ class RMSection:
     margin: bool = opt(False, "pairwise only: ask for a score gap of margin_scale x the difference of the "
                               "record's scores (ranked lists: 'scores'; pairs: a numeric 'margin' field); "
                               "records without them are refused")
-    margin_scale: float = opt(1.0, "multiplies the score difference used as margin")
+    margin_scale: float = opt(1.0, "multiplies the score difference used as margin", ge=0)
 
 
 @dataclass

@@ -16,16 +16,16 @@ from ..config.sections import DataSection, LoraSection, ModelSection, OptimSecti
 from ..data.batching import IGNORE_INDEX, SFTCollator
 from ..engine.trainer import Trainer, TrainResult
 from ..losses.sft import sft_loss
-from .common import build_adapter, prepare_trainable, load_examples, read_records, seed_everything
+from .common import build_adapter, load_examples, prepare_trainable, seed_everything
 
 
 @dataclass
 class EvalSection:
     vqa_file: str | None = opt(None, "VQA file (image/question/answer) scored by exact match after training")
     pope_file: str | None = opt(None, "POPE-style yes/no file scored with accuracy, F1 and yes-ratio")
-    max_new_tokens: int = opt(8, "tokens generated per answer")
-    batch_size: int = opt(32, "prompts per generation batch")
-    max_samples: int | None = opt(None, "score only the first N records of each file")
+    max_new_tokens: int = opt(8, "tokens generated per answer", ge=1)
+    batch_size: int = opt(32, "prompts per generation batch", ge=1)
+    max_samples: int | None = opt(None, "score only the first N records of each file", ge=1)
 
 
 @dataclass
@@ -75,17 +75,21 @@ class SFTMethod:
 
 def make_evaluator(adapter, cfg: SFTConfig, eval_examples, collate):
     """Eval loss on held-out conversations + VQA/POPE generation metrics when files are given."""
-    from ..data.batching import ImageLoader
     from ..eval.vqa import evaluate_pope, evaluate_vqa
-    from .common import data_root
 
-    vqa = pope = None
-    if cfg.eval.vqa_file:
-        recs, _ = read_records(cfg.eval.vqa_file, cfg.data, kind="rl_prompt", limit=cfg.eval.max_samples)
-        vqa = (recs, ImageLoader(adapter, data_root(cfg.data, cfg.eval.vqa_file)))
-    if cfg.eval.pope_file:
-        recs, _ = read_records(cfg.eval.pope_file, cfg.data, kind="rl_prompt", limit=cfg.eval.max_samples)
-        pope = (recs, ImageLoader(adapter, data_root(cfg.data, cfg.eval.pope_file)))
+    def checked(path):
+        """The file's prompts, each tokenized and its images loaded now (before training), so a
+        missing image or an over-long prompt stops the run with file and record, or is skipped
+        and counted under data.on_error=skip."""
+        def tok(rec, imgs):
+            return {"input_ids": adapter.tokenize_prompt(rec.prompt, imgs, max_length=max_prompt).input_ids}
+        examples, loader, _ = load_examples(path, cfg.data, adapter, tok, kind="rl_prompt",
+                                            limit=cfg.eval.max_samples)
+        return [e.record for e in examples], loader
+
+    max_prompt = cfg.data.max_length - cfg.eval.max_new_tokens
+    vqa = checked(cfg.eval.vqa_file) if cfg.eval.vqa_file else None
+    pope = checked(cfg.eval.pope_file) if cfg.eval.pope_file else None
     method = SFTMethod(adapter)
 
     @torch.no_grad()

@@ -24,10 +24,16 @@ _PUNCT = re.compile("[" + re.escape(string.punctuation) + "]")
 
 
 def normalize_answer(s: str) -> str:
-    """Canonical form of a short answer: ``" Two."`` -> ``"2"``, ``"Top-left"`` -> ``"top left"``."""
+    """Canonical form of a short answer: ``" Two."`` -> ``"2"``, ``"Top-left"`` -> ``"top left"``.
+
+    Articles are dropped (``"a circle"`` -> ``"circle"``) unless they are the whole answer: a
+    multiple-choice letter ``"A"`` stays ``"a"``, so it can match the reference ``"A"``."""
     s = _PUNCT.sub(" ", str(s).lower())
+    toks = s.split()
+    if all(t in _ARTICLES for t in toks):
+        return " ".join(toks)
     out = []
-    for tok in s.split():
+    for tok in toks:
         if tok in _ARTICLES:
             continue
         tok = _NUMBERS.get(tok, tok)
