@@ -178,3 +178,29 @@ def test_markdown_shows_what_grpo_changed():
     assert "reward 0.550 -> 0.620 (+0.070) in 40 steps; KL(policy || start) per answer token: 0.0123." in md
     table = render_table(report).splitlines()
     assert table[-1].split() == ["grpo", "0.5500", "0.6200", "0.0123"]
+
+
+def test_stage_configs_rerun_from_the_model_they_started_from_and_out_is_not_reused(tmp_path):
+    import yaml
+
+    from vlmalign.config import load_config
+    from vlmalign.errors import VlmalignError
+    from vlmalign.methods.sft import SFTConfig
+    out = tmp_path / "qs"
+    run_quickstart(out, data=SMALL, pretrain_steps=1, sft_steps=1, rm_steps=0, dpo_steps=0, rl_steps=0, quiet=True)
+    pre = yaml.safe_load((out / "pretrain" / "config.yaml").read_text())
+    sft = yaml.safe_load((out / "sft" / "config.yaml").read_text())
+    assert pre["model"]["path"] == str((out / "base_model").resolve()) and pre["model"]["tiny"] is None
+    assert sft["model"]["path"] == str(out / "pretrain" / "checkpoints" / "step-1" / "model")
+    assert (Path(sft["model"]["path"]) / "config.json").exists()
+    with pytest.raises(VlmalignError, match="already holds a quickstart run: pass --overwrite"):
+        run_quickstart(out, data=SMALL, pretrain_steps=1, sft_steps=1, rm_steps=0, dpo_steps=0, rl_steps=0,
+                       quiet=True)
+    # the saved config reruns the stage as it is (into a new directory)
+    from vlmalign.methods.sft import train_sft
+    cfg = load_config(SFTConfig, out / "sft" / "config.yaml", [f"train.output_dir={tmp_path / 'again'}",
+                                                                "train.overwrite=false"])
+    result, _ = train_sft(cfg)
+    assert result.step == 1
+    run_quickstart(out, data=SMALL, pretrain_steps=1, sft_steps=1, rm_steps=0, dpo_steps=0, rl_steps=0, quiet=True,
+                   overwrite=True)

@@ -16,3 +16,9 @@ def test_pope_metrics_hand_computed():
     assert abs(m["pope_f1"] - 2 / 3) < 1e-12
     assert m["pope_yes_ratio"] == 3 / 6
     assert yes_no("No, there is not") == "no" and yes_no("perhaps") is None
+
+
+def test_a_lone_article_is_an_answer_so_letter_a_matches():
+    from vlmalign.eval.metrics import vqa_accuracy
+    # multiple-choice letters: "A" must match "A" (articles are dropped only beside other words)
+    assert vqa_accuracy(["A", "(a)", "B", "a circle"], ["A", "A", "A", "circle"]) == 0.75
