@@ -208,3 +208,12 @@ def test_the_plot_has_curves_and_the_report_the_single_values(world, tmp_path):
     assert "| eval/loss |" in report and "training.png" in report
     curves = report.split("Curves: ", 1)[1].split(".\n", 1)[0].split(", ")
     assert "train/loss" in curves and "lr" in curves and "eval/loss" not in curves
+
+
+@pytest.mark.parametrize("name, content", [("empty.json", "[]"), ("empty.jsonl", "")])
+def test_an_empty_training_file_is_refused_by_name(world, tmp_path, name, content):
+    f = tmp_path / name
+    f.write_text(content)
+    with pytest.raises(VlmalignError) as ei:
+        train_sft(_cfg(world, tmp_path / "run", f"data.train_file={f}"))
+    assert str(f) in str(ei.value)

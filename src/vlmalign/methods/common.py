@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..data.batching import ImageLoader, SkipReport, prepare
-from ..errors import ModelError, VlmalignError
+from ..errors import DataError, ModelError, VlmalignError
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +205,17 @@ def load_examples(path: str, data_cfg, adapter, tokenize, *, kind=None, limit=No
     loader = ImageLoader(adapter, data_root(data_cfg, path))
     examples, rep2 = prepare(recs, tokenize, loader, on_error=data_cfg.on_error)
     rep = SkipReport(skipped=rep1.skipped + rep2.skipped, total=rep1.total)
+    report_examples(path, examples, rep)
+    return examples, loader, rep
+
+
+def report_examples(path: str, examples, rep: SkipReport) -> None:
+    """Print what the skip policy dropped; refuse a file that leaves no example, naming it."""
     if rep.count:
         print(f"{path}: {rep.summary()}")
-    return examples, loader, rep
+    if not examples:
+        why = "it has no records" if rep.total == 0 else f"all {rep.total} records were skipped as bad"
+        raise DataError(f"no usable examples: {why}", file=str(path))
 
 
 def write_json(path: str | Path, obj) -> None:

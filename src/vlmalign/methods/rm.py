@@ -136,14 +136,13 @@ def _add_rejected_images(examples) -> None:
 def load_rm_examples(path, data_cfg, adapter, *, train: bool, margin: bool = False, limit=None):
     """Read and tokenize a pairs / ranked-lists file (errors name file, record and field)."""
     from ..data.batching import ImageLoader, SkipReport, prepare
-    from .common import data_root, read_records
+    from .common import data_root, read_records, report_examples
     recs, rep1 = read_records(path, data_cfg, limit=limit)
     loader = ImageLoader(adapter, data_root(data_cfg, path))
     tok = make_tokenizer(adapter, loader, data_cfg.max_length, train=train, margin=margin)
     examples, rep2 = prepare(recs, tok, loader, on_error=data_cfg.on_error)
     rep = SkipReport(skipped=rep1.skipped + rep2.skipped, total=rep1.total)
-    if rep.count:
-        print(f"{path}: {rep.summary()}")
+    report_examples(path, examples, rep)
     _add_rejected_images(examples)
     return examples, loader, rep
 
