@@ -26,12 +26,12 @@ _PUNCT = re.compile("[" + re.escape(string.punctuation) + "]")
 def normalize_answer(s: str) -> str:
     """Canonical form of a short answer: ``" Two."`` -> ``"2"``, ``"Top-left"`` -> ``"top left"``.
 
-    Articles are dropped (``"a circle"`` -> ``"circle"``) unless they are the whole answer: a
-    multiple-choice letter ``"A"`` stays ``"a"``, so it can match the reference ``"A"``."""
+    Articles are dropped (``"a circle"`` -> ``"circle"``), except a lone ``"a"``: that is the
+    multiple-choice letter A, which must still match the reference ``"A"``."""
     s = _PUNCT.sub(" ", str(s).lower())
     toks = s.split()
-    if all(t in _ARTICLES for t in toks):
-        return " ".join(toks)
+    if toks == ["a"]:
+        return "a"
     out = []
     for tok in toks:
         if tok in _ARTICLES:
