@@ -217,3 +217,29 @@ def test_an_empty_training_file_is_refused_by_name(world, tmp_path, name, conten
     with pytest.raises(VlmalignError) as ei:
         train_sft(_cfg(world, tmp_path / "run", f"data.train_file={f}"))
     assert str(f) in str(ei.value)
+
+
+def test_sigterm_to_the_cli_saves_and_exits_143_with_how_to_resume(world, tmp_path):
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vlmalign", "train", "sft", f"model.path={world / 'model'}",
+           f"data.train_file={world / 'data' / 'vqa_train.json'}", "data.max_length=256", "train.max_steps=10000",
+           "train.batch_size=2", f"train.output_dir={run}", "optim.lr=1e-3"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    assert "error: stopped by SIGTERM after step" in err and "train.resume=true" in err
+    steps = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")]
+    assert len(steps) == 1
+    # not a terminal: no progress bar redrawn into the log
+    assert "\r" not in err and "it/s]" not in err
