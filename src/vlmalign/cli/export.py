@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="merge a LoRA adapter into its base and save a standalone model")
@@ -13,7 +15,12 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from ..models.peft import export_merged
+    from ..models.peft import adapter_base, export_merged, is_adapter_dir
+    from .args import refuse_output_over_input
+    base = adapter_base(args.model, args.base) if is_adapter_dir(args.model) else args.base
+    # the merged model would replace the adapter or the base it is merged into
+    refuse_output_over_input(args.out, args.model, base if base and os.path.exists(base) else None,
+                             directory=True)
     export_merged(args.model, args.out, base=args.base, trust_remote_code=args.trust_remote_code)
     print(f"wrote merged model to {args.out}")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from .args import add_limit, nonneg_float, nonneg_int, positive_int, refuse_output_over_input, unit_interval
+
 
 def add_model_args(p) -> None:
     p.add_argument("--model", required=True, help="model directory, or a LoRA adapter directory")
@@ -28,33 +30,46 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate responses for every prompt of a data file (JSONL out)")
     add_model_args(p)
     p.add_argument("--data", required=True, help="data file; every record's prompt is answered")
-    p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--out", required=True, help="output JSONL (never one of the inputs)")
     p.add_argument("--image-root", help="directory image paths are confined to (default: the data file's)")
     p.add_argument("--format", default="auto", help="data format (default: detected)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per response")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
-    p.add_argument("--num-samples", type=int, default=1, help="responses per prompt")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    add_sampling_args(p, max_new_tokens=64)
+    p.add_argument("--num-samples", type=positive_int, default=1, help="responses per prompt")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per batch")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed")
+    p.add_argument("--on-error", default="raise", choices=("raise", "skip"),
+                   help="a record with a missing or corrupt image or an over-long prompt: stop naming file, "
+                        "record and field, or skip it (counted and reported)")
+    add_limit(p)
     p.set_defaults(func=_run)
+
+
+def add_sampling_args(p, *, max_new_tokens: int, temperature: float = 0.0) -> None:
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="tokens per response")
+    p.add_argument("--temperature", type=nonneg_float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=unit_interval, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="top-k sampling (0: off)")
 
 
 def _run(args) -> int:
     import torch
 
-    from ..data.batching import ImageLoader
-    from ..data.readers import read_file
+    from ..config.sections import DataSection
+    from ..methods.common import load_examples
     from ..rollout.generate import SamplingConfig, generate
+    refuse_output_over_input(args.out, args.data)
     torch.manual_seed(args.seed)
-    recs = read_file(args.data, format=args.format, kind="rl_prompt")[: args.limit]
     ad = load_for_inference(args)
-    root = args.image_root or os.path.dirname(os.path.abspath(args.data))
+    data = DataSection(image_root=args.image_root, format=args.format, on_error=args.on_error)
+
+    def tok(rec, imgs):  # images loaded and the prompt tokenized now: a bad record is found before generating
+        return {"input_ids": ad.tokenize_prompt(rec.prompt, imgs).input_ids}
+
+    examples, loader, rep = load_examples(args.data, data, ad, tok, kind="rl_prompt", limit=args.limit)
+    recs = [e.record for e in examples]
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          top_k=args.top_k, num_samples=args.num_samples)
-    outs = generate(ad, recs, ImageLoader(ad, root), cfg, batch_size=args.batch_size)
+    outs = generate(ad, recs, loader, cfg, batch_size=args.batch_size)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         for r, o in zip(recs, outs):
@@ -62,5 +77,6 @@ def _run(args) -> int:
                                 "images": [im.to_json() for im in r.images], "reference": r.reference,
                                 "responses": o}) + "\n")
     os.replace(tmp, args.out)
-    print(f"wrote {len(recs)} records to {args.out}")
+    skipped = f" (skipped {rep.count} of {rep.total} records: see above)" if rep.count else ""
+    print(f"wrote {len(recs)} records to {args.out}{skipped}")
     return 0

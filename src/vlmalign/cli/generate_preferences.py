@@ -17,12 +17,13 @@ import json
 import os
 import sys
 
-from .generate import add_model_args, load_for_inference
+from .args import Formatter, add_limit, at_least_two, nonneg_float, nonneg_int, positive_int, refuse_output_over_input
+from .generate import add_model_args, add_sampling_args, load_for_inference
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate-preferences", help="self-critique preference pairs for DPO (judge or reward model)",
-                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=Formatter)
     add_model_args(p)
     p.add_argument("--data", required=True, help="prompts: RL prompts, VQA, conversations (first user turn), "
                                                  "pairs (their prompt); any readable format")
@@ -30,15 +31,14 @@ def register(sub) -> None:
     p.add_argument("--image-root", help="directory image paths are resolved in and confined to "
                                         "(default: the data file's)")
     p.add_argument("--format", default="auto", help="data format (default: detected)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    p.add_argument("--n", type=int, default=4, help="responses sampled per prompt (>= 2)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per sampled response")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (and the pair-budget draw)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per sampling call (images encoded once per call)")
-    p.add_argument("--max-prompt-length", type=int, default=None, help="refuse longer prompts (tokens; never cut)")
+    add_limit(p, "prompts")
+    p.add_argument("--n", type=at_least_two, default=4, help="responses sampled per prompt")
+    add_sampling_args(p, max_new_tokens=64, temperature=1.0)
+    p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed (and the pair-budget draw)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="prompts per sampling call (images encoded once per call)")
+    p.add_argument("--max-prompt-length", type=positive_int, default=None,
+                   help="refuse longer prompts (tokens; never cut)")
     p.add_argument("--drop-unfinished", action="store_true", help="drop responses that hit --max-new-tokens")
     g = p.add_argument_group("judge mode (default)")
     g.add_argument("--judge", default="self", help="'self' (the model judges its own responses) or a model "
@@ -46,16 +46,16 @@ def register(sub) -> None:
     g.add_argument("--judge-template", help="text file with the judge prompt; fields {question} {response_a} "
                                             "{response_b} {reference}")
     g.add_argument("--judge-system", help="system message for the judge")
-    g.add_argument("--judge-max-new-tokens", type=int, default=8, help="tokens of each verdict")
-    g.add_argument("--judge-batch-size", type=int, default=32, help="judge prompts per generate call")
-    g.add_argument("--max-pairs", type=int, default=0, help="pairs judged per prompt, drawn with --seed "
+    g.add_argument("--judge-max-new-tokens", type=positive_int, default=8, help="tokens of each verdict")
+    g.add_argument("--judge-batch-size", type=positive_int, default=32, help="judge prompts per generate call")
+    g.add_argument("--max-pairs", type=nonneg_int, default=0, help="pairs judged per prompt, drawn with --seed "
                                                             "(0: all n(n-1)/2)")
     r = p.add_argument_group("reward-model mode")
     r.add_argument("--reward-model", help="reward-model directory (from `vlmalign train rm`); replaces the judge")
     r.add_argument("--rm-pairs", default="best_worst", choices=("best_worst", "best_each"),
                    help="best vs worst response, or best vs each other response")
-    r.add_argument("--tie-margin", type=float, default=0.0, help="score differences <= this are ties (skipped)")
-    r.add_argument("--rm-batch-size", type=int, default=16, help="responses per reward-model batch")
+    r.add_argument("--tie-margin", type=nonneg_float, default=0.0, help="score differences <= this are ties (skipped)")
+    r.add_argument("--rm-batch-size", type=positive_int, default=16, help="responses per reward-model batch")
     r.add_argument("--best-of-n", help="also write the best response per prompt as conversations (SFT data)")
     p.add_argument("--summary", help="summary JSON (default: <OUT without suffix>.summary.json)")
     p.set_defaults(func=_run)
@@ -69,6 +69,9 @@ def _run(args) -> int:
         raise ConfigError("give either --judge or --reward-model, not both")
     if args.best_of_n and not args.reward_model:
         raise ConfigError("--best-of-n needs --reward-model")
+    refuse_output_over_input(args.out, args.data)
+    if args.best_of_n:
+        refuse_output_over_input(args.best_of_n, args.data, args.out, what="--best-of-n")
     cfg = SelfCritiqueConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                              max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
                              max_prompt_length=args.max_prompt_length, drop_unfinished=args.drop_unfinished,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from .args import nonneg_int, positive_float
+
 
 def register(sub) -> None:
     p = sub.add_parser("models", help="build tiny offline models, inspect model directories")
@@ -14,8 +16,8 @@ def register(sub) -> None:
                                      "Hugging Face directory (fully offline)")
     t.add_argument("family", help="model family (see `vlmalign models list`)")
     t.add_argument("--out", required=True, help="output directory")
-    t.add_argument("--seed", type=int, default=0, help="random seed for the weights")
-    t.add_argument("--init-std", type=float, default=None,
+    t.add_argument("--seed", type=nonneg_int, default=0, help="random seed for the weights")
+    t.add_argument("--init-std", type=positive_float, default=None,
                    help="language-model init std (families whose tiny builder takes init_std, e.g. llava; "
                         "the quickstart uses 0.125)")
     t.set_defaults(func=_tiny)

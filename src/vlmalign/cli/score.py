@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from .args import add_limit, positive_int, refuse_output_over_input
+
 
 def register(sub) -> None:
     p = sub.add_parser("score", help="score responses with a reward model (JSONL out)",
@@ -22,9 +24,9 @@ def register(sub) -> None:
     p.add_argument("--base", help="base model of a LoRA reward model (default: the one it names)")
     p.add_argument("--image-root", help="directory image paths are confined to (default: the data file's)")
     p.add_argument("--format", default="auto", help="data format (default: detected)")
-    p.add_argument("--batch-size", type=int, default=16, help="records per batch")
-    p.add_argument("--max-length", type=int, default=None, help="refuse samples longer than this (tokens)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="records per batch")
+    p.add_argument("--max-length", type=positive_int, default=None, help="refuse samples longer than this (tokens)")
+    add_limit(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
@@ -38,7 +40,10 @@ def _run(args) -> int:
     from ..data.readers import read_file
     from ..methods.rm import score_records
     from ..models.scalar_head import load_scalar_model
-    recs = read_file(args.data, format=args.format)[: args.limit]
+    if args.out:
+        refuse_output_over_input(args.out, args.data)
+    recs = read_file(args.data, format=args.format)
+    recs = recs[: args.limit] if args.limit else recs
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_scalar_model(args.model, dtype=args.dtype, device=dev, base=args.base,
                               trust_remote_code=args.trust_remote_code)

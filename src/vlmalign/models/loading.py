@@ -9,12 +9,36 @@ import torch
 from ..errors import ModelError
 
 
+def looks_local(path: str) -> bool:
+    """A path rather than a hub id ("org/name"): absolute, ./ ../ ~, or more than one separator."""
+    p = str(path)
+    return os.path.isabs(p) or p.startswith((".", "~")) or p.count("/") > 1 or os.sep != "/" and os.sep in p
+
+
+def check_model_dir(path: str) -> None:
+    """Refuse a local model path that does not exist, is a file, or has no config.json, by name
+    (transformers would answer "Repo id must be in the form ...")."""
+    p = os.path.expanduser(str(path))
+    if os.path.isdir(p):
+        if not os.path.exists(os.path.join(p, "config.json")) and \
+                not os.path.exists(os.path.join(p, "adapter_config.json")):
+            raise ModelError(f"{path}: not a model directory (no config.json or adapter_config.json in it)")
+        return
+    if os.path.exists(p):
+        raise ModelError(f"{path}: is a file, not a model directory")
+    if looks_local(path):
+        raise ModelError(f"model directory not found: {path}")
+
+
 def read_config(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoConfig
+    check_model_dir(path)
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(os.path.expanduser(str(path)), trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise ModelError(f"cannot read a model config at {path!r}: {e}") from None
+        local = "" if os.path.isdir(os.path.expanduser(str(path))) else \
+            f" (no local directory {path!r} exists either)"
+        raise ModelError(f"cannot read a model config at {path!r}{local}: {e}") from None
     except ValueError as e:
         if "trust_remote_code" in str(e) and not trust_remote_code:
             raise ModelError(f"{path!r} needs custom code (config.json auto_map); it was not run. Pass "

@@ -1,7 +1,8 @@
 """vlmalign refuses a transformers too old for encode-once (mm_encoder_outputs), by name."""
 
+import sys
+
 import pytest
-import transformers
 
 from vlmalign.errors import ModelError
 from vlmalign.models import MIN_TRANSFORMERS, _check_transformers
@@ -14,7 +15,8 @@ def test_installed_transformers_is_new_enough():
 @pytest.mark.parametrize("version", ["5.17.0", "5.0.0", "4.57.1"])
 def test_older_transformers_is_refused_with_the_requirement(monkeypatch, version):
     # seen on a GPU machine: 5.17's generate() rejects mm_encoder_outputs deep inside generation
-    monkeypatch.setattr(transformers, "__version__", version)
+    # the module import finds now: transformers' lazy loader can replace its sys.modules entry
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
     with pytest.raises(ModelError, match=rf"transformers>={MIN_TRANSFORMERS} \(found {version}\)"):
         _check_transformers()
 
