@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+from .image_modes import to_rgb
 from .schema import ImageRef
 
 
@@ -28,14 +29,15 @@ def resolve_image_path(path: str, root: str | os.PathLike | None) -> Path:
 
 
 def load_image(ref: ImageRef, root: str | os.PathLike | None = None) -> Image.Image:
-    """Open an image as RGB. Raises :class:`DataError` for missing, unreadable or corrupt files."""
+    """Open an image as RGB (:func:`.image_modes.to_rgb`: 16-bit grey scaled, transparency on
+    white). Raises :class:`DataError` for missing, unreadable or corrupt files."""
     if ref.data is not None:
         try:
             img = Image.open(io.BytesIO(ref.data))
             img.load()
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DataError(f"corrupt image bytes ({e.__class__.__name__}: {e})", field="image") from None
-        return img.convert("RGB")
+        return to_rgb(img)
     full = resolve_image_path(ref.path, root)
     if not full.exists():
         raise DataError(f"image file not found: {ref.path!r} (looked for {str(full)!r})", field="image")
@@ -44,7 +46,7 @@ def load_image(ref: ImageRef, root: str | os.PathLike | None = None) -> Image.Im
     try:
         with Image.open(full) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"corrupt or unreadable image {str(full)!r} ({e.__class__.__name__}: {e})",
                         field="image") from None
