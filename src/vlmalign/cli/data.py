@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.readers import FORMATS
 from ..data.schema import RECORD_KINDS
 from ..data.writers import WRITE_FORMATS
@@ -16,6 +17,9 @@ KIND_HELP = (f"read records as this kind: {', '.join(RECORD_KINDS)} (e.g. a VQA 
              "conversation, two-response ranked lists as preference)")
 ROOT_HELP = ("folder that image paths are relative to; paths may not leave it "
              "(default: the folder holding the data file)")
+PIXELS_HELP = ("pixel budget: refuse images whose header declares more pixels, before "
+               "decoding them (decompression bombs); 0: no budget besides PIL's own limit "
+               "(default: %(default)s = 8192 x 8192)")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -38,6 +42,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                                    "--max-length without cutting image tokens")
     p.add_argument("--max-length", type=int, help="sequence length limit for the --model check")
     p.add_argument("--no-images", action="store_true", help="skip opening the images")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=PIXELS_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_validate)
 
@@ -82,7 +87,7 @@ def cmd_validate(args) -> int:
 
     report = validate_file(args.file, args.image_root, format=args.format, kind=args.kind,
                            check_images=not args.no_images, model=args.model,
-                           max_length=args.max_length)
+                           max_length=args.max_length, max_pixels=args.max_pixels or None)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

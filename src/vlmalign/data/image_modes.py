@@ -24,9 +24,7 @@ ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` as an 8-bit RGB image (see the module docstring)."""
-    if img.mode == "RGB":
-        return img
+    """``img`` as a new 8-bit RGB image (see the module docstring)."""
     if img.mode in SIXTEEN_BIT or img.mode in ("I", "F"):
         return _grey_to_rgb(img)
     if img.mode in ALPHA or (img.mode == "P" and "transparency" in img.info):

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, ModelError, VlmalignError
-from .images import load_image
+from .images import DEFAULT_MAX_PIXELS, check_max_pixels, load_image
 from .readers import iter_records
 from .schema import ImageRef, Record
 
@@ -109,9 +109,10 @@ def default_image_root(path: str | os.PathLike) -> Path:
 class _ImageChecker:
     """Loads each distinct image once; remembers failures by image identity."""
 
-    def __init__(self, root: str | os.PathLike, keep: bool):
+    def __init__(self, root: str | os.PathLike, keep: bool, max_pixels: int | None):
         self.root = root
         self.keep = keep  # keep decoded images (needed for the length check)
+        self.max_pixels = check_max_pixels(max_pixels)
         self.failures: dict[str, str] = {}
 
     def check(self, ref: ImageRef) -> tuple[Any, str | None]:
@@ -119,7 +120,7 @@ class _ImageChecker:
         if key in self.failures:
             return None, self.failures[key]
         try:
-            img = load_image(ref, self.root)
+            img = load_image(ref, self.root, max_pixels=self.max_pixels)
         except DataError as e:
             self.failures[key] = e.reason
             return None, e.reason
@@ -135,15 +136,17 @@ def _record_images(rec: Record) -> list[tuple[str, ImageRef]]:
 
 def check_records(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
                   format: str = "auto", kind: str | None = None, check_images: bool = True,
-                  adapter: Any = None, max_length: int | None = None
+                  adapter: Any = None, max_length: int | None = None,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS
                   ) -> Iterator[tuple[int | None, Record | None, list[Problem]]]:
     """Yield ``(index, record or None, problems)`` per record; a file-level failure is
-    yielded last as ``(None, None, [problem])``."""
+    yielded last as ``(None, None, [problem])``. ``max_pixels``: the pixel budget of
+    :func:`.images.load_image`."""
     if adapter is not None and not max_length:
         raise VlmalignError("a length check needs max_length")
     src = str(path)
     root = image_root if image_root is not None else default_image_root(path)
-    images = _ImageChecker(root, keep=adapter is not None)
+    images = _ImageChecker(root, keep=adapter is not None, max_pixels=max_pixels)
     try:
         for index, rec in iter_records(path, format=format, kind=kind):
             if isinstance(rec, DataError):
@@ -186,7 +189,8 @@ def _adapter(model: str | os.PathLike | None):
 def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
                   format: str = "auto", kind: str | None = None, check_images: bool = True,
                   model: str | os.PathLike | None = None, max_length: int | None = None,
-                  adapter: Any = None) -> ValidationReport:
+                  adapter: Any = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+                  ) -> ValidationReport:
     """Check every record of ``path``; never stops at the first problem.
 
     ``model`` (a model directory) or an already loaded ``adapter`` turns on the length
@@ -198,7 +202,7 @@ def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None 
     report = ValidationReport(str(path))
     for index, _, problems in check_records(path, image_root, format=format, kind=kind,
                                             check_images=check_images, adapter=adapter,
-                                            max_length=max_length):
+                                            max_length=max_length, max_pixels=max_pixels):
         if index is not None:
             report.records += 1
         report.problems.extend(problems)
@@ -208,7 +212,8 @@ def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None 
 def load_records(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
                  on_error: str = "raise", *, format: str = "auto", kind: str | None = None,
                  check_images: bool = True, adapter: Any = None,
-                 max_length: int | None = None) -> LoadedRecords:
+                 max_length: int | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedRecords:
     """Records of ``path`` that pass :func:`validate_file`'s checks, for training.
 
     ``on_error="raise"``: the first bad record raises :class:`DataError` (same message as
@@ -221,7 +226,7 @@ def load_records(path: str | os.PathLike, image_root: str | os.PathLike | None =
     records, problems, total = [], [], 0
     for index, rec, probs in check_records(path, image_root, format=format, kind=kind,
                                            check_images=check_images, adapter=adapter,
-                                           max_length=max_length):
+                                           max_length=max_length, max_pixels=max_pixels):
         if index is None:
             raise probs[0].error()
         total += 1

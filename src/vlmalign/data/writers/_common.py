@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
 
-from PIL import Image
-
 from ...errors import DataError
-from ..images import resolve_image_path
+from ..images import image_format, resolve_image_path
 from ..placeholders import IMAGE_TOKEN, join_parts
 from ..schema import ImageRef, Message, Record
 
@@ -60,11 +57,8 @@ class Images:
 
 
 def _extension(data: bytes) -> str:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = (img.format or "").lower()
-    except Exception:  # undecodable bytes are still written, so validate can report them
-        return ".bin"
+    # undecodable bytes are still written (as .bin), so validate can report them
+    fmt = (image_format(data) or "").lower()
     return {"jpeg": ".jpg", "": ".bin"}.get(fmt, "." + fmt)
 
 
