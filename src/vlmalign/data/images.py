@@ -23,19 +23,57 @@ from .schema import ImageRef
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
+def check_image_root(root: str | os.PathLike | None) -> None:
+    """Refuse, once, a root that does not exist or is not a folder (None: the current folder)."""
+    if root is None:
+        return
+    if not os.path.exists(root):
+        raise DataError(f"image root {str(root)!r} does not exist")
+    if not os.path.isdir(root):
+        raise DataError(f"image root {str(root)!r} is not a directory")
+
+
+def _inside(p: Path, folder: Path) -> bool:
+    return p == folder or folder in p.parents
+
+
+def _linked_folders(p: Path, root: str | os.PathLike, base: Path) -> list[Path]:
+    """Where the folder symlinks on the way from the root to ``p`` point (``p`` normalised
+    without following links; none when that leaves the root). A link to the root or to a
+    folder above it does not count: it would open everything."""
+    p = Path(os.path.normpath(p))
+    if p.is_absolute():
+        starts = [Path(os.path.abspath(root)), base]
+        p = next((p.relative_to(s) for s in starts if _inside(p, s)), Path(os.pardir))
+    if p.parts[:1] == (os.pardir,):
+        return []
+    out, cur = [], base
+    for part in p.parts[:-1]:
+        cur = cur / part
+        if cur.is_symlink():
+            target = cur.resolve()
+            if not _inside(base, target):
+                out.append(target)
+    return out
+
+
 def resolve_image_path(path: str, root: str | os.PathLike | None) -> Path:
     """Resolve ``path`` under ``root`` and refuse anything that escapes it.
 
-    Relative paths are joined to ``root``; absolute paths must already lie inside it.
-    Symlinks are resolved before the check, so a link pointing outside is refused too.
-    Without a root, the current directory is the root.
+    The root is resolved first (it may itself be a symlink); without one, the current folder
+    is the root. Relative paths are joined to it; absolute paths must lie inside it. ``..``
+    that climbs out is refused. Symlinked folders inside the root (``images ->
+    /scratch/coco``, a common cluster layout) are followed: the folder they point to counts
+    as inside. Any other link leading out of the root -- a file link such as ``a.png ->
+    ~/.ssh/id_rsa``, a link out of a linked folder -- is refused.
     """
-    base = Path(root if root is not None else os.getcwd()).resolve()
+    root = root if root is not None else os.getcwd()
+    base = Path(os.path.realpath(root))
     p = Path(path)
     full = (p if p.is_absolute() else base / p).resolve()
-    if full != base and base not in full.parents:
-        raise DataError(f"image path {path!r} escapes the image root {str(base)!r}", field="image")
-    return full
+    if _inside(full, base) or any(_inside(full, f) for f in _linked_folders(p, root, base)):
+        return full
+    raise DataError(f"image path {path!r} escapes the image root {str(base)!r}", field="image")
 
 
 def _too_large(name: str, pixels: int | None, size: str | None,

@@ -17,7 +17,7 @@ from collections import Counter
 from typing import Any
 
 from ..errors import DataError
-from .images import resolve_image_path
+from .images import check_image_root, resolve_image_path
 from .readers import iter_records
 from .schema import Record
 
@@ -52,6 +52,7 @@ def _image_key(ref, root) -> str:
 def compute_stats(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
                   format: str = "auto", kind: str | None = None, tokenizer: Any = None) -> dict:
     """Statistics of the file at ``path`` as a JSON-ready dict (see the module docstring)."""
+    check_image_root(image_root)
     kinds: Counter = Counter()
     n_images, turns, chars, tokens = [], [], [], []
     distinct: set[str] = set()

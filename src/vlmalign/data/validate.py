@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, ModelError, VlmalignError
-from .images import DEFAULT_MAX_PIXELS, check_max_pixels, load_image
+from .images import DEFAULT_MAX_PIXELS, check_image_root, check_max_pixels, load_image
 from .readers import iter_records
 from .schema import ImageRef, Record
 
@@ -145,6 +145,8 @@ def check_records(path: str | os.PathLike, image_root: str | os.PathLike | None 
     if adapter is not None and not max_length:
         raise VlmalignError("a length check needs max_length")
     src = str(path)
+    if check_images or adapter is not None:
+        check_image_root(image_root)  # once, up front (the default root is the file's folder)
     root = image_root if image_root is not None else default_image_root(path)
     images = _ImageChecker(root, keep=adapter is not None, max_pixels=max_pixels)
     try:
