@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import DataError, ModelError, VlmalignError
 from .images import DEFAULT_MAX_PIXELS, check_image_root, check_max_pixels, load_image
-from .readers import iter_records
+from .readers import NO_RECORDS, iter_records
 from .schema import ImageRef, Record
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class ValidationReport:
 
     def summary(self) -> str:
         s = f"{self.records} records, {self.bad} bad"
-        if self.file_problems:
+        if any(p.reason != NO_RECORDS for p in self.file_problems):
             s += " (the file could not be read completely)"
         return s
 
