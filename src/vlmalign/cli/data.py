@@ -63,13 +63,18 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("stats", help="describe a data file",
-                       description="Records per kind, images per record, turns, response "
-                                   "lengths, share of text-only records, distinct images.")
+                       description="Records per kind, bad records (the reader's checks and "
+                                   "the images'), duplicate ids, images per record, turns, "
+                                   "response lengths, share of text-only records, distinct "
+                                   "images.")
     p.add_argument("file", help="data file (.json, .jsonl, .parquet) or datasets directory")
     p.add_argument("--image-root", help=ROOT_HELP + " (used to identify identical images)")
     p.add_argument("--format", default="auto", help=FORMAT_HELP)
     p.add_argument("--kind", choices=RECORD_KINDS, help=KIND_HELP)
     p.add_argument("--model", help="model directory: also count response lengths in tokens")
+    p.add_argument("--no-images", action="store_true",
+                   help="do not open the images (bad records then count the reader's checks only)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=PIXELS_HELP)
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.set_defaults(func=cmd_stats)
 
@@ -84,6 +89,11 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def cmd_validate(args) -> int:
     from ..data.validate import validate_file
+    from ..errors import VlmalignError
+
+    if args.max_length is not None and args.model is None:
+        raise VlmalignError("--max-length needs --model: the length is counted with the "
+                            "model's tokenizer and processor")
 
     report = validate_file(args.file, args.image_root, format=args.format, kind=args.kind,
                            check_images=not args.no_images, model=args.model,
@@ -143,7 +153,8 @@ def cmd_stats(args) -> int:
 
     tok = _tokenizer(args.model) if args.model else None
     s = compute_stats(args.file, args.image_root, format=args.format, kind=args.kind,
-                      tokenizer=tok)
+                      tokenizer=tok, check_images=not args.no_images,
+                      max_pixels=args.max_pixels or None)
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -153,7 +164,11 @@ def cmd_stats(args) -> int:
 
     kinds = ", ".join(f"{k}: {v}" for k, v in s["kinds"].items()) or "none"
     print(f"file: {s['file']}")
-    print(f"records: {s['records']} ({kinds}); bad records: {s['bad_records']}")
+    notes = [] if s["images_checked"] else ["images not checked"]
+    if s["first_problem"]:
+        notes.append(f"first: {s['first_problem']}")
+    print(f"records: {s['records']} ({kinds}); bad records: {s['bad_records']}"
+          + (f" ({'; '.join(notes)})" if notes else ""))
     print(f"images per record: {rng(s['images_per_record'])}")
     print(f"user turns per record: {rng(s['turns'])}")
     print(f"response length (chars): {rng(s['response_chars'])}")
@@ -162,4 +177,5 @@ def cmd_stats(args) -> int:
     share = s["text_only_share"]
     print(f"text-only records: {'-' if share is None else f'{100 * share:.1f}%'}")
     print(f"distinct images: {s['distinct_images']}")
+    print(f"duplicate ids: {s['duplicate_ids']}")
     return 0

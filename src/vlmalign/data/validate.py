@@ -139,9 +139,9 @@ def check_records(path: str | os.PathLike, image_root: str | os.PathLike | None 
                   adapter: Any = None, max_length: int | None = None,
                   max_pixels: int | None = DEFAULT_MAX_PIXELS
                   ) -> Iterator[tuple[int | None, Record | None, list[Problem]]]:
-    """Yield ``(index, record or None, problems)`` per record; a file-level failure is
-    yielded last as ``(None, None, [problem])``. ``max_pixels``: the pixel budget of
-    :func:`.images.load_image`."""
+    """Yield ``(index, record, problems)`` per record (record None: the reader refused it);
+    a file-level failure is yielded last as ``(None, None, [problem])``. ``max_pixels``: the
+    pixel budget of :func:`.images.load_image`."""
     if adapter is not None and not max_length:
         raise VlmalignError("a length check needs max_length")
     src = str(path)
@@ -173,9 +173,23 @@ def check_records(path: str | os.PathLike, image_root: str | os.PathLike | None 
                     # it with the record instead of stopping the whole check
                     problems.append(Problem(index, "model", f"the model cannot process this record "
                                                             f"({type(e).__name__}: {e})", src))
-            yield index, (None if problems else rec), problems
+            yield index, rec, problems
     except DataError as e:
         yield None, None, [Problem.of(e, src)]
+
+
+class DuplicateIds:
+    """Record ids seen so far: :meth:`earlier` gives the index of the first record that had
+    the same id (None: a new id, or no id)."""
+
+    def __init__(self):
+        self.first: dict[str, int | None] = {}
+
+    def earlier(self, rec: Record | None) -> int | None:
+        if rec is None or rec.id is None:
+            return None
+        first = self.first.setdefault(rec.id, rec.index)
+        return None if first == rec.index else first
 
 
 def _adapter(model: str | os.PathLike | None):
@@ -196,17 +210,24 @@ def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None 
     """Check every record of ``path``; never stops at the first problem.
 
     ``model`` (a model directory) or an already loaded ``adapter`` turns on the length
-    check at ``max_length``.
+    check at ``max_length``. Two records with the same id are a problem of the later one.
     """
     if model is not None and not max_length:
         raise VlmalignError("--model needs --max-length")
+    if max_length and model is None and adapter is None:
+        raise VlmalignError("max_length needs a model: its tokenizer and processor count "
+                            "the tokens")
     adapter = adapter if adapter is not None else _adapter(model)
-    report = ValidationReport(str(path))
-    for index, _, problems in check_records(path, image_root, format=format, kind=kind,
-                                            check_images=check_images, adapter=adapter,
-                                            max_length=max_length, max_pixels=max_pixels):
+    report, ids = ValidationReport(str(path)), DuplicateIds()
+    for index, rec, problems in check_records(path, image_root, format=format, kind=kind,
+                                              check_images=check_images, adapter=adapter,
+                                              max_length=max_length, max_pixels=max_pixels):
         if index is not None:
             report.records += 1
+        first = ids.earlier(rec)
+        if first is not None:
+            problems = problems + [Problem(index, "id", f"duplicate id {rec.id!r} (also "
+                                                        f"record {first})", str(path))]
         report.problems.extend(problems)
     return report
 

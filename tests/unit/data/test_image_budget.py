@@ -12,7 +12,7 @@ import pytest
 from data_helpers import draw, dump
 
 from vlmalign.cli.main import main
-from vlmalign.data import load_records, validate_file
+from vlmalign.data import compute_stats, load_records, validate_file
 from vlmalign.data.batching import ImageLoader, prepare
 from vlmalign.data.images import DEFAULT_MAX_PIXELS, load_image
 from vlmalign.data.readers import read_file
@@ -97,6 +97,7 @@ def test_validate_reports_and_skip_skips_bombs(bombs, caplog, capsys):
     assert (e.value.file, e.value.index, e.value.field) == (str(path), 1, "images[0]")
     loaded = load_records(path, on_error="skip")
     assert ([r.index for r in loaded.records], loaded.skipped) == ([0, 3], 2)
+    assert compute_stats(path)["bad_records"] == 2
 
     assert main(["data", "validate", str(path)]) == 1
     out = capsys.readouterr().out
