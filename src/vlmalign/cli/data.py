@@ -103,6 +103,8 @@ def cmd_validate(args) -> int:
     else:
         for p in report.problems:
             print(p.message)
+        for p in report.warnings:
+            print(f"warning: {p.message}")
         print(report.summary())
     return 0 if report.ok else 1
 
@@ -178,4 +180,5 @@ def cmd_stats(args) -> int:
     print(f"text-only records: {'-' if share is None else f'{100 * share:.1f}%'}")
     print(f"distinct images: {s['distinct_images']}")
     print(f"duplicate ids: {s['duplicate_ids']}")
+    print(f"conversations ending with an unanswered user turn: {s['unanswered_last_turns']}")
     return 0

@@ -11,7 +11,8 @@
 what they hold: those the reader rejects (left out of everything else) and, unless
 ``check_images=False``, those whose images are missing, corrupt, outside the root or over
 the pixel budget (still described: their texts are fine). ``first_problem`` names the first
-one. ``duplicate_ids`` counts records whose id an earlier record has.
+one. ``duplicate_ids`` counts records whose id an earlier record has;
+``unanswered_last_turns`` conversations that end with a user turn without answer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from ..errors import DataError
 from .images import DEFAULT_MAX_PIXELS, resolve_image_path
-from .schema import Record
+from .schema import Record, unanswered_end
 from .validate import DuplicateIds, check_records
 
 
@@ -60,7 +61,7 @@ def compute_stats(path: str | os.PathLike, image_root: str | os.PathLike | None 
     kinds: Counter = Counter()
     n_images, turns, chars, tokens = [], [], [], []
     distinct: set[str] = set()
-    bad, first_problem, ids, duplicates = set(), None, DuplicateIds(), 0
+    bad, first_problem, ids, duplicates, unanswered = set(), None, DuplicateIds(), 0, 0
     for index, rec, problems in check_records(path, image_root, format=format, kind=kind,
                                               check_images=check_images, max_pixels=max_pixels):
         if index is None:
@@ -71,6 +72,7 @@ def compute_stats(path: str | os.PathLike, image_root: str | os.PathLike | None 
         if rec is None:
             continue
         duplicates += ids.earlier(rec) is not None
+        unanswered += unanswered_end(rec)
         kinds[rec.kind] += 1
         imgs = list(rec.images) + list(getattr(rec, "rejected_images", None) or [])
         n_images.append(len(rec.images))
@@ -89,6 +91,7 @@ def compute_stats(path: str | os.PathLike, image_root: str | os.PathLike | None 
         "images_checked": check_images,
         "first_problem": first_problem,
         "duplicate_ids": duplicates,
+        "unanswered_last_turns": unanswered,
         "kinds": dict(sorted(kinds.items())),
         "images_per_record": _summary(n_images),
         "turns": _summary(turns),

@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import DataError, ModelError, VlmalignError
 from .images import DEFAULT_MAX_PIXELS, check_image_root, check_max_pixels, load_image
 from .readers import NO_RECORDS, iter_records
-from .schema import ImageRef, Record
+from .schema import UNANSWERED_END, ImageRef, Record, unanswered_end
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class ValidationReport:
     file: str
     records: int = 0  # records seen, good and bad
     problems: list[Problem] = field(default_factory=list)
+    # usable records worth a look (a conversation ending with an unanswered user turn)
+    warnings: list[Problem] = field(default_factory=list)
 
     @property
     def bad_indices(self) -> list[int]:
@@ -79,13 +81,16 @@ class ValidationReport:
 
     def summary(self) -> str:
         s = f"{self.records} records, {self.bad} bad"
+        if self.warnings:
+            s += f", {len(self.warnings)} with warnings"
         if any(p.reason != NO_RECORDS for p in self.file_problems):
             s += " (the file could not be read completely)"
         return s
 
     def to_json(self) -> dict:
         return {"file": self.file, "records": self.records, "bad": self.bad, "ok": self.ok,
-                "problems": [p.to_json() for p in self.problems]}
+                "problems": [p.to_json() for p in self.problems],
+                "warnings": [p.to_json() for p in self.warnings]}
 
 
 @dataclass
@@ -211,6 +216,7 @@ def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None 
 
     ``model`` (a model directory) or an already loaded ``adapter`` turns on the length
     check at ``max_length``. Two records with the same id are a problem of the later one.
+    A conversation that ends with an unanswered user turn is a warning (it stays usable).
     """
     if model is not None and not max_length:
         raise VlmalignError("--model needs --max-length")
@@ -229,6 +235,9 @@ def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None 
             problems = problems + [Problem(index, "id", f"duplicate id {rec.id!r} (also "
                                                         f"record {first})", str(path))]
         report.problems.extend(problems)
+        if unanswered_end(rec):
+            report.warnings.append(Problem(index, f"messages[{len(rec.messages) - 1}]",
+                                           UNANSWERED_END, str(path)))
     return report
 
 

@@ -116,12 +116,12 @@ def iter_records(path: str | os.PathLike, *, format: str = "auto",
                 raise DataError(f"cannot detect the format from record {index} (fields: "
                                 f"{keys}); pass a format (one of {', '.join(FORMATS)})", file=src)
             layout = LAYOUTS[name]
-        ctx = Ctx(src, index)
+        ctx = Ctx(src, index, kind)
         try:
             if not isinstance(obj, Mapping):
                 raise ctx.error(f"expected a JSON object, got {type_name(obj)}")
             rec = ctx.stamp(layout.parse(obj, ctx))
-            check_record(rec)
+            check_record(rec, as_prompt=kind == "rl_prompt")
             if kind is not None:
                 rec = coerce(rec, kind)
                 check_record(rec)
