@@ -109,30 +109,54 @@ def cmd_validate(args) -> int:
     return 0 if report.ok else 1
 
 
+def _missing_image(err, root_given: bool) -> bool:
+    return not root_given and "image file not found" in err.reason
+
+
+def _root_hint(root: str) -> str:
+    return (f"image paths are read from {root!r}, the input's folder: pass --image-root if "
+            "they are elsewhere")
+
+
 def cmd_convert(args) -> int:
     from ..data.readers import iter_records
     from ..data.writers import write_records
+    from ..data.writers._common import refuse_overwrite
     from ..errors import DataError
 
+    refuse_overwrite(args.output, [args.input])
+    skip = args.on_error == "skip"
     records, bad = [], []
     for _, rec in iter_records(args.input, format=args.format, kind=args.kind):
         if isinstance(rec, DataError):
-            if args.on_error == "raise":
+            if not skip:
                 raise rec
             bad.append(rec)
         else:
             records.append(rec)
-    for e in bad:
-        print(f"skipped: {e}")
     out = Path(args.output)
+    given = args.image_root is not None
     root = args.image_root or (args.input if Path(args.input).is_dir()
                                else str(Path(args.input).parent))
     image_dir = out.parent / "images"
     had_images = set(image_dir.iterdir()) if image_dir.is_dir() else set()
-    write_records(records, out, args.to, image_root=root, image_dir=image_dir)
-    kinds = sorted({r.kind for r in records})
-    print(f"wrote {len(records)} records ({', '.join(kinds) or 'none'}) to {out} as {args.to}"
-          + (f"; skipped {len(bad)} bad records" if bad else ""))
+    unwritten: list[DataError] = []  # records the format or their images refused (skip)
+    try:
+        write_records(records, out, args.to, image_root=root, image_dir=image_dir,
+                      skipped=unwritten if skip else None)
+    except DataError as e:
+        if not _missing_image(e, given):
+            raise
+        raise DataError(f"{e.reason}; {_root_hint(root)}", file=e.file, index=e.index,
+                        field=e.field) from None
+    for e in bad + unwritten:
+        print(f"skipped: {e}")
+    if any(_missing_image(e, given) for e in unwritten):
+        print(f"hint: {_root_hint(root)}")
+    n_bad, n_out = len(bad) + len(unwritten), len(records) - len(unwritten)
+    kinds = sorted({r.kind for r in records}) if n_out else []
+    print(f"wrote {n_out} records ({', '.join(kinds) or 'none'}) to {out} as {args.to}"
+          + (f"; skipped {n_bad} bad records" if n_bad else ""))
     new_images = (set(image_dir.iterdir()) if image_dir.is_dir() else set()) - had_images
     if new_images:
         print(f"wrote {len(new_images)} images to {image_dir}")

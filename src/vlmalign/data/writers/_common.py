@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ...errors import DataError
@@ -48,12 +49,42 @@ class Images:
             return ref.data
         try:
             full = resolve_image_path(ref.path, self.image_root)
-            return full.read_bytes()
         except DataError as e:
             raise rec.error(e.reason, field) from None
+        where = "" if self.image_root is not None else (
+            "; no image root was given: paths are read from the current folder")
+        if not full.is_file():
+            raise rec.error(f"image file not found: {ref.path!r} (looked for {str(full)!r})"
+                            + where, field)
+        try:
+            return full.read_bytes()
         except OSError as e:
-            raise rec.error(f"cannot read image {ref.path!r} ({e.strerror}); pass the image "
-                            "root", field) from None
+            raise rec.error(f"cannot read image {str(full)!r} ({e.strerror})", field) from None
+
+
+def each_record(records: Iterable[Record], convert: Callable[[Record], dict],
+                skipped: list[DataError] | None) -> list[dict]:
+    """``convert(record)`` for every record. A record it refuses raises -- or, given a
+    ``skipped`` list, is appended to it and left out."""
+    out = []
+    for rec in records:
+        try:
+            out.append(convert(rec))
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.append(e)
+    return out
+
+
+def refuse_overwrite(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse an output that is one of the ``inputs`` (same file or folder, by any path)."""
+    if not os.path.exists(out):
+        return
+    for src in inputs:
+        if os.path.exists(src) and os.path.samefile(out, src):
+            raise DataError(f"the output {str(out)!r} is the input {str(src)!r}: writing it "
+                            "would destroy the input; write to another path", file=str(src))
 
 
 def _extension(data: bytes) -> str:
