@@ -110,6 +110,19 @@ def single_user_turn(prompt: list[Message], rec: Record, fmt: str) -> Message:
     return prompt[0]
 
 
+def single_turn_obj(rec: Record, images: Images, fmt: str) -> tuple[Message, dict]:
+    """The one user turn of a single-turn format's record, and the object begun with its
+    ``id`` and ``image`` fields."""
+    m = single_user_turn(rec.prompt, rec, fmt)
+    obj: dict = {}
+    if rec.id is not None:
+        obj["id"] = rec.id
+    paths = [images.path(ref, rec) for ref in m.images]
+    if paths:
+        obj["image"] = image_value(paths)
+    return m, obj
+
+
 def image_value(paths: list[str]):
     """One path as a string, several as a list (never comma-joined: paths may hold commas)."""
     return paths[0] if len(paths) == 1 else paths
