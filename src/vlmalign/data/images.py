@@ -1,4 +1,7 @@
-"""Image loading with paths confined to an image root and clear errors on bad files."""
+"""Image loading: paths confined to an image root (:func:`resolve_image_path`), a pixel
+budget checked from the header before decoding (:data:`DEFAULT_MAX_PIXELS`), every mode as RGB
+(:mod:`.image_modes`), and a :class:`DataError` for every bad file -- PIL's own errors and
+decompression-bomb warnings never escape."""
 
 from __future__ import annotations
 
@@ -115,7 +118,7 @@ def _decode(src, name: str, max_pixels: int | None) -> Image.Image:
 
 
 def check_max_pixels(max_pixels: int | None) -> int | None:
-    """``max_pixels`` if it is a positive integer or None; raise :class:`VlmalignError` otherwise."""
+    """``max_pixels`` if it is a positive integer or None; else :class:`VlmalignError`."""
     if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
                                    or max_pixels <= 0):
         raise VlmalignError(f"max_pixels must be a positive number of pixels or None (no "
