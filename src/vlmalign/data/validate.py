@@ -3,8 +3,11 @@
 Per record: everything the reader checks (unknown role, empty or missing response,
 ``<image>`` count differing from the image count, malformed fields), then each image:
 missing or unreadable file, corrupt file (PIL cannot decode it), path escaping the image
-root; and, when a model adapter is given, whether the sequence fits ``max_length`` without
-cutting image tokens (``adapter.check_length``).
+root, more pixels than ``max_pixels``; and, when a model adapter is given, whether the
+sequence fits ``max_length`` without cutting image tokens (``adapter.check_length``).
+:func:`validate_file` adds what needs the whole file: a file without records, a record id
+used before (a problem of the later record), and warnings for usable records worth a look
+(a conversation ending with an unanswered user turn).
 
 :func:`validate_file` reports every problem; :func:`load_records` is what training uses:
 the first bad record raises (``on_error="raise"``) or bad records are dropped, counted and
