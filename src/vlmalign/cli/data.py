@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.readers import FORMATS
 from ..data.schema import RECORD_KINDS
 from ..data.writers import WRITE_FORMATS
@@ -16,6 +17,9 @@ KIND_HELP = (f"read records as this kind: {', '.join(RECORD_KINDS)} (e.g. a VQA 
              "conversation, two-response ranked lists as preference)")
 ROOT_HELP = ("folder that image paths are relative to; paths may not leave it "
              "(default: the folder holding the data file)")
+PIXELS_HELP = ("pixel budget: refuse images whose header declares more pixels, before "
+               "decoding them (decompression bombs); 0: no budget besides PIL's own limit "
+               "(default: %(default)s = 8192 x 8192)")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -38,6 +42,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                                    "--max-length without cutting image tokens")
     p.add_argument("--max-length", type=int, help="sequence length limit for the --model check")
     p.add_argument("--no-images", action="store_true", help="skip opening the images")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=PIXELS_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_validate)
 
@@ -58,13 +63,18 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("stats", help="describe a data file",
-                       description="Records per kind, images per record, turns, response "
-                                   "lengths, share of text-only records, distinct images.")
+                       description="Records per kind, bad records (the reader's checks and "
+                                   "the images'), duplicate ids, images per record, turns, "
+                                   "response lengths, share of text-only records, distinct "
+                                   "images.")
     p.add_argument("file", help="data file (.json, .jsonl, .parquet) or datasets directory")
     p.add_argument("--image-root", help=ROOT_HELP + " (used to identify identical images)")
     p.add_argument("--format", default="auto", help=FORMAT_HELP)
     p.add_argument("--kind", choices=RECORD_KINDS, help=KIND_HELP)
     p.add_argument("--model", help="model directory: also count response lengths in tokens")
+    p.add_argument("--no-images", action="store_true",
+                   help="do not open the images (bad records then count the reader's checks only)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=PIXELS_HELP)
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.set_defaults(func=cmd_stats)
 
@@ -79,43 +89,74 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def cmd_validate(args) -> int:
     from ..data.validate import validate_file
+    from ..errors import VlmalignError
+
+    if args.max_length is not None and args.model is None:
+        raise VlmalignError("--max-length needs --model: the length is counted with the "
+                            "model's tokenizer and processor")
 
     report = validate_file(args.file, args.image_root, format=args.format, kind=args.kind,
                            check_images=not args.no_images, model=args.model,
-                           max_length=args.max_length)
+                           max_length=args.max_length, max_pixels=args.max_pixels or None)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
         for p in report.problems:
             print(p.message)
+        for p in report.warnings:
+            print(f"warning: {p.message}")
         print(report.summary())
     return 0 if report.ok else 1
+
+
+def _missing_image(err, root_given: bool) -> bool:
+    return not root_given and "image file not found" in err.reason
+
+
+def _root_hint(root: str) -> str:
+    return (f"image paths are read from {root!r}, the input's folder: pass --image-root if "
+            "they are elsewhere")
 
 
 def cmd_convert(args) -> int:
     from ..data.readers import iter_records
     from ..data.writers import write_records
+    from ..data.writers._common import refuse_overwrite
     from ..errors import DataError
 
+    refuse_overwrite(args.output, [args.input])
+    skip = args.on_error == "skip"
     records, bad = [], []
     for _, rec in iter_records(args.input, format=args.format, kind=args.kind):
         if isinstance(rec, DataError):
-            if args.on_error == "raise":
+            if not skip:
                 raise rec
             bad.append(rec)
         else:
             records.append(rec)
-    for e in bad:
-        print(f"skipped: {e}")
     out = Path(args.output)
+    given = args.image_root is not None
     root = args.image_root or (args.input if Path(args.input).is_dir()
                                else str(Path(args.input).parent))
     image_dir = out.parent / "images"
     had_images = set(image_dir.iterdir()) if image_dir.is_dir() else set()
-    write_records(records, out, args.to, image_root=root, image_dir=image_dir)
-    kinds = sorted({r.kind for r in records})
-    print(f"wrote {len(records)} records ({', '.join(kinds) or 'none'}) to {out} as {args.to}"
-          + (f"; skipped {len(bad)} bad records" if bad else ""))
+    unwritten: list[DataError] = []  # records the format or their images refused (skip)
+    try:
+        write_records(records, out, args.to, image_root=root, image_dir=image_dir,
+                      skipped=unwritten if skip else None)
+    except DataError as e:
+        if not _missing_image(e, given):
+            raise
+        raise DataError(f"{e.reason}; {_root_hint(root)}", file=e.file, index=e.index,
+                        field=e.field) from None
+    for e in bad + unwritten:
+        print(f"skipped: {e}")
+    if any(_missing_image(e, given) for e in unwritten):
+        print(f"hint: {_root_hint(root)}")
+    n_bad, n_out = len(bad) + len(unwritten), len(records) - len(unwritten)
+    kinds = sorted({r.kind for r in records}) if n_out else []
+    print(f"wrote {n_out} records ({', '.join(kinds) or 'none'}) to {out} as {args.to}"
+          + (f"; skipped {n_bad} bad records" if n_bad else ""))
     new_images = (set(image_dir.iterdir()) if image_dir.is_dir() else set()) - had_images
     if new_images:
         print(f"wrote {len(new_images)} images to {image_dir}")
@@ -138,7 +179,8 @@ def cmd_stats(args) -> int:
 
     tok = _tokenizer(args.model) if args.model else None
     s = compute_stats(args.file, args.image_root, format=args.format, kind=args.kind,
-                      tokenizer=tok)
+                      tokenizer=tok, check_images=not args.no_images,
+                      max_pixels=args.max_pixels or None)
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -148,7 +190,11 @@ def cmd_stats(args) -> int:
 
     kinds = ", ".join(f"{k}: {v}" for k, v in s["kinds"].items()) or "none"
     print(f"file: {s['file']}")
-    print(f"records: {s['records']} ({kinds}); bad records: {s['bad_records']}")
+    notes = [] if s["images_checked"] else ["images not checked"]
+    if s["first_problem"]:
+        notes.append(f"first: {s['first_problem']}")
+    print(f"records: {s['records']} ({kinds}); bad records: {s['bad_records']}"
+          + (f" ({'; '.join(notes)})" if notes else ""))
     print(f"images per record: {rng(s['images_per_record'])}")
     print(f"user turns per record: {rng(s['turns'])}")
     print(f"response length (chars): {rng(s['response_chars'])}")
@@ -157,4 +203,6 @@ def cmd_stats(args) -> int:
     share = s["text_only_share"]
     print(f"text-only records: {'-' if share is None else f'{100 * share:.1f}%'}")
     print(f"distinct images: {s['distinct_images']}")
+    print(f"duplicate ids: {s['duplicate_ids']}")
+    print(f"conversations ending with an unanswered user turn: {s['unanswered_last_turns']}")
     return 0

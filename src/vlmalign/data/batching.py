@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import DataError
-from .images import load_image
+from .images import DEFAULT_MAX_PIXELS, check_image_root, check_max_pixels, load_image
 from .schema import ImageRef
 
 log = logging.getLogger(__name__)
@@ -64,16 +64,23 @@ def image_prompts(messages, adapter) -> list[str | None]:
 
 
 class ImageLoader:
-    """Load + preprocess images for an adapter; a small cache keyed by image identity."""
+    """Load + preprocess images for an adapter; a small cache keyed by image identity.
 
-    def __init__(self, adapter, image_root: str | Path | None, cache_size: int = 4096):
+    ``max_pixels``: the pixel budget of :func:`.images.load_image` (None: none of ours).
+    A root that does not exist is refused here, once, rather than at every image.
+    """
+
+    def __init__(self, adapter, image_root: str | Path | None, cache_size: int = 4096, *,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        check_image_root(image_root)
         self.adapter = adapter
         self.image_root = image_root
         self.cache_size = cache_size
+        self.max_pixels = check_max_pixels(max_pixels)
         self._cache: dict[str, Any] = {}
 
     def pil(self, ref: ImageRef):
-        return load_image(ref, self.image_root)
+        return load_image(ref, self.image_root, max_pixels=self.max_pixels)
 
     def inputs(self, ref: ImageRef):
         key = ref.key()

@@ -10,7 +10,8 @@ conversation    preference (prompt + chosen), ranked (prompt + best response),
 preference      ranked with exactly two responses (more: use ``RankedList.pairs()``)
 ranked          preference (chosen, rejected) without rejected-side images
 rl_prompt       any kind: its prompt; a conversation's last assistant turn becomes the
-                reference; other kinds keep no reference
+                reference, or, when it ends with a user turn, all of it is the prompt
+                (no reference); other kinds keep no reference
 ==============  =====================================================================
 """
 
@@ -33,6 +34,8 @@ def coerce(rec: Record, kind: str) -> Record:
     c = _common(rec)
     if kind == "rl_prompt":
         if isinstance(rec, Conversation):
+            if rec.messages[-1].role == "user":  # an unanswered last question: the prompt
+                return RLPrompt(rec.messages, None, **c)
             last = max(i for i, m in enumerate(rec.messages) if m.role == "assistant")
             if last == 0:
                 raise rec.error("conversation starts with the assistant turn: no prompt",

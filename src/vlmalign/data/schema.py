@@ -192,12 +192,25 @@ Record = Union[Conversation, PreferencePair, RankedList, UnpairedExample, RLProm
 RECORD_KINDS = ("conversation", "preference", "ranked", "unpaired", "rl_prompt")
 
 
-def check_record(rec: Record) -> None:
+UNANSWERED_END = ("the conversation ends with a user turn that has no answer: training learns "
+                  "from the turns before it only (read the file as kind rl_prompt to use that "
+                  "turn as the prompt)")
+
+
+def unanswered_end(rec: Record) -> bool:
+    """True for a conversation whose last turn is a user turn without an answer."""
+    return isinstance(rec, Conversation) and bool(rec.messages) and rec.messages[-1].role == "user"
+
+
+def check_record(rec: Record, *, as_prompt: bool = False) -> None:
     """Structural checks shared by every reader; raise :class:`DataError` naming the field.
 
     Checks roles, non-empty responses, prompts that end with a user turn, image counts of
-    rejected-side images, and two or more ranked responses. File-level checks (images that
-    exist and decode, lengths for a model) live in :mod:`vlmalign.data.validate`.
+    rejected-side images, and two or more ranked responses. A conversation needs an answer
+    -- unless ``as_prompt`` (it is read as ``rl_prompt``) and it ends with a user turn, which
+    is then the prompt. (A conversation that ends with an unanswered user turn is kept, see
+    :func:`unanswered_end`.) File-level checks (images that exist and decode, lengths for a
+    model) live in :mod:`vlmalign.data.validate`.
     """
     msgs = rec.messages if isinstance(rec, Conversation) else rec.prompt
     fname = "messages" if isinstance(rec, Conversation) else "prompt"
@@ -212,7 +225,7 @@ def check_record(rec: Record) -> None:
         if m.role == "assistant" and m.images:
             raise rec.error("images in an assistant turn are not supported", f"{fname}[{i}].content")
     if isinstance(rec, Conversation):
-        if not any(m.role == "assistant" for m in msgs):
+        if not (as_prompt and unanswered_end(rec)) and not any(m.role == "assistant" for m in msgs):
             raise rec.error("conversation has no assistant turn", "messages")
         for i, m in enumerate(msgs):
             if m.role == "assistant" and not m.text.strip():

@@ -7,7 +7,12 @@
 * distinct images: by path (resolved under the image root when one is given) or by the
   hash of the bytes; rejected-side images count too.
 
-Records the reader rejects are counted as ``bad_records`` and otherwise left out.
+``bad_records`` counts the records :func:`vlmalign.data.validate_file` would refuse for
+what they hold: those the reader rejects (left out of everything else) and, unless
+``check_images=False``, those whose images are missing, corrupt, outside the root or over
+the pixel budget (still described: their texts are fine). ``first_problem`` names the first
+one. ``duplicate_ids`` counts records whose id an earlier record has;
+``unanswered_last_turns`` conversations that end with a user turn without answer.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from collections import Counter
 from typing import Any
 
 from ..errors import DataError
-from .images import resolve_image_path
-from .readers import iter_records
-from .schema import Record
+from .images import DEFAULT_MAX_PIXELS, resolve_image_path
+from .schema import Record, unanswered_end
+from .validate import DuplicateIds, check_records
 
 
 def _responses(rec: Record) -> list[str]:
@@ -50,16 +55,24 @@ def _image_key(ref, root) -> str:
 
 
 def compute_stats(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
-                  format: str = "auto", kind: str | None = None, tokenizer: Any = None) -> dict:
+                  format: str = "auto", kind: str | None = None, tokenizer: Any = None,
+                  check_images: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
     """Statistics of the file at ``path`` as a JSON-ready dict (see the module docstring)."""
     kinds: Counter = Counter()
     n_images, turns, chars, tokens = [], [], [], []
     distinct: set[str] = set()
-    bad = 0
-    for _, rec in iter_records(path, format=format, kind=kind):
-        if isinstance(rec, DataError):
-            bad += 1
+    bad, first_problem, ids, duplicates, unanswered = set(), None, DuplicateIds(), 0, 0
+    for index, rec, problems in check_records(path, image_root, format=format, kind=kind,
+                                              check_images=check_images, max_pixels=max_pixels):
+        if index is None:
+            raise problems[0].error()
+        if problems:
+            bad.add(index)
+            first_problem = first_problem or problems[0].message
+        if rec is None:
             continue
+        duplicates += ids.earlier(rec) is not None
+        unanswered += unanswered_end(rec)
         kinds[rec.kind] += 1
         imgs = list(rec.images) + list(getattr(rec, "rejected_images", None) or [])
         n_images.append(len(rec.images))
@@ -74,7 +87,11 @@ def compute_stats(path: str | os.PathLike, image_root: str | os.PathLike | None 
     out = {
         "file": str(path),
         "records": n,
-        "bad_records": bad,
+        "bad_records": len(bad),
+        "images_checked": check_images,
+        "first_problem": first_problem,
+        "duplicate_ids": duplicates,
+        "unanswered_last_turns": unanswered,
         "kinds": dict(sorted(kinds.items())),
         "images_per_record": _summary(n_images),
         "turns": _summary(turns),

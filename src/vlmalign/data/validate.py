@@ -3,8 +3,11 @@
 Per record: everything the reader checks (unknown role, empty or missing response,
 ``<image>`` count differing from the image count, malformed fields), then each image:
 missing or unreadable file, corrupt file (PIL cannot decode it), path escaping the image
-root; and, when a model adapter is given, whether the sequence fits ``max_length`` without
-cutting image tokens (``adapter.check_length``).
+root, more pixels than ``max_pixels``; and, when a model adapter is given, whether the
+sequence fits ``max_length`` without cutting image tokens (``adapter.check_length``).
+:func:`validate_file` adds what needs the whole file: a file without records, a record id
+used before (a problem of the later record), and warnings for usable records worth a look
+(a conversation ending with an unanswered user turn).
 
 :func:`validate_file` reports every problem; :func:`load_records` is what training uses:
 the first bad record raises (``on_error="raise"``) or bad records are dropped, counted and
@@ -23,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, ModelError, VlmalignError
-from .images import load_image
-from .readers import iter_records
-from .schema import ImageRef, Record
+from .images import DEFAULT_MAX_PIXELS, check_image_root, check_max_pixels, load_image
+from .readers import NO_RECORDS, iter_records
+from .schema import UNANSWERED_END, ImageRef, Record, unanswered_end
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ class ValidationReport:
     file: str
     records: int = 0  # records seen, good and bad
     problems: list[Problem] = field(default_factory=list)
+    # usable records worth a look (a conversation ending with an unanswered user turn)
+    warnings: list[Problem] = field(default_factory=list)
 
     @property
     def bad_indices(self) -> list[int]:
@@ -79,13 +84,16 @@ class ValidationReport:
 
     def summary(self) -> str:
         s = f"{self.records} records, {self.bad} bad"
-        if self.file_problems:
+        if self.warnings:
+            s += f", {len(self.warnings)} with warnings"
+        if any(p.reason != NO_RECORDS for p in self.file_problems):
             s += " (the file could not be read completely)"
         return s
 
     def to_json(self) -> dict:
         return {"file": self.file, "records": self.records, "bad": self.bad, "ok": self.ok,
-                "problems": [p.to_json() for p in self.problems]}
+                "problems": [p.to_json() for p in self.problems],
+                "warnings": [p.to_json() for p in self.warnings]}
 
 
 @dataclass
@@ -109,9 +117,10 @@ def default_image_root(path: str | os.PathLike) -> Path:
 class _ImageChecker:
     """Loads each distinct image once; remembers failures by image identity."""
 
-    def __init__(self, root: str | os.PathLike, keep: bool):
+    def __init__(self, root: str | os.PathLike, keep: bool, max_pixels: int | None):
         self.root = root
         self.keep = keep  # keep decoded images (needed for the length check)
+        self.max_pixels = check_max_pixels(max_pixels)
         self.failures: dict[str, str] = {}
 
     def check(self, ref: ImageRef) -> tuple[Any, str | None]:
@@ -119,7 +128,7 @@ class _ImageChecker:
         if key in self.failures:
             return None, self.failures[key]
         try:
-            img = load_image(ref, self.root)
+            img = load_image(ref, self.root, max_pixels=self.max_pixels)
         except DataError as e:
             self.failures[key] = e.reason
             return None, e.reason
@@ -135,15 +144,19 @@ def _record_images(rec: Record) -> list[tuple[str, ImageRef]]:
 
 def check_records(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
                   format: str = "auto", kind: str | None = None, check_images: bool = True,
-                  adapter: Any = None, max_length: int | None = None
+                  adapter: Any = None, max_length: int | None = None,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS
                   ) -> Iterator[tuple[int | None, Record | None, list[Problem]]]:
-    """Yield ``(index, record or None, problems)`` per record; a file-level failure is
-    yielded last as ``(None, None, [problem])``."""
+    """Yield ``(index, record, problems)`` per record (record None: the reader refused it);
+    a file-level failure is yielded last as ``(None, None, [problem])``. ``max_pixels``: the
+    pixel budget of :func:`.images.load_image`."""
     if adapter is not None and not max_length:
         raise VlmalignError("a length check needs max_length")
     src = str(path)
+    if check_images or adapter is not None:
+        check_image_root(image_root)  # once, up front (the default root is the file's folder)
     root = image_root if image_root is not None else default_image_root(path)
-    images = _ImageChecker(root, keep=adapter is not None)
+    images = _ImageChecker(root, keep=adapter is not None, max_pixels=max_pixels)
     try:
         for index, rec in iter_records(path, format=format, kind=kind):
             if isinstance(rec, DataError):
@@ -168,9 +181,23 @@ def check_records(path: str | os.PathLike, image_root: str | os.PathLike | None 
                     # it with the record instead of stopping the whole check
                     problems.append(Problem(index, "model", f"the model cannot process this record "
                                                             f"({type(e).__name__}: {e})", src))
-            yield index, (None if problems else rec), problems
+            yield index, rec, problems
     except DataError as e:
         yield None, None, [Problem.of(e, src)]
+
+
+class DuplicateIds:
+    """Record ids seen so far: :meth:`earlier` gives the index of the first record that had
+    the same id (None: a new id, or no id)."""
+
+    def __init__(self):
+        self.first: dict[str, int | None] = {}
+
+    def earlier(self, rec: Record | None) -> int | None:
+        if rec is None or rec.id is None:
+            return None
+        first = self.first.setdefault(rec.id, rec.index)
+        return None if first == rec.index else first
 
 
 def _adapter(model: str | os.PathLike | None):
@@ -186,29 +213,42 @@ def _adapter(model: str | os.PathLike | None):
 def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
                   format: str = "auto", kind: str | None = None, check_images: bool = True,
                   model: str | os.PathLike | None = None, max_length: int | None = None,
-                  adapter: Any = None) -> ValidationReport:
+                  adapter: Any = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+                  ) -> ValidationReport:
     """Check every record of ``path``; never stops at the first problem.
 
     ``model`` (a model directory) or an already loaded ``adapter`` turns on the length
-    check at ``max_length``.
+    check at ``max_length``. Two records with the same id are a problem of the later one.
+    A conversation that ends with an unanswered user turn is a warning (it stays usable).
     """
     if model is not None and not max_length:
         raise VlmalignError("--model needs --max-length")
+    if max_length and model is None and adapter is None:
+        raise VlmalignError("max_length needs a model: its tokenizer and processor count "
+                            "the tokens")
     adapter = adapter if adapter is not None else _adapter(model)
-    report = ValidationReport(str(path))
-    for index, _, problems in check_records(path, image_root, format=format, kind=kind,
-                                            check_images=check_images, adapter=adapter,
-                                            max_length=max_length):
+    report, ids = ValidationReport(str(path)), DuplicateIds()
+    for index, rec, problems in check_records(path, image_root, format=format, kind=kind,
+                                              check_images=check_images, adapter=adapter,
+                                              max_length=max_length, max_pixels=max_pixels):
         if index is not None:
             report.records += 1
+        first = ids.earlier(rec)
+        if first is not None:
+            problems = problems + [Problem(index, "id", f"duplicate id {rec.id!r} (also "
+                                                        f"record {first})", str(path))]
         report.problems.extend(problems)
+        if unanswered_end(rec):
+            report.warnings.append(Problem(index, f"messages[{len(rec.messages) - 1}]",
+                                           UNANSWERED_END, str(path)))
     return report
 
 
 def load_records(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
                  on_error: str = "raise", *, format: str = "auto", kind: str | None = None,
                  check_images: bool = True, adapter: Any = None,
-                 max_length: int | None = None) -> LoadedRecords:
+                 max_length: int | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedRecords:
     """Records of ``path`` that pass :func:`validate_file`'s checks, for training.
 
     ``on_error="raise"``: the first bad record raises :class:`DataError` (same message as
@@ -221,7 +261,7 @@ def load_records(path: str | os.PathLike, image_root: str | os.PathLike | None =
     records, problems, total = [], [], 0
     for index, rec, probs in check_records(path, image_root, format=format, kind=kind,
                                            check_images=check_images, adapter=adapter,
-                                           max_length=max_length):
+                                           max_length=max_length, max_pixels=max_pixels):
         if index is None:
             raise probs[0].error()
         total += 1

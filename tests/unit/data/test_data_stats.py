@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from data_helpers import dump
+from data_helpers import draw, dump
 
 from vlmalign.cli.main import main
 from vlmalign.data import compute_stats
@@ -40,6 +40,8 @@ class WordTokenizer:
 
 
 def test_stats_tokens_shared_images_and_bad_records(tmp_path):
+    draw(tmp_path / "a.png")
+    draw(tmp_path / "b.png")
     path = dump(tmp_path / "d.json", [
         {"image": "a.png", "prompt": "Q", "chosen": "one two three", "rejected": "one",
          "rejected_image": "b.png"},

@@ -19,7 +19,8 @@ trl             Hugging Face / TRL columns: messages, prompt/chosen/rejected, ..
 Every record gets ``source`` (the path as given) and ``index`` (its position in the file), and
 passes :func:`vlmalign.data.schema.check_record`. Malformed records raise :class:`DataError`
 naming file, record and field; :func:`iter_records` yields them instead of raising, so a
-checker can go on.
+checker can go on. A file without any record (empty, blank, ``[]``) raises
+:class:`NoRecordsError` (``FILE: no records``) once it has been read through.
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ LAYOUTS = {"vlmalign": native, "llava": llava, "paddlemix": paddlemix, "plain_dp
 ALIASES = {"native": "vlmalign", "vlquery_json": "llava", "sharegpt": "llava", "hf": "trl",
            "parquet": "trl", "dpo": "plain_dpo", "resonance_dpo": "plain_dpo"}
 FORMATS = tuple(LAYOUTS)
+NO_RECORDS = "no records"
+
+
+class NoRecordsError(DataError):
+    """A file that holds no record at all: ``NoRecordsError(path)`` reads ``PATH: no records``."""
+
+    def __init__(self, reason: str | os.PathLike = NO_RECORDS, *, file: str | None = None,
+                 index: int | None = None, field: str | None = None):
+        if file is None and reason != NO_RECORDS:  # NoRecordsError(path)
+            reason, file = NO_RECORDS, str(reason)
+        super().__init__(str(reason), file=file, index=index, field=field)
 
 
 def canonical_format(name: str) -> str:
@@ -82,7 +94,8 @@ def iter_records(path: str | os.PathLike, *, format: str = "auto",
     """Yield ``(index, record)`` or ``(index, DataError)`` for each record of ``path``.
 
     Errors that concern the whole file (missing file, JSON syntax error in a ``.json`` list,
-    unknown format) are raised, not yielded. ``kind`` converts each record (see
+    unknown format) are raised, not yielded; so is :class:`NoRecordsError` after the last
+    line of a file without records. ``kind`` converts each record (see
     :mod:`vlmalign.data.kinds`); records that cannot be converted are yielded as errors.
     """
     if kind is not None and kind not in RECORD_KINDS:
@@ -90,7 +103,9 @@ def iter_records(path: str | os.PathLike, *, format: str = "auto",
     container_of(path)  # fail early on missing paths
     layout = None if format == "auto" else LAYOUTS[canonical_format(format)]
     src = str(path)
+    seen = False
     for index, obj in iter_raw(path):
+        seen = True
         if isinstance(obj, DataError):
             yield index, obj
             continue
@@ -101,12 +116,12 @@ def iter_records(path: str | os.PathLike, *, format: str = "auto",
                 raise DataError(f"cannot detect the format from record {index} (fields: "
                                 f"{keys}); pass a format (one of {', '.join(FORMATS)})", file=src)
             layout = LAYOUTS[name]
-        ctx = Ctx(src, index)
+        ctx = Ctx(src, index, kind)
         try:
             if not isinstance(obj, Mapping):
                 raise ctx.error(f"expected a JSON object, got {type_name(obj)}")
             rec = ctx.stamp(layout.parse(obj, ctx))
-            check_record(rec)
+            check_record(rec, as_prompt=kind == "rl_prompt")
             if kind is not None:
                 rec = coerce(rec, kind)
                 check_record(rec)
@@ -114,6 +129,8 @@ def iter_records(path: str | os.PathLike, *, format: str = "auto",
             yield index, e.located(file=src, index=index)
             continue
         yield index, rec
+    if not seen:
+        raise NoRecordsError(src)
 
 
 def read_file(path: str | os.PathLike, *, format: str = "auto",
@@ -127,4 +144,5 @@ def read_file(path: str | os.PathLike, *, format: str = "auto",
     return out
 
 
-__all__ = ["FORMATS", "canonical_format", "detect_format", "iter_records", "read_file"]
+__all__ = ["FORMATS", "NoRecordsError", "canonical_format", "detect_format", "iter_records",
+           "read_file"]

@@ -16,11 +16,16 @@ ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 
 
 class Ctx:
-    """Where a record comes from; makes :class:`DataError` values that name file, record, field."""
+    """Where a record comes from; makes :class:`DataError` values that name file, record, field.
 
-    def __init__(self, source: str, index: int | None):
+    ``kind``: the kind the record is read as (None: its own), for the readers' one
+    kind-dependent rule, :func:`unanswered`.
+    """
+
+    def __init__(self, source: str, index: int | None, kind: str | None = None):
         self.source = source
         self.index = index
+        self.kind = kind
 
     def error(self, reason: str, field: str | None = None) -> DataError:
         return DataError(reason, file=self.source, index=self.index, field=field)
@@ -60,6 +65,14 @@ def response_of(value: Any, ctx: Ctx, field: str) -> str:
     if not isinstance(value, str):
         raise ctx.error(f"response must be a string, got {type_name(value)}", field)
     return value
+
+
+def unanswered(value: Any, ctx: Ctx, last: bool) -> bool:
+    """True for an empty answer in the last turn of a conversation read as ``rl_prompt``:
+    RL prompt files (Vision-LLM-Alignment PPO data) leave it empty; the turn before is the
+    prompt. Other kinds still refuse it ("empty or missing response")."""
+    empty = value is None or (isinstance(value, str) and not value.strip())
+    return last and empty and ctx.kind == "rl_prompt"
 
 
 def id_of(obj: Mapping, *keys: str) -> str | None:

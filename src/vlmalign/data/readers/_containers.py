@@ -3,6 +3,9 @@
 * ``.json`` -- a list of objects (or an object holding that list under ``data``, ``samples``
   or ``examples``); a ``.json`` file that is really JSON Lines is read as such.
 * ``.jsonl`` -- one object per line; blank lines are ignored.
+* JSON text is UTF-8 (a leading byte order mark is allowed). A byte that is not UTF-8 makes
+  its JSON Lines line one bad record; in a ``.json`` file it fails the file, naming the
+  byte offset and line.
 * ``.parquet`` -- one row per record (images as ``{"bytes", "path"}`` structs).
 * a directory written by ``datasets.Dataset.save_to_disk`` (or one split of a
   ``DatasetDict``), or a directory of ``.parquet`` files.
@@ -13,6 +16,7 @@ per-record error; a ``.json`` file with a syntax error fails as a whole (naming 
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections.abc import Iterator
@@ -71,33 +75,72 @@ def iter_raw(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     return _iter_hf_dir(Path(path))
 
 
+def json_reason(e: json.JSONDecodeError) -> str:
+    """The message of a JSON syntax error as a whole sentence (``json`` ends some with "at",
+    to be followed by a position: "Invalid control character at")."""
+    return e.msg[:-3] + " here" if e.msg.endswith(" at") else e.msg
+
+
+def _not_utf8(e: UnicodeDecodeError, where: str) -> str:
+    if e.object.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "the file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8"
+    return f"byte {e.object[e.start]:#04x} {where} is not valid UTF-8; save the file as UTF-8"
+
+
 def _iter_jsonl(path) -> Iterator[tuple[int, Any]]:
     src = str(path)
     index = 0
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+                if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                    raise DataError(_not_utf8(UnicodeDecodeError("utf-8", raw, 0, 1, ""), ""),
+                                    file=src)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = f"on line {lineno}, column {e.start + 1}"
+                yield index, DataError(_not_utf8(e, where), file=src, index=index)
+                index += 1
+                continue
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                obj = DataError(f"invalid JSON on line {lineno}, column {e.colno}: {e.msg}",
-                                file=src, index=index)
+                obj = DataError(f"invalid JSON on line {lineno}, column {e.colno}: "
+                                f"{json_reason(e)}", file=src, index=index)
             yield index, obj
             index += 1
 
 
+def _read_text(path) -> str:
+    """The whole file as text; bytes that are not UTF-8 fail it, naming offset and line."""
+    data = Path(path).read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = bom + e.start
+        line = data.count(b"\n", 0, offset) + 1
+        column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+        where = f"at byte offset {offset} (line {line}, column {column})"
+        raise DataError(_not_utf8(e, where), file=str(path)) from None
+
+
 def _iter_json(path) -> Iterator[tuple[int, Any]]:
     src = str(path)
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    text = _read_text(path)
+    if not text.strip():
+        return  # an empty file: iter_records says "no records"
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
             yield from _iter_jsonl(path)  # JSON Lines saved with a .json name
             return
-        raise DataError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}",
+        raise DataError(f"invalid JSON at line {e.lineno}, column {e.colno}: {json_reason(e)}",
                         file=src) from None
     if isinstance(data, dict):
         lists = [k for k in LIST_KEYS if isinstance(data.get(k), list)]
@@ -111,6 +154,23 @@ def _iter_json(path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(data)
 
 
+def _rows(batches: Iterator, src: str, index: int):
+    """``(index, row)`` for the rows of Arrow record batches, then returns the next index. A
+    batch that cannot be read (corrupt data pages) fails the file, naming where."""
+    while True:
+        try:
+            batch = next(batches, None)
+            rows = [] if batch is None else batch.to_pylist()
+        except Exception as e:  # pyarrow raises several types for corrupt data
+            raise DataError(f"cannot read the records from record {index} on "
+                            f"({e.__class__.__name__}: {e})", file=src) from None
+        if batch is None:
+            return index
+        for row in rows:
+            yield index, row
+            index += 1
+
+
 def _iter_parquet(files: list[Path], start: int = 0) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
@@ -120,10 +180,7 @@ def _iter_parquet(files: list[Path], start: int = 0) -> Iterator[tuple[int, Any]
             pf = pq.ParquetFile(file)
         except Exception as e:  # pyarrow raises several types for broken files
             raise DataError(f"cannot read parquet file ({e})", file=str(file)) from None
-        for batch in pf.iter_batches(batch_size=256):
-            for row in batch.to_pylist():
-                yield index, row
-                index += 1
+        index = yield from _rows(pf.iter_batches(batch_size=256), str(file), index)
 
 
 def _iter_hf_dir(path: Path) -> Iterator[tuple[int, Any]]:
@@ -141,8 +198,4 @@ def _iter_hf_dir(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"this is a DatasetDict with splits {list(ds)}; pass one split directory",
                         file=str(path))
     # Arrow batches keep images as {"bytes", "path"} structs: no decoding, original bytes.
-    index = 0
-    for table in ds.with_format("arrow").iter(batch_size=256):
-        for row in table.to_pylist():
-            yield index, row
-            index += 1
+    yield from _rows(iter(ds.with_format("arrow").iter(batch_size=256)), str(path), 0)

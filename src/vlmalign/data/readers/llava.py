@@ -24,7 +24,8 @@ from collections.abc import Mapping
 
 from ..placeholders import Segment, place_images, split_text
 from ..schema import Conversation, RankedList, Record
-from ._common import Ctx, id_of, image_list, meta_of, response_of, role_of, text_of, type_name
+from ._common import (Ctx, id_of, image_list, meta_of, response_of, role_of, text_of, type_name,
+                      unanswered)
 
 KNOWN = {"id", "image", "images", "conversations"}
 
@@ -64,6 +65,8 @@ def parse(obj: Mapping, ctx: Ctx) -> Record:
         role = role_of(turn[rk], ctx, f"{f}.{rk}")
         value = turn.get(vk)
         if role == "assistant":
+            if unanswered(value, ctx, last=i == len(conv) - 1):
+                continue  # an RL prompt file's empty answer: the user turn is the prompt
             if isinstance(value, list):
                 if i != len(conv) - 1:
                     raise ctx.error("only the last gpt turn may hold a list of ranked responses",

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 from ..placeholders import Segment, place_images, split_text
 from ..schema import Conversation, Record
-from ._common import Ctx, id_of, image_list, meta_of, response_of, text_of, type_name
+from ._common import Ctx, id_of, image_list, meta_of, response_of, text_of, type_name, unanswered
 
 KNOWN = {"id", "image", "images", "conversations"}
 
@@ -41,10 +41,12 @@ def parse(obj: Mapping, ctx: Ctx) -> Record:
             got = f"{len(pair)} items" if isinstance(pair, list) else type_name(pair)
             raise ctx.error(f"expected a [user, assistant] pair, got {got}", f)
         question = text_of(pair[0], ctx, f"{f}[0]")
+        turns.append(("user", split_text(question)))
+        if unanswered(pair[1], ctx, last=i == len(conv) - 1):
+            continue  # an RL prompt: the last question has no answer
         answer = response_of(pair[1], ctx, f"{f}[1]")
         if "<image>" in answer:
             raise ctx.error("image placeholder in an assistant turn", f"{f}[1]")
-        turns.append(("user", split_text(question)))
         turns.append(("assistant", [answer]))
     messages = place_images(turns, images, lambda r: ctx.error(r, image_key))
     for i in range(0, len(messages), 2):

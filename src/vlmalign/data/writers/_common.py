@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from PIL import Image
-
 from ...errors import DataError
-from ..images import resolve_image_path
+from ..images import image_format, resolve_image_path
 from ..placeholders import IMAGE_TOKEN, join_parts
 from ..schema import ImageRef, Message, Record
 
@@ -51,20 +49,47 @@ class Images:
             return ref.data
         try:
             full = resolve_image_path(ref.path, self.image_root)
-            return full.read_bytes()
         except DataError as e:
             raise rec.error(e.reason, field) from None
+        where = "" if self.image_root is not None else (
+            "; no image root was given: paths are read from the current folder")
+        if not full.is_file():
+            raise rec.error(f"image file not found: {ref.path!r} (looked for {str(full)!r})"
+                            + where, field)
+        try:
+            return full.read_bytes()
         except OSError as e:
-            raise rec.error(f"cannot read image {ref.path!r} ({e.strerror}); pass the image "
-                            "root", field) from None
+            raise rec.error(f"cannot read image {str(full)!r} ({e.strerror})", field) from None
+
+
+def each_record(records: Iterable[Record], convert: Callable[[Record], dict],
+                skipped: list[DataError] | None) -> list[dict]:
+    """``convert(record)`` for every record. A record it refuses raises -- or, given a
+    ``skipped`` list, is appended to it and left out."""
+    out = []
+    for rec in records:
+        try:
+            out.append(convert(rec))
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.append(e)
+    return out
+
+
+def refuse_overwrite(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse an output that is one of the ``inputs`` (same file or folder, by any path)."""
+    if not os.path.exists(out):
+        return
+    for src in inputs:
+        if os.path.exists(src) and os.path.samefile(out, src):
+            raise DataError(f"the output {str(out)!r} is the input {str(src)!r}: writing it "
+                            "would destroy the input; write to another path", file=str(src))
 
 
 def _extension(data: bytes) -> str:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = (img.format or "").lower()
-    except Exception:  # undecodable bytes are still written, so validate can report them
-        return ".bin"
+    # undecodable bytes are still written (as .bin), so validate can report them
+    fmt = (image_format(data) or "").lower()
     return {"jpeg": ".jpg", "": ".bin"}.get(fmt, "." + fmt)
 
 
@@ -83,6 +108,19 @@ def single_user_turn(prompt: list[Message], rec: Record, fmt: str) -> Message:
         raise rec.error(f"{fmt} holds a prompt of exactly one user turn, this one has {roles}",
                         "prompt")
     return prompt[0]
+
+
+def single_turn_obj(rec: Record, images: Images, fmt: str) -> tuple[Message, dict]:
+    """The one user turn of a single-turn format's record, and the object begun with its
+    ``id`` and ``image`` fields."""
+    m = single_user_turn(rec.prompt, rec, fmt)
+    obj: dict = {}
+    if rec.id is not None:
+        obj["id"] = rec.id
+    paths = [images.path(ref, rec) for ref in m.images]
+    if paths:
+        obj["image"] = image_value(paths)
+    return m, obj
 
 
 def image_value(paths: list[str]):

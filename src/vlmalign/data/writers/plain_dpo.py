@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..placeholders import images_lead
 from ..readers import plain_dpo as reader
 from ..schema import Record, TextPart
-from ._common import Images, add_meta, image_value, single_user_turn, text
+from ._common import Images, add_meta, single_turn_obj, text
 
 
 def prompt_text(m, rec, field) -> str:
@@ -22,13 +22,7 @@ def to_obj(rec: Record, images: Images) -> dict:
     if rec.kind != "preference":
         raise rec.error(f"plain_dpo holds preference pairs only, not {rec.kind} records "
                         "(a two-response ranked list can be read with --kind preference)", "kind")
-    m = single_user_turn(rec.prompt, rec, "plain_dpo")
-    obj: dict = {}
-    if rec.id is not None:
-        obj["id"] = rec.id
-    paths = [images.path(ref, rec) for ref in m.images]
-    if paths:
-        obj["image"] = image_value(paths)
+    m, obj = single_turn_obj(rec, images, "plain_dpo")
     obj["prompt"] = prompt_text(m, rec, "prompt")
     obj["chosen"], obj["rejected"] = rec.chosen, rec.rejected
     if rec.rejected_images is not None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from ...errors import DataError
 from ..readers import trl as reader
 from ..schema import ImagePart, Message, Record
-from ._common import Images
+from ._common import Images, each_record
 
 
 def _messages(msgs: list[Message]) -> list[dict]:
@@ -78,14 +78,16 @@ def _quiet_datasets():
             dlog.enable_progress_bar()
 
 
-def write(records: list[Record], out: Path, images: Images) -> None:
+def write(records: list[Record], out: Path, images: Images,
+          skipped: list[DataError] | None = None) -> None:
+    """Write ``records`` (``skipped``: see :func:`._common.each_record`)."""
     import datasets
 
     kinds = sorted({r.kind for r in records})
     if len(kinds) > 1:
         raise DataError(f"a trl dataset holds one record kind, got {', '.join(kinds)}",
                         file=str(out))
-    rows = [to_row(r, images) for r in records]
+    rows = each_record(records, lambda r: to_row(r, images), skipped)
     if any("rejected_images" in r for r in rows):
         for r in rows:
             r.setdefault("rejected_images", None)

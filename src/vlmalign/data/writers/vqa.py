@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..readers import vqa as reader
 from ..schema import Record
-from ._common import Images, add_meta, image_value, single_user_turn
+from ._common import Images, add_meta, single_turn_obj
 from .plain_dpo import prompt_text
 
 
@@ -12,13 +12,7 @@ def to_obj(rec: Record, images: Images) -> dict:
     if rec.kind != "rl_prompt":
         raise rec.error(f"vqa holds rl_prompt records only, not {rec.kind} (convert with "
                         "--kind rl_prompt)", "kind")
-    m = single_user_turn(rec.prompt, rec, "vqa")
-    obj: dict = {}
-    if rec.id is not None:
-        obj["id"] = rec.id
-    paths = [images.path(ref, rec) for ref in m.images]
-    if paths:
-        obj["image"] = image_value(paths)
+    m, obj = single_turn_obj(rec, images, "vqa")
     obj["question"] = prompt_text(m, rec, "prompt")
     if rec.reference is not None:
         obj["answer"] = rec.reference
