@@ -122,3 +122,25 @@ def test_generate_on_error_skip_counts_what_it_skipped(world, tmp_path, capsys):
     assert rc == 0
     assert len(out.read_text().splitlines()) == n - 1
     assert f"skipped 1 of {n} records" in capsys.readouterr().out
+
+
+def test_generate_warns_when_the_file_places_images_unlike_the_model_and_can_follow_it(world, tmp_path, caplog):
+    import shutil
+
+    from vlmalign.models.prompt_layout import write_layout
+    model = tmp_path / "model"
+    shutil.copytree(world / "model", model)
+    write_layout(model, {"image_position": "after", "counts": {"before": 0, "after": 5, "inside": 0}})
+    data = world / "data" / "vqa_eval.json"  # "<image>\nquestion": images before the text
+    base = ["generate", "--model", str(model), "--data", str(data), "--max-new-tokens", "2", "--limit", "3"]
+    with caplog.at_level("WARNING", logger="vlmalign"):
+        assert main([*base, "--out", str(tmp_path / "a.jsonl")]) == 0
+    assert "3 of 3 prompts do not put their images after the text" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlmalign"):
+        assert main([*base, "--out", str(tmp_path / "b.jsonl"), "--image-position", "model"]) == 0
+    assert "do not put their images" not in caplog.text
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 3
+    rc = main([*base[:2], str(world / "model"), *base[3:], "--out", str(tmp_path / "c.jsonl"),
+               "--image-position", "model"])
+    assert rc == 2

@@ -57,6 +57,7 @@ def test_export_merges_and_generates_the_same_tokens(lora_run, tmp_path):
     from vlmalign.models.peft import load_with_adapter
     merged = AutoModelForImageTextToText.from_pretrained(out).eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert (out / "vlmalign_prompt.json").read_text() == (ck / "vlmalign_prompt.json").read_text()
     peft_model, processor = load_with_adapter(str(ck))
     peft_model.eval()
     ad_merged = adapter_for(merged, load_processor(str(out)))
@@ -89,20 +90,75 @@ def test_generate_cli_writes_one_line_per_record(lora_run, tmp_path):
     assert rows[0]["reference"] and rows[0]["images"]
 
 
+def test_training_writes_where_its_prompts_put_the_images(lora_run):
+    root, ck = lora_run
+    n = len(json.loads((root / "data" / "vqa_train.json").read_text()))  # "<image>\nquestion" records
+    assert json.loads((ck / "vlmalign_prompt.json").read_text()) == {
+        "image_position": "before", "counts": {"before": n, "after": 0, "inside": 0}}
+
+
 def test_chat_in_a_terminal(lora_run, tmp_path):
     root, ck = lora_run
     img = sorted((root / "data" / "images").glob("eval_*.png"))[0]
-    script = f"/help\n/image {img}\nWhat colour is the shape in the top left?\nAnd now?\n/image nope.png\n/reset\nHi\n/quit\n"
+    script = (f"/help\n/image {img}\nWhat colour is the shape in the top left?\nAnd now?\n/image nope.png\n"
+              "/image\nwhat is <image> here?\n/imag foo\n/foo\n//slash first\n/reset\nHi\n/quit\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "vlmalign", "chat", "--model", str(ck), "--max-new-tokens", "5"],
                        input=script, capture_output=True, text=True, env=env, cwd=str(root), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
+    assert "images go before your text" in out      # the model's layout, from its training data
     assert "/image PATH" in out                      # help shown
     assert "will be shown with your next message" in out
-    assert out.count("model> ") == 3                 # three answers streamed
     assert "error:" in out and "nope.png" in out     # missing image refused clearly
+    assert "usage: /image PATH" in out               # no path given
+    assert "<image> in a message is this model's image placeholder" in out and "conversation is kept" in out
+    assert "unknown command /imag (did you mean /image?)" in out and "unknown command /foo" in out
+    assert out.count("model> ") == 5                 # 2 answers + the refused <image> turn + //slash + Hi
     assert "(conversation reset)" in out
+
+
+def test_chat_survives_ctrl_c_at_the_prompt_and_during_an_answer(lora_run, monkeypatch, capsys):
+    root, ck = lora_run
+    from vlmalign.cli import chat
+    lines = iter([KeyboardInterrupt, "first", "second", "third"])
+
+    def scripted(prompt=""):
+        line = next(lines, EOFError)
+        if isinstance(line, type) and issubclass(line, BaseException):
+            raise line
+        return line
+
+    sessions = []
+    real_ask = chat.ChatSession.ask
+
+    def ask(self, text, out=sys.stdout):
+        sessions.append(self)
+        if text == "second":  # Ctrl-C while the answer streams
+            raise KeyboardInterrupt
+        return real_ask(self, text, out=out)
+
+    monkeypatch.setattr("builtins.input", scripted)
+    monkeypatch.setattr(chat.ChatSession, "ask", ask)
+    assert main(["chat", "--model", str(ck), "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "line cleared" in out and "answer stopped" in out
+    s = sessions[-1]
+    assert [m.text for m in s.messages if m.role == "user"] == ["first", "third"]
+
+
+def test_chat_places_images_as_the_model_was_trained(lora_run, tmp_path):
+    root, ck = lora_run
+    from vlmalign.cli.chat import ChatSession
+    from vlmalign.data.schema import ImagePart
+    from vlmalign.models.peft import load_any
+    ad = load_any(str(ck))
+    img = sorted((root / "data" / "images").glob("eval_*.png"))[0]
+    for position, first in (("after", False), ("before", True)):
+        s = ChatSession(ad, image_root=str(root), max_new_tokens=2, image_position=position)
+        s.add_image(str(img))
+        m = s.message("Where is the square?")
+        assert isinstance(m.content[0], ImagePart) is first and len(m.images) == 1
 
 
 def test_chat_session_keeps_history_and_encodes_each_image_once(lora_run):

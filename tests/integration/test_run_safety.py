@@ -219,6 +219,47 @@ def test_an_empty_training_file_is_refused_by_name(world, tmp_path, name, conten
     assert str(f) in str(ei.value)
 
 
+def test_the_training_config_sets_the_pixel_budget_and_skip_skips_what_exceeds_it(world, tmp_path, capsys):
+    recs = json.loads((world / "data" / "vqa_train.json").read_text())[:6]
+    from PIL import Image
+    Image.new("RGB", (300, 300), "red").save(world / "data" / "big.png")
+    recs[2]["image"] = "big.png"
+    f = world / "data" / "with_big.json"
+    f.write_text(json.dumps(recs))
+    small = max(Image.open(world / "data" / r["image"]).width ** 2 for r in recs if r["image"] != "big.png")
+    with pytest.raises(DataError, match=r"with_big.json.*record 2.*pixel budget"):
+        train_sft(_cfg(world, tmp_path / "run", f"data.train_file={f}", f"data.max_pixels={small}"))
+    result, _ = train_sft(_cfg(world, tmp_path / "run2", f"data.train_file={f}", f"data.max_pixels={small}",
+                               "data.on_error=skip", "train.max_steps=1"))
+    assert "skipped 1 of 6" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,says", [("ranked_train.json", "ranked records read as conversation: trains on "
+                                                              "each list's best response (the first) only"),
+                                       ("dpo_train.json", "preference records read as conversation: trains on "
+                                                          "each pair's chosen response only")])
+def test_sft_on_ranked_or_paired_data_says_what_it_leaves_out(world, tmp_path, caplog, name, says):
+    f = world / "data" / name
+    n = len(json.loads(f.read_text()))
+    with caplog.at_level("WARNING", logger="vlmalign"):
+        train_sft(_cfg(world, tmp_path / "run", f"data.train_file={f}", "train.max_steps=1"))
+    assert f"{f}: {n} {says}" in caplog.text
+
+
+def test_a_model_trained_with_images_after_the_question_says_so(tmp_path):
+    generate_shapesworld(tmp_path / "data", ShapesConfig(seed=4, train_images=6, eval_images=2,
+                                                         image_position="after", max_turns=1))
+    save_tiny("llava", str(tmp_path / "model"))
+    cfg = load_config(SFTConfig, None, [
+        f"model.path={tmp_path / 'model'}", f"data.train_file={tmp_path / 'data' / 'vqa_train.json'}",
+        "data.max_length=256", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "train.batch_size=2",
+        "train.progress=false"])
+    train_sft(cfg)
+    n = len(json.loads((tmp_path / "data" / "vqa_train.json").read_text()))
+    layout = json.loads((tmp_path / "run" / "checkpoints" / "step-1" / "model" / "vlmalign_prompt.json").read_text())
+    assert layout == {"image_position": "after", "counts": {"before": 0, "after": n, "inside": 0}}
+
+
 def test_sigterm_to_the_cli_saves_and_exits_143_with_how_to_resume(world, tmp_path):
     import subprocess
     import sys

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from .generate import add_model_args, load_for_inference
+from .generate import add_model_args, add_sampling_args, load_for_inference
 
-HELP = """commands:
-  /image PATH   show an image with your next message
-  /reset        forget the conversation (and pending images)
-  /help         this help
-  /quit         leave (Ctrl-D works too)"""
+COMMANDS = {
+    "/image": "/image PATH   show an image with your next message",
+    "/reset": "/reset        forget the conversation (and pending images)",
+    "/help": "/help         this help",
+    "/quit": "/quit         leave (Ctrl-D works too; Ctrl-C stops an answer or clears the line)",
+}
+HELP = "commands:\n" + "\n".join(f"  {v}" for v in COMMANDS.values()) + \
+    "\n  (start a message with // to send text that begins with /)"
 
 
 def register(sub) -> None:
@@ -19,20 +22,24 @@ def register(sub) -> None:
     p.add_argument("--image", help="image to start the conversation with")
     p.add_argument("--image-root", default=None, help="directory images must lie in (default: anywhere "
                                                       "under the current directory)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--image-position", choices=("auto", "before", "after"), default="auto",
+                   help="where a message's images go relative to its text; auto: as in the prompts the model "
+                        "was trained on (its vlmalign_prompt.json), else before")
+    add_sampling_args(p, max_new_tokens=256)
     p.set_defaults(func=_run)
 
 
 class ChatSession:
-    """Conversation state + one streamed generation per user turn (images encoded once each)."""
+    """Conversation state + one streamed generation per user turn (images encoded once each).
+    A turn that fails or is interrupted leaves the conversation as it was before it."""
 
-    def __init__(self, adapter, image_root=None, max_new_tokens=256, temperature=0.0, top_p=1.0):
+    def __init__(self, adapter, image_root=None, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
+                 image_position="before"):
         from ..data.batching import ImageLoader
         self.ad = adapter
         self.loader = ImageLoader(adapter, image_root)
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
+        self.image_position = image_position
         self.reset()
 
     def reset(self):
@@ -45,34 +52,52 @@ class ChatSession:
         import os
 
         from ..data.schema import ImageRef
-        ref = ImageRef(path=os.path.abspath(path))
+        from ..errors import VlmalignError
+        if not path:
+            raise VlmalignError("usage: /image PATH")
+        ref = ImageRef(path=os.path.abspath(os.path.expanduser(path)))
         self.loader.pil(ref)  # fail now, clearly, if it is missing or corrupt
         self.pending.append(ref)
+
+    def message(self, text: str):
+        """The user turn ``text`` makes with the pending images, placed as the model expects."""
+        from ..data.schema import Message
+        from ..errors import VlmalignError
+        token = self.ad.placeholder_token
+        if token in text:
+            raise VlmalignError(f"{token} in a message is this model's image placeholder: show an image with "
+                                "/image PATH instead (nothing was sent; the conversation is kept)")
+        parts = (*self.pending, text) if self.image_position == "before" else (text, *self.pending)
+        return Message.user(*parts)
 
     def ask(self, text: str, out=sys.stdout) -> str:
         import torch
 
         from ..data.schema import Message
-        msg = Message.user(*self.pending, text)
-        self.pending = []
+        msg = self.message(text)
         msgs = [*self.messages, msg]
         self._current = msg
-        refs = [im for m in msgs for im in m.images]
-        inputs = [self.loader.inputs(r) for r in refs]
-        t = self.ad.tokenize_prompt(msgs, inputs)
-        enc = self._features(refs, inputs)
-        ids = torch.tensor([t.input_ids], device=self.ad.device)
-        mask = torch.ones_like(ids)
-        tok = self.ad.tokenizer
-        streamer = _Streamer(tok, out)
-        sample = self.temperature > 0
-        with torch.no_grad():
-            gen = self.ad.generate(ids, mask, encoded=enc, image_indices=[list(range(len(refs)))],
-                                   max_new_tokens=self.max_new_tokens, do_sample=sample,
-                                   temperature=self.temperature if sample else None,
-                                   top_p=self.top_p if sample else None, top_k=None, streamer=streamer,
-                                   pad_token_id=tok.pad_token_id, eos_token_id=self.ad.stop_token_ids())
+        try:
+            refs = [im for m in msgs for im in m.images]
+            inputs = [self.loader.inputs(r) for r in refs]
+            t = self.ad.tokenize_prompt(msgs, inputs)
+            enc = self._features(refs, inputs)
+            ids = torch.tensor([t.input_ids], device=self.ad.device)
+            mask = torch.ones_like(ids)
+            tok = self.ad.tokenizer
+            streamer = _Streamer(tok, out)
+            sample = self.temperature > 0
+            with torch.no_grad():
+                gen = self.ad.generate(ids, mask, encoded=enc, image_indices=[list(range(len(refs)))],
+                                       max_new_tokens=self.max_new_tokens, do_sample=sample,
+                                       temperature=self.temperature if sample else None,
+                                       top_p=self.top_p if sample else None,
+                                       top_k=(self.top_k or None) if sample else None, streamer=streamer,
+                                       pad_token_id=tok.pad_token_id, eos_token_id=self.ad.stop_token_ids())
+        finally:
+            self._current = None
         answer = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        self.pending = []
         self.messages = [*msgs, Message.assistant(answer)]
         return answer
 
@@ -116,36 +141,64 @@ class _Streamer:
 
 
 def _run(args) -> int:
-    from ..errors import VlmalignError
+    from ..models.prompt_layout import model_image_position
     ad = load_for_inference(args)
-    s = ChatSession(ad, args.image_root, args.max_new_tokens, args.temperature, args.top_p)
+    position = model_image_position(args.model) if args.image_position == "auto" else args.image_position
+    s = ChatSession(ad, args.image_root, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                    image_position=position)
     if args.image:
         s.add_image(args.image)
-    print(f"vlmalign chat ({ad.family}). /help for commands.")
+    print(f"vlmalign chat ({ad.family}; images go {position} your text). /help for commands.")
     while True:
         try:
             line = input("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print()
             return 0
-        if not line:
+        except KeyboardInterrupt:
+            print("\n(Ctrl-C: line cleared; /quit or Ctrl-D leaves)")
             continue
+        if line and not _command(s, line):
+            _turn(s, line[1:] if line.startswith("//") else line)
         if line in ("/quit", "/exit"):
             return 0
-        if line == "/help":
-            print(HELP)
-            continue
-        if line == "/reset":
-            s.reset()
-            print("(conversation reset)")
-            continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
-            try:
-                s.add_image(path)
-                print(f"(image {path} will be shown with your next message)")
-            except VlmalignError as e:
-                print(f"error: {e}")
-            continue
-        print("model> ", end="", flush=True)
-        s.ask(line)
+
+
+def _command(s: ChatSession, line: str) -> bool:
+    """Run ``line`` if it is a command (True), or say it is none; False: a message to send."""
+    import difflib
+
+    from ..errors import VlmalignError
+    if not line.startswith("/") or line.startswith("//"):
+        return False
+    name, _, rest = line.partition(" ")
+    if name in ("/quit", "/exit"):
+        return True
+    if name == "/help":
+        print(HELP)
+    elif name == "/reset":
+        s.reset()
+        print("(conversation reset)")
+    elif name == "/image":
+        try:
+            s.add_image(rest.strip())
+            print(f"(image {rest.strip()} will be shown with your next message)")
+        except VlmalignError as e:
+            print(f"error: {e}")
+    else:
+        close = difflib.get_close_matches(name, [*COMMANDS, "/exit"], n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        print(f"unknown command {name}{hint}: nothing was sent; /help lists the commands, "
+              "// starts a message with /")
+    return True
+
+
+def _turn(s: ChatSession, text: str) -> None:
+    from ..errors import VlmalignError
+    print("model> ", end="", flush=True)
+    try:
+        s.ask(text)
+    except VlmalignError as e:
+        print(f"\nerror: {e}")
+    except KeyboardInterrupt:
+        print("\n(answer stopped; the conversation is as before that message)")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from .args import add_limit, nonneg_float, nonneg_int, positive_int, refuse_output_over_input, unit_interval
+
+log = logging.getLogger("vlmalign.generate")
 
 
 def add_model_args(p) -> None:
@@ -40,8 +43,16 @@ def register(sub) -> None:
     p.add_argument("--on-error", default="raise", choices=("raise", "skip"),
                    help="a record with a missing or corrupt image or an over-long prompt: stop naming file, "
                         "record and field, or skip it (counted and reported)")
+    add_image_position(p)
     add_limit(p)
     p.set_defaults(func=_run)
+
+
+def add_image_position(p) -> None:
+    p.add_argument("--image-position", choices=("data", "model", "before", "after"), default="data",
+                   help="where each prompt's images go relative to its text: as the data file has them, as the "
+                        "model's training prompts had them (its vlmalign_prompt.json), or before / after; "
+                        "a file that differs from the model is warned about")
 
 
 def add_sampling_args(p, *, max_new_tokens: int, temperature: float = 0.0) -> None:
@@ -56,6 +67,7 @@ def _run(args) -> int:
 
     from ..config.sections import DataSection
     from ..methods.common import load_examples
+    from ..models.prompt_layout import place_records
     from ..rollout.generate import SamplingConfig, generate
     refuse_output_over_input(args.out, args.data)
     torch.manual_seed(args.seed)
@@ -66,7 +78,9 @@ def _run(args) -> int:
         return {"input_ids": ad.tokenize_prompt(rec.prompt, imgs).input_ids}
 
     examples, loader, rep = load_examples(args.data, data, ad, tok, kind="rl_prompt", limit=args.limit)
-    recs = [e.record for e in examples]
+    recs, note = place_records([e.record for e in examples], args.model, args.image_position)
+    if note:
+        log.warning("%s: %s", args.data, note)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          top_k=args.top_k, num_samples=args.num_samples)
     outs = generate(ad, recs, loader, cfg, batch_size=args.batch_size)

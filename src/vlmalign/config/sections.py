@@ -41,6 +41,9 @@ class DataSection:
     max_length: int = opt(1024, "maximum tokens per sample; longer samples are refused, never cut", ge=1)
     on_error: str = opt("raise", "bad records: raise (stop with the record's location) or skip "
                                  "(drop, count and report)", ("raise", "skip"))
+    max_pixels: int | None = opt(8192 * 8192, "pixel budget per image: an image whose header declares more "
+                                              "is refused (or skipped) before decoding; null: no budget "
+                                              "besides PIL's own limit", ge=1)
     max_train_samples: int | None = opt(None, "use only the first N training records (null: all)", ge=1)
     max_eval_samples: int | None = opt(None, "use only the first N evaluation records (null: all)", ge=1)
 

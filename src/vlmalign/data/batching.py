@@ -121,8 +121,8 @@ def prepare(records: Sequence, tokenize: Callable[[Any, list], dict], loader: Im
         msgs = rec.messages if hasattr(rec, "messages") else rec.prompt
         out.append(Example(rows=rows, images=list(rec.images), record=rec,
                            image_prompts=image_prompts(msgs, loader.adapter)))
-    if report.count:
-        log.warning(report.summary())
+    if report.count:  # the caller reports it once, with what reading the file skipped
+        log.debug(report.summary())
     return out, report
 
 

@@ -22,7 +22,30 @@ from .schema import (RECORD_KINDS, Conversation, Message, PreferencePair, Ranked
 
 
 def _common(rec: Record) -> dict:
-    return dict(source=rec.source, index=rec.index, id=rec.id, meta=dict(rec.meta))
+    return dict(source=rec.source, index=rec.index, id=rec.id, meta=dict(rec.meta), read_from=rec.kind)
+
+
+# what a conversion leaves out, said to the user when a method reads a file that way
+DROPPED = {
+    ("ranked", "conversation"): "trains on each list's best response (the first) only; the other "
+                                "responses are not used",
+    ("preference", "conversation"): "trains on each pair's chosen response only; the rejected ones are "
+                                    "not used",
+    ("unpaired", "conversation"): "trains on the completions labelled desirable only",
+    **{(k, "rl_prompt"): "uses the prompts only: the responses are not used, and there is no reference "
+                         "answer" for k in ("preference", "ranked", "unpaired")},
+}
+
+
+def conversion_notes(records, kind: str) -> list[str]:
+    """One line per source kind whose conversion to ``kind`` left something of ``records`` out:
+    how many were converted and what is not used (empty when nothing was lost)."""
+    counts: dict[str, int] = {}
+    for r in records:
+        if (r.read_from, kind) in DROPPED:
+            counts[r.read_from] = counts.get(r.read_from, 0) + 1
+    return [f"{n} {src} record{'s' if n != 1 else ''} read as {kind}: {DROPPED[src, kind]}"
+            for src, n in sorted(counts.items())]
 
 
 def coerce(rec: Record, kind: str) -> Record:

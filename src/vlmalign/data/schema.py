@@ -114,6 +114,8 @@ class _Record:
     index: int | None = field(default=None, kw_only=True)
     id: str | None = field(default=None, kw_only=True)
     meta: dict = field(default_factory=dict, kw_only=True)
+    # the kind the file held when the record was read as another one (data.kinds.coerce)
+    read_from: str | None = field(default=None, kw_only=True, compare=False, repr=False)
 
     def error(self, reason: str, field: str | None = None) -> DataError:
         return DataError(reason, file=self.source, index=self.index, field=field)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import VlmalignError
+from ..models.prompt_layout import write_layout
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -71,9 +72,11 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, processor, trainer_state: dict, *,
-                    keep_last: int = 2, extra_modules: dict | None = None, state_dict: dict | None = None) -> Path:
+                    keep_last: int = 2, extra_modules: dict | None = None, state_dict: dict | None = None,
+                    prompt_layout: dict | None = None) -> Path:
     """Write ``step-N`` atomically; prune to the newest ``keep_last``. A write that fails (a
-    full disk, most often) removes its partial copy, keeps every earlier checkpoint and says why."""
+    full disk, most often) removes its partial copy, keeps every earlier checkpoint and says why.
+    ``prompt_layout`` (where the training prompts put their images) goes into the model folder."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step}"
     tmp = ckpt_dir / f".tmp-step-{step}"
@@ -82,6 +85,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, processor, trainer_state: 
     try:
         tmp.mkdir()
         _write_checkpoint(tmp, model, processor, trainer_state, step, extra_modules, state_dict)
+        write_layout(tmp / "model", prompt_layout)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(_write_failure(ckpt_dir, step, e)) from e

@@ -27,6 +27,7 @@ from accelerate.utils import DistributedType
 
 from ..config import validate_config
 from ..errors import VlmalignError
+from ..models.prompt_layout import detect_layout
 from .checkpoint import check_resume_layout, latest_checkpoint, load_trainer_state, load_weights_into, \
     save_checkpoint, set_rng_state
 from .loop import final_evaluation, run_steps
@@ -98,6 +99,8 @@ class Trainer:
         self.model = model
         self.processor = processor
         self.examples = list(examples)
+        # where the training prompts put their images: written beside the weights for chat / generate
+        self.prompt_layout = detect_layout(getattr(e, "record", None) for e in self.examples)
         self.collate = collate
         self.tc = train_cfg
         self.oc = optim_cfg
@@ -173,7 +176,8 @@ class Trainer:
                      "total_steps": self.total_steps, "layout": self.layout()}
             path = str(save_checkpoint(self.run.checkpoints, self.step, self.acc.unwrap_model(self.runner),
                                        self.processor, state, keep_last=self.tc.keep_last,
-                                       extra_modules=self.extra_modules, state_dict=weights))
+                                       extra_modules=self.extra_modules, state_dict=weights,
+                                       prompt_layout=self.prompt_layout))
         self.acc.wait_for_everyone()
         return path
 

@@ -196,13 +196,22 @@ def read_records(path: str, data_cfg, *, kind: str | None = None, limit: int | N
         recs.append(rec)
         if limit is not None and len(recs) >= limit:
             break
+    if kind is not None:
+        from ..data.kinds import conversion_notes
+        for note in conversion_notes(recs, kind):
+            log.warning("%s: %s", path, note)
     return recs, report
+
+
+def image_loader(adapter, data_cfg, path: str) -> ImageLoader:
+    """The loader for ``path``'s images: confined to the data root, within the pixel budget."""
+    return ImageLoader(adapter, data_root(data_cfg, path), max_pixels=data_cfg.max_pixels)
 
 
 def load_examples(path: str, data_cfg, adapter, tokenize, *, kind=None, limit=None):
     """Records -> tokenized examples (+ the image loader and what was skipped)."""
     recs, rep1 = read_records(path, data_cfg, kind=kind, limit=limit)
-    loader = ImageLoader(adapter, data_root(data_cfg, path))
+    loader = image_loader(adapter, data_cfg, path)
     examples, rep2 = prepare(recs, tokenize, loader, on_error=data_cfg.on_error)
     rep = SkipReport(skipped=rep1.skipped + rep2.skipped, total=rep1.total)
     report_examples(path, examples, rep)

@@ -270,9 +270,8 @@ def load_pairs(path, cfg: DPOConfig, adapter, corruption=None, limit=None):
         return tokenize_pair(adapter, rec, imgs, max_length=cfg.data.max_length, loader=holder["loader"],
                              corruption=corruption)
 
-    from ..data.batching import ImageLoader
-    from .common import data_root
-    holder["loader"] = ImageLoader(adapter, data_root(cfg.data, path))
+    from .common import image_loader
+    holder["loader"] = image_loader(adapter, cfg.data, path)
     examples, loader, _ = load_examples(path, cfg.data, adapter, tok, kind="preference", limit=limit)
     return index_examples(examples), loader
 

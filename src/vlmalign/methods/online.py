@@ -54,6 +54,7 @@ from ..engine.checkpoint import check_resume_layout, latest_checkpoint, load_tra
     save_checkpoint, set_rng_state
 from ..engine.loop import final_evaluation, run_steps
 from ..engine.run_dir import RunDir, claim_output_dir
+from ..models.prompt_layout import detect_layout
 from ..engine.trainer import NonFiniteLossError, TrainResult, _accelerator, _param_groups
 from ..errors import VlmalignError
 from ..losses.rl import entropy_from_logits
@@ -347,7 +348,8 @@ class OnlineTrainer:
                      "method": self.method.state_dict() if hasattr(self.method, "state_dict") else {}}
             path = str(save_checkpoint(self.run.checkpoints, self.step, self.acc.unwrap_model(self.runner),
                                        self.adapter.processor, state, keep_last=self.cfg.train.keep_last,
-                                       extra_modules=self.extra_modules, state_dict=weights))
+                                       extra_modules=self.extra_modules, state_dict=weights,
+                                       prompt_layout=detect_layout(self.records)))
         self.acc.wait_for_everyone()
         return path
 

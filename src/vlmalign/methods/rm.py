@@ -22,6 +22,7 @@ worst candidate's score).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ from ..losses.reward import bradley_terry_loss, plackett_luce_loss
 from .common import build_adapter, prepare_trainable, seed_everything
 
 LIST_LOSSES = ("pairwise", "plackett_luce")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -135,10 +138,10 @@ def _add_rejected_images(examples) -> None:
 
 def load_rm_examples(path, data_cfg, adapter, *, train: bool, margin: bool = False, limit=None):
     """Read and tokenize a pairs / ranked-lists file (errors name file, record and field)."""
-    from ..data.batching import ImageLoader, SkipReport, prepare
-    from .common import data_root, read_records, report_examples
+    from ..data.batching import SkipReport, prepare
+    from .common import image_loader, read_records, report_examples
     recs, rep1 = read_records(path, data_cfg, limit=limit)
-    loader = ImageLoader(adapter, data_root(data_cfg, path))
+    loader = image_loader(adapter, data_cfg, path)
     tok = make_tokenizer(adapter, loader, data_cfg.max_length, train=train, margin=margin)
     examples, rep2 = prepare(recs, tok, loader, on_error=data_cfg.on_error)
     rep = SkipReport(skipped=rep1.skipped + rep2.skipped, total=rep1.total)
@@ -312,6 +315,8 @@ def score_records(model, records, loader, *, batch_size: int = 16, max_length: i
     from ..data.batching import prepare
     tok = make_tokenizer(model.adapter, loader, max_length, train=False)
     examples, rep = prepare(records, tok, loader, on_error=on_error)
+    if rep.count:
+        log.warning(rep.summary())
     _add_rejected_images(examples)
     collate = RMCollator(loader, model.adapter.tokenizer.pad_token_id)
     model.eval()

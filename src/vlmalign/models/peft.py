@@ -60,4 +60,6 @@ def export_merged(path: str, out: str, *, base: str | None = None, trust_remote_
     merged.config._name_or_path = str(out)
     merged.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+    from .prompt_layout import read_layout, write_layout
+    write_layout(out, read_layout(path))  # the merged model keeps the adapter's prompt layout
     return out
