@@ -90,6 +90,16 @@ def test_generate_cli_writes_one_line_per_record(lora_run, tmp_path):
     assert rows[0]["reference"] and rows[0]["images"]
 
 
+def test_export_refuses_to_write_over_the_adapter_or_its_base(lora_run, capsys):
+    root, ck = lora_run
+    base = json.loads((ck / "adapter_config.json").read_text())["base_model_name_or_path"]
+    before = sorted(os.listdir(base))
+    for out in (base, os.path.join(base, "merged"), str(ck)):
+        assert main(["export", "--model", str(ck), "--out", out]) == 2
+        assert "would overwrite the input" in capsys.readouterr().err
+    assert sorted(os.listdir(base)) == before
+
+
 def test_training_writes_where_its_prompts_put_the_images(lora_run):
     root, ck = lora_run
     n = len(json.loads((root / "data" / "vqa_train.json").read_text()))  # "<image>\nquestion" records

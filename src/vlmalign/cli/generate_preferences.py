@@ -17,13 +17,13 @@ import json
 import os
 import sys
 
-from .args import Formatter, add_limit, at_least_two, nonneg_float, nonneg_int, positive_int, refuse_output_over_input
+from .args import add_limit, at_least_two, nonneg_float, nonneg_int, positive_int, refuse_output_over_input
 from .generate import add_model_args, add_sampling_args, load_for_inference
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate-preferences", help="self-critique preference pairs for DPO (judge or reward model)",
-                       description=__doc__.split("\n\n", 1)[1], formatter_class=Formatter)
+                       description=__doc__.split("\n\n", 1)[1])
     add_model_args(p)
     p.add_argument("--data", required=True, help="prompts: RL prompts, VQA, conversations (first user turn), "
                                                  "pairs (their prompt); any readable format")

@@ -90,6 +90,7 @@ class OnlineTrainer:
         claim_output_dir(cfg.train)
         self.cfg, self.method, self.adapter, self.reference = cfg, method, adapter, reference
         self.records, self.loader = list(records), loader
+        self.prompt_layout = detect_layout(self.records)  # written beside the weights for chat / generate
         self.eval_records, self.eval_loader = list(eval_records), eval_loader
         if not self.records:
             raise VlmalignError(f"{cfg.data.train_file}: no RL prompts to train on")
@@ -349,7 +350,7 @@ class OnlineTrainer:
             path = str(save_checkpoint(self.run.checkpoints, self.step, self.acc.unwrap_model(self.runner),
                                        self.adapter.processor, state, keep_last=self.cfg.train.keep_last,
                                        extra_modules=self.extra_modules, state_dict=weights,
-                                       prompt_layout=detect_layout(self.records)))
+                                       prompt_layout=self.prompt_layout))
         self.acc.wait_for_everyone()
         return path
 
