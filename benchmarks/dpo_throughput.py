@@ -35,6 +35,7 @@ See docs/BENCHMARKS.md for the measured numbers and how to read them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -196,7 +197,7 @@ def sequence_stats(model_dir: str, data_file: str) -> dict:
     from vlmalign.config.sections import DataSection
     from vlmalign.models import load_adapter
     from vlmalign.data.batching import ImageLoader
-    from vlmalign.methods.common import read_records
+    from vlmalign.data.loading import read_records
 
     ad = load_adapter(model_dir)
     recs, _ = read_records(data_file, DataSection(), kind="preference")
@@ -357,37 +358,14 @@ def _setup_child(spec: Spec):
 # ------------------------------------------------------------------------------------ our side
 def run_ours(spec: Spec) -> dict:
     """vlmalign's ``train_dpo`` with encode-once, prefix sharing and precomputed reference
-    log-probs; steps timed by wrapping the engine's ``Trainer.train_step``."""
+    log-probs; steps and the reference pass timed by an engine callback (:class:`OursClock`)."""
     vision = _setup_child(spec)
     base_mb = _rss_mb()
     from vlmalign.config import load_config
-    from vlmalign.engine import trainer as engine
     from vlmalign.methods import dpo
 
     clock = StepClock(spec, vision)
-    marks: dict[str, float] = {"start": time.perf_counter()}  # setup_s: load, data, ref precompute
-    counters: dict[str, int] = {}
-    original_step = engine.Trainer.train_step
-
-    def train_step(self):
-        if not clock.ends:  # first step: everything before it was setup + precompute
-            marks["first_step"] = time.perf_counter()
-        if len(clock.ends) == spec.warmup:
-            counters["adapter_images_window_start"] = sum(a.encoded_images for a in self.adapters)
-        if not clock.ends:
-            with clock.flop_mode() as mode:
-                out = original_step(self)
-            clock.record_flops(mode)
-        else:
-            out = original_step(self)
-        clock.step_done()
-        if len(clock.ends) == spec.total_steps:
-            counters["adapter_images_window_end"] = sum(a.encoded_images for a in self.adapters)
-        return out
-
-    engine.Trainer.train_step = train_step
-    precompute = _wrap_precompute(vision)
-
+    watch = OursClock(spec, clock, vision)
     overrides = [
         f"model.path={spec.model_dir}", f"model.dtype={spec.dtype}",
         "model.train_vision=false", "model.train_projector=false", "model.train_language=true",
@@ -404,47 +382,73 @@ def run_ours(spec: Spec) -> dict:
         f"dpo.ref_cache_dir={spec.work_dir}/ref-cache-{os.getpid()}",
     ]
     cfg = load_config(dpo.DPOConfig, None, overrides)
-    result, adapter = dpo.train_dpo(cfg)
+    result, adapter = dpo.train_dpo(cfg, callbacks=[watch])
     out = clock.summary()
-    pre_s = precompute.get("seconds")
-    pre_pairs = precompute.get("pairs", 0)
+    pre = watch.precompute
+    pre_s = pre.get("seconds")
+    pre_pairs = pre.get("pairs", 0)
     if spec.precompute_ref and pre_s is None:
         raise RuntimeError("dpo.precompute_ref_logps=true but no reference pass ran (loaded from a cache?)")
+    counters = watch.counters
     out.update({
         "peak_mem_mb": _peak_mb(), "base_mem_mb": base_mb,
         "adapter_encodes_per_pair": (counters["adapter_images_window_end"]
                                      - counters["adapter_images_window_start"]) / out["timed_pairs"],
-        "setup_s": marks["first_step"] - marks["start"],
+        "setup_s": watch.marks["first_step"] - watch.marks["start"],
         "precompute_s": pre_s,
         "precompute_pairs": pre_pairs,
-        "precompute_encodes_per_pair": precompute["images"] / pre_pairs if pre_pairs else 0.0,
-        "precompute_flops_per_pair": precompute["flops"] / pre_pairs if pre_pairs else 0.0,
+        "precompute_encodes_per_pair": pre["images"] / pre_pairs if pre_pairs else 0.0,
+        "precompute_flops_per_pair": pre["flops"] / pre_pairs if pre_pairs else 0.0,
         "final_loss": result.metrics.get("loss"),
         "trainable_params": _trainable(adapter.model),
     })
     return out
 
 
-def _wrap_precompute(vision) -> dict:
-    """Time the reference log-prob precompute pass (``ref_cache.compute_values``: one pass over
-    the data with the frozen reference) and count its FLOPs and vision-tower images."""
-    from vlmalign.methods import ref_cache
-    info: dict = {}
-    original = ref_cache.compute_values
+class OursClock:
+    """The engine callback (vlmalign.engine.callbacks) that times our side: each optimizer step (``step``: the first one under
+    the FLOP counter, the adapters' image-encode counters at the timed window's ends) and the
+    reference log-prob pass before training (``reference_precompute``: seconds, FLOPs,
+    vision-tower images, pairs)."""
 
-    def wrapped(*args, **kwargs):
-        images0 = vision.images
+    def __init__(self, spec: Spec, clock: StepClock, vision: VisionCounter):
+        self.spec, self.clock, self.vision = spec, clock, vision
+        self.marks: dict[str, float] = {"start": time.perf_counter()}  # setup_s: load, data, ref precompute
+        self.counters: dict[str, int] = {}
+        self.precompute: dict = {}
+
+    def wrap(self, engine, name: str, **info):
+        if name == "step":
+            return self._step(engine)
+        if name == "reference_precompute":
+            return self._precompute(info["examples"])
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _step(self, engine):
+        clock, spec = self.clock, self.spec
+        if not clock.ends:  # first step: everything before it was setup + precompute
+            self.marks["first_step"] = time.perf_counter()
+        if len(clock.ends) == spec.warmup:
+            self.counters["adapter_images_window_start"] = sum(a.encoded_images for a in engine.adapters)
+        if not clock.ends:
+            with clock.flop_mode() as mode:
+                yield
+            clock.record_flops(mode)
+        else:
+            yield
+        clock.step_done()
+        if len(clock.ends) == spec.total_steps:
+            self.counters["adapter_images_window_end"] = sum(a.encoded_images for a in engine.adapters)
+
+    @contextlib.contextmanager
+    def _precompute(self, pairs: int):
+        images0 = self.vision.images
         t0 = time.perf_counter()
         with _flop_mode() as mode:  # the counter's overhead is below the run-to-run noise here
-            out = original(*args, **kwargs)
-        info["seconds"] = time.perf_counter() - t0
-        info["flops"] = int(mode.get_total_flops())
-        info["images"] = vision.images - images0
-        info["pairs"] = len(args[1]) if len(args) > 1 else len(kwargs["examples"])
-        return out
-
-    ref_cache.compute_values = wrapped
-    return info
+            yield
+        self.precompute.update(seconds=time.perf_counter() - t0, flops=int(mode.get_total_flops()),
+                               images=self.vision.images - images0, pairs=pairs)
 
 
 def _trainable(model) -> int:

@@ -114,14 +114,14 @@ def test_generate_stops_on_a_missing_image_naming_file_and_record(world, tmp_pat
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_generate_on_error_skip_counts_what_it_skipped(world, tmp_path, capsys):
+def test_generate_on_error_skip_counts_what_it_skipped(world, tmp_path, caplog):
     data, n = _with_missing_image(world, tmp_path)
     out = tmp_path / "o.jsonl"
     rc = main(["generate", "--model", str(world / "model"), "--data", str(data), "--out", str(out),
                "--image-root", str(world / "data"), "--max-new-tokens", "2", "--on-error", "skip"])
     assert rc == 0
     assert len(out.read_text().splitlines()) == n - 1
-    assert f"skipped 1 of {n} records" in capsys.readouterr().out
+    assert f"skipped 1 of {n} records" in caplog.text
 
 
 def test_generate_warns_when_the_file_places_images_unlike_the_model_and_can_follow_it(world, tmp_path, caplog):

@@ -279,11 +279,11 @@ def test_training_refuses_a_corrupt_image(corrupt_world, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_training_skips_a_corrupt_image_when_asked(corrupt_world, tmp_path, capsys):
+def test_training_skips_a_corrupt_image_when_asked(corrupt_world, tmp_path, caplog):
     train, first, n_bad, total = corrupt_world
     result, _ = train_sft(_sft_cfg(train, tmp_path / "run", "data.on_error=skip"))
     assert result.step == 1
-    out = capsys.readouterr().out
+    out = caplog.text
     assert f"skipped {n_bad} of {total} records" in out
     assert f"record {first}:" in out and "corrupt" in out
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -20,9 +20,9 @@ import torch
 from vlmalign.config import load_config
 from vlmalign.data.preference import PreferenceCollator
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
-from vlmalign.methods import dpo as dpo_module
+from vlmalign.methods import reference as reference_module
 from vlmalign.methods import ref_cache
-from vlmalign.methods.dpo import DPOConfig, DPOMethod, corruption_of, dpo_config, load_pairs, train_dpo
+from vlmalign.methods.dpo import DPOConfig, DPOMethod, corruption_of, load_pairs, train_dpo
 from vlmalign.methods.logps import Reference, completion_logps, shared_logps, unshared_logps
 from vlmalign.models import adapter_for, build_tiny, load_adapter, save_tiny
 
@@ -43,7 +43,7 @@ def _cfg(world, out, *extra):
         f"model.path={world / 'model'}", f"data.train_file={world / 'data' / 'dpo_train.json'}",
         "data.max_length=256", f"train.output_dir={out}", "train.max_steps=3", "train.batch_size=4",
         "train.progress=false", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant",
-        f"dpo.ref_cache_dir={world / 'ref_cache'}", *extra], base=dpo_config())
+        f"dpo.ref_cache_dir={world / 'ref_cache'}", *extra], base=DPOConfig())
 
 
 def _rows(run: Path) -> list[dict]:
@@ -57,7 +57,7 @@ def _method_and_batch(family="llava", n=4, loss="sigmoid", data=None, seed=0, **
     ad = adapter_for(model, proc)
     ref_model, _ = build_tiny(family, seed=seed)
     ref = adapter_for(ref_model.float().eval(), proc)
-    cfg = dpo_config()
+    cfg = DPOConfig()
     cfg.data.train_file = str(data)
     cfg.data.max_length = 512
     cfg.dpo.loss = loss
@@ -159,7 +159,7 @@ def test_cli_train_dpo(world, tmp_path):
                            "train.max_steps=1", "train.batch_size=2", "train.progress=false",
                            f"train.output_dir={out}", "dpo.loss=ipo"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "done: 1 steps" in proc.stdout and "prefix sharing: on" in proc.stdout
+    assert "done: 1 steps" in proc.stdout and "prefix sharing: on" in proc.stderr
     assert (out / "checkpoints" / "step-1" / "model").is_dir()
 
 
@@ -176,13 +176,13 @@ def test_each_image_is_encoded_once_per_step_for_policy_and_reference(world, tmp
 
     monkeypatch.setattr(DPOMethod, "compute_loss", spy)
     built = {}
-    real_frozen = dpo_module._frozen
+    real_frozen = reference_module._frozen
 
-    def frozen(ref_ad, cfg, adapter):
+    def frozen(ref_ad, cfg, adapter, **kw):
         built["ref"] = ref_ad
-        return real_frozen(ref_ad, cfg, adapter)
+        return real_frozen(ref_ad, cfg, adapter, **kw)
 
-    monkeypatch.setattr(dpo_module, "_frozen", frozen)
+    monkeypatch.setattr(reference_module, "_frozen", frozen)
     _, adapter = train_dpo(_cfg(world, tmp_path / "enc", "train.max_steps=4"))
     assert len(seen) == 4
     # one encoder call per micro-batch, over the batch's unique images only (2 pairs per image
@@ -365,7 +365,7 @@ def test_every_optimisation_together_equals_plain_dpo(world, tmp_path):
     plain_cfg = cfg.dpo
     plain_cfg.prefix_sharing = False
     plain = DPOMethod(ad, plain_cfg, ref=Reference(ref, share_features=False))
-    fast_cfg = dpo_config().dpo
+    fast_cfg = DPOConfig().dpo
     fast = DPOMethod(ad, fast_cfg, ref=Reference(ref, share_features=True))
     collate = PreferenceCollator(loader, ad.tokenizer.pad_token_id)
     fast.ref_values = ref_cache.compute_values(fast, ex, collate, 3, "cpu")
@@ -526,7 +526,8 @@ def test_rejected_images_are_shown_with_the_rejected_response(world, tmp_path):
 @pytest.mark.parametrize("loss", ["cdpo", "hinge", "simpo", "orpo", "mdpo"])
 def test_train_each_loss(world, tmp_path, loss, monkeypatch):
     built = []
-    monkeypatch.setattr(dpo_module, "_frozen", lambda *a, _f=dpo_module._frozen: built.append(1) or _f(*a))
+    monkeypatch.setattr(reference_module, "_frozen",
+                        lambda *a, _f=reference_module._frozen, **k: built.append(1) or _f(*a, **k))
     extra = [f"dpo.{k}={v}" for k, v in LOSS_SETTINGS[loss].items()]
     if loss == "mdpo":
         extra += ["dpo.precompute_ref_logps=true", f"dpo.ref_cache_dir={tmp_path / 'c'}"]

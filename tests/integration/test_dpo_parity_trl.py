@@ -36,8 +36,8 @@ from trl import DPOTrainer  # noqa: E402
 
 from vlmalign.data.preference import PreferenceCollator  # noqa: E402
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld  # noqa: E402
-from vlmalign.methods.dpo import DPOMethod, dpo_config, load_pairs  # noqa: E402
-from vlmalign.methods.logps import Reference  # noqa: E402
+from vlmalign.methods.dpo import DPOMethod, DPOConfig, load_pairs# noqa: E402
+from vlmalign.methods.logps import Reference# noqa: E402
 from vlmalign.models import adapter_for, build_tiny  # noqa: E402
 
 TOL = 1e-5
@@ -113,7 +113,7 @@ def _our_side(world, weights, loss, **dpo):
     processor = LlavaProcessor.from_pretrained(str(world / "processor"))
     adapter = adapter_for(_model(weights[0]), processor)
     ref = adapter_for(_model(weights[1]).eval(), processor)
-    cfg = dpo_config()
+    cfg = DPOConfig()
     cfg.data.max_length = 1024
     cfg.dpo.loss, cfg.dpo.beta = loss, BETA
     for k, v in dpo.items():

@@ -21,9 +21,9 @@ from vlmalign.data.batching import Example
 from vlmalign.data.completions import UnpairedCollator, add_mismatched_rows
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 from vlmalign.errors import DataError, LengthError, VlmalignError
-from vlmalign.methods import dpo as dpo_module
+from vlmalign.methods import reference as reference_module
 from vlmalign.methods import ref_cache
-from vlmalign.methods.kto import KTOConfig, KTOMethod, balance_note, kto_config, load_unpaired, train_kto
+from vlmalign.methods.kto import KTOConfig, KTOMethod, balance_note, load_unpaired, train_kto
 from vlmalign.methods.logps import Reference
 from vlmalign.models import adapter_for, build_tiny, load_adapter, save_tiny
 
@@ -43,7 +43,7 @@ def _cfg(world, out, *extra):
         f"model.path={world / 'model'}", f"data.train_file={world / 'data' / 'kto_train.jsonl'}",
         "data.max_length=256", f"train.output_dir={out}", "train.max_steps=3", "train.batch_size=4",
         "train.progress=false", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant",
-        f"kto.ref_cache_dir={world / 'ref_cache'}", *extra], base=kto_config())
+        f"kto.ref_cache_dir={world / 'ref_cache'}", *extra], base=KTOConfig())
 
 
 def _rows(run: Path) -> list[dict]:
@@ -132,7 +132,7 @@ def test_cli_train_kto(world, tmp_path):
                            "train.max_steps=1", "train.batch_size=2", "train.progress=false",
                            f"train.output_dir={out}"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "done: 1 steps" in proc.stdout and "KTO data: 8 desirable, 8 undesirable" in proc.stdout
+    assert "done: 1 steps" in proc.stdout and "KTO data: 8 desirable, 8 undesirable" in proc.stderr
     assert (out / "checkpoints" / "step-1" / "model").is_dir()
 
 
@@ -150,7 +150,7 @@ def _setup(world, family, n, kl="mismatched", **kto):
         for g in ("language", "head"):
             for _, p in ad.param_groups()[g]:
                 p.add_(torch.randn_like(p) * 0.02)
-    cfg = kto_config()
+    cfg = KTOConfig()
     cfg.data.train_file = str(world / "data" / "kto_train.jsonl")
     cfg.data.max_length = 512
     cfg.kto.kl_estimate = kl
@@ -272,13 +272,13 @@ def test_images_are_encoded_once_per_step_for_matched_and_mismatched_rows(world,
         return real(self, batch, num_items)
 
     built = {}
-    real_frozen = dpo_module._frozen
+    real_frozen = reference_module._frozen
 
-    def frozen(ref_ad, cfg, adapter):
+    def frozen(ref_ad, cfg, adapter, **kw):
         built["ref"] = ref_ad
-        return real_frozen(ref_ad, cfg, adapter)
+        return real_frozen(ref_ad, cfg, adapter, **kw)
 
-    monkeypatch.setattr(dpo_module, "_frozen", frozen)
+    monkeypatch.setattr(reference_module, "_frozen", frozen)
     import vlmalign.methods.kto as kto_module
     real_load = kto_module.load_unpaired
     examples = []
@@ -391,12 +391,12 @@ def test_bad_data_errors_name_the_record(world, tmp_path):
         train_kto(_cfg(world, tmp_path / "r3", f"data.train_file={world / 'data' / 'dpo_train.json'}"))
     with pytest.raises(VlmalignError, match="kto.kl_estimate: 'batch' is not one of mismatched, zero"):
         _cfg(world, tmp_path / "r4", "kto.kl_estimate=batch")
-    with pytest.raises(VlmalignError, match="kto.undesirable_weight must be > 0"):
+    with pytest.raises(VlmalignError, match=r"kto.undesirable_weight: 0.0 is out of range \(must be > 0\)"):
         train_kto(_cfg(world, tmp_path / "r5", "kto.undesirable_weight=0"))
 
 
 def test_balance_note_reports_the_papers_ratio():
-    cfg = kto_config().kto
+    cfg = KTOConfig().kto
     exs = [Example(rows={"label": [int(i < 3)]}, images=[]) for i in range(9)]     # 3 desirable, 6 undesirable
     assert "3 desirable, 6 undesirable" in balance_note(exs, cfg)
     assert "= 0.500 (the KTO paper advises 1 to 4/3" in balance_note(exs, cfg)    # 1 * 3 / (1 * 6)

@@ -16,9 +16,9 @@ from vlmalign.config import load_config
 from vlmalign.data.preference import PreferenceCollator
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 from vlmalign.errors import DataError, VlmalignError
-from vlmalign.methods import dpo as dpo_module
+from vlmalign.methods import reference as reference_module
 from vlmalign.methods import ref_cache
-from vlmalign.methods.dpo import DPOConfig, DPOMethod, dpo_config, load_pairs, train_dpo
+from vlmalign.methods.dpo import DPOConfig, DPOMethod, load_pairs, train_dpo
 from vlmalign.methods.listwise import ListwiseMethod, load_listwise
 from vlmalign.methods.logps import Reference
 from vlmalign.models import adapter_for, build_tiny, save_tiny
@@ -46,7 +46,7 @@ def _cfg(world, out, *extra):
         f"model.path={world / 'model'}", f"data.train_file={world / 'data' / 'ranked_train.json'}",
         "data.max_length=256", f"train.output_dir={out}", "train.max_steps=3", "train.batch_size=4",
         "train.progress=false", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant",
-        "dpo.loss=listwise", f"dpo.ref_cache_dir={world / 'ref_cache'}", *extra], base=dpo_config())
+        "dpo.loss=listwise", f"dpo.ref_cache_dir={world / 'ref_cache'}", *extra], base=DPOConfig())
 
 
 def _rows(run: Path) -> list[dict]:
@@ -67,7 +67,7 @@ def _policy_and_reference(family):
 
 
 def _listwise_batch(ad, file, n, **dpo):
-    cfg = dpo_config()
+    cfg = DPOConfig()
     cfg.data.train_file = str(file)
     cfg.data.max_length = 512
     cfg.data.max_train_samples = n
@@ -103,7 +103,7 @@ def test_two_candidates_equal_sigmoid_dpo_loss_and_gradients(world, family):
     -[(r0 - lse(r0, r1)) + (r1 - r1)] = -log sig(r0 - r1), DPO's loss."""
     ad, ref = _policy_and_reference(family)
     data = world / "data" / "dpo_train.json"
-    pcfg = dpo_config()
+    pcfg = DPOConfig()
     pcfg.data.max_length = 512
     pcfg.dpo.prefix_sharing = False
     pairs, loader = load_pairs(str(data), pcfg, ad, None, limit=4)
@@ -177,13 +177,13 @@ def test_listwise_trains_on_shapesworld_ranked_lists_encoding_each_image_once(wo
 
     monkeypatch.setattr(ListwiseMethod, "compute_loss", spy)
     built = {}
-    real_frozen = dpo_module._frozen
+    real_frozen = reference_module._frozen
 
-    def frozen(ref_ad, cfg, adapter):
+    def frozen(ref_ad, cfg, adapter, **kw):
         built["ref"] = ref_ad
-        return real_frozen(ref_ad, cfg, adapter)
+        return real_frozen(ref_ad, cfg, adapter, **kw)
 
-    monkeypatch.setattr(dpo_module, "_frozen", frozen)
+    monkeypatch.setattr(reference_module, "_frozen", frozen)
     run = tmp_path / "run"
     result, adapter = train_dpo(_cfg(world, run, "train.max_steps=4",
                                      f"data.eval_file={world / 'data' / 'ranked_eval.json'}"))
@@ -249,7 +249,7 @@ def test_bad_data_and_settings_are_refused(world, tmp_path):
     with pytest.raises(VlmalignError, match="label_smoothing applies to"):
         train_dpo(_cfg(world, tmp_path / "d", "dpo.label_smoothing=0.1"))
     ad, ref = _policy_and_reference("llava")
-    cfg = dpo_config()
+    cfg = DPOConfig()
     cfg.dpo.loss = "listwise"
     with pytest.raises(VlmalignError, match="computed by methods.listwise.ListwiseMethod"):
         DPOMethod(ad, cfg.dpo, ref=Reference(ref))

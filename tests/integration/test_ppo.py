@@ -70,7 +70,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld  # noqa: E402
 from vlmalign.errors import ModelError, VlmalignError  # noqa: E402
-from vlmalign.methods.ppo import PPOMethod, ppo_config, train_ppo  # noqa: E402
+from vlmalign.methods.ppo import PPOMethod, PPOConfig, train_ppo# noqa: E402
 from vlmalign.models import ScalarModel, adapter_for, build_tiny  # noqa: E402
 from vlmalign.models.adapter import VLMAdapter  # noqa: E402
 from vlmalign.rewards import CombinedReward, FunctionReward  # noqa: E402
@@ -96,7 +96,7 @@ def chars_reward():
 
 
 def _cfg(data, out, family="llava", **over):
-    cfg = ppo_config()
+    cfg = PPOConfig()
     cfg.model.tiny = family
     cfg.data.train_file = str(data / "rl_train.json")
     cfg.data.max_length = 128

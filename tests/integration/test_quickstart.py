@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from vlmalign.data.synthetic import generate_shapesworld
-from vlmalign.quickstart import DATA, dpo_stage_config, render_markdown, render_table, rm_stage_config, run_quickstart, \
-    train_rm_stage
-from vlmalign.quickstart_rl import GRPO_KEYS, rl_curves
+from vlmalign.quickstart import DATA, GRPO_KEYS, render_markdown, render_table, rl_curves, run_quickstart, \
+    stage_config, train_rm_stage
 
 SMALL = replace(DATA, train_images=16, eval_images=4)   # the quickstart's layout, fewer images
 VQA_KEYS = {"vqa_accuracy", "pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"}
@@ -113,7 +112,7 @@ def test_the_rm_stage_trains_a_copy_and_leaves_the_policy_alone(tmp_path):
     generate_shapesworld(data, SMALL)
     adapter = adapter_for(*build_tiny("llava", seed=0))
     before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
-    cfg = rm_stage_config(tmp_path, data, 2, 0)
+    cfg = stage_config("rm", tmp_path, steps=2, seed=0)   # its data: tmp_path / "data"
     cfg.train.progress = False
     m, rm = train_rm_stage(adapter, cfg)
     assert rm.adapter is not adapter and rm.adapter.model is not adapter.model
@@ -125,7 +124,7 @@ def test_the_rm_stage_trains_a_copy_and_leaves_the_policy_alone(tmp_path):
              and not torch.equal(v, before[k])]
     assert moved
     # the dpo stage config trains on the hallucination pairs with the starting model as reference
-    d = dpo_stage_config(tmp_path, data, 3, 0)
+    d = stage_config("dpo", tmp_path, steps=3, seed=0)
     assert d.data.train_file.endswith("dpo_train.json") and d.data.eval_file.endswith("dpo_eval.json")
     assert d.dpo.precompute_ref_logps and d.ref.path is None and d.data.max_train_samples == 3 * d.train.batch_size
 
@@ -204,3 +203,63 @@ def test_stage_configs_rerun_from_the_model_they_started_from_and_out_is_not_reu
     assert result.step == 1
     run_quickstart(out, data=SMALL, pretrain_steps=1, sft_steps=1, rm_steps=0, dpo_steps=0, rl_steps=0, quiet=True,
                    overwrite=True)
+
+
+# ----------------------------------------------------------------------------- the stages are the recipes
+STAGES = ("pretrain", "sft", "rm", "dpo", "grpo", "ppo")
+# what the quickstart sets on top of a recipe, besides its paths and seed: where the stage starts
+# from and how it runs (progress display, replacing an earlier run)
+SET_BY_RUN = {"model.path", "model.tiny", "train.progress", "train.overwrite"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "reward":
+            out.update(_flat(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_at_the_recipe_step_count_a_stage_config_is_its_recipe_under_out(stage, tmp_path):
+    from vlmalign.config import to_dict
+    from vlmalign.quickstart import load_recipe
+    cfg, recipe = stage_config(stage, tmp_path), load_recipe(stage)
+    a, b = _flat(to_dict(cfg)), _flat(to_dict(recipe))
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(b[key], str) and b[key].startswith(("data/shapesworld", "runs/quickstart/")):
+            sub = {"data/shapesworld_rl/": "data_rl/", "data/shapesworld/": "data/", "runs/quickstart/": ""}
+            prefix = next(p for p in sub if b[key].startswith(p))
+            assert a[key] == str(tmp_path / (sub[prefix] + b[key][len(prefix):])), key
+        else:
+            assert a[key] == b[key], key
+
+
+def test_the_recipes_chain_the_stages_as_the_quickstart_does():
+    from vlmalign.quickstart import load_recipe
+    r = {s: load_recipe(s) for s in STAGES}
+
+    def last(stage):
+        return f"{r[stage].train.output_dir}/checkpoints/step-{r[stage].train.max_steps}/model"
+    assert r["sft"].model.path == last("pretrain")
+    assert r["rm"].model.path == r["dpo"].model.path == last("sft")
+    assert r["grpo"].model.path == r["ppo"].model.path == last("dpo")
+
+
+def test_each_stage_of_a_run_is_its_recipe(tmp_path):
+    """A short quickstart: every stage's saved config.yaml is its recipe under --out with the step
+    count it was asked for (and what follows from it), differing only where the run says."""
+    import yaml
+
+    from vlmalign.config import to_dict
+    out = tmp_path / "qs"
+    run_quickstart(out, data=SMALL, pretrain_steps=1, sft_steps=1, rm_steps=1, dpo_steps=1, rl_steps=1, quiet=True)
+    for stage in ("pretrain", "sft", "rm", "dpo", "grpo"):
+        saved = _flat(yaml.safe_load((out / stage / "config.yaml").read_text()))
+        want = _flat(to_dict(stage_config(stage, out, steps=1)))
+        assert saved.keys() == want.keys()
+        assert {k for k in saved if saved[k] != want[k]} <= SET_BY_RUN, stage
+        assert saved["train.max_steps"] == 1

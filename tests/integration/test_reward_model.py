@@ -307,6 +307,7 @@ def test_bad_pairs_are_refused_with_their_location(world, tmp_path):
 def test_quickstart_rm_recipe_trains_one_step(world, tmp_path):
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "quickstart" / "rm.yaml"
     cfg = load_config(RMConfig, recipe, [
+        f"model.path={world / 'model'}",   # the recipe starts from the quickstart's SFT checkpoint
         f"data.train_file={world / 'data' / 'ranked_train.json'}",
         f"data.eval_file={world / 'data' / 'ranked_eval.json'}",
         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "train.batch_size=4", "train.progress=false",

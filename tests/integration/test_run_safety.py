@@ -137,7 +137,7 @@ def test_a_config_built_in_python_is_checked_too(world, tmp_path):
 
 
 def test_a_record_limit_below_one_is_refused(world):
-    from vlmalign.methods.common import read_records
+    from vlmalign.data.loading import read_records
     cfg = SFTConfig()
     with pytest.raises(VlmalignError, match="limit must be at least 1"):
         read_records(str(world / "data" / "vqa_train.json"), cfg.data, kind="conversation", limit=0)
@@ -219,7 +219,7 @@ def test_an_empty_training_file_is_refused_by_name(world, tmp_path, name, conten
     assert str(f) in str(ei.value)
 
 
-def test_the_training_config_sets_the_pixel_budget_and_skip_skips_what_exceeds_it(world, tmp_path, capsys):
+def test_the_training_config_sets_the_pixel_budget_and_skip_skips_what_exceeds_it(world, tmp_path, caplog):
     recs = json.loads((world / "data" / "vqa_train.json").read_text())[:6]
     from PIL import Image
     Image.new("RGB", (300, 300), "red").save(world / "data" / "big.png")
@@ -231,7 +231,7 @@ def test_the_training_config_sets_the_pixel_budget_and_skip_skips_what_exceeds_i
         train_sft(_cfg(world, tmp_path / "run", f"data.train_file={f}", f"data.max_pixels={small}"))
     result, _ = train_sft(_cfg(world, tmp_path / "run2", f"data.train_file={f}", f"data.max_pixels={small}",
                                "data.on_error=skip", "train.max_steps=1"))
-    assert "skipped 1 of 6" in capsys.readouterr().out
+    assert "skipped 1 of 6" in caplog.text
 
 
 @pytest.mark.parametrize("name,says", [("ranked_train.json", "ranked records read as conversation: trains on "

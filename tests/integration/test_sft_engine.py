@@ -19,7 +19,7 @@ from vlmalign.config import load_config
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 from vlmalign.engine.trainer import NonFiniteLossError
 from vlmalign.errors import DataError
-from vlmalign.methods.sft import SFTConfig, SFTMethod, pretrain_config, train_sft
+from vlmalign.methods.sft import SFTConfig, SFTMethod, PretrainConfig, train_sft
 from vlmalign.models import save_tiny
 
 
@@ -69,7 +69,7 @@ def test_sft_trains_what_is_trainable_and_reloads(world, tmp_path):
 
 def test_pretrain_moves_only_the_projector(world, tmp_path):
     cfg = _cfg(world, tmp_path / "pre", "train.max_steps=2",
-               f"data.train_file={world / 'data' / 'captions_train.json'}", base=pretrain_config())
+               f"data.train_file={world / 'data' / 'captions_train.json'}", base=PretrainConfig())
     from vlmalign.models import load_adapter
     before = load_adapter(str(world / "model")).model.state_dict()
     _, adapter = train_sft(cfg)
@@ -114,7 +114,7 @@ def test_bad_record_is_refused_with_location_or_skipped_and_counted(world, tmp_p
     f.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"bad_train.json: record 2: .*image file not found"):
         train_sft(_cfg(world, tmp_path / "bad", f"data.train_file={f}"))
-    from vlmalign.methods.common import load_examples
+    from vlmalign.data.loading import load_examples
     from vlmalign.models import load_adapter
     ad = load_adapter(str(world / "model"))
     cfg = _cfg(world, tmp_path / "bad2", f"data.train_file={f}", "data.on_error=skip")

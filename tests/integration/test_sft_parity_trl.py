@@ -57,8 +57,8 @@ from trl import SFTTrainer  # noqa: E402
 from vlmalign.config.sections import DataSection  # noqa: E402
 from vlmalign.data.batching import IGNORE_INDEX, Batch, SFTCollator  # noqa: E402
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld  # noqa: E402
-from vlmalign.methods.common import load_examples  # noqa: E402
-from vlmalign.methods.sft import SFTMethod  # noqa: E402
+from vlmalign.data.loading import load_examples  # noqa: E402
+from vlmalign.methods.sft import SFTMethod# noqa: E402
 from vlmalign.models import adapter_for, build_tiny  # noqa: E402
 from vlmalign.models.llava import LLAVA_CHAT_TEMPLATE  # noqa: E402
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmalign.cli.train import _methods
+from vlmalign.methods.registry import methods as _methods
 from vlmalign.config import ConfigError, load_config
 from vlmalign.models import families
 
@@ -35,8 +35,7 @@ def _load(path: Path, overrides=()):
     methods = _methods()
     method = _method(path)
     assert method in methods, f"{path}: no train method {method!r} (known: {', '.join(methods)})"
-    factory, cls, _ = methods[method]
-    return load_config(cls, path, list(overrides), base=factory())
+    return load_config(methods[method].config, path, list(overrides))
 
 
 def _rel(p: Path) -> str:

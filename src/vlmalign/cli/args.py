@@ -33,6 +33,41 @@ at_least_two = _number(int, lambda v: v >= 2, ">= 2")
 unit_interval = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
+def config_flags(p, cls, names) -> None:
+    """``--NAME`` flags for the options ``names`` of config class ``cls`` (declared there once with
+    ``opt``): the flag's default, choices, range and help are the option's."""
+    from dataclasses import MISSING, fields
+
+    from ..config import ConfigError, parse_option, range_text
+    by_name = {f.name: f for f in fields(cls)}
+    for name in names:
+        f = by_name[name]
+        flag = "--" + name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        meta = f.metadata
+        text = meta.get("help", "")
+        if default is False and isinstance(default, bool):
+            p.add_argument(flag, action="store_true", dest=name, help=text)
+            continue
+
+        def parse(value: str, _name=name, _flag=flag):
+            try:
+                return parse_option(cls, _name, value, where=_flag)
+            except ConfigError as e:
+                raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+        parse.__name__ = range_text(meta.get("bounds") or {}) or "value"
+        p.add_argument(flag, type=parse, default=default, dest=name, choices=meta.get("choices"), help=text)
+
+
+def config_from_flags(cls, args, names):
+    """The config ``cls`` with the options ``names`` from the flags :func:`config_flags` added
+    (the others at their defaults), checked."""
+    from ..config import validate_config
+    cfg = cls(**{n: getattr(args, n) for n in names})
+    validate_config(cfg)
+    return cfg
+
+
 def add_limit(p, what: str = "records") -> None:
     p.add_argument("--limit", type=positive_int, default=None, help=f"only the first N {what} (default: all)")
 

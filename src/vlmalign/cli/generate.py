@@ -66,7 +66,7 @@ def _run(args) -> int:
     import torch
 
     from ..config.sections import DataSection
-    from ..methods.common import load_examples
+    from ..data.loading import load_examples
     from ..models.prompt_layout import place_records
     from ..rollout.generate import SamplingConfig, generate
     refuse_output_over_input(args.out, args.data)

@@ -17,8 +17,14 @@ import json
 import os
 import sys
 
-from .args import add_limit, at_least_two, nonneg_float, nonneg_int, positive_int, refuse_output_over_input
-from .generate import add_model_args, add_sampling_args, load_for_inference
+from ..methods.self_critique import SelfCritiqueConfig
+from .args import add_limit, config_flags, config_from_flags, positive_int, refuse_output_over_input
+from .generate import add_model_args, load_for_inference
+
+# the options of SelfCritiqueConfig, flags of the same names (--max-new-tokens, ...)
+SAMPLING = ("n", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "batch_size", "max_prompt_length",
+            "drop_unfinished")
+OPTIONS = SAMPLING + ("max_pairs", "rm_pairs", "tie_margin")
 
 
 def register(sub) -> None:
@@ -32,14 +38,7 @@ def register(sub) -> None:
                                         "(default: the data file's)")
     p.add_argument("--format", default="auto", help="data format (default: detected)")
     add_limit(p, "prompts")
-    p.add_argument("--n", type=at_least_two, default=4, help="responses sampled per prompt")
-    add_sampling_args(p, max_new_tokens=64, temperature=1.0)
-    p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed (and the pair-budget draw)")
-    p.add_argument("--batch-size", type=positive_int, default=8,
-                   help="prompts per sampling call (images encoded once per call)")
-    p.add_argument("--max-prompt-length", type=positive_int, default=None,
-                   help="refuse longer prompts (tokens; never cut)")
-    p.add_argument("--drop-unfinished", action="store_true", help="drop responses that hit --max-new-tokens")
+    config_flags(p, SelfCritiqueConfig, SAMPLING)
     g = p.add_argument_group("judge mode (default)")
     g.add_argument("--judge", default="self", help="'self' (the model judges its own responses) or a model "
                                                    "directory")
@@ -48,13 +47,10 @@ def register(sub) -> None:
     g.add_argument("--judge-system", help="system message for the judge")
     g.add_argument("--judge-max-new-tokens", type=positive_int, default=8, help="tokens of each verdict")
     g.add_argument("--judge-batch-size", type=positive_int, default=32, help="judge prompts per generate call")
-    g.add_argument("--max-pairs", type=nonneg_int, default=0, help="pairs judged per prompt, drawn with --seed "
-                                                            "(0: all n(n-1)/2)")
+    config_flags(g, SelfCritiqueConfig, ("max_pairs",))
     r = p.add_argument_group("reward-model mode")
     r.add_argument("--reward-model", help="reward-model directory (from `vlmalign train rm`); replaces the judge")
-    r.add_argument("--rm-pairs", default="best_worst", choices=("best_worst", "best_each"),
-                   help="best vs worst response, or best vs each other response")
-    r.add_argument("--tie-margin", type=nonneg_float, default=0.0, help="score differences <= this are ties (skipped)")
+    config_flags(r, SelfCritiqueConfig, ("rm_pairs", "tie_margin"))
     r.add_argument("--rm-batch-size", type=positive_int, default=16, help="responses per reward-model batch")
     r.add_argument("--best-of-n", help="also write the best response per prompt as conversations (SFT data)")
     p.add_argument("--summary", help="summary JSON (default: <OUT without suffix>.summary.json)")
@@ -64,7 +60,7 @@ def register(sub) -> None:
 def _run(args) -> int:
     from ..config import ConfigError
     from ..data.batching import ImageLoader
-    from ..methods.self_critique import SelfCritiqueConfig, VLMJudge, generate_preferences, load_prompts
+    from ..methods.self_critique import VLMJudge, generate_preferences, load_prompts
     if args.reward_model and args.judge != "self":
         raise ConfigError("give either --judge or --reward-model, not both")
     if args.best_of_n and not args.reward_model:
@@ -72,11 +68,7 @@ def _run(args) -> int:
     refuse_output_over_input(args.out, args.data)
     if args.best_of_n:
         refuse_output_over_input(args.best_of_n, args.data, args.out, what="--best-of-n")
-    cfg = SelfCritiqueConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                             max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
-                             max_prompt_length=args.max_prompt_length, drop_unfinished=args.drop_unfinished,
-                             max_pairs=args.max_pairs, rm_pairs=args.rm_pairs, tie_margin=args.tie_margin)
-    cfg.check()
+    cfg = config_from_flags(SelfCritiqueConfig, args, OPTIONS)
     template = None
     if args.judge_template:
         with open(args.judge_template, encoding="utf-8") as f:

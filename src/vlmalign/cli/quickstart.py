@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from ..errors import VlmalignError
 
+from ..quickstart.plan import PLAN
+
 # training stages that can be skipped, in run order (base is a measurement, always taken)
-STAGES = ("pretrain", "sft", "rm", "dpo", "grpo", "ppo")
+STAGES = (*(s for s in PLAN["stages"] if s != "rl"), *PLAN["stages"]["rl"])
 
 
 def register(sub) -> None:

@@ -42,6 +42,26 @@ def section(cls, help: str):
     return field(default_factory=cls, metadata={"help": help, "choices": None})
 
 
+def with_defaults(base, name: str, **defaults):
+    """A subclass of the section ``base`` named ``name`` whose options ``defaults`` start at other
+    values; help, choices and range stay those of ``base``. A method declares its own defaults
+    this way (``DPOOptim = with_defaults(OptimSection, "DPOOptim", lr=5e-6)``), so the class is
+    the whole truth: ``--help`` and a run read the same defaults."""
+    own = {f.name: f for f in fields(base)}
+    hints = _hints(base)
+    ns: dict[str, Any] = {"__annotations__": {}, "__module__": base.__module__,
+                          "__doc__": f"{base.__name__} with the defaults {defaults}"}
+    for key, value in defaults.items():
+        if key not in own:
+            raise _unknown(key, list(own), f"{base.__name__}.")
+        meta = own[key].metadata
+        ns["__annotations__"][key] = hints[key]
+        ns[key] = opt(value, meta["help"], meta.get("choices"), **(meta.get("bounds") or {}))
+    cls = dataclass(type(name, (base,), ns))
+    validate_config(cls())
+    return cls
+
+
 _BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 _BOUND_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b,
              "lt": lambda v, b: v < b}
@@ -124,6 +144,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def parse_option(cls, name: str, value: Any, where: str | None = None) -> Any:
+    """``value`` (e.g. a command-line string) as option ``name`` of config class ``cls``: coerced
+    to its type, checked against its choices and range (ConfigError naming ``where``)."""
+    f = next((f for f in fields(cls) if f.name == name), None)
+    if f is None:
+        raise _unknown(name, [f.name for f in fields(cls)], "")
+    where = where or name
+    v = _coerce(value, _hints(cls)[name], where)
+    choices = f.metadata.get("choices")
+    if choices and v not in choices:
+        raise ConfigError(f"{where}: {v!r} is not one of {', '.join(map(str, choices))}")
+    check_bounds(v, f.metadata.get("bounds") or {}, where)
+    return v
+
+
 def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
@@ -193,7 +228,8 @@ def save_config(cfg, path: str | Path) -> None:
 
 def validate_config(cfg, prefix: str = "") -> None:
     """Check every option of a config built in Python (not only those read from YAML or the
-    command line) against its declared choices and range."""
+    command line) against its declared choices and range, then each section's and the config's
+    own ``check()`` (the rules that relate several options), innermost first."""
     for f in fields(cfg):
         cur = getattr(cfg, f.name)
         if is_dataclass(cur):
@@ -203,6 +239,8 @@ def validate_config(cfg, prefix: str = "") -> None:
         if choices and cur not in choices:
             raise ConfigError(f"{prefix + f.name}: {cur!r} is not one of {', '.join(map(str, choices))}")
         check_bounds(cur, f.metadata.get("bounds") or {}, prefix + f.name)
+    if hasattr(cfg, "check"):
+        cfg.check()
 
 
 def describe(cls, prefix: str = "") -> list[str]:
@@ -223,4 +261,5 @@ def describe(cls, prefix: str = "") -> list[str]:
     return lines
 
 
-__all__ = ["ConfigError", "check_bounds", "dataclass", "describe", "load_config", "opt", "save_config", "section", "to_dict", "validate_config"]
+__all__ = ["ConfigError", "check_bounds", "dataclass", "describe", "load_config", "opt", "parse_option", "save_config", "section", "to_dict", "validate_config",
+           "with_defaults"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import opt
+from . import opt, with_defaults
 
 
 @dataclass
@@ -84,3 +84,13 @@ class TrainSection:
     progress: bool = opt(True, "show a progress bar on a terminal")
     progress_seconds: float = opt(30.0, "without a bar (output not a terminal, or progress=false): a progress "
                                         "line every N seconds (0: none)", ge=0)
+
+
+# defaults several methods share (each method's config names the sections it starts from)
+FrozenEncoderModel = with_defaults(ModelSection, "FrozenEncoderModel", train_vision=False, train_projector=False)
+FrozenEncoderModel.__doc__ = ("The language model learns; vision tower and projector stay frozen, so one image "
+                              "encoding serves the policy, its reference (and sampling, the critic) each step.")
+PreferenceOptim = with_defaults(OptimSection, "PreferenceOptim", lr=5e-6, warmup_ratio=0.1)
+PreferenceOptim.__doc__ = "A DPO-sized learning rate with a 10% warm-up (DPO, KTO)."
+RLOptim = with_defaults(OptimSection, "RLOptim", lr=1e-6, schedule="constant", warmup_ratio=0.0)
+RLOptim.__doc__ = "A small constant learning rate per optimizer step (GRPO, PPO)."

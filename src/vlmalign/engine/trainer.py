@@ -1,21 +1,33 @@
-"""One training loop for every method.
+"""The training engine: one loop for every method, offline and online.
 
-The loop owns data order, accumulation, precision, optimizer/schedule, clipping, evaluation,
-logging and checkpoints; a *method* owns the maths of one micro-batch:
+:class:`Engine` owns what every run shares: the accelerator (processes, precision), the run
+directory, the optimizer and learning-rate schedule, gradient clipping, the non-finite stop,
+checkpoints and resume, the step loop (progress, periodic saves, signals: :mod:`.loop`),
+evaluation every ``train.eval_every`` steps and at the end, metric logging and
+:mod:`callbacks <.callbacks>`. A *step strategy* subclass supplies ``train_step()`` (one
+optimizer step's work, returning its metrics) and ``layout()`` (what a resumed run must keep):
 
-    method.count_items(batch) -> int            # what the loss is averaged over (tokens, pairs)
-    method.compute_loss(batch, num_items) -> (loss, sums)   # sums: summed metrics + "items"
+* :class:`Trainer` -- offline data (SFT, reward models, the DPO family, KTO). A *method* owns the
+  maths of one micro-batch::
 
-Each optimizer step takes ``grad_accum`` micro-batches per process. Their item counts are summed
-over micro-batches and processes first, and each micro-batch loss is divided by that global
-count, so an accumulated or distributed step produces the same gradient as one big batch.
+      method.count_items(batch) -> int            # what the loss is averaged over (tokens, pairs)
+      method.compute_loss(batch, num_items) -> (loss, sums)   # sums: summed metrics + "items"
+      method.step_metrics(metrics) -> metrics     # optional: post-process the step's means
 
-Data order is a seeded permutation per epoch; the checkpoint stores (epoch, step in epoch), so a
-resumed run sees exactly the batches an uninterrupted run would.
+  Each optimizer step takes ``grad_accum`` micro-batches per process. Their item counts are
+  summed over micro-batches and processes first, and each micro-batch loss is divided by that
+  global count, so an accumulated or distributed step produces the same gradient as one big
+  batch. Data order is a seeded permutation per epoch; the checkpoint stores the step, so a
+  resumed run sees exactly the batches an uninterrupted run would.
+* :class:`~.online.OnlineTrainer` -- online RL (GRPO, RLOO, PPO): rollout -> rewards ->
+  advantages -> minibatch updates, on the same engine.
+
+A method may also keep state in checkpoints (``state_dict()`` / ``load_state_dict()``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -30,6 +42,7 @@ from ..errors import VlmalignError
 from ..models.prompt_layout import detect_layout
 from .checkpoint import check_resume_layout, latest_checkpoint, load_trainer_state, load_weights_into, \
     save_checkpoint, set_rng_state
+from .callbacks import Callback, notify, phase
 from .loop import final_evaluation, run_steps
 from .run_dir import RunDir, claim_output_dir
 
@@ -89,25 +102,36 @@ def _param_groups(model, optim_cfg, projector_names: set[str], vision_names: set
     return out
 
 
-class Trainer:
-    def __init__(self, *, method, model, processor, examples: Sequence, collate: Callable,
-                 train_cfg, optim_cfg, config=None, evaluate: Callable[[int], dict] | None = None,
-                 adapters: Sequence = (), projector_names: set[str] | None = None,
-                 vision_names: set[str] | None = None,
-                 extra_modules: dict | None = None):
+class Engine:
+    """What every loop shares (module docstring). ``n_items``: training examples (or prompts);
+    ``per_step``: how many of them one optimizer step consumes per process; ``updates_per_step``:
+    optimizer updates per step (the schedule's length is steps x updates); ``extra_groups``:
+    further optimizer parameter groups; ``extra_modules``: modules checkpointed beside the model
+    (``NAME.safetensors``) and reloaded on resume; ``records``: the training records, whose
+    prompt layout is written beside the weights for chat / generate."""
+
+    desc = "train"
+
+    def __init__(self, *, method, model, processor, train_cfg, optim_cfg, config=None, n_items: int,
+                 per_step: int, updates_per_step: int = 1, extra_groups: Sequence = (),
+                 extra_modules: dict | None = None, adapters: Sequence = (),
+                 projector_names: set[str] | None = None, vision_names: set[str] | None = None,
+                 records=(), evaluate: Callable[[int], dict] | None = None,
+                 callbacks: Sequence[Callback] = (), empty_message: str = "nothing to train on"):
         self.method = method
         self.model = model
         self.processor = processor
-        self.examples = list(examples)
-        # where the training prompts put their images: written beside the weights for chat / generate
-        self.prompt_layout = detect_layout(getattr(e, "record", None) for e in self.examples)
-        self.collate = collate
         self.tc = train_cfg
         self.oc = optim_cfg
         self.evaluate = evaluate
         self.adapters = list(adapters)
         self.extra_modules = extra_modules or {}
+        self.callbacks = list(callbacks)
+        # where the training prompts put their images: written beside the weights for chat / generate
+        self.prompt_layout = detect_layout(records)
         validate_config(config if config is not None else train_cfg)
+        if not n_items:
+            raise VlmalignError(empty_message)
         claim_output_dir(train_cfg)
         self.acc = _accelerator(train_cfg)
         self.run = RunDir(train_cfg.output_dir, main_process=self.acc.is_main_process)
@@ -115,35 +139,205 @@ class Trainer:
             self.run.save_config(config)
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
-        if not self.examples:
-            raise VlmalignError("no training examples (every record of the training file was skipped or "
-                                "the file is empty)")
-        g = self.tc.batch_size * self.tc.grad_accum * self.world
-        n = len(self.examples)
-        self.global_batch = g
-        self.steps_per_epoch = math.ceil(n / g) if self.world == 1 else max(1, n // g)
+        per = per_step * self.world
+        self.steps_per_epoch = math.ceil(n_items / per) if self.world == 1 else max(1, n_items // per)
         self.total_steps = self.tc.max_steps if self.tc.max_steps > 0 else \
             max(1, math.ceil(self.steps_per_epoch * self.tc.epochs))
-        params = list(self.model.parameters()) + [p for m in self.extra_modules.values() for p in m.parameters()]
-        if not any(p.requires_grad for p in params):
+        extra_groups = list(extra_groups)
+        if not any(p.requires_grad for p in self.model.parameters()) and \
+                not any(p.requires_grad for g in extra_groups for p in g["params"]):
             raise VlmalignError("nothing to train: every parameter is frozen")
         groups = _param_groups(self.model, self.oc, projector_names or set(), vision_names or set())
-        for m in self.extra_modules.values():
-            groups.append({"params": [p for p in m.parameters() if p.requires_grad], "weight_decay": 0.0})
+        groups += extra_groups
         self.optimizer = torch.optim.AdamW(groups, lr=self.oc.lr, betas=tuple(self.oc.betas), eps=self.oc.eps)
         from transformers import get_scheduler
-        warm = self.oc.warmup_steps if self.oc.warmup_steps > 0 else int(self.oc.warmup_ratio * self.total_steps)
+        updates = self.total_steps * updates_per_step
+        warm = self.oc.warmup_steps if self.oc.warmup_steps > 0 else int(self.oc.warmup_ratio * updates)
         name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[self.oc.schedule]
-        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=warm,
-                                       num_training_steps=self.total_steps)
+        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=warm, num_training_steps=updates)
         # model and optimizer are prepared together: DeepSpeed builds its engine and FSDP shards
         # only then. The scheduler stays ours (accelerate's would step once per process).
         self.runner, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         for ad in self.adapters:
             ad.runner = self.runner
         self.step = 0
+
+    # ---------------------------------------------------------------- what a strategy supplies
+    def train_step(self) -> dict:
+        raise NotImplementedError
+
+    def layout(self) -> dict:
+        """The settings that fix what each step sees: a resumed run must keep them."""
+        raise NotImplementedError
+
+    def postfix(self, metrics: dict) -> dict:
+        return {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
+
+    # ---------------------------------------------------------------- shared pieces
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(t, reduction="sum") if self.world > 1 else t
+
+    def _reduce_dict(self, sums: dict) -> dict:
+        keys = sorted(sums)
+        if not keys:
+            return {}
+        vec = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=self.acc.device)
+        return dict(zip(keys, self._reduce(vec).tolist()))
+
+    def _last_ckpt(self) -> str:
+        ck = latest_checkpoint(self.run.checkpoints)
+        return str(ck) if ck else "none written yet"
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=self.acc.device)
+        if self._reduce(flag).item() > 0:
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at step {self.step + 1}; the run is stopped without "
+                f"updating the weights, and the last good checkpoint is kept ({self._last_ckpt()})")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Stop on a non-finite loss, else backpropagate it (DDP averages gradients over
+        processes: the loss is scaled by the process count so that they add up instead)."""
+        self._check_finite(loss)
+        self.acc.backward(loss * self.world)
+
+    def no_sync(self, last: bool):
+        """No gradient all-reduce on a micro-batch that is not the last before an update."""
+        return self.acc.no_sync(self.runner) if (not last and self.world > 1) else contextlib.nullcontext()
+
+    def optimizer_step(self, *, update: bool = True) -> float | None:
+        """Clip (``optim.max_grad_norm``), step the optimizer (unless ``update`` is False) and the
+        schedule, zero the gradients. Returns the gradient norm before clipping (None: not clipped)."""
+        gn = None
+        mg = self.oc.max_grad_norm
+        if update and mg and mg > 0:
+            gn = self.acc.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], mg)
+            if gn is not None and not torch.isfinite(torch.as_tensor(gn)):
+                raise NonFiniteLossError(f"non-finite gradient norm at step {self.step + 1}; the run is "
+                                         f"stopped and the last good checkpoint is kept ({self._last_ckpt()})")
+        if update:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return None if gn is None else float(gn)
+
+    def phase(self, name: str, **info):
+        """A context around a named part of the run (``step``, ``reference_precompute``) that
+        the callbacks see (e.g. a benchmark timing it)."""
+        return phase(self.callbacks, self, name, **info)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> str | None:
+        self.acc.wait_for_everyone()
+        path = None
+        sharded = self.acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        # sharded weights (ZeRO-3, FSDP) are gathered collectively, on every process
+        weights = self.acc.get_state_dict(self.runner) if sharded else None
+        if self.acc.is_main_process:
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "total_steps": self.total_steps, "layout": self.layout(),
+                     "method": self.method.state_dict() if hasattr(self.method, "state_dict") else {}}
+            path = str(save_checkpoint(self.run.checkpoints, self.step, self.acc.unwrap_model(self.runner),
+                                       self.processor, state, keep_last=self.tc.keep_last,
+                                       extra_modules=self.extra_modules, state_dict=weights,
+                                       prompt_layout=self.prompt_layout))
+        self.acc.wait_for_everyone()
+        return path
+
+    def resume(self) -> bool:
+        ck = latest_checkpoint(self.run.checkpoints)
+        if ck is None:
+            log.info("no checkpoint in %s: starting from scratch", self.run.checkpoints)
+            return False
+        st = load_trainer_state(ck)
+        check_resume_layout(st, self.layout(), ck)
+        load_weights_into(self.acc.unwrap_model(self.runner), ck / "model")
+        if self.extra_modules:
+            from safetensors.torch import load_file
+            for name, mod in self.extra_modules.items():
+                mod.load_state_dict(load_file(str(ck / f"{name}.safetensors")))
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        if hasattr(self.method, "load_state_dict"):
+            self.method.load_state_dict(st.get("method", {}))
+        set_rng_state(st["rng"])
+        self.step = int(st["step"])
+        self.run.truncate_metrics_after(self.step)
+        if self.acc.is_main_process:
+            log.info("resumed from %s at step %d", ck, self.step)
+        return True
+
+    # ---------------------------------------------------------------- the run
+    def _log(self, rec: dict) -> None:
+        self.run.log(rec)
+        if self.tc.report_to:
+            self.acc.log(rec, step=rec["step"])
+
+    def evaluate_at_start(self) -> bool:
+        """Whether to evaluate before the first step (online RL: the reward the run starts from)."""
+        return False
+
+    def _one_step(self, t0: float) -> dict:
+        with self.phase("step"):
+            m = self.train_step()
+        rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": time.time() - t0,
+               **{(k if k == "lr" else f"train/{k}"): v for k, v in m.items()}}
+        evaluated = False
+        if self.evaluate is not None and self.tc.eval_every and self.step % self.tc.eval_every == 0 \
+                and self.step < self.total_steps:
+            rec.update({f"eval/{k}": v for k, v in self.evaluate(self.step).items()})
+            evaluated = True
+        if evaluated or self.step % max(1, self.tc.log_every) == 0 or self.step == self.total_steps:
+            self._log(rec)
+        notify(self.callbacks, "on_step_end", self, m)
+        return m
+
+    def train(self) -> TrainResult:
         if self.tc.report_to:
             self.acc.init_trackers("vlmalign", config={})
+        resumed = self.resume() if self.tc.resume else False
+        notify(self.callbacks, "on_train_begin", self)
+        if self.evaluate is not None and self.evaluate_at_start() and not resumed and self.step == 0:
+            self._log({"step": 0, **{f"eval/{k}": v for k, v in self.evaluate(0).items()}})
+        t0 = time.time()
+        last = run_steps(self, self.tc, one_step=lambda: self._one_step(t0), save=self.save,
+                         postfix=self.postfix, last_checkpoint=self._last_ckpt, desc=self.desc)
+        ckpt = self.save()  # before the final evaluation: an evaluation that fails never costs the weights
+        final_eval = {}
+        if self.evaluate is not None:
+            final_eval = final_evaluation(self.evaluate, self.step, ckpt, log)
+            self._log({"step": self.step, **final_eval})
+        self.run.plot()
+        if self.tc.report_to:
+            self.acc.end_training()
+        result = TrainResult(self.step, {**last, **final_eval}, ckpt)
+        notify(self.callbacks, "on_train_end", self, result)
+        return result
+
+
+class Trainer(Engine):
+    """The offline step strategy: ``grad_accum`` micro-batches of ``examples`` per process and
+    optimizer step, each ``method.compute_loss``; ``collate`` builds a micro-batch."""
+
+    def __init__(self, *, method, model, processor, examples: Sequence, collate: Callable,
+                 train_cfg, optim_cfg, config=None, evaluate: Callable[[int], dict] | None = None,
+                 adapters: Sequence = (), projector_names: set[str] | None = None,
+                 vision_names: set[str] | None = None, extra_modules: dict | None = None,
+                 callbacks: Sequence[Callback] = ()):
+        self.examples = list(examples)
+        self.collate = collate
+        extra_modules = extra_modules or {}
+        extra_groups = [{"params": [p for p in m.parameters() if p.requires_grad], "weight_decay": 0.0}
+                        for m in extra_modules.values()]
+        super().__init__(method=method, model=model, processor=processor, train_cfg=train_cfg,
+                         optim_cfg=optim_cfg, config=config, n_items=len(self.examples),
+                         per_step=train_cfg.batch_size * train_cfg.grad_accum, extra_groups=extra_groups,
+                         extra_modules=extra_modules, adapters=adapters, projector_names=projector_names,
+                         vision_names=vision_names, records=(getattr(e, "record", None) for e in self.examples),
+                         evaluate=evaluate, callbacks=callbacks,
+                         empty_message="no training examples (every record of the training file was skipped "
+                                       "or the file is empty)")
+        self.global_batch = self.tc.batch_size * self.tc.grad_accum * self.world
 
     # ---------------------------------------------------------------- data order
     def _order(self, epoch: int) -> list[int]:
@@ -164,51 +358,11 @@ class Trainer:
                 out.append(self.collate([self.examples[j] for j in idx]))
         return out
 
-    # ---------------------------------------------------------------- checkpoints
-    def _save(self) -> str | None:
-        self.acc.wait_for_everyone()
-        path = None
-        sharded = self.acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-        # sharded weights (ZeRO-3, FSDP) are gathered collectively, on every process
-        weights = self.acc.get_state_dict(self.runner) if sharded else None
-        if self.acc.is_main_process:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "total_steps": self.total_steps, "layout": self.layout()}
-            path = str(save_checkpoint(self.run.checkpoints, self.step, self.acc.unwrap_model(self.runner),
-                                       self.processor, state, keep_last=self.tc.keep_last,
-                                       extra_modules=self.extra_modules, state_dict=weights,
-                                       prompt_layout=self.prompt_layout))
-        self.acc.wait_for_everyone()
-        return path
-
     def layout(self) -> dict:
-        """The settings that fix which records each step sees: a resumed run must keep them."""
         return {"train.batch_size": self.tc.batch_size, "train.grad_accum": self.tc.grad_accum,
                 "processes": self.world, "train.seed": self.tc.seed, "examples": len(self.examples)}
 
-    def _resume(self) -> None:
-        ck = latest_checkpoint(self.run.checkpoints)
-        if ck is None:
-            log.info("no checkpoint in %s: starting from scratch", self.run.checkpoints)
-            return
-        st = load_trainer_state(ck)
-        check_resume_layout(st, self.layout(), ck)
-        load_weights_into(self.acc.unwrap_model(self.runner), ck / "model")
-        for name, mod in self.extra_modules.items():
-            from safetensors.torch import load_file
-            mod.load_state_dict(load_file(str(ck / f"{name}.safetensors")))
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.scheduler.load_state_dict(st["scheduler"])
-        set_rng_state(st["rng"])
-        self.step = int(st["step"])
-        self.run.truncate_metrics_after(self.step)
-        if self.acc.is_main_process:
-            log.info("resumed from %s at step %d", ck, self.step)
-
-    # ---------------------------------------------------------------- loop
-    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return self.acc.reduce(t, reduction="sum") if self.world > 1 else t
-
+    # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:
         micro = self._micro_batches(self.step)
         counts = torch.tensor([float(sum(self.method.count_items(b) for b in micro))], device=self.acc.device)
@@ -217,29 +371,15 @@ class Trainer:
         self.runner.train()
         for i, batch in enumerate(micro):
             batch = batch.to(self.acc.device)
-            sync = i == len(micro) - 1
-            ctx = self.acc.no_sync(self.runner) if (not sync and self.world > 1) else _null()
-            with ctx, self.acc.autocast():
+            with self.no_sync(i == len(micro) - 1), self.acc.autocast():
                 loss, m = self.method.compute_loss(batch, total)
-                # DDP averages gradients over processes; undo that so the sum over processes counts
-                scaled = loss * self.world
-            self._check_finite(loss)
-            self.acc.backward(scaled)
+            self.backward(loss)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
         if not micro:  # keep collectives aligned on a process without data this step
             self.acc.backward(sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad))
-        gn = None
-        if self.oc.max_grad_norm and self.oc.max_grad_norm > 0:
-            gn = self.acc.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                          self.oc.max_grad_norm)
-            if gn is not None and not torch.isfinite(torch.as_tensor(gn)):
-                raise NonFiniteLossError(f"non-finite gradient norm at step {self.step + 1}; the run is "
-                                         f"stopped and the last good checkpoint is kept ({self._last_ckpt()})")
         lr = self.scheduler.get_last_lr()[0]  # the rate this update used
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        gn = self.optimizer_step()
         self.step += 1
         keys = sorted(sums)
         vec = self._reduce(torch.stack([torch.as_tensor(sums[k], device=self.acc.device).float().reshape(())
@@ -249,57 +389,8 @@ class Trainer:
         out = {k: v / items for k, v in red.items()}
         out["items"] = items
         if gn is not None:
-            out["grad_norm"] = float(gn)
+            out["grad_norm"] = gn
         out["lr"] = lr
+        if hasattr(self.method, "step_metrics"):
+            out = self.method.step_metrics(out)
         return out
-
-    def _last_ckpt(self) -> str:
-        ck = latest_checkpoint(self.run.checkpoints)
-        return str(ck) if ck else "none written yet"
-
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=self.acc.device)
-        if self._reduce(flag).item() > 0:
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at step {self.step + 1}; the run is stopped without "
-                f"updating the weights, and the last good checkpoint is kept ({self._last_ckpt()})")
-
-    def _one_step(self, t0: float) -> dict:
-        m = self.train_step()
-        rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": time.time() - t0,
-               **{f"train/{k}" if k not in ("lr",) else k: v for k, v in m.items()}}
-        evaluated = False
-        if self.evaluate is not None and self.tc.eval_every and self.step % self.tc.eval_every == 0 \
-                and self.step < self.total_steps:
-            rec.update({f"eval/{k}": v for k, v in self.evaluate(self.step).items()})
-            evaluated = True
-        if evaluated or self.step % max(1, self.tc.log_every) == 0 or self.step == self.total_steps:
-            self.run.log(rec)
-            if self.tc.report_to:
-                self.acc.log(rec, step=self.step)
-        return m
-
-    def train(self) -> TrainResult:
-        if self.tc.resume:
-            self._resume()
-        t0 = time.time()
-        last = run_steps(self, self.tc, one_step=lambda: self._one_step(t0), save=self._save,
-                         postfix=lambda m: {"loss": f"{m.get('loss', float('nan')):.4f}"},
-                         last_checkpoint=self._last_ckpt, desc="train")
-        ckpt = self._save()  # before the final evaluation: an evaluation that fails never costs the weights
-        final_eval = {}
-        if self.evaluate is not None:
-            final_eval = final_evaluation(self.evaluate, self.step, ckpt, log)
-            self.run.log({"step": self.step, **final_eval})
-        self.run.plot()
-        if self.tc.report_to:
-            self.acc.end_training()
-        return TrainResult(self.step, {**last, **final_eval}, ckpt)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -1,17 +1,15 @@
-"""Pieces every method shares: model construction, freezing, LoRA, data loading."""
+"""Model setup every method shares: seeding, building or loading the model, freezing, LoRA / QLoRA."""
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data.batching import ImageLoader, SkipReport, prepare
-from ..errors import DataError, ModelError, VlmalignError
+from ..errors import ModelError, VlmalignError
 
 log = logging.getLogger(__name__)
 
@@ -172,64 +170,3 @@ def _module_of(param_name: str, adapter, group: str) -> str:
         if param_name.startswith(p):
             return p.rstrip(".")
     return param_name.rsplit(".", 1)[0]
-
-
-def data_root(data_cfg, file: str) -> str:
-    return data_cfg.image_root or os.path.dirname(os.path.abspath(file))
-
-
-def read_records(path: str, data_cfg, *, kind: str | None = None, limit: int | None = None):
-    """Read a data file into schema records, honouring the skip policy for unreadable records."""
-    from ..data.readers import iter_records
-    if limit is not None and limit < 1:
-        raise VlmalignError(f"{path}: a record limit must be at least 1 (got {limit}); leave it unset to use "
-                            "every record")
-    recs, report = [], SkipReport()
-    for item in iter_records(path, format=data_cfg.format, kind=kind):
-        idx, rec = item if isinstance(item, tuple) else (None, item)
-        report.total += 1
-        if isinstance(rec, Exception):
-            if data_cfg.on_error == "raise":
-                raise rec
-            report.skipped.append(rec)
-            continue
-        recs.append(rec)
-        if limit is not None and len(recs) >= limit:
-            break
-    if kind is not None:
-        from ..data.kinds import conversion_notes
-        for note in conversion_notes(recs, kind):
-            log.warning("%s: %s", path, note)
-    return recs, report
-
-
-def image_loader(adapter, data_cfg, path: str) -> ImageLoader:
-    """The loader for ``path``'s images: confined to the data root, within the pixel budget."""
-    return ImageLoader(adapter, data_root(data_cfg, path), max_pixels=data_cfg.max_pixels)
-
-
-def load_examples(path: str, data_cfg, adapter, tokenize, *, kind=None, limit=None):
-    """Records -> tokenized examples (+ the image loader and what was skipped)."""
-    recs, rep1 = read_records(path, data_cfg, kind=kind, limit=limit)
-    loader = image_loader(adapter, data_cfg, path)
-    examples, rep2 = prepare(recs, tokenize, loader, on_error=data_cfg.on_error)
-    rep = SkipReport(skipped=rep1.skipped + rep2.skipped, total=rep1.total)
-    report_examples(path, examples, rep)
-    return examples, loader, rep
-
-
-def report_examples(path: str, examples, rep: SkipReport) -> None:
-    """Print what the skip policy dropped; refuse a file that leaves no example, naming it."""
-    if rep.count:
-        print(f"{path}: {rep.summary()}")
-    if not examples:
-        why = "it has no records" if rep.total == 0 else f"all {rep.total} records were skipped as bad"
-        raise DataError(f"no usable examples: {why}", file=str(path))
-
-
-def write_json(path: str | Path, obj) -> None:
-    import json
-    p = Path(path)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
-    os.replace(tmp, p)

@@ -1,6 +1,7 @@
 """The DPO family on vision-language models: DPO (sigmoid), cDPO, IPO, hinge, SimPO, ORPO,
 token-weighted DPO (RLHF-V's dense DPO), mDPO, and listwise DPO on ranked lists
-(``methods/listwise.py``; KTO, which shares ``fit``, is ``methods/kto.py``).
+(``methods/listwise.py``). The run is the offline preference loop of ``methods/preference.py``,
+which KTO (``methods/kto.py``) shares.
 
 Per micro-batch: the batch's unique images are encoded once and serve chosen, rejected and the
 reference (when the vision tower and projector are frozen and the same in both); each prompt
@@ -14,21 +15,24 @@ says which configuration shares what.
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 
 import torch
 
-from ..config import opt, section
-from ..config.sections import DataSection, LoraSection, ModelSection, OptimSection, TrainSection
+from ..config import opt, section, validate_config
+from ..config.sections import DataSection, FrozenEncoderModel, LoraSection, PreferenceOptim, TrainSection
 from ..data.preference import CORRUPT_ROW, ROWS, Corruption, PreferenceCollator, index_examples, tokenize_pair
-from ..engine.trainer import Trainer, TrainResult
+from ..engine.trainer import TrainResult
 from ..errors import VlmalignError
 from ..losses.preference import REFERENCE_FREE_LOSSES, changed_token_weights, dpo_loss, mdpo_loss, \
     orpo_loss, preference_loss, simpo_loss, token_weighted_logps
-from .common import build_adapter, prepare_trainable, load_examples, seed_everything
-from .logps import Reference, completion_logps, prefix_sharing_problem
+from ..data.loading import load_examples
+from .common import build_adapter, seed_everything
+from .logps import Reference, completion_logps
+from .preference import PreferenceMethod, fit
+from .reference import RefSection
+from .registry import Method
 
 log = logging.getLogger(__name__)
 LOSSES = ("sigmoid", "ipo", "hinge", "cdpo", "simpo", "orpo", "token_weighted", "mdpo", "listwise")
@@ -63,42 +67,23 @@ class DPOSection:
     disable_dropout: bool = opt(True, "turn dropout off in policy (LoRA dropout included) and reference, so "
                                       "log-ratios are not noise")
 
-
-@dataclass
-class RefSection:
-    path: str | None = opt(None, "reference model directory or hub id; default: the policy with LoRA adapters "
-                                 "disabled under LoRA, else a frozen copy of the starting policy")
+    def check(self) -> None:
+        if self.loss == "cdpo" and not self.label_smoothing > 0:
+            raise VlmalignError("dpo.loss=cdpo needs dpo.label_smoothing in (0, 0.5]")
+        if self.label_smoothing and self.loss not in ("sigmoid", "cdpo", "token_weighted"):
+            raise VlmalignError(f"dpo.label_smoothing applies to sigmoid/cdpo/token_weighted, not {self.loss}")
 
 
 @dataclass
 class DPOConfig:
-    model: ModelSection = section(ModelSection, "policy model to start from and which parts to train")
+    model: FrozenEncoderModel = section(FrozenEncoderModel, "policy model to start from and which parts to train "
+                                                            "(by default vision tower and projector stay frozen)")
     lora: LoraSection = section(LoraSection, "LoRA / QLoRA")
     data: DataSection = section(DataSection, "preference pairs: training and held-out files")
-    optim: OptimSection = section(OptimSection, "optimizer and learning-rate schedule")
+    optim: PreferenceOptim = section(PreferenceOptim, "optimizer and learning-rate schedule")
     train: TrainSection = section(TrainSection, "loop, batch sizes (in pairs), precision, checkpoints")
     dpo: DPOSection = section(DPOSection, "loss and the reference / caching / sharing options")
     ref: RefSection = section(RefSection, "reference model")
-
-
-def dpo_config() -> DPOConfig:
-    """Defaults: the language model learns; vision tower and projector stay frozen (so one image
-    encoding serves policy and reference); a DPO-sized learning rate."""
-    cfg = DPOConfig()
-    cfg.model.train_vision = False
-    cfg.model.train_projector = False
-    cfg.optim.lr = 5e-6
-    cfg.optim.warmup_ratio = 0.1
-    return cfg
-
-
-def _validate(d: DPOSection) -> None:
-    if d.loss not in LOSSES:
-        raise VlmalignError(f"dpo.loss {d.loss!r} is not one of {', '.join(LOSSES)}")
-    if d.loss == "cdpo" and not d.label_smoothing > 0:
-        raise VlmalignError("dpo.loss=cdpo needs dpo.label_smoothing in (0, 0.5]")
-    if d.label_smoothing and d.loss not in ("sigmoid", "cdpo", "token_weighted"):
-        raise VlmalignError(f"dpo.label_smoothing applies to sigmoid/cdpo/token_weighted, not {d.loss}")
 
 
 def corruption_of(d: DPOSection, seed: int) -> Corruption | None:
@@ -107,31 +92,22 @@ def corruption_of(d: DPOSection, seed: int) -> Corruption | None:
     return Corruption(kind=d.mdpo_corruption, keep=d.mdpo_keep, noise_std=d.mdpo_noise_std, seed=seed)
 
 
-class DPOMethod:
-    """One micro-batch of the configured preference loss (``compute_loss(batch, num_items)``).
-
-    ``ref``: a :class:`~vlmalign.methods.logps.Reference` (None for reference-free losses or when
-    ``ref_values`` holds precomputed values: name -> (N,) tensor indexed by example position).
-    """
-
-    batch_kind = "pairs"   # ListwiseMethod (methods/listwise.py): "ranked"
+class DPOMethod(PreferenceMethod):
+    """One micro-batch of the configured pairwise preference loss (``compute_loss(batch,
+    num_items)``). ``ref``: a :class:`~vlmalign.methods.logps.Reference` (None for reference-free
+    losses or when ``ref_values`` holds precomputed values: name -> (N,) tensor indexed by example
+    position). ``dpo.loss=listwise`` is :class:`~.listwise.ListwiseMethod`'s, on ranked lists."""
 
     def __init__(self, adapter, cfg, ref: Reference | None = None, ref_values: dict | None = None):
         cfg = getattr(cfg, "dpo", cfg)  # a DPOConfig or its dpo section
-        _validate(cfg)
-        if (cfg.loss == "listwise") != (self.batch_kind == "ranked"):
+        validate_config(cfg, "dpo.")
+        if cfg.loss == "listwise":
             raise VlmalignError("dpo.loss=listwise is computed by methods.listwise.ListwiseMethod on ranked lists, "
                                 "the other losses by DPOMethod on pairs")
-        self.adapter = adapter
-        self.cfg = cfg
-        self.ref = ref
-        self.ref_values = ref_values
+        super().__init__(adapter, cfg, ref, ref_values)
         self.needs_ref = cfg.loss not in REFERENCE_FREE_LOSSES
         if self.needs_ref and ref is None and ref_values is None:
             raise VlmalignError(f"dpo.loss={cfg.loss} needs a reference (model or precomputed values)")
-
-    def count_items(self, batch) -> int:
-        return batch.size
 
     # ----------------------------------------------------------------- per-row reductions
     def quantities(self, batch, token_lp: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -149,19 +125,6 @@ class DPOMethod:
                 q[n + "_w"] = token_weighted_logps(batch.group(token_lp, n), m, w,
                                                    normalize=self.cfg.token_weight_normalize)
         return q
-
-    def reference_quantities(self, batch, policy_encoded=None) -> dict[str, torch.Tensor]:
-        """Reference values for the batch: looked up in ``ref_values`` or computed (no grad)."""
-        if self.ref_values is not None:
-            idx = batch.tensors["example_index"]
-            if bool((idx < 0).any()):
-                raise VlmalignError("precomputed reference log-probs need indexed examples (index_examples)")
-            return {k: v.to(idx.device)[idx] for k, v in self.ref_values.items()}
-        if policy_encoded is None and self.ref.share_features:
-            with torch.no_grad():
-                policy_encoded = batch.encode(self.adapter)
-        lp = self.ref.token_logps(batch, policy_encoded, share_prefix=self.cfg.prefix_sharing)
-        return {k: v.detach() for k, v in self.quantities(batch, lp).items()}
 
     # ----------------------------------------------------------------- the loss
     def losses(self, batch, q: dict, rq: dict | None):
@@ -200,68 +163,6 @@ class DPOMethod:
         return losses.sum() / num_items, sums
 
 
-# ----------------------------------------------------------------------------- setup helpers
-def disable_dropout(module: torch.nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
-
-
-def same_encoder(policy, ref, model_cfg, lora_cfg) -> bool:
-    """True when the policy's image features can serve the reference: vision tower and projector
-    frozen in the policy (no LoRA on them) and equal, tensor by tensor, to the reference's."""
-    if model_cfg.train_vision or model_cfg.train_projector or (lora_cfg.enabled and lora_cfg.include_vision):
-        return False
-    if policy is ref:
-        return True
-    pg, rg = policy.param_groups(), ref.param_groups()
-    for g in ("vision", "projector"):
-        a, b = dict(pg[g]), dict(rg[g])
-        if a.keys() != b.keys() or any(a[k].shape != b[k].shape or not torch.equal(a[k], b[k].to(a[k].device))
-                                       for k in a):
-            return False
-    return True
-
-
-def method_section(cfg):
-    """The method's section of a config of this family: ``cfg.dpo`` (DPOConfig) or ``cfg.kto``."""
-    return cfg.dpo if hasattr(cfg, "dpo") else cfg.kto
-
-
-def build_reference(cfg: DPOConfig, adapter, peft_model, copy_ref=None):
-    """(Reference or None, separate reference adapter or None) for the config (a DPOConfig or a
-    KTOConfig): the LoRA-disabled policy, ``copy_ref`` (a copy of the starting policy taken
-    before training), or ``ref.path``."""
-    if getattr(method_section(cfg), "loss", None) in REFERENCE_FREE_LOSSES:
-        return None, None
-    if copy_ref is not None:
-        return _frozen(copy_ref, cfg, adapter), copy_ref
-    if cfg.lora.enabled and not cfg.ref.path:
-        share = same_encoder(adapter, adapter, cfg.model, cfg.lora)
-        return Reference(adapter, context=peft_model.disable_adapter, share_features=share, kind="lora"), None
-    if not cfg.ref.path:
-        raise VlmalignError("no reference: set ref.path, enable LoRA, or pass a copy of the starting policy")
-    from ..errors import ModelError
-    from ..models import load_adapter
-    from .common import resolve_dtype
-    ref_ad = load_adapter(cfg.ref.path, trust_remote_code=cfg.model.trust_remote_code,
-                          dtype=resolve_dtype(cfg.model.dtype))
-    if ref_ad.family != adapter.family or ref_ad.tokenizer.get_vocab() != adapter.tokenizer.get_vocab():
-        raise ModelError(f"ref.path {cfg.ref.path!r}: the reference must be the policy's family with the same "
-                         f"tokenizer (got {ref_ad.family} vs {adapter.family}, or a different vocabulary)")
-    return _frozen(ref_ad, cfg, adapter), ref_ad
-
-
-def _frozen(ref_ad, cfg, adapter) -> Reference:
-    ref_ad.model.eval()
-    ref_ad.model.requires_grad_(False)
-    if method_section(cfg).disable_dropout:
-        disable_dropout(ref_ad.model)
-    return Reference(ref_ad, share_features=same_encoder(adapter, ref_ad, cfg.model, cfg.lora), kind="model")
-
-
 def load_pairs(path, cfg: DPOConfig, adapter, corruption=None, limit=None):
     """Preference records of ``path`` tokenized for training (indexed) and their image loader."""
     holder = {}
@@ -270,40 +171,16 @@ def load_pairs(path, cfg: DPOConfig, adapter, corruption=None, limit=None):
         return tokenize_pair(adapter, rec, imgs, max_length=cfg.data.max_length, loader=holder["loader"],
                              corruption=corruption)
 
-    from .common import image_loader
+    from ..data.loading import image_loader
     holder["loader"] = image_loader(adapter, cfg.data, path)
     examples, loader, _ = load_examples(path, cfg.data, adapter, tok, kind="preference", limit=limit)
     return index_examples(examples), loader
 
 
-def make_evaluator(method_for_eval, examples, collate, batch_size):
-    """Held-out loss, reward accuracy, rewards and margin (means over pairs)."""
-
-    @torch.no_grad()
-    def evaluate(step: int) -> dict:
-        model = method_for_eval.adapter.model
-        was = model.training
-        model.eval()
-        tot: dict[str, float] = {}
-        n = 0
-        for i in range(0, len(examples), batch_size):
-            b = collate(examples[i:i + batch_size]).to(method_for_eval.adapter.device)
-            _, sums = method_for_eval.compute_loss(b, b.size)
-            n += b.size
-            for k, v in sums.items():
-                tot[k] = tot.get(k, 0.0) + float(v)
-        tot.pop("items", None)
-        if was:
-            model.train()
-        return {k: v / max(n, 1) for k, v in tot.items()}
-
-    return evaluate
-
-
-def train_dpo(cfg: DPOConfig, adapter=None) -> tuple[TrainResult, object]:
+def train_dpo(cfg: DPOConfig, adapter=None, callbacks=()) -> tuple[TrainResult, object]:
     """Train with the configured preference loss. Returns the result and the trained adapter."""
     d = cfg.dpo
-    _validate(d)
+    validate_config(cfg)
     seed_everything(cfg.train.seed)
     if not cfg.data.train_file:
         raise VlmalignError("data.train_file is required")
@@ -311,7 +188,8 @@ def train_dpo(cfg: DPOConfig, adapter=None) -> tuple[TrainResult, object]:
     if d.loss == "listwise":  # ranked lists (methods/listwise.py)
         from .listwise import ListwiseMethod, load_listwise
         examples, collate, eval_examples, ecollate, parts = load_listwise(cfg, adapter)
-        return fit(cfg, adapter, ListwiseMethod, examples, collate, eval_examples, ecollate, cache_parts=parts)
+        return fit(cfg, "dpo", adapter, ListwiseMethod, examples, collate, eval_examples, ecollate,
+                   cache_parts=parts, callbacks=callbacks)
     corruption = corruption_of(d, cfg.train.seed)
     examples, loader = load_pairs(cfg.data.train_file, cfg, adapter, corruption, cfg.data.max_train_samples)
     eval_examples, eval_loader = ([], None)
@@ -324,89 +202,12 @@ def train_dpo(cfg: DPOConfig, adapter=None) -> tuple[TrainResult, object]:
     parts = {"rows": list(ROWS + ((CORRUPT_ROW,) if corruption else ())),
              "token_weights": [d.token_weight_gamma, d.token_weight_normalize] if d.loss == "token_weighted" else None,
              "corruption": corruption.key() if corruption else None}
-    return fit(cfg, adapter, DPOMethod, examples, collate, eval_examples, ecollate,
-               needs_ref=d.loss not in REFERENCE_FREE_LOSSES, cache_parts=parts)
+    return fit(cfg, "dpo", adapter, DPOMethod, examples, collate, eval_examples, ecollate,
+               needs_ref=d.loss not in REFERENCE_FREE_LOSSES, cache_parts=parts, callbacks=callbacks)
 
 
-def fit(cfg, adapter, method_cls, examples, collate, eval_examples=(), ecollate=None, *, needs_ref: bool = True,
-        cache_parts: dict | None = None, trainer_cls=Trainer, finish_eval=None) -> tuple[TrainResult, object]:
-    """The run every reference-based method of this family shares once its data is tokenized
-    (DPO losses, listwise DPO, KTO): trainable parts, the reference (``build_reference``), the
-    trainer, and with ``precompute_ref_logps`` the cached reference values (``cache_parts``: what
-    the loss's quantities depend on, part of the cache key). ``method_cls(adapter, section,
-    ref=)`` is the step function; ``finish_eval`` post-processes evaluation means."""
-    from . import ref_cache
-    d = method_section(cfg)
-    copy_ref = None
-    if needs_ref and not cfg.ref.path and not cfg.lora.enabled:
-        copy_ref = type(adapter)(copy.deepcopy(adapter.model), adapter.processor)  # frozen starting policy
-    lora_base_fp = None
-    if needs_ref and d.precompute_ref_logps and cfg.lora.enabled and not cfg.ref.path:
-        lora_base_fp = ref_cache.module_fingerprint(adapter.model.state_dict().items())
-    model, projector, vision = prepare_trainable(adapter, cfg)
-    if d.disable_dropout:
-        disable_dropout(model)
-    reference, ref_ad = build_reference(cfg, adapter, model, copy_ref) if needs_ref else (None, None)
-    if reference is not None:
-        print(reference.describe())
-    why = prefix_sharing_problem(adapter) if d.prefix_sharing else \
-        ("dpo" if hasattr(cfg, "dpo") else "kto") + ".prefix_sharing=false"
-    print("prefix sharing: " + ("on" if why is None else f"off ({why})"))
-    method = method_cls(adapter, d, ref=reference)
-    eval_method = method_cls(adapter, d, ref=reference) if eval_examples else None
-    evaluate = None
-    if eval_examples:
-        evaluate = make_evaluator(eval_method, eval_examples, ecollate, cfg.train.batch_size)
-        if finish_eval is not None:
-            evaluate = (lambda ev: lambda step: finish_eval(ev(step)))(evaluate)
-    trainer = trainer_cls(method=method, model=model, processor=adapter.processor, examples=examples,
-                          collate=collate, train_cfg=cfg.train, optim_cfg=cfg.optim, config=cfg, evaluate=evaluate,
-                          adapters=[adapter], projector_names=projector, vision_names=vision)
-    if ref_ad is not None:
-        ref_ad.model.to(trainer.acc.device)
-    if needs_ref and d.precompute_ref_logps:
-        fp = lora_base_fp or ref_cache.module_fingerprint(ref_ad.model.state_dict().items())
-        plain = trainer.acc.unwrap_model(trainer.runner)
-        for m, exs, col, f in ((method, examples, collate, cfg.data.train_file),
-                               (eval_method, eval_examples, ecollate, cfg.data.eval_file)):
-            if m is None:
-                continue
-            m.ref_values = _precomputed(cfg, m, exs, col, f, fp, adapter, trainer, plain, cache_parts)
-        for m in (method, eval_method):
-            if m is not None:
-                m.ref = None
-        del reference, ref_ad, copy_ref  # the reference model is no longer needed
-    return trainer.train(), adapter
-
-
-def _precomputed(cfg, method, examples, collate, data_file, ref_fp, adapter, trainer, plain, loss_parts):
-    """The reference values of ``examples``: loaded from the cache, or computed once and stored."""
-    from . import ref_cache
-    from .common import data_root
-    d = method_section(cfg)
-    ref_model = method.ref.adapter.model
-    parts = ref_cache.key_parts(
-        data_file=data_file, data_cfg=cfg.data, image_root=data_root(cfg.data, data_file), examples=examples,
-        adapter=adapter,
-        reference={"weights": ref_fp, "kind": method.ref.kind, "dtype": str(next(ref_model.parameters()).dtype),
-                   "precision": trainer.acc.mixed_precision},
-        loss=loss_parts)
-    cache = ref_cache.RefLogpsCache(d.ref_cache_dir or ref_cache.default_cache_dir(), parts)
-
-    def compute():
-        runner = adapter.runner
-        adapter.runner = plain                # no DDP collectives while one process computes
-        was = adapter.model.training
-        adapter.model.eval()
-        try:
-            with trainer.acc.autocast():
-                return ref_cache.compute_values(method, examples, collate, cfg.train.batch_size,
-                                                trainer.acc.device)
-        finally:
-            adapter.runner = runner
-            if was:
-                adapter.model.train()
-
-    values = ref_cache.load_or_compute(cache, len(examples), compute, main_process=trainer.acc.is_main_process,
-                                       barrier=trainer.acc.wait_for_everyone)
-    return {k: v.to(trainer.acc.device) for k, v in values.items()}
+METHODS = (
+    Method("dpo", "DPO family (sigmoid, cDPO, IPO, hinge, SimPO, ORPO, token-weighted, mDPO) on "
+           "preference pairs; listwise DPO on ranked lists",
+           DPOConfig, train_dpo),
+)

@@ -6,20 +6,19 @@ recipe's reward sources; each response's advantage comes from the rewards of its
 is put on every one of its tokens; the clipped policy-gradient loss, optionally with a KL penalty
 to the reference (in the loss, k3, as in GRPO; or subtracted from the reward), is aggregated per
 the estimator. The loop (rollout, rewards, reference, updates, checkpoints, evaluation) is
-:mod:`.online`; docs/RL.md ("GRPO / RLOO") lists the settings and metrics.
+:mod:`vlmalign.engine.online` (its shared pieces :mod:`.online`); docs/RL.md ("GRPO / RLOO") lists the settings and metrics.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import opt, section
-from ..config.sections import DataSection, LoraSection, ModelSection, OptimSection, TrainSection
+from ..config import opt, section, validate_config, with_defaults
 from ..errors import VlmalignError
 from ..losses.rl import AGGREGATIONS, expand_to_tokens, group_advantages, kl_in_reward, masked_mean, \
     reinforce_pp_advantages, rloo_advantages
-from .dpo import RefSection
-from .online import KLSection, RolloutSection, UpdateSection, policy_objective, run_online
+from .online import KLSection, OnlineConfig, policy_objective, run_online
+from .registry import Method
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 # the aggregation each estimator's paper uses (grpo.loss_agg=auto)
@@ -39,50 +38,30 @@ class GRPOSection:
     std_eps: float = opt(1e-6, "grpo: added to the group std before dividing", ge=0)
 
 
+GRPOKL = with_defaults(KLSection, "GRPOKL", coef=0.04)
+
+
 @dataclass
-class GRPOConfig:
-    model: ModelSection = section(ModelSection, "policy model to start from and which parts to train")
-    lora: LoraSection = section(LoraSection, "LoRA / QLoRA")
-    data: DataSection = section(DataSection, "RL prompts (train_file, eval_file); max_length bounds prompt + "
-                                             "response")
-    optim: OptimSection = section(OptimSection, "optimizer and learning-rate schedule (per optimizer step)")
-    train: TrainSection = section(TrainSection, "steps (one rollout each), batch_size = rows per forward, "
-                                                "precision, checkpoints, eval_every")
-    rollout: RolloutSection = section(RolloutSection, "sampling: prompts per step, k, temperature, top_p/top_k, "
-                                                      "max_new_tokens")
-    reward: list[dict] = opt([{"type": "function", "name": "exact_match", "weight": 1.0}],
-                             "reward sources, each {type: function|model|judge, weight, ...} (docs/RL.md)")
-    kl: KLSection = section(KLSection, "KL to the reference: coef, estimator, in the loss or the reward")
-    update: UpdateSection = section(UpdateSection, "updates per rollout: epochs, minibatch size, ratio clip")
-    grpo: GRPOSection = section(GRPOSection, "advantage estimator and loss aggregation")
-    ref: RefSection = section(RefSection, "reference model")
-
-
-def grpo_config() -> GRPOConfig:
-    """Defaults: the language model learns; vision tower and projector stay frozen (so one image
+class GRPOConfig(OnlineConfig):
+    """Defaults: the language model learns, vision tower and projector stay frozen (one image
     encoding serves sampling, the reference and every update); KL 0.04 in the loss with k3
     (DeepSeekMath's GRPO); a small constant learning rate."""
-    cfg = GRPOConfig()
-    cfg.model.train_vision = False
-    cfg.model.train_projector = False
-    cfg.kl.coef = 0.04
-    cfg.optim.lr = 1e-6
-    cfg.optim.schedule = "constant"
-    cfg.optim.warmup_ratio = 0.0
-    cfg.train.batch_size = 8
-    return cfg
+    kl: GRPOKL = section(GRPOKL, "KL to the reference: coef, estimator, in the loss (GRPO) or the reward")
+    grpo: GRPOSection = section(GRPOSection, "advantage estimator and loss aggregation")
+
+    def check(self) -> None:
+        super().check()
+        if self.grpo.estimator != "reinforce_pp" and self.rollout.k < 2:
+            raise VlmalignError(f"grpo.estimator={self.grpo.estimator} compares the k responses of a prompt: "
+                                f"rollout.k must be >= 2, got {self.rollout.k}")
 
 
 class GRPOMethod:
     """The advantage and loss hooks of the online loop for the critic-free estimators."""
 
     def __init__(self, cfg: GRPOConfig):
+        validate_config(cfg)
         g = cfg.grpo
-        if g.estimator not in ESTIMATORS:
-            raise VlmalignError(f"grpo.estimator {g.estimator!r} is not one of {', '.join(ESTIMATORS)}")
-        if g.estimator != "reinforce_pp" and cfg.rollout.k < 2:
-            raise VlmalignError(f"grpo.estimator={g.estimator} compares the k responses of a prompt: "
-                                f"rollout.k must be >= 2, got {cfg.rollout.k}")
         self.cfg = cfg
         self.estimator = g.estimator
         self.agg = DEFAULT_AGG[g.estimator] if g.loss_agg == "auto" else g.loss_agg
@@ -113,6 +92,13 @@ class GRPOMethod:
                                 agg=self.agg, num_items=num_items, norm_len=self.cfg.rollout.max_new_tokens)
 
 
-def train_grpo(cfg: GRPOConfig, adapter=None, reward=None):
+def train_grpo(cfg: GRPOConfig, adapter=None, reward=None, callbacks=()):
     """Train with the configured estimator. Returns ``(TrainResult, adapter)``."""
-    return run_online(cfg, GRPOMethod(cfg), adapter=adapter, reward=reward)
+    return run_online(cfg, GRPOMethod(cfg), adapter=adapter, reward=reward, callbacks=callbacks)
+
+
+METHODS = (
+    Method("grpo", "online RL without a critic: GRPO, Dr. GRPO, RLOO, REINFORCE++ (k samples per "
+           "prompt, reward functions / reward models / VLM judges)",
+           GRPOConfig, train_grpo),
+)

@@ -21,7 +21,7 @@ drops them (z0 = 0).
 
 The estimate is per micro-batch (and per process), as in the paper's implementation; larger
 micro-batches give a less noisy z0. Reference, LoRA, cache and trainer are shared with DPO
-(``methods.dpo.fit``).
+(``methods.preference.fit``).
 """
 
 from __future__ import annotations
@@ -31,16 +31,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import opt, section
-from ..config.sections import DataSection, LoraSection, ModelSection, OptimSection, TrainSection
+from ..config import opt, section, validate_config
+from ..config.sections import DataSection, FrozenEncoderModel, LoraSection, PreferenceOptim, TrainSection
 from ..data.completions import UNPAIRED_ROWS, UnpairedCollator, add_mismatched_rows, select_rows, tokenize_unpaired
 from ..data.preference import index_examples
-from ..engine.trainer import Trainer, TrainResult
+from ..engine.trainer import TrainResult
 from ..errors import VlmalignError
 from ..losses.preference import kto_loss
-from .common import build_adapter, load_examples, seed_everything
-from .dpo import DPOMethod, RefSection, fit
+from ..data.loading import load_examples
+from .common import build_adapter, seed_everything
+from .preference import PreferenceMethod, fit
+from .reference import RefSection
 from .logps import Reference, completion_logps, prefix_sharing_problem
+from .registry import Method
 
 log = logging.getLogger(__name__)
 KL_ESTIMATES = ("mismatched", "zero")
@@ -49,9 +52,9 @@ KL_ESTIMATES = ("mismatched", "zero")
 @dataclass
 class KTOSection:
     beta: float = opt(0.1, "inverse temperature of the implicit reward beta * (policy - reference) log-prob", gt=0)
-    desirable_weight: float = opt(1.0, "lambda_D: weight of a desirable example's loss", ge=0)
+    desirable_weight: float = opt(1.0, "lambda_D: weight of a desirable example's loss", gt=0)
     undesirable_weight: float = opt(1.0, "lambda_U: weight of an undesirable example's loss (the paper advises "
-                                         "lambda_D n_D / (lambda_U n_U) between 1 and 4/3; the run prints it)", ge=0)
+                                         "lambda_D n_D / (lambda_U n_U) between 1 and 4/3; the run prints it)", gt=0)
     kl_estimate: str = opt("mismatched", "reference point z0: mismatched (KTO paper: log-ratio of each prompt "
                                          "with another example's completion, micro-batch mean, clamped at 0, no "
                                          "gradient) or zero (z0 = 0, no extra rows)", KL_ESTIMATES)
@@ -66,60 +69,33 @@ class KTOSection:
 
 @dataclass
 class KTOConfig:
-    model: ModelSection = section(ModelSection, "policy model to start from and which parts to train")
+    model: FrozenEncoderModel = section(FrozenEncoderModel, "policy model to start from and which parts to train "
+                                                            "(by default vision tower and projector stay frozen)")
     lora: LoraSection = section(LoraSection, "LoRA / QLoRA")
     data: DataSection = section(DataSection, "unpaired examples (prompt, completion, label): training and "
                                               "held-out files")
-    optim: OptimSection = section(OptimSection, "optimizer and learning-rate schedule")
+    optim: PreferenceOptim = section(PreferenceOptim, "optimizer and learning-rate schedule")
     train: TrainSection = section(TrainSection, "loop, batch sizes (in examples), precision, checkpoints")
     kto: KTOSection = section(KTOSection, "loss, KL estimate and the reference / caching / sharing options")
     ref: RefSection = section(RefSection, "reference model")
 
 
-def kto_config() -> KTOConfig:
-    """Defaults as DPO's: the language model learns, vision tower and projector stay frozen (one
-    image encoding serves policy and reference), a DPO-sized learning rate."""
-    cfg = KTOConfig()
-    cfg.model.train_vision = False
-    cfg.model.train_projector = False
-    cfg.optim.lr = 5e-6
-    cfg.optim.warmup_ratio = 0.1
-    return cfg
-
-
-def _validate(k: KTOSection) -> None:
-    if k.kl_estimate not in KL_ESTIMATES:
-        raise VlmalignError(f"kto.kl_estimate {k.kl_estimate!r} is not one of {', '.join(KL_ESTIMATES)}")
-    for name in ("beta", "desirable_weight", "undesirable_weight"):
-        if not getattr(k, name) > 0:
-            raise VlmalignError(f"kto.{name} must be > 0, got {getattr(k, name)}")
-
-
-class KTOMethod:
+class KTOMethod(PreferenceMethod):
     """One micro-batch of KTO (``compute_loss(batch, num_items)``) on a batch of
     ``data.completions.UnpairedCollator``. ``ref``: a Reference; or ``ref_values``: precomputed
     ``completion`` / ``kl`` (N,) tensors indexed by example position."""
 
     def __init__(self, adapter, cfg, ref: Reference | None = None, ref_values: dict | None = None):
         cfg = getattr(cfg, "kto", cfg)  # a KTOConfig or its kto section
-        _validate(cfg)
-        self.adapter = adapter
-        self.cfg = cfg
-        self.ref = ref
-        self.ref_values = ref_values
+        validate_config(cfg, "kto.")
+        super().__init__(adapter, cfg, ref, ref_values)
         if ref is None and ref_values is None:
             raise VlmalignError("KTO needs a reference (model or precomputed values)")
-
-    def count_items(self, batch) -> int:
-        return batch.size
 
     def quantities(self, batch, token_lp: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B,) summed log-probs per row group: ``completion`` and (mismatched) ``kl``."""
         sums = token_lp.sum(1)
         return {n: batch.group(sums, n) for n in batch.row_names}
-
-    # the lookup in ref_values or the (no-grad) reference forward: the same as DPO's
-    reference_quantities = DPOMethod.reference_quantities
 
     def policy_logps(self, batch, encoded) -> torch.Tensor:
         """(R, Lc) token log-probs; the mismatched rows need no gradient, so without prefix
@@ -156,6 +132,10 @@ class KTOMethod:
                 "items": torch.tensor(float(batch.size), device=lp.device)}
         return losses.sum() / num_items, sums
 
+    def step_metrics(self, m: dict) -> dict:
+        """The engine's means over examples -> per-class means (:func:`per_class_means`)."""
+        return per_class_means(m)
+
 
 def per_class_means(m: dict) -> dict:
     """Means over examples (what the engine logs) -> per-class means: ``reward_desirable`` and
@@ -175,11 +155,6 @@ def per_class_means(m: dict) -> dict:
     if "reward_desirable" in out and "reward_undesirable" in out:
         out["margin"] = out["reward_desirable"] - out["reward_undesirable"]
     return out
-
-
-class _KTOTrainer(Trainer):
-    def train_step(self) -> dict:
-        return per_class_means(super().train_step())
 
 
 def load_unpaired(path, cfg: KTOConfig, adapter, limit=None):
@@ -209,10 +184,10 @@ def balance_note(examples, k: KTOSection) -> str:
     return msg
 
 
-def train_kto(cfg: KTOConfig, adapter=None) -> tuple[TrainResult, object]:
+def train_kto(cfg: KTOConfig, adapter=None, callbacks=()) -> tuple[TrainResult, object]:
     """Train with KTO. Returns the result and the trained adapter."""
     k = cfg.kto
-    _validate(k)
+    validate_config(cfg)
     seed_everything(cfg.train.seed)
     if not cfg.data.train_file:
         raise VlmalignError("data.train_file is required")
@@ -221,11 +196,17 @@ def train_kto(cfg: KTOConfig, adapter=None) -> tuple[TrainResult, object]:
     eval_examples, eval_loader = ([], None)
     if cfg.data.eval_file:
         eval_examples, eval_loader = load_unpaired(cfg.data.eval_file, cfg, adapter, cfg.data.max_eval_samples)
-    print(balance_note(examples, k))
+    log.info(balance_note(examples, k))
     kl = k.kl_estimate == "mismatched"
     pad_id = adapter.tokenizer.pad_token_id
     collate = UnpairedCollator(loader, pad_id, kl=kl)
     ecollate = UnpairedCollator(eval_loader, pad_id, kl=kl) if eval_examples else None
     parts = {"rows": list(UNPAIRED_ROWS if kl else UNPAIRED_ROWS[:1]), "method": "kto"}
-    return fit(cfg, adapter, KTOMethod, examples, collate, eval_examples, ecollate, cache_parts=parts,
-               trainer_cls=_KTOTrainer, finish_eval=per_class_means)
+    return fit(cfg, "kto", adapter, KTOMethod, examples, collate, eval_examples, ecollate, cache_parts=parts,
+               callbacks=callbacks)
+
+
+METHODS = (
+    Method("kto", "KTO on unpaired examples (prompt, completion, desirable/undesirable label)",
+           KTOConfig, train_kto),
+)

@@ -6,7 +6,7 @@ The loss is the Plackett-Luce model on DPO's implicit rewards ``beta (policy - r
 prompt and its images are shared by all K candidate rows (``data/completions.py``): images are
 encoded once per step for every candidate, policy and reference, and each prompt runs once
 where prefix sharing is exact. Everything else (reference, cache, trainer) is
-``methods.dpo.fit``.
+``methods.preference.fit``.
 """
 
 from __future__ import annotations
@@ -16,17 +16,27 @@ import torch
 from ..data.completions import RankedCollator, num_candidates, tokenize_ranked
 from ..data.preference import index_examples
 from ..losses.preference import listwise_dpo_loss
-from .common import load_examples
-from .dpo import DPOMethod
+from ..data.loading import load_examples
+from ..config import validate_config
+from ..errors import VlmalignError
 from .logps import completion_logps
+from .preference import PreferenceMethod
 
 
-class ListwiseMethod(DPOMethod):
+class ListwiseMethod(PreferenceMethod):
     """One micro-batch of listwise DPO on a :class:`~vlmalign.data.completions.RankedBatch`.
     Quantities (and cached reference values) are ``cand_0`` ... ``cand_{K-1}``: (B,) summed
     completion log-probs per rank, 0 past the end of a shorter list."""
 
-    batch_kind = "ranked"
+    def __init__(self, adapter, cfg, ref=None, ref_values: dict | None = None):
+        cfg = getattr(cfg, "dpo", cfg)  # a DPOConfig or its dpo section
+        validate_config(cfg, "dpo.")
+        if cfg.loss != "listwise":
+            raise VlmalignError("dpo.loss=listwise is computed by methods.listwise.ListwiseMethod on ranked lists, "
+                                "the other losses by DPOMethod on pairs")
+        super().__init__(adapter, cfg, ref, ref_values)
+        if ref is None and ref_values is None:
+            raise VlmalignError("dpo.loss=listwise needs a reference (model or precomputed values)")
 
     def quantities(self, batch, token_lp: torch.Tensor) -> dict[str, torch.Tensor]:
         per_list = batch.candidates(token_lp.sum(1))                  # (B, K)

@@ -1,429 +1,238 @@
-"""The online-RL loop shared by the critic-free methods (methods/grpo.py) and PPO.
-
-One step, per process (docs/RL.md, "GRPO / RLOO"):
-
-1. ``rollout.prompts_per_step`` prompts (a seeded permutation of the prompt file per epoch) ->
-   :func:`~vlmalign.rollout.rollout`: ``rollout.k`` samples each, every unique image encoded ONCE;
-   the sampling seed is a function of (train.seed, step, rank), so a resumed run samples the
-   same tokens.
-2. Rewards: the recipe's sources (``reward:``, :func:`~vlmalign.rewards.build_reward`) on
-   every response.
-3. No-grad forwards: the reference's log-probs (KL) and, where the updates leave the rollout
-   policy behind, the rollout policy's own ("old", for the ratio); both on the sampling-time
-   image features when the vision tower and projector are frozen.
-4. ``method.advantages(loop, batch, data)`` fills ``data["advantages"]`` (R, T): the method's hook
-   (group baselines here, GAE with a critic for PPO).
-5. ``update.epochs`` passes over the R rows in shuffled minibatches of ``update.minibatch_size``
-   rows, one optimizer step each, accumulated over micro-batches of ``train.batch_size`` rows.
-   ``method.loss(loop, mb, data, logprobs, hidden, num_items)`` returns each micro-batch's loss
-   divided by the minibatch's item count summed over micro-batches and processes (tokens for
-   ``token_mean``, rows otherwise), so accumulation and processes give the one-batch gradient.
-6. Metrics -> metrics.jsonl and training.png; atomic checkpoints (weights, optimizer, schedule,
-   RNG, step, ``method.state_dict()``); greedy held-out evaluation every ``train.eval_every``
-   steps, at step 0 and at the end.
-
-Config sections, the shared policy objective, setup (:func:`run_online`) and the evaluation live
-in :mod:`.online_setup` and are re-exported here.
-
-A method object provides ``agg`` (the loss aggregation, for item counts), ``advantages`` and
-``loss``, and may provide:
-
-* ``rollout_extras(loop, batch) -> dict`` of per-row tensors computed without grad after the
-  rollout (e.g. values);
-* ``extra_modules() -> dict`` of modules moved to the device and checkpointed next to the policy
-  (``NAME.safetensors``, reloaded on resume), e.g. a value model;
-* ``optimizer_groups() -> list`` of parameter groups added to the policy's optimizer (their own
-  ``lr`` allowed), or ``optimizer_step(loop)`` called after each policy optimizer step (a method
-  with its own optimizer: it clips, steps and zeroes it there);
-* ``update_policy(loop) -> bool``: False skips the policy's optimizer step (e.g. critic warm-up);
-* ``state_dict()`` / ``load_state_dict()``: extra state for checkpoints (e.g. running statistics).
-"""
+"""What the online-RL methods (GRPO and its estimators in :mod:`.grpo`, PPO in :mod:`.ppo`) share:
+the config sections and base config, the clipped policy objective, setup (prompts, policy,
+reference, rewards: :func:`run_online`) and the held-out evaluation. The loop itself is the
+engine's online step strategy, :class:`vlmalign.engine.online.OnlineTrainer`."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-import time
+from dataclasses import dataclass
 
 import torch
-from accelerate.utils import DistributedType
 
-from ..config import validate_config
-from ..engine.checkpoint import check_resume_layout, latest_checkpoint, load_trainer_state, load_weights_into, \
-    save_checkpoint, set_rng_state
-from ..engine.loop import final_evaluation, run_steps
-from ..engine.run_dir import RunDir, claim_output_dir
-from ..models.prompt_layout import detect_layout
-from ..engine.trainer import NonFiniteLossError, TrainResult, _accelerator, _param_groups
+from ..config import opt, section, validate_config
+from ..config.sections import DataSection, FrozenEncoderModel, LoraSection, RLOptim, TrainSection
 from ..errors import VlmalignError
-from ..losses.rl import entropy_from_logits
+from ..losses.rl import KL_KINDS, aggregate, kl_penalty, masked_mean, policy_loss_clipped
 from ..rewards import RewardInput
 from ..rollout import SamplingConfig, rollout, sequence_logprobs
-from .online_setup import (KLSection, RolloutSection, UpdateSection, check_online_config, evaluate,
-                           policy_objective, run_online)
+from .reference import RefSection, build_reference, disable_dropout, starting_copy
 
 log = logging.getLogger(__name__)
-__all__ = ["KLSection", "OnlineTrainer", "RolloutSection", "UpdateSection", "check_online_config", "evaluate",
-           "policy_objective", "run_online"]
 
 
-def _rows(data: dict, rows: list[int], T: int) -> dict:
-    """Per-row tensors of ``rows``: (R,) -> (n,), (R, T0) -> (n, T) (a sub-batch drops padding)."""
-    idx = torch.as_tensor(rows, dtype=torch.long)
+# ----------------------------------------------------------------------------- config sections
+@dataclass
+class RolloutSection:
+    prompts_per_step: int = opt(8, "prompts sampled per step and process", ge=1)
+    k: int = opt(4, "responses sampled per prompt (the group size)", ge=1)
+    temperature: float = opt(1.0, "sampling temperature (log-probs and ratios use the same temperature)", gt=0)
+    top_p: float = opt(1.0, "nucleus sampling mass (1: off)", gt=0, le=1)
+    top_k: int = opt(0, "sample among the k most likely tokens (0: off)", ge=0)
+    max_new_tokens: int = opt(64, "response token budget (responses that reach it count as unfinished)", ge=1)
+    generation_batch_size: int | None = opt(None, "prompts per generate call (default: the whole step); "
+                                                  "images are still encoded once per step", ge=1)
+
+
+@dataclass
+class KLSection:
+    coef: float = opt(0.0, "weight of the KL(policy || reference) penalty (0: none)", ge=0)
+    estimator: str = opt("k3", "per-token KL estimate: k1 (log-ratio), k2 (squared/2), k3 (low-variance, >= 0)",
+                         KL_KINDS)
+    placement: str = opt("loss", "loss: add coef * KL to the loss (GRPO); reward: subtract it from the "
+                                 "reward before the advantages (PPO, REINFORCE++)", ("loss", "reward"))
+    track: bool = opt(True, "compute and log the KL to the reference even when coef is 0 (keeps a reference "
+                            "and runs one no-grad reference forward per step)")
+
+
+@dataclass
+class UpdateSection:
+    epochs: int = opt(1, "passes over each rollout's rows (PPO epochs)", ge=1)
+    minibatch_size: int = opt(0, "rows per optimizer step and process (0: all rows of the step's rollout); "
+                                 "train.batch_size is the rows per forward", ge=0)
+    clip_eps: float = opt(0.2, "ratio clip: 1 - clip_eps .. 1 + clip_eps_high", gt=0)
+    clip_eps_high: float | None = opt(None, "upper ratio clip (DAPO clip-higher; default clip_eps)", gt=0)
+    old_logprobs: str = opt("auto", "ratio denominator. auto: with one optimizer step per rollout the policy's own "
+                                    "detached log-probs (ratio 1), else a no-grad forward before the updates; "
+                                    "recompute: always that forward; sampling: the log-probs recorded while "
+                                    "sampling (no forward)", ("auto", "recompute", "sampling"))
+    disable_dropout: bool = opt(True, "turn dropout off in policy and reference, so log-probs are not noise")
+
+
+def policy_objective(logprobs, data, mask, *, update: UpdateSection, kl: KLSection, agg: str, num_items,
+                     norm_len: int | None = None):
+    """The clipped policy-gradient loss plus, with ``kl.placement=loss``, ``kl.coef * KL``
+    (losses/rl.py does the arithmetic). ``data``: this micro-batch's ``advantages`` and
+    optional ``old_logprobs`` / ``ref_logprobs`` (R, T). Returns ``(loss, stats)``; stat keys
+    ending in ``loss`` add up over micro-batches, the others are token means."""
+    old = data.get("old_logprobs")
+    old = logprobs.detach() if old is None else old
+    loss, st = policy_loss_clipped(logprobs, old, data["advantages"], mask, clip_eps=update.clip_eps,
+                                   clip_eps_high=update.clip_eps_high, agg=agg, num_items=num_items,
+                                   norm_len=norm_len)
+    stats = {"policy_loss": loss.detach(), "clipfrac": st["clipfrac"], "approx_kl": st["approx_kl"],
+             "ratio_mean": st["ratio_mean"]}
+    ref = data.get("ref_logprobs")
+    if ref is not None:
+        per_token = kl_penalty(logprobs, ref, kl.estimator)
+        stats["kl"] = masked_mean(per_token.detach(), mask)
+        if kl.coef > 0 and kl.placement == "loss":
+            kl_loss = kl.coef * aggregate(per_token, mask, agg, num_items=num_items, norm_len=norm_len)
+            loss = loss + kl_loss
+            stats["kl_loss"] = kl_loss.detach()
+    return loss, stats
+
+
+@dataclass
+class OnlineConfig:
+    """The sections every online-RL method has; a method adds its own (and may start some at
+    other defaults)."""
+    model: FrozenEncoderModel = section(FrozenEncoderModel, "policy model to start from and which parts to train "
+                                                            "(by default vision tower and projector stay frozen)")
+    lora: LoraSection = section(LoraSection, "LoRA / QLoRA")
+    data: DataSection = section(DataSection, "RL prompts (train_file, eval_file); max_length bounds prompt + "
+                                             "response")
+    optim: RLOptim = section(RLOptim, "optimizer and learning-rate schedule (per optimizer step)")
+    train: TrainSection = section(TrainSection, "steps (one rollout each), batch_size = rows per forward, "
+                                                "precision, checkpoints, eval_every")
+    rollout: RolloutSection = section(RolloutSection, "sampling: prompts per step, k, temperature, top_p/top_k, "
+                                                      "max_new_tokens")
+    reward: list[dict] = opt([{"type": "function", "name": "exact_match", "weight": 1.0}],
+                             "reward sources, each {type: function|model|judge, weight, ...} (docs/RL.md)")
+    kl: KLSection = section(KLSection, "KL to the reference: coef, estimator, in the loss or the reward")
+    update: UpdateSection = section(UpdateSection, "updates per rollout: epochs, minibatch size, ratio clip")
+    ref: RefSection = section(RefSection, "reference model")
+
+    def check(self) -> None:
+        ro, up, tc = self.rollout, self.update, self.train
+        if tc.grad_accum != 1:
+            raise VlmalignError("train.grad_accum does not apply to online RL: update.minibatch_size sets the rows "
+                                "per optimizer step and train.batch_size the rows per forward")
+        if up.minibatch_size > ro.prompts_per_step * ro.k:
+            raise VlmalignError(f"update.minibatch_size ({up.minibatch_size}) exceeds the rows of a rollout "
+                                f"(rollout.prompts_per_step x rollout.k = {ro.prompts_per_step * ro.k})")
+        if self.data.max_length <= ro.max_new_tokens:
+            raise VlmalignError(f"data.max_length ({self.data.max_length}) must exceed rollout.max_new_tokens "
+                                f"({ro.max_new_tokens}): prompts get the difference")
+        if not isinstance(self.reward, list) or not self.reward:
+            raise VlmalignError("reward: list at least one reward source (docs/RL.md, 'Reward sources')")
+
+
+# ----------------------------------------------------------------------------- setup
+def load_prompts(path: str, cfg, adapter, limit=None):
+    """RL prompts of ``path`` and their image loader. Every prompt is tokenized and its images
+    loaded once up front, so a bad record stops the run (or is skipped and counted under
+    ``data.on_error=skip``) before any step; prompts longer than ``data.max_length -
+    rollout.max_new_tokens`` are refused, never cut."""
+    from ..data.loading import load_examples
+    max_prompt = cfg.data.max_length - cfg.rollout.max_new_tokens
+
+    def tok(rec, imgs):
+        return {"input_ids": adapter.tokenize_prompt(rec.prompt, imgs, max_length=max_prompt).input_ids}
+
+    examples, loader, _ = load_examples(path, cfg.data, adapter, tok, kind="rl_prompt", limit=limit)
+    return [e.record for e in examples], loader
+
+
+def run_online(cfg, method, adapter=None, reward=None, callbacks=()):
+    """Build policy, reference, data and rewards for ``cfg`` and train with ``method`` on the
+    engine's online strategy. ``reward``: a ready :class:`~vlmalign.rewards.CombinedReward` (or
+    any callable ``inputs -> (total (N,), {name: (N,)})``, optionally with ``stats()``) instead of
+    the recipe's ``reward:`` list. Returns ``(TrainResult, adapter)``."""
+    from ..engine.online import OnlineTrainer
+    from .common import build_adapter, prepare_trainable, seed_everything
+    validate_config(cfg)
+    seed_everything(cfg.train.seed)
+    if not cfg.data.train_file:
+        raise VlmalignError("data.train_file (RL prompts) is required")
+    adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
+    records, loader = load_prompts(cfg.data.train_file, cfg, adapter, cfg.data.max_train_samples)
+    eval_records, eval_loader = [], None
+    if cfg.data.eval_file:
+        eval_records, eval_loader = load_prompts(cfg.data.eval_file, cfg, adapter, cfg.data.max_eval_samples)
+    needs_ref = cfg.kl.coef > 0 or cfg.kl.track
+    copy_ref = starting_copy(adapter, cfg) if needs_ref else None
+    model, projector, vision = prepare_trainable(adapter, cfg)
+    if cfg.update.disable_dropout:
+        disable_dropout(model)
+    reference = None
+    if needs_ref:
+        reference, _ = build_reference(cfg, adapter, model, copy_ref, no_dropout=cfg.update.disable_dropout)
+        log.info(reference.describe())
+    trainer = OnlineTrainer(cfg=cfg, method=method, adapter=adapter, model=model, records=records, loader=loader,
+                            reward=reward, reference=reference, eval_records=eval_records,
+                            eval_loader=eval_loader, evaluate=evaluate, projector_names=projector,
+                            vision_names=vision, callbacks=callbacks)
+    return trainer.train(), adapter
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _kl_rows(tr, mb) -> tuple[float, int] | None:
+    """Summed exact KL(policy || reference) over the response tokens of sub-batch ``mb`` and
+    their count; one row of full-vocabulary log-probs at a time. None where the output head
+    applied to the final hidden state does not reproduce the forward's log-probs (e.g. a family
+    that rescales its logits)."""
+    ref, mask = tr.reference, mb.response_mask
+    lp, h = sequence_logprobs(tr.adapter, mb, encoded=tr.policy_features(mb), temperature=1.0, return_hidden=True)
+    with ref.context():
+        enc = mb.encoded if (ref.share_features and tr.encoder_frozen) else None
+        rlp, rh = sequence_logprobs(ref.adapter, mb, encoded=enc, temperature=1.0, return_hidden=True)
+    tol = 1e-3 if h.dtype == torch.float32 else 5e-2
+    total = 0.0
+    for r in range(mask.shape[0]):
+        m, ids = mask[r], mb.response_ids[r][mask[r]]
+        logp = torch.log_softmax(tr.head_logits(tr.adapter, h[r, m]), dim=-1)        # (n, V)
+        logq = torch.log_softmax(tr.head_logits(ref.adapter, rh[r, m]), dim=-1)
+        for full, want in ((logp, lp[r, m]), (logq, rlp[r, m])):
+            if (full.gather(-1, ids[:, None]).squeeze(-1) - want).abs().max().item() > tol:
+                log.warning("%s: the output head on the final hidden state does not reproduce the model's "
+                            "log-probs; eval/kl is not reported", tr.adapter.family)
+                return None
+        total += float(torch.nn.functional.kl_div(logq, logp, log_target=True, reduction="sum"))
+    return total, int(mask.sum())
+
+
+def evaluate(tr, step: int) -> dict:
+    """Greedy responses to the held-out prompts (main process): mean reward (total and per
+    source), response length, share finished, and the exact per-token KL(policy || reference)
+    along those responses, ``sum_v p(v) (log p(v) - log q(v))`` averaged over response tokens
+    (the distance this stage has moved from its reference)."""
     out = {}
-    for k, v in data.items():
-        v = v[idx.to(v.device)]
-        out[k] = v[:, :T] if v.dim() == 2 else v
+    if tr.acc.is_main_process:
+        out = _evaluate(tr)
+    tr.acc.wait_for_everyone()
     return out
 
 
-class OnlineTrainer:
-    """Runs ``method`` on ``records`` (RL prompts): see the module docstring for one step."""
-
-    def __init__(self, *, cfg, method, adapter, model, records, loader, reference=None, reward=None,
-                 eval_records=(), eval_loader=None, projector_names=frozenset(), vision_names=frozenset()):
-        from ..rewards import build_reward
-        from .common import data_root, resolve_dtype
-        check_online_config(cfg)
-        validate_config(cfg)
-        claim_output_dir(cfg.train)
-        self.cfg, self.method, self.adapter, self.reference = cfg, method, adapter, reference
-        self.records, self.loader = list(records), loader
-        self.prompt_layout = detect_layout(self.records)  # written beside the weights for chat / generate
-        self.eval_records, self.eval_loader = list(eval_records), eval_loader
-        if not self.records:
-            raise VlmalignError(f"{cfg.data.train_file}: no RL prompts to train on")
-        tc, ro = cfg.train, cfg.rollout
-        self.acc = _accelerator(tc)
-        self.run = RunDir(tc.output_dir, main_process=self.acc.is_main_process)
-        self.run.save_config(cfg)
-        self.world, self.rank = self.acc.num_processes, self.acc.process_index
-        self.sampling = SamplingConfig(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
-                                       top_p=ro.top_p, top_k=ro.top_k)
-        self.max_prompt_length = cfg.data.max_length - ro.max_new_tokens
-        self.rows = ro.prompts_per_step * ro.k
-        self.minibatch = cfg.update.minibatch_size or self.rows
-        per_step = ro.prompts_per_step * self.world
-        n = len(self.records)
-        self.steps_per_epoch = math.ceil(n / per_step) if self.world == 1 else max(1, n // per_step)
-        self.total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(self.steps_per_epoch * tc.epochs))
-        single = cfg.update.epochs == 1 and self.minibatch >= self.rows
-        self.old_mode = {"auto": "live" if single else "recompute"}.get(cfg.update.old_logprobs,
-                                                                           cfg.update.old_logprobs)
-        self.encoder_frozen = not (cfg.model.train_vision or cfg.model.train_projector or
-                                   (cfg.lora.enabled and cfg.lora.include_vision))
-        extra = method.extra_modules() if hasattr(method, "extra_modules") else {}
-        self.extra_modules = extra
-        if not any(p.requires_grad for p in model.parameters()):
-            raise VlmalignError("nothing to train: every parameter is frozen")
-        groups = _param_groups(model, cfg.optim, set(projector_names), set(vision_names))
-        if hasattr(method, "optimizer_groups"):
-            groups += list(method.optimizer_groups())
-        oc = cfg.optim
-        self.optimizer = torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps)
-        from transformers import get_scheduler
-        updates = self.total_steps * cfg.update.epochs * math.ceil(self.rows / self.minibatch)
-        warm = oc.warmup_steps if oc.warmup_steps > 0 else int(oc.warmup_ratio * updates)
-        name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[oc.schedule]
-        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=warm, num_training_steps=updates)
-        self.runner, self.optimizer = self.acc.prepare(model, self.optimizer)
-        adapter.runner = self.runner
-        for mod in extra.values():
-            mod.to(self.acc.device)
-        if reference is not None and reference.adapter is not adapter:
-            reference.adapter.model.to(self.acc.device)
-        root = data_root(cfg.data, cfg.data.train_file)
-        kw = dict(device=self.acc.device, dtype=resolve_dtype(cfg.model.dtype))
-        self.reward = reward if reward is not None else build_reward(cfg.reward, image_root=root, **kw)
-        eroot = data_root(cfg.data, cfg.data.eval_file) if cfg.data.eval_file else root
-        self.eval_reward = self.reward if (reward is not None or eroot == root) else \
-            build_reward(cfg.reward, image_root=eroot, **kw)
-        self.step = 0
-
-    # ------------------------------------------------------------------ helpers
-    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return self.acc.reduce(t, reduction="sum") if self.world > 1 else t
-
-    def _reduce_dict(self, sums: dict) -> dict:
-        keys = sorted(sums)
-        if not keys:
-            return {}
-        vec = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=self.acc.device)
-        return dict(zip(keys, self._reduce(vec).tolist()))
-
-    def _prompts(self, step: int) -> list:
-        epoch, j = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.records), generator=g).tolist()
-        per = self.cfg.rollout.prompts_per_step * self.world
-        return [self.records[i] for i in order[j * per:(j + 1) * per][self.rank::self.world]]
-
-    def seed_for(self, step: int, salt: int = 0) -> int:
-        return ((self.cfg.train.seed * 1_000_003 + step) * 1_009 + self.rank) * 7 + salt
-
-    def policy_features(self, mb):
-        """Image features for a forward of sub-batch ``mb``: the sampling-time ones when the
-        encoder is frozen (no re-encoding), else None (encode with the current weights)."""
-        return mb.encoded if self.encoder_frozen else None
-
-    @contextlib.contextmanager
-    def no_grad_pass(self):
-        """No-grad forwards on the plain module (no DDP buffer syncs), in eval mode."""
-        plain = self.acc.unwrap_model(self.runner)
-        self.adapter.runner = plain
-        was = plain.training
-        plain.eval()
-        try:
-            with torch.no_grad(), self.acc.autocast():
-                yield
-        finally:
-            self.adapter.runner = self.runner
-            plain.train(was)
-
-    def chunked(self, fn, batch) -> torch.Tensor:
-        """(R, T) values of ``fn(sub_batch)`` computed ``train.batch_size`` rows at a time."""
-        R, T = batch.response_ids.shape
-        out = torch.zeros(R, T, dtype=torch.float32, device=batch.response_ids.device)
-        bs = self.cfg.train.batch_size
-        for s in range(0, R, bs):
-            mb = batch.select(range(s, min(R, s + bs)))
-            v = fn(mb).float()
-            out[s:s + v.shape[0], :v.shape[1]] = v
-        return out
-
-    def reference_logprobs(self, mb, policy_encoded=None):
-        ref = self.reference
-        with ref.context():
-            enc = policy_encoded if (ref.share_features and policy_encoded is not None) else None
-            return sequence_logprobs(ref.adapter, mb, encoded=enc)
-
-    @staticmethod
-    def head_logits(adapter, hidden, temperature: float = 1.0) -> torch.Tensor:
-        """Full-vocabulary fp32 logits (..., V) from final hidden states (the output head's input;
-        under mixed precision they may be in a lower dtype than the head's weights)."""
-        head = adapter.model.get_output_embeddings()
-        return head(hidden.to(head.weight.dtype)).float() / temperature
-
-    @classmethod
-    @torch.no_grad()
-    def entropy(cls, adapter, hidden, mask, temperature: float) -> torch.Tensor:
-        """Mean entropy over the valid tokens of (R, T, H) hidden states, one row of logits at a
-        time (full-vocabulary logits of a whole batch can be large)."""
-        total = sum(entropy_from_logits(cls.head_logits(adapter, hidden[r, mask[r]], temperature)).sum()
-                    for r in range(hidden.shape[0]))
-        return total / mask.sum().clamp_min(1)
-
-    # ------------------------------------------------------------------ one step
-    def train_step(self) -> dict:
-        cfg, ad, method = self.cfg, self.adapter, self.method
-        t0 = time.time()
-        batch = rollout(ad, self._prompts(self.step), self.loader, self.sampling, cfg.rollout.k,
-                        seed=self.seed_for(self.step), batch_size=cfg.rollout.generation_batch_size,
-                        max_prompt_length=self.max_prompt_length)
-        t_roll = time.time() - t0
-        lengths, fin = batch.response_lengths.tolist(), batch.finished.tolist()
-        inputs = [RewardInput.from_record(batch.records[g], text, finished=bool(f), response_tokens=int(n))
-                  for g, text, f, n in zip(batch.group_ids.tolist(), batch.texts, fin, lengths)]
-        scores, parts = self.reward(inputs)
-        dev = batch.response_ids.device
-        data = {"scores": scores.to(dev)}
-        with self.no_grad_pass():
-            if self.old_mode == "recompute":
-                data["old_logprobs"] = self.chunked(
-                    lambda mb: sequence_logprobs(ad, mb, encoded=self.policy_features(mb)), batch)
-            elif self.old_mode == "sampling":
-                data["old_logprobs"] = batch.logprobs
-            if self.reference is not None:
-                data["ref_logprobs"] = self.chunked(
-                    lambda mb: self.reference_logprobs(mb, self.policy_features(mb)), batch)
-            if hasattr(method, "rollout_extras"):
-                data.update(method.rollout_extras(self, batch))
-        adv_stats = method.advantages(self, batch, data) or {}
-        t1 = time.time()
-        upd = self._update(batch, data)
-        # rollout statistics over every process's rows
-        k = cfg.rollout.k
-        grp = scores.view(-1, k)
-        sums = {"n": scores.numel(), "r": scores.sum(), "r2": (scores.double() ** 2).sum(),
-                "len": sum(lengths), "fin": sum(fin), "groups": grp.shape[0],
-                "flat": int((grp.max(1).values == grp.min(1).values).sum()) if k > 1 else 0}
-        sums.update({f"part/{n}": v.sum() for n, v in parts.items()})
-        sums.update({f"adv/{n}": float(v) * scores.numel() for n, v in adv_stats.items()})
-        red = self._reduce_dict(sums)
-        n = red["n"]
-        mean = red["r"] / n
-        out = {"reward": mean, "reward_std": math.sqrt(max(red["r2"] / n - mean ** 2, 0.0) * n / max(n - 1, 1)),
-               **{f"reward/{p[5:]}": v / n for p, v in red.items() if p.startswith("part/")},
-               **{p[4:]: v / n for p, v in red.items() if p.startswith("adv/")},
-               "response_length": red["len"] / n, "finished": red["fin"] / n,
-               "zero_std_groups": red["flat"] / red["groups"] if k > 1 else float("nan"),
-               **{f"reward/{s}": v for s, v in getattr(self.reward, "stats", dict)().items()},
-               **upd, "rollout_s": t_roll, "update_s": time.time() - t1}
-        self.step += 1
-        return out
-
-    def _update(self, batch, data) -> dict:
-        cfg, ad, method = self.cfg, self.adapter, self.method
-        R, bs = batch.num_rows, cfg.train.batch_size
-        mask_all = batch.response_mask
-        g = torch.Generator().manual_seed(self.seed_for(self.step, salt=1))
-        sums: dict[str, float] = {}
-        tokens = 0.0
-        n_updates = 0
-        self.runner.train()
-        for _ in range(cfg.update.epochs):
-            perm = torch.randperm(R, generator=g).tolist() if cfg.update.epochs > 1 or self.minibatch < R \
-                else list(range(R))
-            for s in range(0, R, self.minibatch):
-                rows = perm[s:s + self.minibatch]
-                sel = mask_all[torch.as_tensor(rows, device=mask_all.device)]
-                items = sel.sum() if method.agg == "token_mean" else torch.tensor(float(len(rows)))
-                num_items = self._reduce(items.float().reshape(1).to(self.acc.device)).item()
-                micro = [rows[i:i + bs] for i in range(0, len(rows), bs)]
-                for i, mrows in enumerate(micro):
-                    mb = batch.select(mrows)
-                    d = _rows(data, mrows, mb.response_ids.shape[1])
-                    ctx = self.acc.no_sync(self.runner) if (i < len(micro) - 1 and self.world > 1) \
-                        else contextlib.nullcontext()
-                    with ctx, self.acc.autocast():
-                        lp, hidden = sequence_logprobs(ad, mb, encoded=self.policy_features(mb), with_grad=True,
-                                                       return_hidden=True)
-                        loss, st = method.loss(self, mb, d, lp, hidden, num_items)
-                    self._check_finite(loss)
-                    self.acc.backward(loss * self.world)  # DDP averages over processes: undo it
-                    ntok = float(mb.response_mask.sum())
-                    st["entropy"] = self.entropy(ad, hidden.detach(), mb.response_mask, batch.temperature)
-                    del hidden
-                    # losses are already divided by the minibatch's global item count: they add up
-                    # over micro-batches and processes; the other stats are token means
-                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-                    for key, v in st.items():
-                        sums[key] = sums.get(key, 0.0) + float(v) * (1.0 if key.endswith("loss") else ntok)
-                    tokens += ntok
-                n_updates += 1
-                self._optimizer_step()
-        red = self._reduce_dict({**sums, "_tokens": tokens})
-        tok = red.pop("_tokens") or 1.0
-        out = {k: v / (n_updates if k.endswith("loss") else tok) for k, v in red.items()}
-        out["lr"] = self.scheduler.get_last_lr()[0]
-        out["updates"] = n_updates
-        return out
-
-    def _optimizer_step(self) -> None:
-        mg = self.cfg.optim.max_grad_norm
-        policy = self.method.update_policy(self) if hasattr(self.method, "update_policy") else True
-        if policy and mg and mg > 0:
-            gn = self.acc.clip_grad_norm_([p for grp in self.optimizer.param_groups for p in grp["params"]], mg)
-            if gn is not None and not torch.isfinite(torch.as_tensor(gn)):
-                raise NonFiniteLossError(f"non-finite gradient norm at step {self.step + 1}; the run is stopped "
-                                         f"and the last good checkpoint is kept ({self._last_ckpt()})")
-            self._grad_norm = float(gn)
-        if policy:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if hasattr(self.method, "optimizer_step"):
-            self.method.optimizer_step(self)
-
-    def _check_finite(self, loss) -> None:
-        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=self.acc.device)
-        if self._reduce(flag).item() > 0:
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at step {self.step + 1}; the run is stopped before this "
-                f"update, and the last good checkpoint is kept ({self._last_ckpt()})")
-
-    def _last_ckpt(self) -> str:
-        ck = latest_checkpoint(self.run.checkpoints)
-        return str(ck) if ck else "none written yet"
-
-    # ------------------------------------------------------------------ checkpoints
-    def save(self) -> str | None:
-        self.acc.wait_for_everyone()
-        sharded = self.acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-        weights = self.acc.get_state_dict(self.runner) if sharded else None
-        path = None
-        if self.acc.is_main_process:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "total_steps": self.total_steps, "layout": self.layout(),
-                     "method": self.method.state_dict() if hasattr(self.method, "state_dict") else {}}
-            path = str(save_checkpoint(self.run.checkpoints, self.step, self.acc.unwrap_model(self.runner),
-                                       self.adapter.processor, state, keep_last=self.cfg.train.keep_last,
-                                       extra_modules=self.extra_modules, state_dict=weights,
-                                       prompt_layout=self.prompt_layout))
-        self.acc.wait_for_everyone()
-        return path
-
-    def layout(self) -> dict:
-        """The settings that fix which prompts and samples each step draws: a resumed run keeps them."""
-        ro = self.cfg.rollout
-        return {"rollout.prompts_per_step": ro.prompts_per_step, "rollout.k": ro.k, "processes": self.world,
-                "train.seed": self.cfg.train.seed, "prompts": len(self.records)}
-
-    def resume(self) -> bool:
-        ck = latest_checkpoint(self.run.checkpoints)
-        if ck is None:
-            log.info("no checkpoint in %s: starting from scratch", self.run.checkpoints)
-            return False
-        st = load_trainer_state(ck)
-        check_resume_layout(st, self.layout(), ck)
-        load_weights_into(self.acc.unwrap_model(self.runner), ck / "model")
-        from safetensors.torch import load_file
-        for name, mod in self.extra_modules.items():
-            mod.load_state_dict(load_file(str(ck / f"{name}.safetensors")))
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.scheduler.load_state_dict(st["scheduler"])
-        if hasattr(self.method, "load_state_dict"):
-            self.method.load_state_dict(st.get("method", {}))
-        set_rng_state(st["rng"])
-        self.step = int(st["step"])
-        self.run.truncate_metrics_after(self.step)
-        if self.acc.is_main_process:
-            log.info("resumed from %s at step %d", ck, self.step)
-        return True
-
-    # ------------------------------------------------------------------ the run
-    def _log(self, rec: dict) -> None:
-        self.run.log(rec)
-        if self.cfg.train.report_to:
-            self.acc.log(rec, step=rec["step"])
-
-    def evaluate(self, step: int) -> dict:
-        return evaluate(self, step)
-
-    def train(self) -> TrainResult:
-        tc = self.cfg.train
-        if tc.report_to:
-            self.acc.init_trackers("vlmalign", config={})
-        resumed = self.resume() if tc.resume else False
-        has_eval = bool(self.eval_records)
-        if has_eval and not resumed and self.step == 0:
-            self._log({"step": 0, **{f"eval/{k}": v for k, v in self.evaluate(0).items()}})
-        t0 = time.time()
-        last = run_steps(self, tc, one_step=lambda: self._one_step(t0, has_eval), save=self.save,
-                         postfix=lambda m: {"reward": f"{m['reward']:.3f}", "kl": f"{m.get('kl', float('nan')):.4f}"},
-                         last_checkpoint=self._last_ckpt, desc="rl")
-        ckpt = self.save()  # before the final evaluation: an evaluation that fails never costs the weights
-        final = {}
-        if has_eval:
-            final = final_evaluation(self.evaluate, self.step, ckpt, log)
-            self._log({"step": self.step, **final})
-        self.run.plot()
-        if tc.report_to:
-            self.acc.end_training()
-        return TrainResult(self.step, {**last, **final}, ckpt)
-
-    def _one_step(self, t0: float, has_eval: bool) -> dict:
-        tc = self.cfg.train
-        self._grad_norm = None
-        last = self.train_step()
-        if self._grad_norm is not None:
-            last["grad_norm"] = self._grad_norm
-        rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": time.time() - t0,
-               **{(k if k == "lr" else f"train/{k}"): v for k, v in last.items()}}
-        if has_eval and tc.eval_every and self.step % tc.eval_every == 0 and self.step < self.total_steps:
-            rec.update({f"eval/{k}": v for k, v in self.evaluate(self.step).items()})
-        if self.step % max(1, tc.log_every) == 0 or self.step == self.total_steps or \
-                any(k.startswith("eval/") for k in rec):
-            self._log(rec)
-        return last
+def _evaluate(tr) -> dict:
+    cfg, ad, ref = tr.cfg, tr.adapter, tr.reference
+    greedy = SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0)
+    chunk = cfg.rollout.generation_batch_size or cfg.rollout.prompts_per_step * cfg.rollout.k
+    sums: dict[str, float] = {}
+    kl_ok = ref is not None
+    n = 0
+    with tr.no_grad_pass():
+        for s in range(0, len(tr.eval_records), chunk):
+            b = rollout(ad, tr.eval_records[s:s + chunk], tr.eval_loader, greedy, 1, seed=0,
+                        max_prompt_length=tr.max_prompt_length)
+            lengths, fin = b.response_lengths.tolist(), b.finished.tolist()
+            inputs = [RewardInput.from_record(b.records[g], t, finished=bool(f), response_tokens=int(m))
+                      for g, t, f, m in zip(b.group_ids.tolist(), b.texts, fin, lengths)]
+            total, parts = tr.eval_reward(inputs)
+            n += len(inputs)
+            for key, v in (("reward", total.sum()), ("response_length", sum(lengths)), ("finished", sum(fin)),
+                           *((f"reward/{p}", v.sum()) for p, v in parts.items())):
+                sums[key] = sums.get(key, 0.0) + float(v)
+            bs = cfg.train.batch_size
+            for r0 in range(0, b.num_rows, bs) if kl_ok else ():
+                got = _kl_rows(tr, b.select(range(r0, min(b.num_rows, r0 + bs))))
+                if got is None:
+                    kl_ok = False
+                    break
+                sums["kl"] = sums.get("kl", 0.0) + got[0]
+                sums["_tokens"] = sums.get("_tokens", 0.0) + got[1]
+    tokens = sums.pop("_tokens", 0.0)
+    out = {k: v / max(n, 1) for k, v in sums.items() if k != "kl"}
+    if kl_ok and tokens:
+        out["kl"] = sums["kl"] / tokens
+    return out

@@ -23,15 +23,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import opt, section
-from ..config.sections import DataSection, LoraSection, ModelSection, OptimSection, TrainSection
+from ..config import opt, section, validate_config, with_defaults
+from ..config.sections import LoraSection, RLOptim
 from ..errors import VlmalignError
 from ..losses.rl import AGGREGATIONS, masked_mean, value_loss_clipped
 from ..rollout import sequence_values
-from .dpo import RefSection
-from .online import KLSection, RolloutSection, UpdateSection, policy_objective, run_online
-from .ppo_value import (ValueSection, build_value_model, check_value_section, critic_features, explained_variance,
+from .online import KLSection, OnlineConfig, UpdateSection, policy_objective, run_online
+from .ppo_value import (ValueSection, build_value_model, critic_features, explained_variance,
                         ppo_advantages, sequence_kl, shape_scores, shares_policy_features)
+from .registry import Method
 
 
 @dataclass
@@ -45,57 +45,29 @@ class PPOSection:
     length_penalty: float = opt(0.0, "subtracted from the score per response token", ge=0)
 
 
+PPOKL = with_defaults(KLSection, "PPOKL", coef=0.05, estimator="k1", placement="reward")
+PPOUpdate = with_defaults(UpdateSection, "PPOUpdate", epochs=4)
+
+
 @dataclass
-class PPOConfig:
-    model: ModelSection = section(ModelSection, "policy model to start from and which parts to train")
-    lora: LoraSection = section(LoraSection, "LoRA / QLoRA (the critic gets LoRA adapters of its own)")
-    data: DataSection = section(DataSection, "RL prompts (train_file, eval_file); max_length bounds prompt + "
-                                             "response")
-    optim: OptimSection = section(OptimSection, "optimizer and learning-rate schedule of the policy (per "
-                                                "optimizer step)")
-    train: TrainSection = section(TrainSection, "steps (one rollout each), batch_size = rows per forward, "
-                                                "precision, checkpoints, eval_every")
-    rollout: RolloutSection = section(RolloutSection, "sampling: prompts per step, k, temperature, top_p/top_k, "
-                                                      "max_new_tokens")
-    reward: list[dict] = opt([{"type": "function", "name": "exact_match", "weight": 1.0}],
-                             "reward sources, each {type: function|model|judge, weight, ...} (docs/RL.md)")
-    kl: KLSection = section(KLSection, "KL to the reference: coef, estimator, in the reward (PPO) or the loss")
-    update: UpdateSection = section(UpdateSection, "updates per rollout: epochs, minibatch size, ratio clip")
-    ppo: PPOSection = section(PPOSection, "GAE, advantage whitening, loss aggregation, score penalties")
-    value: ValueSection = section(ValueSection, "the critic: initialisation, learning rate, value clip, warm-up")
-    ref: RefSection = section(RefSection, "reference model")
-
-
-def ppo_config() -> PPOConfig:
+class PPOConfig(OnlineConfig):
     """Defaults: the language model learns, vision tower and projector stay frozen (one image
     encoding per step serves sampling, reference, critic and every update); KL 0.05 with the
     k1 estimator folded into the reward; 4 PPO epochs per rollout; gamma 1, lambda 0.95, ratio
     and value clip 0.2 (the PPO-for-LMs settings of Ziegler et al. 2019 / InstructGPT); a small
     constant policy learning rate and a 10x larger critic one."""
-    cfg = PPOConfig()
-    cfg.model.train_vision = False
-    cfg.model.train_projector = False
-    cfg.kl.coef = 0.05
-    cfg.kl.estimator = "k1"
-    cfg.kl.placement = "reward"
-    cfg.update.epochs = 4
-    cfg.optim.lr = 1e-6
-    cfg.optim.schedule = "constant"
-    cfg.optim.warmup_ratio = 0.0
-    cfg.train.batch_size = 8
-    return cfg
+    lora: LoraSection = section(LoraSection, "LoRA / QLoRA (the critic gets LoRA adapters of its own)")
+    optim: RLOptim = section(RLOptim, "optimizer and learning-rate schedule of the policy (per optimizer step)")
+    kl: PPOKL = section(PPOKL, "KL to the reference: coef, estimator, in the reward (PPO) or the loss")
+    update: PPOUpdate = section(PPOUpdate, "updates per rollout: epochs, minibatch size, ratio clip")
+    ppo: PPOSection = section(PPOSection, "GAE, advantage whitening, loss aggregation, score penalties")
+    value: ValueSection = section(ValueSection, "the critic: initialisation, learning rate, value clip, warm-up")
 
-
-def check_ppo_config(cfg: PPOConfig) -> None:
-    check_value_section(cfg.value)
-    p = cfg.ppo
-    if not 0.0 <= p.gamma <= 1.0 or not 0.0 <= p.lam <= 1.0:
-        raise VlmalignError(f"ppo.gamma and ppo.lam must lie in [0, 1], got {p.gamma} and {p.lam}")
-    if p.loss_agg not in AGGREGATIONS:
-        raise VlmalignError(f"ppo.loss_agg {p.loss_agg!r} is not one of {', '.join(AGGREGATIONS)}")
-    if cfg.value.warmup_iterations >= max(cfg.train.max_steps, 1) and cfg.train.max_steps > 0:
-        raise VlmalignError(f"value.warmup_iterations ({cfg.value.warmup_iterations}) leaves no step of "
-                            f"train.max_steps ({cfg.train.max_steps}) for the policy")
+    def check(self) -> None:
+        super().check()
+        if self.value.warmup_iterations >= max(self.train.max_steps, 1) and self.train.max_steps > 0:
+            raise VlmalignError(f"value.warmup_iterations ({self.value.warmup_iterations}) leaves no step of "
+                                f"train.max_steps ({self.train.max_steps}) for the policy")
 
 
 class _Trainable(torch.nn.Module):
@@ -117,7 +89,7 @@ class PPOMethod:
 
     def __init__(self, cfg: PPOConfig, adapter, value_model=None):
         from .common import resolve_dtype
-        check_ppo_config(cfg)
+        validate_config(cfg)
         self.cfg = cfg
         self.agg = cfg.ppo.loss_agg
         self.value_model = value_model if value_model is not None else build_value_model(
@@ -209,13 +181,20 @@ class PPOMethod:
         return loss, stats
 
 
-def train_ppo(cfg: PPOConfig, adapter=None, reward=None, method: PPOMethod | None = None):
+def train_ppo(cfg: PPOConfig, adapter=None, reward=None, method: PPOMethod | None = None, callbacks=()):
     """Train with PPO. ``adapter``: the starting policy (default: built from ``cfg.model``);
     ``method``: a ready :class:`PPOMethod` for that adapter (default: built here, critic
     included). Returns ``(TrainResult, adapter)``; the critic is ``method.value_model``."""
     from .common import build_adapter, seed_everything
-    check_ppo_config(cfg)
+    validate_config(cfg)
     seed_everything(cfg.train.seed)
     adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
     method = method or PPOMethod(cfg, adapter)
-    return run_online(cfg, method, adapter=adapter, reward=reward)
+    return run_online(cfg, method, adapter=adapter, reward=reward, callbacks=callbacks)
+
+
+METHODS = (
+    Method("ppo", "PPO with a critic: value model from the policy or a reward model, KL to a frozen "
+           "reference, GAE, minibatch epochs, critic warm-up",
+           PPOConfig, train_ppo),
+)

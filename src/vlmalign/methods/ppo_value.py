@@ -50,20 +50,11 @@ class ValueSection:
     warmup_iterations: int = opt(0, "rollout iterations at the start that train only the critic; the policy "
                                     "is not changed during them", ge=0)
 
-
-def check_value_section(v: ValueSection) -> None:
-    if v.init not in VALUE_INITS:
-        raise VlmalignError(f"value.init {v.init!r} is not one of {', '.join(VALUE_INITS)}")
-    if v.init == "reward_model" and not v.path:
-        raise VlmalignError("value.init=reward_model needs value.path (a `vlmalign train rm` model directory)")
-    if v.init == "policy" and v.path:
-        raise VlmalignError("value.path is only read with value.init=reward_model")
-    if not v.lr > 0:
-        raise VlmalignError(f"value.lr must be > 0, got {v.lr}")
-    if v.clip_range is not None and not v.clip_range > 0:
-        raise VlmalignError(f"value.clip_range must be > 0 or null, got {v.clip_range}")
-    if v.warmup_iterations < 0:
-        raise VlmalignError(f"value.warmup_iterations must be >= 0, got {v.warmup_iterations}")
+    def check(self) -> None:
+        if self.init == "reward_model" and not self.path:
+            raise VlmalignError("value.init=reward_model needs value.path (a `vlmalign train rm` model directory)")
+        if self.init == "policy" and self.path:
+            raise VlmalignError("value.path is only read with value.init=reward_model")
 
 
 # ----------------------------------------------------------------------------- the critic
@@ -84,8 +75,9 @@ def build_value_model(vcfg: ValueSection, policy, start_model, lora_cfg, *, seed
     LoRA adapters of the same rank on its own copy of the base.
     """
     from ..models import ScalarModel, load_scalar_model
-    from .dpo import disable_dropout
-    check_value_section(vcfg)
+    from ..config import validate_config
+    from .reference import disable_dropout
+    validate_config(vcfg, "value.")
     if vcfg.init == "reward_model":
         vm = load_scalar_model(vcfg.path, dtype=dtype, device=policy.device, is_trainable=True)
         ad = vm.adapter
@@ -121,7 +113,7 @@ def build_value_model(vcfg: ValueSection, policy, start_model, lora_cfg, *, seed
 
 def shares_policy_features(policy, value_model, model_cfg, lora_cfg) -> bool:
     """True when the policy's image features can serve the critic (both encoders frozen and equal)."""
-    from .dpo import same_encoder
+    from .reference import same_encoder
     return same_encoder(policy, value_model.adapter, model_cfg, lora_cfg)
 
 

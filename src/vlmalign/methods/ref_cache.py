@@ -175,8 +175,8 @@ def load_or_compute(cache: RefLogpsCache, n: int, compute: Callable[[], dict[str
             values = compute()
             cache.save(values, n)
             COUNTERS["computed"] += 1
-            print(f"reference log-probs: computed for {n} pairs in {time.time() - t0:.1f}s, "
-                  f"cached in {cache.dir}")
+            log.info("reference log-probs: computed for %d pairs in %.1fs, cached in %s", n, time.time() - t0,
+                     cache.dir)
         if barrier is not None:
             barrier()
         if not main_process:
@@ -186,7 +186,7 @@ def load_or_compute(cache: RefLogpsCache, n: int, compute: Callable[[], dict[str
                                    "(is ref_cache_dir on a file system every process sees?)")
     else:
         COUNTERS["loaded"] += 1
-        print(f"reference log-probs: loaded {n} pairs from {cache.dir}")
+        log.info("reference log-probs: loaded %d pairs from %s", n, cache.dir)
         if barrier is not None:
             barrier()
     return values

@@ -36,6 +36,7 @@ from ..engine.trainer import Trainer, TrainResult, _base_name
 from ..errors import DataError, VlmalignError
 from ..losses.reward import bradley_terry_loss, plackett_luce_loss
 from .common import build_adapter, prepare_trainable, seed_everything
+from .registry import Method
 
 LIST_LOSSES = ("pairwise", "plackett_luce")
 
@@ -139,7 +140,7 @@ def _add_rejected_images(examples) -> None:
 def load_rm_examples(path, data_cfg, adapter, *, train: bool, margin: bool = False, limit=None):
     """Read and tokenize a pairs / ranked-lists file (errors name file, record and field)."""
     from ..data.batching import SkipReport, prepare
-    from .common import image_loader, read_records, report_examples
+    from ..data.loading import image_loader, read_records, report_examples
     recs, rep1 = read_records(path, data_cfg, limit=limit)
     loader = image_loader(adapter, data_cfg, path)
     tok = make_tokenizer(adapter, loader, data_cfg.max_length, train=train, margin=margin)
@@ -275,7 +276,7 @@ def _check(cfg: RMConfig) -> None:
         raise VlmalignError("rm.margin applies to rm.list_loss=pairwise only")
 
 
-def train_rm(cfg: RMConfig, adapter=None) -> tuple[TrainResult, object]:
+def train_rm(cfg: RMConfig, adapter=None, callbacks=()) -> tuple[TrainResult, object]:
     """Train a reward model. Returns the result and the trained ScalarModel (``.adapter``)."""
     from ..models.scalar_head import ScalarModel
     _check(cfg)
@@ -303,7 +304,8 @@ def train_rm(cfg: RMConfig, adapter=None) -> tuple[TrainResult, object]:
         evaluate = lambda step: evaluate_rm(model, eval_examples, ecollate, cfg.train.batch_size, cfg.rm)  # noqa: E731
     trainer = Trainer(method=RMMethod(model, cfg.rm), model=model, processor=adapter.processor, examples=examples,
                       collate=RMCollator(loader, pad_id), train_cfg=cfg.train, optim_cfg=cfg.optim, config=cfg,
-                      evaluate=evaluate, adapters=[adapter], projector_names=proj_names, vision_names=vis_names)
+                      evaluate=evaluate, adapters=[adapter], projector_names=proj_names, vision_names=vis_names,
+                      callbacks=callbacks)
     return trainer.train(), model
 
 
@@ -334,3 +336,9 @@ def score_records(model, records, loader, *, batch_size: int = 16, max_length: i
                 yield {"id": rec.id, "index": rec.index, "candidate": label, "rank": k,
                        "prompt": user[-1].text if user else "", "images": [im.to_json() for im in imgs],
                        "response": response, "score": s[sl[k]]}
+
+
+METHODS = (
+    Method("rm", "reward model: scalar head on any family, pairs or ranked lists",
+           RMConfig, train_rm),
+)

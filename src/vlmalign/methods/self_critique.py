@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, opt, validate_config
 from ..data.images import resolve_image_path
 from ..data.kinds import coerce
 from ..data.schema import Conversation, ImageRef, ImagePart, Message, PreferencePair, RLPrompt
@@ -46,32 +46,27 @@ JUDGE_TEMPLATE = (
 
 @dataclass
 class SelfCritiqueConfig:
-    n: int = 4                      # responses sampled per prompt
-    temperature: float = 1.0        # sampling temperature (0: greedy, so all n are the same)
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 64
-    seed: int = 0
-    batch_size: int = 8             # prompts per sampling call; their images are encoded once per call
-    max_prompt_length: int | None = None   # longer prompts are refused (never cut)
-    drop_unfinished: bool = False   # drop responses that hit max_new_tokens (counted either way)
-    max_pairs: int = 0              # judge mode: pairs judged per prompt (0: all n(n-1)/2)
-    rm_pairs: str = "best_worst"    # reward-model mode: best_worst | best_each
-    tie_margin: float = 0.0         # reward-model mode: score differences <= this are ties
+    """Sampling and pairing options of ``vlmalign generate-preferences`` (its flags are these)."""
+    n: int = opt(4, "responses sampled per prompt", ge=2)
+    temperature: float = opt(1.0, "sampling temperature (0: greedy, so all n are the same)", ge=0)
+    top_p: float = opt(1.0, "nucleus sampling threshold", gt=0, le=1)
+    top_k: int = opt(0, "top-k sampling (0: off)", ge=0)
+    max_new_tokens: int = opt(64, "tokens per response", ge=1)
+    seed: int = opt(0, "sampling seed (and the pair-budget draw)", ge=0)
+    batch_size: int = opt(8, "prompts per sampling call (images encoded once per call)", ge=1)
+    max_prompt_length: int | None = opt(None, "refuse longer prompts (tokens; never cut)", ge=1)
+    drop_unfinished: bool = opt(False, "drop responses that hit --max-new-tokens (counted either way)")
+    max_pairs: int = opt(0, "judge mode: pairs judged per prompt, drawn with --seed (0: all n(n-1)/2)", ge=0)
+    rm_pairs: str = opt("best_worst", "reward-model mode: best_worst (one pair per prompt) or best_each (the best "
+                                      "against every other response)", RM_PAIRS)
+    tie_margin: float = opt(0.0, "reward-model mode: score differences <= this are ties (skipped)", ge=0)
 
     def check(self) -> None:
-        if not isinstance(self.n, int) or self.n < 2:
-            raise ConfigError(f"n (responses per prompt) must be an int >= 2, got {self.n!r}")
-        if self.temperature is None or self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if not isinstance(self.max_pairs, int) or self.max_pairs < 0:
-            raise ConfigError(f"max_pairs must be an int >= 0 (0: all pairs), got {self.max_pairs!r}")
-        if self.rm_pairs not in RM_PAIRS:
-            raise ConfigError(f"rm_pairs must be one of {', '.join(RM_PAIRS)}, got {self.rm_pairs!r}")
-        if not self.tie_margin >= 0:
-            raise ConfigError(f"tie_margin must be >= 0, got {self.tie_margin!r}")
+        """(run by ``validate_config`` after the declared choices and ranges) counts are integers
+        in a config built in Python."""
+        for name in ("n", "batch_size", "max_pairs"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected an integer, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -405,7 +400,7 @@ def generate_preferences(adapter, records: Sequence[RLPrompt], loader, cfg: Self
     loader's). ``best_of_n_out`` (reward-model mode): the best response per prompt as
     conversations (SFT data). ``summary_out`` (default ``<out without suffix>.summary.json``)
     gets the returned summary: counts, settings and how to train on the file."""
-    cfg.check()
+    validate_config(cfg)
     image_root = loader.image_root if image_root is None else image_root
     image_root = os.getcwd() if image_root is None else image_root
     if (judge is None) == (reward_model is None):
@@ -424,7 +419,7 @@ def generate_preferences(adapter, records: Sequence[RLPrompt], loader, cfg: Self
         pairs, best = judge_preferences(judge, cands, cfg, stats), None
     else:
         pairs, best = rank_preferences(reward_model, cands, cfg, stats)
-    from .common import write_json
+    from ..engine.run_dir import write_json
     if summary_out is None:
         summary_out = Path(out).with_suffix("").as_posix() + ".summary.json"
     Path(summary_out).parent.mkdir(parents=True, exist_ok=True)

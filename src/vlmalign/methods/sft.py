@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import opt, section
+from ..config import opt, section, with_defaults
 from ..config.sections import DataSection, LoraSection, ModelSection, OptimSection, TrainSection
 from ..data.batching import IGNORE_INDEX, SFTCollator
 from ..engine.trainer import Trainer, TrainResult
 from ..losses.sft import sft_loss
-from .common import build_adapter, load_examples, prepare_trainable, seed_everything
+from ..data.loading import load_examples
+from .common import build_adapter, prepare_trainable, seed_everything
+from .registry import Method
 
 
 @dataclass
@@ -38,14 +40,17 @@ class SFTConfig:
     eval: EvalSection = section(EvalSection, "generation-based evaluation")
 
 
-def pretrain_config() -> SFTConfig:
-    """Defaults for projector pretraining: only the projector learns, at a higher rate."""
-    cfg = SFTConfig()
-    cfg.model.train_vision = False
-    cfg.model.train_language = False
-    cfg.model.train_projector = True
-    cfg.optim.lr = 1e-3
-    return cfg
+ProjectorOnlyModel = with_defaults(ModelSection, "ProjectorOnlyModel", train_vision=False, train_projector=True,
+                                   train_language=False)
+PretrainOptim = with_defaults(OptimSection, "PretrainOptim", lr=1e-3)
+
+
+@dataclass
+class PretrainConfig(SFTConfig):
+    """Projector pretraining (LLaVA stage 1): only the projector learns, at a higher rate."""
+    model: ProjectorOnlyModel = section(ProjectorOnlyModel, "model to start from; by default only the projector "
+                                                            "trains")
+    optim: PretrainOptim = section(PretrainOptim, "optimizer and learning-rate schedule")
 
 
 class SFTMethod:
@@ -119,7 +124,7 @@ def make_evaluator(adapter, cfg: SFTConfig, eval_examples, collate):
     return evaluate
 
 
-def train_sft(cfg: SFTConfig, adapter=None) -> tuple[TrainResult, object]:
+def train_sft(cfg: SFTConfig, adapter=None, callbacks=()) -> tuple[TrainResult, object]:
     """Run SFT (or pretraining, with its config). Returns the result and the trained adapter."""
     seed_everything(cfg.train.seed)
     adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
@@ -145,5 +150,13 @@ def train_sft(cfg: SFTConfig, adapter=None) -> tuple[TrainResult, object]:
         evaluate = make_evaluator(adapter, cfg, eval_examples, ecollate)
     trainer = Trainer(method=SFTMethod(adapter), model=model, processor=adapter.processor, examples=examples,
                       collate=collate, train_cfg=cfg.train, optim_cfg=cfg.optim, config=cfg, evaluate=evaluate,
-                      adapters=[adapter], projector_names=projector, vision_names=vision)
+                      adapters=[adapter], projector_names=projector, vision_names=vision, callbacks=callbacks)
     return trainer.train(), adapter
+
+
+METHODS = (
+    Method("pretrain", "projector pretraining on captions (LLaVA stage 1)",
+           PretrainConfig, train_sft),
+    Method("sft", "supervised fine-tuning (full, LoRA or QLoRA)",
+           SFTConfig, train_sft),
+)

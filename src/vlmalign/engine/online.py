@@ -1,0 +1,298 @@
+"""The online-RL step strategy of the engine: GRPO, RLOO, REINFORCE++ (methods/grpo.py) and PPO.
+
+One step, per process (docs/RL.md, "GRPO / RLOO"):
+
+1. ``rollout.prompts_per_step`` prompts (a seeded permutation of the prompt file per epoch) ->
+   :func:`~vlmalign.rollout.rollout`: ``rollout.k`` samples each, every unique image encoded ONCE;
+   the sampling seed is a function of (train.seed, step, rank), so a resumed run samples the
+   same tokens.
+2. Rewards: the recipe's sources (``reward:``, :func:`~vlmalign.rewards.build_reward`) on
+   every response.
+3. No-grad forwards: the reference's log-probs (KL) and, where the updates leave the rollout
+   policy behind, the rollout policy's own ("old", for the ratio); both on the sampling-time
+   image features when the vision tower and projector are frozen.
+4. ``method.advantages(loop, batch, data)`` fills ``data["advantages"]`` (R, T): the method's hook
+   (group baselines here, GAE with a critic for PPO).
+5. ``update.epochs`` passes over the R rows in shuffled minibatches of ``update.minibatch_size``
+   rows, one optimizer step each, accumulated over micro-batches of ``train.batch_size`` rows.
+   ``method.loss(loop, mb, data, logprobs, hidden, num_items)`` returns each micro-batch's loss
+   divided by the minibatch's item count summed over micro-batches and processes (tokens for
+   ``token_mean``, rows otherwise), so accumulation and processes give the one-batch gradient.
+6. Metrics -> metrics.jsonl and training.png; atomic checkpoints (weights, optimizer, schedule,
+   RNG, step, ``method.state_dict()``); greedy held-out evaluation every ``train.eval_every``
+   steps, at step 0 and at the end.
+
+Setup, optimizer, checkpoints, resume, the step loop, evaluation and logging are the engine's
+(:class:`~.trainer.Engine`); config sections, the shared policy objective, setup
+(``run_online``) and the held-out evaluation are :mod:`vlmalign.methods.online`.
+
+A method object provides ``agg`` (the loss aggregation, for item counts), ``advantages`` and
+``loss``, and may provide:
+
+* ``rollout_extras(loop, batch) -> dict`` of per-row tensors computed without grad after the
+  rollout (e.g. values);
+* ``extra_modules() -> dict`` of modules moved to the device and checkpointed next to the policy
+  (``NAME.safetensors``, reloaded on resume), e.g. a value model;
+* ``optimizer_groups() -> list`` of parameter groups added to the policy's optimizer (their own
+  ``lr`` allowed), or ``optimizer_step(loop)`` called after each policy optimizer step (a method
+  with its own optimizer: it clips, steps and zeroes it there);
+* ``update_policy(loop) -> bool``: False skips the policy's optimizer step (e.g. critic warm-up);
+* ``state_dict()`` / ``load_state_dict()``: extra state for checkpoints (e.g. running statistics).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+
+import torch
+
+from ..losses.rl import entropy_from_logits
+from ..rewards import RewardInput
+from ..rollout import SamplingConfig, rollout, sequence_logprobs
+from .trainer import Engine
+
+log = logging.getLogger(__name__)
+
+
+def _rows(data: dict, rows: list[int], T: int) -> dict:
+    """Per-row tensors of ``rows``: (R,) -> (n,), (R, T0) -> (n, T) (a sub-batch drops padding)."""
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    out = {}
+    for k, v in data.items():
+        v = v[idx.to(v.device)]
+        out[k] = v[:, :T] if v.dim() == 2 else v
+    return out
+
+
+class OnlineTrainer(Engine):
+    """Runs ``method`` on ``records`` (RL prompts): see the module docstring for one step."""
+
+    desc = "rl"
+
+    def __init__(self, *, cfg, method, adapter, model, records, loader, reward=None, reference=None,
+                 eval_records=(), eval_loader=None, evaluate=None, projector_names=frozenset(),
+                 vision_names=frozenset(), callbacks=()):
+        """``reward``: a callable ``inputs -> (total (N,), {name: (N,)})`` for training and held-out
+        prompts (default: the recipe's ``reward:`` sources, built on the training device);
+        ``evaluate(trainer, step) -> dict``: the held-out evaluation, run when there are
+        ``eval_records``."""
+        self.cfg, self.adapter, self.reference = cfg, adapter, reference
+        self.records, self.loader = list(records), loader
+        self.eval_records, self.eval_loader = list(eval_records), eval_loader
+        ro = cfg.rollout
+        self.rows = ro.prompts_per_step * ro.k
+        self.minibatch = cfg.update.minibatch_size or self.rows
+        extra = method.extra_modules() if hasattr(method, "extra_modules") else {}
+        groups = list(method.optimizer_groups()) if hasattr(method, "optimizer_groups") else []
+        super().__init__(method=method, model=model, processor=adapter.processor, train_cfg=cfg.train,
+                         optim_cfg=cfg.optim, config=cfg, n_items=len(self.records), per_step=ro.prompts_per_step,
+                         updates_per_step=cfg.update.epochs * math.ceil(self.rows / self.minibatch),
+                         extra_groups=groups, extra_modules=extra, adapters=[adapter], projector_names=projector_names,
+                         vision_names=vision_names, records=self.records,
+                         evaluate=(lambda step: evaluate(self, step)) if (evaluate and self.eval_records) else None,
+                         callbacks=callbacks, empty_message=f"{cfg.data.train_file}: no RL prompts to train on")
+        self.sampling = SamplingConfig(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                                       top_p=ro.top_p, top_k=ro.top_k)
+        self.max_prompt_length = cfg.data.max_length - ro.max_new_tokens
+        single = cfg.update.epochs == 1 and self.minibatch >= self.rows
+        self.old_mode = {"auto": "live" if single else "recompute"}.get(cfg.update.old_logprobs,
+                                                                           cfg.update.old_logprobs)
+        self.encoder_frozen = not (cfg.model.train_vision or cfg.model.train_projector or
+                                   (cfg.lora.enabled and cfg.lora.include_vision))
+        for mod in extra.values():
+            mod.to(self.acc.device)
+        if reference is not None and reference.adapter is not adapter:
+            reference.adapter.model.to(self.acc.device)
+        from ..data.loading import data_root
+        from ..rewards import build_reward
+        from ..methods.common import resolve_dtype
+        root = data_root(cfg.data, cfg.data.train_file)
+        kw = dict(device=self.acc.device, dtype=resolve_dtype(cfg.model.dtype))
+        self.reward = reward if reward is not None else build_reward(cfg.reward, image_root=root, **kw)
+        eroot = data_root(cfg.data, cfg.data.eval_file) if cfg.data.eval_file else root
+        self.eval_reward = self.reward if (reward is not None or eroot == root) else \
+            build_reward(cfg.reward, image_root=eroot, **kw)
+
+    # ------------------------------------------------------------------ helpers
+    def _prompts(self, step: int) -> list:
+        epoch, j = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.records), generator=g).tolist()
+        per = self.cfg.rollout.prompts_per_step * self.world
+        return [self.records[i] for i in order[j * per:(j + 1) * per][self.rank::self.world]]
+
+    def seed_for(self, step: int, salt: int = 0) -> int:
+        return ((self.cfg.train.seed * 1_000_003 + step) * 1_009 + self.rank) * 7 + salt
+
+    def policy_features(self, mb):
+        """Image features for a forward of sub-batch ``mb``: the sampling-time ones when the
+        encoder is frozen (no re-encoding), else None (encode with the current weights)."""
+        return mb.encoded if self.encoder_frozen else None
+
+    @contextlib.contextmanager
+    def no_grad_pass(self):
+        """No-grad forwards on the plain module (no DDP buffer syncs), in eval mode."""
+        plain = self.acc.unwrap_model(self.runner)
+        self.adapter.runner = plain
+        was = plain.training
+        plain.eval()
+        try:
+            with torch.no_grad(), self.acc.autocast():
+                yield
+        finally:
+            self.adapter.runner = self.runner
+            plain.train(was)
+
+    def chunked(self, fn, batch) -> torch.Tensor:
+        """(R, T) values of ``fn(sub_batch)`` computed ``train.batch_size`` rows at a time."""
+        R, T = batch.response_ids.shape
+        out = torch.zeros(R, T, dtype=torch.float32, device=batch.response_ids.device)
+        bs = self.cfg.train.batch_size
+        for s in range(0, R, bs):
+            mb = batch.select(range(s, min(R, s + bs)))
+            v = fn(mb).float()
+            out[s:s + v.shape[0], :v.shape[1]] = v
+        return out
+
+    def reference_logprobs(self, mb, policy_encoded=None):
+        ref = self.reference
+        with ref.context():
+            enc = policy_encoded if (ref.share_features and policy_encoded is not None) else None
+            return sequence_logprobs(ref.adapter, mb, encoded=enc)
+
+    @staticmethod
+    def head_logits(adapter, hidden, temperature: float = 1.0) -> torch.Tensor:
+        """Full-vocabulary fp32 logits (..., V) from final hidden states (the output head's input;
+        under mixed precision they may be in a lower dtype than the head's weights)."""
+        head = adapter.model.get_output_embeddings()
+        return head(hidden.to(head.weight.dtype)).float() / temperature
+
+    @classmethod
+    @torch.no_grad()
+    def entropy(cls, adapter, hidden, mask, temperature: float) -> torch.Tensor:
+        """Mean entropy over the valid tokens of (R, T, H) hidden states, one row of logits at a
+        time (full-vocabulary logits of a whole batch can be large)."""
+        total = sum(entropy_from_logits(cls.head_logits(adapter, hidden[r, mask[r]], temperature)).sum()
+                    for r in range(hidden.shape[0]))
+        return total / mask.sum().clamp_min(1)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        cfg, ad, method = self.cfg, self.adapter, self.method
+        self._grad_norm = None
+        t0 = time.time()
+        batch = rollout(ad, self._prompts(self.step), self.loader, self.sampling, cfg.rollout.k,
+                        seed=self.seed_for(self.step), batch_size=cfg.rollout.generation_batch_size,
+                        max_prompt_length=self.max_prompt_length)
+        t_roll = time.time() - t0
+        lengths, fin = batch.response_lengths.tolist(), batch.finished.tolist()
+        inputs = [RewardInput.from_record(batch.records[g], text, finished=bool(f), response_tokens=int(n))
+                  for g, text, f, n in zip(batch.group_ids.tolist(), batch.texts, fin, lengths)]
+        scores, parts = self.reward(inputs)
+        dev = batch.response_ids.device
+        data = {"scores": scores.to(dev)}
+        with self.no_grad_pass():
+            if self.old_mode == "recompute":
+                data["old_logprobs"] = self.chunked(
+                    lambda mb: sequence_logprobs(ad, mb, encoded=self.policy_features(mb)), batch)
+            elif self.old_mode == "sampling":
+                data["old_logprobs"] = batch.logprobs
+            if self.reference is not None:
+                data["ref_logprobs"] = self.chunked(
+                    lambda mb: self.reference_logprobs(mb, self.policy_features(mb)), batch)
+            if hasattr(method, "rollout_extras"):
+                data.update(method.rollout_extras(self, batch))
+        adv_stats = method.advantages(self, batch, data) or {}
+        t1 = time.time()
+        upd = self._update(batch, data)
+        # rollout statistics over every process's rows
+        k = cfg.rollout.k
+        grp = scores.view(-1, k)
+        sums = {"n": scores.numel(), "r": scores.sum(), "r2": (scores.double() ** 2).sum(),
+                "len": sum(lengths), "fin": sum(fin), "groups": grp.shape[0],
+                "flat": int((grp.max(1).values == grp.min(1).values).sum()) if k > 1 else 0}
+        sums.update({f"part/{n}": v.sum() for n, v in parts.items()})
+        sums.update({f"adv/{n}": float(v) * scores.numel() for n, v in adv_stats.items()})
+        red = self._reduce_dict(sums)
+        n = red["n"]
+        mean = red["r"] / n
+        out = {"reward": mean, "reward_std": math.sqrt(max(red["r2"] / n - mean ** 2, 0.0) * n / max(n - 1, 1)),
+               **{f"reward/{p[5:]}": v / n for p, v in red.items() if p.startswith("part/")},
+               **{p[4:]: v / n for p, v in red.items() if p.startswith("adv/")},
+               "response_length": red["len"] / n, "finished": red["fin"] / n,
+               "zero_std_groups": red["flat"] / red["groups"] if k > 1 else float("nan"),
+               **{f"reward/{s}": v for s, v in getattr(self.reward, "stats", dict)().items()},
+               **upd, "rollout_s": t_roll, "update_s": time.time() - t1}
+        if self._grad_norm is not None:
+            out["grad_norm"] = self._grad_norm
+        self.step += 1
+        return out
+
+    def _update(self, batch, data) -> dict:
+        cfg, ad, method = self.cfg, self.adapter, self.method
+        R, bs = batch.num_rows, cfg.train.batch_size
+        mask_all = batch.response_mask
+        g = torch.Generator().manual_seed(self.seed_for(self.step, salt=1))
+        sums: dict[str, float] = {}
+        tokens = 0.0
+        n_updates = 0
+        self.runner.train()
+        for _ in range(cfg.update.epochs):
+            perm = torch.randperm(R, generator=g).tolist() if cfg.update.epochs > 1 or self.minibatch < R \
+                else list(range(R))
+            for s in range(0, R, self.minibatch):
+                rows = perm[s:s + self.minibatch]
+                sel = mask_all[torch.as_tensor(rows, device=mask_all.device)]
+                items = sel.sum() if method.agg == "token_mean" else torch.tensor(float(len(rows)))
+                num_items = self._reduce(items.float().reshape(1).to(self.acc.device)).item()
+                micro = [rows[i:i + bs] for i in range(0, len(rows), bs)]
+                for i, mrows in enumerate(micro):
+                    mb = batch.select(mrows)
+                    d = _rows(data, mrows, mb.response_ids.shape[1])
+                    with self.no_sync(i == len(micro) - 1), self.acc.autocast():
+                        lp, hidden = sequence_logprobs(ad, mb, encoded=self.policy_features(mb), with_grad=True,
+                                                       return_hidden=True)
+                        loss, st = method.loss(self, mb, d, lp, hidden, num_items)
+                    self.backward(loss)
+                    ntok = float(mb.response_mask.sum())
+                    st["entropy"] = self.entropy(ad, hidden.detach(), mb.response_mask, batch.temperature)
+                    del hidden
+                    # losses are already divided by the minibatch's global item count: they add up
+                    # over micro-batches and processes; the other stats are token means
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                    for key, v in st.items():
+                        sums[key] = sums.get(key, 0.0) + float(v) * (1.0 if key.endswith("loss") else ntok)
+                    tokens += ntok
+                n_updates += 1
+                self._optimizer_step()
+        red = self._reduce_dict({**sums, "_tokens": tokens})
+        tok = red.pop("_tokens") or 1.0
+        out = {k: v / (n_updates if k.endswith("loss") else tok) for k, v in red.items()}
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        out["updates"] = n_updates
+        return out
+
+    def _optimizer_step(self) -> None:
+        """The engine's step for the policy (skipped while ``method.update_policy`` says so; the
+        schedule still moves), then the method's own optimizer, if it has one."""
+        policy = self.method.update_policy(self) if hasattr(self.method, "update_policy") else True
+        gn = self.optimizer_step(update=policy)
+        if gn is not None:
+            self._grad_norm = gn
+        if hasattr(self.method, "optimizer_step"):
+            self.method.optimizer_step(self)
+
+    # ------------------------------------------------------------------ the engine's hooks
+    def layout(self) -> dict:
+        """The settings that fix which prompts and samples each step draws: a resumed run keeps them."""
+        ro = self.cfg.rollout
+        return {"rollout.prompts_per_step": ro.prompts_per_step, "rollout.k": ro.k, "processes": self.world,
+                "train.seed": self.cfg.train.seed, "prompts": len(self.records)}
+
+    def postfix(self, metrics: dict) -> dict:
+        return {"reward": f"{metrics['reward']:.3f}", "kl": f"{metrics.get('kl', float('nan')):.4f}"}
+
+    def evaluate_at_start(self) -> bool:
+        return True

@@ -1,0 +1,103 @@
+"""The quickstart's plan (``plan.yaml``) and its stages' configs, read from the shipped recipes
+(``recipes/quickstart/<stage>.yaml``, this package's ``recipes/`` folder).
+
+:func:`stage_config` is a recipe as written, with its paths moved under the quickstart's output
+(``data/shapesworld/`` -> ``OUT/data/``, ``data/shapesworld_rl/`` -> ``OUT/data_rl/``,
+``runs/quickstart/`` -> ``OUT/``), its seed, and, for another step count than the recipe's, the
+settings that follow the steps (:func:`follow_steps`). At the recipe's own step count
+:func:`follow_steps` changes nothing (tests/integration/test_quickstart.py checks it for
+every stage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+RECIPES = HERE / "recipes"
+PLAN = yaml.safe_load((HERE / "plan.yaml").read_text())
+RL_METHODS = tuple(PLAN["stages"]["rl"])
+
+# where the recipes put things, and where the quickstart's run puts them (the longest first)
+_RECIPE_ROOTS = (("data/shapesworld_rl/", "data_rl"), ("data/shapesworld/", "data"), ("runs/quickstart/", ""))
+
+
+def data_config(seed: int = 0):
+    """The ShapesWorld the quickstart generates (``plan.yaml``, ``data``)."""
+    from ..data.synthetic import ShapesConfig
+    return ShapesConfig(**{**PLAN["data"], "seed": seed})
+
+
+def rl_data_config(data, seed: int, steps: int, prompts: int):
+    """The RL stage's ShapesWorld: the SFT data's images (same seed and settings) asked in every
+    phrasing (``plan.yaml``, ``rl_data``), as many training images as the stage reads prompts."""
+    from dataclasses import replace
+    return replace(data, seed=seed, train_images=max(steps * prompts, 1), **PLAN["rl_data"])
+
+
+def tiny_settings(family: str) -> dict:
+    return dict(PLAN["tiny"].get(family, {}))
+
+
+def recipe_path(stage: str) -> Path:
+    return RECIPES / f"{stage}.yaml"
+
+
+def method_of(stage: str) -> str:
+    """The training method of a stage's recipe (the file name's first word, recipes/README.md)."""
+    return stage.split("_")[0]
+
+
+def load_recipe(stage: str):
+    """The recipe of ``stage`` as its method's config, as written."""
+    from ..config import load_config
+    from ..methods.registry import get
+    return load_config(get(method_of(stage)).config, recipe_path(stage))
+
+
+def recipe_steps(stage: str) -> int:
+    return load_recipe(stage).train.max_steps
+
+
+def _move_paths(obj, out: Path) -> None:
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if is_dataclass(v):
+            _move_paths(v, out)
+        elif isinstance(v, str):
+            for prefix, sub in _RECIPE_ROOTS:
+                if v.startswith(prefix):
+                    setattr(obj, f.name, str((out / sub if sub else out) / v[len(prefix):]))
+                    break
+
+
+def follow_steps(cfg, stage: str, steps: int) -> None:
+    """Set ``steps`` and what the recipes derive from it: the records read (one pass: steps x
+    batch for rm / dpo, steps x prompts for grpo / ppo), the evaluation interval (a fifth of the
+    run for rm / dpo), the RL warm-up (at most a tenth of the run) and PPO's critic warm-up (at
+    least one policy step)."""
+    recipe = load_recipe(stage)
+    cfg.train.max_steps = steps
+    method = method_of(stage)
+    if method in ("rm", "dpo"):
+        cfg.data.max_train_samples = steps * cfg.train.batch_size
+        cfg.train.eval_every = max(steps // 5, 1)
+    if method in ("grpo", "ppo"):
+        cfg.data.max_train_samples = steps * cfg.rollout.prompts_per_step
+        cfg.optim.warmup_steps = min(recipe.optim.warmup_steps, steps // 10)
+    if method == "ppo":
+        cfg.value.warmup_iterations = min(recipe.value.warmup_iterations, max(steps - 1, 0))
+
+
+def stage_config(stage: str, out: str | Path, *, steps: int | None = None, seed: int = 0):
+    """``recipes/quickstart/<stage>.yaml`` for a quickstart writing to ``out``: paths under
+    ``out``, ``train.seed``, and ``steps`` (default: the recipe's) with :func:`follow_steps`.
+    ``model.path`` stays the recipe's: the quickstart sets the model each stage starts from."""
+    cfg = load_recipe(stage)
+    _move_paths(cfg, Path(out))
+    cfg.train.seed = seed
+    follow_steps(cfg, stage, cfg.train.max_steps if steps is None else steps)
+    return cfg

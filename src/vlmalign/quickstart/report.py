@@ -1,0 +1,145 @@
+"""The quickstart's report: the printed table and ``report.md`` (per-stage VQA / POPE metrics,
+held-out preference accuracy, what DPO and the RL stage changed, training curves)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .plan import RL_METHODS
+
+# the keys of the RL stage's row besides the VQA / POPE metrics
+GRPO_KEYS = ("reward", "reward_start", "kl", "train_reward", "train_kl", "train_loss", "steps")
+
+
+KEY_METRICS = ("vqa_accuracy", "pope_accuracy", "pope_f1", "pope_yes_ratio", "train_loss")
+
+
+def render_table(report: dict) -> str:
+    head = f"{'stage':<10}" + "".join(f"{k:>16}" for k in KEY_METRICS) + f"{'seconds':>10}"
+    lines = [head, "-" * len(head)]
+    for s in report["stages"]:
+        cells = []
+        for k in KEY_METRICS:
+            v = s["metrics"].get(k)
+            cells.append(f"{v:>16.3f}" if isinstance(v, (int, float)) and v is not None else f"{'-':>16}")
+        lines.append(f"{s['name']:<10}" + "".join(cells) + f"{s['seconds']:>10.1f}")
+    pref = [s for s in report["stages"] if _pref_prefix(s)]
+    if pref:
+        lines += ["", "held-out preference pairs (dpo_eval.json)",
+                  f"{'stage':<10}" + "".join(f"{k:>16}" for k in PREF_METRICS)]
+        lines.append("-" * len(lines[-1]))
+        for s in pref:
+            pre = _pref_prefix(s)
+            cells = [s["metrics"].get(pre + k) for k in PREF_METRICS]
+            lines.append(f"{s['name']:<10}" + "".join(f"{v:>16.3f}" if isinstance(v, (int, float)) else f"{'-':>16}"
+                                                      for v in cells))
+    lines += rl_table(report)
+    return "\n".join(lines)
+
+
+PREF_METRICS = ("accuracy", "margin", "chosen_reward", "rejected_reward", "loss")
+CHANGE_METRICS = ("vqa_accuracy", "pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio")
+
+
+def _pref_prefix(stage: dict) -> str | None:
+    """``rm_`` / ``dpo_`` for the stages measured on preference pairs, else None."""
+    for pre in ("rm_", "dpo_"):
+        if pre + "accuracy" in stage["metrics"]:
+            return pre
+    return None
+
+
+def _dpo_changes(report: dict) -> list[str]:
+    """Markdown rows: each VQA/POPE metric before DPO (the last stage measured on them) and after."""
+    st = report["stages"]
+    i = next((k for k, s in enumerate(st) if s["name"] == "dpo"), None)
+    before = next((s for s in reversed(st[:i]) if "vqa_accuracy" in s["metrics"]), None) if i else None
+    if before is None:
+        return []
+    after = st[i]["metrics"]
+    rows = [f"## What DPO changed ({before['name']} -> dpo)", "", f"| metric | {before['name']} | dpo | change |",
+            "|---|---|---|---|"]
+    types = sorted(k for k in after if k.startswith("vqa_accuracy/"))
+    for k in (*CHANGE_METRICS[:1], *types, *CHANGE_METRICS[1:]):
+        a, b = before["metrics"].get(k), after.get(k)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            rows.append(f"| {k} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
+    return rows + [""]
+
+
+def render_markdown(report: dict, out: Path) -> str:
+    lines = ["# vlmalign quickstart report", "",
+             f"Tiny random-init `{report['family']}` model on ShapesWorld (seed {report['seed']}); "
+             f"total {report['total_seconds']:.0f} s.", "", "```", render_table(report), "```", ""]
+    types = sorted({k for s in report["stages"] for k in s["metrics"] if k.startswith("vqa_accuracy/")})
+    if types:
+        lines += ["## VQA accuracy by question type", "",
+                  "| stage | " + " | ".join(t.split("/", 1)[1] for t in types) + " |",
+                  "|---|" + "---|" * len(types)]
+        for s in report["stages"]:
+            if "vqa_accuracy" not in s["metrics"]:
+                continue  # rm: a reward model does not answer
+            lines.append(f"| {s['name']} | " + " | ".join(f"{s['metrics'].get(t, float('nan')):.3f}"
+                                                         for t in types) + " |")
+        lines.append("")
+    lines += _dpo_changes(report)
+    lines += rl_markdown(report)
+    for s in report["stages"]:
+        png = Path(s.get("run_dir", "")) / "training.png"
+        if s.get("run_dir") and png.exists():
+            lines += [f"## {s['name']} training curves", "", f"![{s['name']}]({png.relative_to(out)})", ""]
+    lines += ["Metric definitions: see README.md (Quickstart metrics).", ""]
+    return "\n".join(lines)
+
+
+def load_report(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def rl_curves(run_dir: str | Path) -> list[dict]:
+    """The held-out measurements of an online-RL run dir, in step order: ``{"step", "reward",
+    "kl"}`` (``kl`` None where it was not measured)."""
+    from ..engine.run_dir import RunDir
+    return [{"step": row["step"], "reward": row["eval/reward"], "kl": row.get("eval/kl")}
+            for row in RunDir(run_dir).read_metrics() if "eval/reward" in row]
+
+
+def rl_markdown(report: dict) -> list[str]:
+    """report.md lines for the grpo stage: held-out reward from its starting model to the end,
+    and the held-out reward / KL curve (one row per measurement)."""
+    st = next((s for s in report["stages"] if s["name"] in RL_METHODS), None)
+    if st is None:
+        return []
+    m = st["metrics"]
+    kl = m.get("kl")
+    lines = [f"## What {st['name'].upper()} changed (held-out paraphrased questions, data_rl/vqa_eval.json, "
+             "greedy answers, exact-match reward)", "",
+             f"reward {m['reward_start']:.3f} -> {m['reward']:.3f} ({m['reward'] - m['reward_start']:+.3f}) "
+             f"in {m['steps']} steps; KL(policy || start) per answer token: "
+             + (f"{kl:.4f}" if isinstance(kl, (int, float)) else "not measured") + ".", ""]
+    run_dir = st.get("run_dir")
+    curve = rl_curves(run_dir) if run_dir and Path(run_dir).exists() else []
+    if curve:
+        lines += ["| step | held-out reward | held-out KL |", "|---|---|---|"]
+        for c in curve:
+            k = f"{c['kl']:.4f}" if isinstance(c["kl"], (int, float)) else "-"
+            lines.append(f"| {c['step']} | {c['reward']:.3f} | {k} |")
+        lines.append("")
+    return lines
+
+
+def rl_table(report: dict) -> list[str]:
+    """Printed-table lines for the grpo stage: held-out reward at its start and end, and the KL."""
+    rows = [s for s in report["stages"] if "reward_start" in s["metrics"]]
+    if not rows:
+        return []
+    cols = ("reward_start", "reward", "kl")
+    head = f"{'stage':<10}" + "".join(f"{c:>16}" for c in cols)
+    lines = ["", "held-out paraphrased questions (data_rl/vqa_eval.json, greedy, exact-match reward)", head,
+             "-" * len(head)]
+    for s in rows:
+        vals = [s["metrics"].get(c) for c in cols]
+        lines.append(f"{s['name']:<10}" + "".join(f"{v:>16.4f}" if isinstance(v, (int, float)) else f"{'-':>16}"
+                                                  for v in vals))
+    return lines

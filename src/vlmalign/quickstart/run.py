@@ -1,0 +1,217 @@
+"""The main job: a tiny VLM learns ShapesWorld end to end, offline, on a CPU.
+
+Stages (each row of ``report.json``); every training stage runs the recipe of its name in
+``recipes/quickstart/`` (:mod:`.plan`):
+
+* ``base``     -- the untrained model, measured on held-out data;
+* ``pretrain`` -- projector-only training on captions (LLaVA stage 1), measured again;
+* ``sft``      -- fine-tuning on VQA conversations, measured on held-out data;
+* ``rm``       -- a reward model (scalar head on a copy of the SFT model) trained on ShapesWorld
+  preferences, measured by held-out pairwise accuracy;
+* ``dpo``      -- DPO of the SFT model on ShapesWorld hallucination pairs (the SFT model is the
+  reference), measured by held-out preference accuracy and again by VQA and POPE;
+* ``grpo``     -- GRPO (or ``ppo``, PPO with a critic, with ``rl="ppo"``) of the model the earlier
+  stages left (DPO, else SFT) with the ShapesWorld verifiable reward (exact match against the
+  reference answer) on paraphrased questions SFT never saw, measured by held-out reward before
+  and after, and again by VQA and POPE.
+
+Metrics per stage: ``vqa_accuracy`` (exact match after normalisation) and its split per question
+type, the POPE-style ``pope_accuracy``, ``pope_f1``, ``pope_precision``, ``pope_recall`` and
+``pope_yes_ratio`` (existence questions about present and absent objects), and for training
+stages ``train_loss`` (last logged value) and ``steps``. The ``rm`` stage reports ``rm_accuracy``,
+``rm_margin`` and ``rm_loss`` instead of VQA metrics (it does not generate); the ``dpo`` stage
+adds ``dpo_accuracy``, ``dpo_margin``, ``dpo_chosen_reward``, ``dpo_rejected_reward`` and
+``dpo_loss``; the ``grpo`` / ``ppo`` stage adds ``reward``, ``reward_start``, ``kl``, ``train_reward`` and
+``train_kl``. Any training stage can be skipped with ``<stage>_steps=0``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..data.batching import ImageLoader
+from ..data.readers import read_file
+from ..data.synthetic import generate_shapesworld
+from ..engine.run_dir import write_json
+from ..eval.vqa import evaluate_pope, evaluate_vqa
+from ..methods.common import seed_everything
+from ..methods.registry import get
+from ..models import adapter_for, build_tiny
+from .plan import PLAN, RL_METHODS, data_config, method_of, recipe_steps, rl_data_config, stage_config, tiny_settings
+from .report import render_markdown, render_table
+
+DATA = data_config()
+
+
+def _measure(adapter, data_dir: Path, vqa, pope) -> dict:
+    """VQA and POPE on the held-out files, as the pretrain / sft recipes' ``eval`` section scores
+    them (6 new tokens, batches of 64): for the stages whose recipe does not."""
+    loader = ImageLoader(adapter, data_dir)
+    m, _ = evaluate_vqa(adapter, vqa, loader, max_new_tokens=6, batch_size=64)
+    m.update(evaluate_pope(adapter, pope, loader, batch_size=64))
+    return m
+
+
+def _evaluated(result) -> dict:
+    """The end-of-run evaluation of a stage's recipe (``eval/...`` metrics) without the prefix."""
+    return {k[len("eval/"):]: v for k, v in result.metrics.items() if k.startswith("eval/")}
+
+
+def train_rm_stage(adapter, cfg) -> tuple[dict, object]:
+    """Train a reward model on a COPY of ``adapter``'s model (the policy stays as it is)."""
+    rm_adapter = type(adapter)(copy.deepcopy(adapter.model), adapter.processor)
+    result, rm = get("rm").train(cfg, adapter=rm_adapter)
+    r = result.metrics
+    m = {"rm_accuracy": r["eval/accuracy"], "rm_margin": r["eval/margin"], "rm_loss": r["eval/loss"],
+         "train_loss": r.get("loss"), "steps": result.step}
+    return m, rm
+
+
+def train_dpo_stage(adapter, cfg) -> tuple[dict, object]:
+    """DPO on ``adapter`` (trained in place; the reference is its state before training)."""
+    result, adapter = get("dpo").train(cfg, adapter=adapter)
+    r = result.metrics
+    m = {"dpo_accuracy": r["eval/accuracy"], "dpo_margin": r["eval/margin"],
+         "dpo_chosen_reward": r["eval/chosen_reward"], "dpo_rejected_reward": r["eval/rejected_reward"],
+         "dpo_loss": r["eval/loss"], "train_loss": r.get("loss"), "steps": result.step}
+    return m, adapter
+
+
+def train_rl_stage(method: str, adapter, cfg) -> tuple[dict, object]:
+    """GRPO or PPO on ``adapter`` (trained in place; the reference is a frozen copy of its
+    starting state). Returns the stage's RL metrics (``report.GRPO_KEYS``) and the adapter."""
+    from ..engine.run_dir import RunDir
+    result, adapter = get(method).train(cfg, adapter=adapter)
+    r = result.metrics
+    rows = RunDir(cfg.train.output_dir).read_metrics()
+    start = next((row for row in rows if row.get("step") == 0 and "eval/reward" in row), None)
+    if start is None or "eval/reward" not in r:
+        raise RuntimeError(f"{cfg.train.output_dir}: the {method} stage did not measure the held-out reward "
+                           f"(data.eval_file={cfg.data.eval_file})")
+    m = {"reward": r["eval/reward"], "reward_start": start["eval/reward"], "kl": r.get("eval/kl"),
+         "train_reward": r.get("reward"), "train_kl": r.get("kl"), "train_loss": r.get("loss"),
+         "steps": result.step}
+    return m, adapter
+
+
+def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava", seed: int = 0,
+                   pretrain_steps: int | None = None, sft_steps: int | None = None, data=None,
+                   quiet: bool = False, rm_steps: int | None = None, dpo_steps: int | None = None,
+                   rl: str = "grpo", rl_steps: int | None = None, overwrite: bool = False) -> dict:
+    """Run the stages and write ``report.json`` / ``report.md`` under ``out``. ``<stage>_steps``:
+    that stage's steps (default: its recipe's; 0 skips it); later stages start from the model the
+    earlier ones left (rm and dpo from the SFT model when it ran, the RL stage from the DPO or
+    else the SFT model). ``rl``: the RL stage's method, ``grpo`` or ``ppo`` (also its name in the
+    report). ``data``: a :class:`~vlmalign.data.synthetic.ShapesConfig` instead of the plan's
+    (tests use fewer images). An ``out`` that holds an earlier quickstart is refused unless
+    ``overwrite`` (its stages' runs are then replaced).
+
+    Each stage's ``config.yaml`` names the model it started from (``model.path``: ``base_model/``
+    or the previous stage's last checkpoint), so ``vlmalign train METHOD --config`` reruns it."""
+    if rl not in RL_METHODS:
+        raise ValueError(f"unknown RL stage {rl!r}; choose from {', '.join(RL_METHODS)}")
+    data = DATA if data is None else data
+    stages_plan = PLAN["stages"]
+    recipe_of = {"pretrain": stages_plan["pretrain"], "sft": stages_plan["sft"], "rm": stages_plan["rm"],
+                 "dpo": stages_plan["dpo"], rl: stages_plan["rl"][rl]}
+    asked = {"pretrain": pretrain_steps, "sft": sft_steps, "rm": rm_steps, "dpo": dpo_steps, rl: rl_steps}
+    steps = {name: recipe_steps(recipe_of[name]) if n is None else n for name, n in asked.items()}
+    out = Path(out)
+    _claim(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.time()
+    say = (lambda *a: None) if quiet else print
+
+    say(f"[quickstart] generating ShapesWorld in {out / 'data'}")
+    data_dir = out / "data"
+    generate_shapesworld(data_dir, replace(data, seed=seed))
+    vqa = read_file(data_dir / "vqa_eval.json", kind="rl_prompt")
+    pope = read_file(data_dir / "pope_eval.json", kind="rl_prompt")
+
+    say(f"[quickstart] building a tiny random-init {family} model")
+    seed_everything(seed)
+    model, processor = build_tiny(family, seed=seed, **tiny_settings(family))
+    adapter = adapter_for(model, processor)
+    start = out / "base_model"  # the model each stage's config.yaml names as model.path
+    adapter.save_pretrained(str(start))
+    stages = []
+
+    def config_of(name: str):
+        cfg = stage_config(recipe_of[name], out, steps=steps[name], seed=seed)
+        cfg.train.progress = not quiet
+        cfg.train.overwrite = overwrite
+        cfg.model.path, cfg.model.tiny = str(start.resolve()), None
+        return cfg
+
+    t = time.time()
+    stages.append({"name": "base", "metrics": _measure(adapter, data_dir, vqa, pope), "seconds": time.time() - t})
+    say(f"[quickstart] base: vqa_accuracy={stages[-1]['metrics']['vqa_accuracy']:.3f}")
+
+    for name in ("pretrain", "sft", "rm", "dpo", rl):
+        if steps[name] <= 0:
+            continue
+        cfg = config_of(name)
+        if name == rl:
+            rl_dir = out / "data_rl"
+            say(f"[quickstart] generating paraphrased ShapesWorld questions for {rl} in {rl_dir}")
+            generate_shapesworld(rl_dir, rl_data_config(data, seed, steps[rl], cfg.rollout.prompts_per_step))
+        say(f"[quickstart] {name}: {steps[name]} steps on {Path(cfg.data.train_file).name}")
+        t = time.time()
+        if name in ("pretrain", "sft"):
+            # their recipes' end-of-run evaluation (VQA and POPE) is the stage's measurement
+            result, adapter = get(method_of(recipe_of[name])).train(cfg, adapter=adapter)
+            start = Path(result.checkpoint) / "model"
+            m = {**_evaluated(result), "train_loss": result.metrics.get("loss"), "steps": result.step}
+            train_s = time.time() - t
+        elif name == "rm":
+            m, rm = train_rm_stage(adapter, cfg)
+            del rm  # a copy: the policy the next stage trains is unchanged
+            train_s = time.time() - t
+        else:
+            trained, adapter = train_dpo_stage(adapter, cfg) if name == "dpo" else train_rl_stage(rl, adapter, cfg)
+            start = _last_model(cfg)
+            train_s = time.time() - t
+            m = {**_measure(adapter, data_dir, vqa, pope), **trained}
+        stages.append({"name": name, "metrics": m, "seconds": time.time() - t, "train_seconds": train_s,
+                       "run_dir": cfg.train.output_dir})
+        say(f"[quickstart] {name}: {_summary(m)} ({time.time() - t:.0f}s)")
+
+    report = {"family": family, "seed": seed, "data": str(data_dir), "stages": stages,
+              "total_seconds": time.time() - t_all}
+    write_json(out / "report.json", report)
+    (out / "report.md").write_text(render_markdown(report, out))
+    say("")
+    say(render_table(report))
+    say(f"\nreport: {out / 'report.json'} and {out / 'report.md'}")
+    return report
+
+
+def _summary(m: dict) -> str:
+    parts = []
+    if "rm_accuracy" in m:
+        parts.append(f"rm_accuracy={m['rm_accuracy']:.3f}")
+    if "dpo_accuracy" in m:
+        parts.append(f"dpo_accuracy={m['dpo_accuracy']:.3f}")
+    if "reward_start" in m:
+        parts.append(f"reward {m['reward_start']:.3f} -> {m['reward']:.3f}")
+    if "vqa_accuracy" in m:
+        parts.append(f"vqa_accuracy={m['vqa_accuracy']:.3f}")
+    return " ".join(parts)
+
+
+def _claim(out: Path, overwrite: bool) -> None:
+    from ..engine.run_dir import holds_run
+    from ..errors import VlmalignError
+    earlier = (out / "report.json").exists() or (out.is_dir() and any(holds_run(p) for p in out.iterdir()
+                                                                      if p.is_dir()))
+    if earlier and not overwrite:
+        raise VlmalignError(f"{out} already holds a quickstart run: pass --overwrite to replace it "
+                            "(overwrite=True from Python) or choose another --out")
+
+
+def _last_model(cfg) -> Path:
+    from ..engine.checkpoint import latest_checkpoint
+    return latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints") / "model"
