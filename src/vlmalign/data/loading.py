@@ -64,3 +64,14 @@ def report_examples(path: str, examples, rep: SkipReport) -> None:
     if not examples:
         why = "it has no records" if rep.total == 0 else f"all {rep.total} records were skipped as bad"
         raise DataError(f"no usable examples: {why}", file=str(path))
+
+
+def load_splits(data_cfg, load):
+    """``(train examples, train loader, eval examples, eval loader)``: ``load(path, limit)`` on
+    ``data.train_file`` (``data.max_train_samples``) and, when set, ``data.eval_file``
+    (``data.max_eval_samples``; else ``[], None``)."""
+    examples, loader = load(data_cfg.train_file, data_cfg.max_train_samples)
+    eval_examples, eval_loader = [], None
+    if data_cfg.eval_file:
+        eval_examples, eval_loader = load(data_cfg.eval_file, data_cfg.max_eval_samples)
+    return examples, loader, eval_examples, eval_loader

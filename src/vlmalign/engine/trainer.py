@@ -71,7 +71,7 @@ def _accelerator(train_cfg):
                        project_dir=train_cfg.output_dir, cpu=not torch.cuda.is_available())
 
 
-def _base_name(n: str) -> str:
+def base_param_name(n: str) -> str:
     """A parameter's name in the plain model (PEFT adds prefixes and modules_to_save copies)."""
     if n.startswith("base_model.model."):
         n = n[len("base_model.model."):]
@@ -85,7 +85,7 @@ def _param_groups(model, optim_cfg, projector_names: set[str], vision_names: set
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        base = _base_name(n)
+        base = base_param_name(n)
         lr = None
         if optim_cfg.projector_lr is not None and base in projector_names:
             lr = optim_cfg.projector_lr

@@ -20,6 +20,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def start_run(cfg, adapter=None, *, data_needed: str = "data.train_file is required"):
+    """What every method's run does first: check the config (choices, ranges, each section's
+    rules), seed, require ``data.train_file`` (``data_needed``: the error), and build the policy
+    adapter from ``cfg.model`` unless one is given. Returns the adapter."""
+    from ..config import validate_config
+    validate_config(cfg)
+    seed_everything(cfg.train.seed)
+    if not cfg.data.train_file:
+        raise VlmalignError(data_needed)
+    return adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
+
+
 def resolve_dtype(name: str):
     if name == "auto":
         if torch.cuda.is_available():

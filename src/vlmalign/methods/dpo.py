@@ -21,17 +21,17 @@ from dataclasses import dataclass
 import torch
 
 from ..config import opt, section, validate_config
-from ..config.sections import DataSection, FrozenEncoderModel, LoraSection, PreferenceOptim, TrainSection
+from ..config.sections import DataSection, PreferenceOptim, TrainSection
 from ..data.preference import CORRUPT_ROW, ROWS, Corruption, PreferenceCollator, index_examples, tokenize_pair
 from ..engine.trainer import TrainResult
 from ..errors import VlmalignError
 from ..losses.preference import REFERENCE_FREE_LOSSES, changed_token_weights, dpo_loss, mdpo_loss, \
     orpo_loss, preference_loss, simpo_loss, token_weighted_logps
-from ..data.loading import load_examples
-from .common import build_adapter, seed_everything
+from ..data.loading import load_examples, load_splits
+from .common import start_run
 from .logps import Reference, completion_logps
 from .preference import PreferenceMethod, fit
-from .reference import RefSection
+from .reference import PolicyConfig
 from .registry import Method
 
 log = logging.getLogger(__name__)
@@ -75,15 +75,11 @@ class DPOSection:
 
 
 @dataclass
-class DPOConfig:
-    model: FrozenEncoderModel = section(FrozenEncoderModel, "policy model to start from and which parts to train "
-                                                            "(by default vision tower and projector stay frozen)")
-    lora: LoraSection = section(LoraSection, "LoRA / QLoRA")
+class DPOConfig(PolicyConfig):
     data: DataSection = section(DataSection, "preference pairs: training and held-out files")
     optim: PreferenceOptim = section(PreferenceOptim, "optimizer and learning-rate schedule")
     train: TrainSection = section(TrainSection, "loop, batch sizes (in pairs), precision, checkpoints")
     dpo: DPOSection = section(DPOSection, "loss and the reference / caching / sharing options")
-    ref: RefSection = section(RefSection, "reference model")
 
 
 def corruption_of(d: DPOSection, seed: int) -> Corruption | None:
@@ -180,22 +176,15 @@ def load_pairs(path, cfg: DPOConfig, adapter, corruption=None, limit=None):
 def train_dpo(cfg: DPOConfig, adapter=None, callbacks=()) -> tuple[TrainResult, object]:
     """Train with the configured preference loss. Returns the result and the trained adapter."""
     d = cfg.dpo
-    validate_config(cfg)
-    seed_everything(cfg.train.seed)
-    if not cfg.data.train_file:
-        raise VlmalignError("data.train_file is required")
-    adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
+    adapter = start_run(cfg, adapter)
     if d.loss == "listwise":  # ranked lists (methods/listwise.py)
         from .listwise import ListwiseMethod, load_listwise
         examples, collate, eval_examples, ecollate, parts = load_listwise(cfg, adapter)
         return fit(cfg, "dpo", adapter, ListwiseMethod, examples, collate, eval_examples, ecollate,
                    cache_parts=parts, callbacks=callbacks)
     corruption = corruption_of(d, cfg.train.seed)
-    examples, loader = load_pairs(cfg.data.train_file, cfg, adapter, corruption, cfg.data.max_train_samples)
-    eval_examples, eval_loader = ([], None)
-    if cfg.data.eval_file:
-        eval_examples, eval_loader = load_pairs(cfg.data.eval_file, cfg, adapter, corruption,
-                                               cfg.data.max_eval_samples)
+    examples, loader, eval_examples, eval_loader = load_splits(
+        cfg.data, lambda path, limit: load_pairs(path, cfg, adapter, corruption, limit))
     pad_id = adapter.tokenizer.pad_token_id
     collate = PreferenceCollator(loader, pad_id, corruption)
     ecollate = PreferenceCollator(eval_loader, pad_id, corruption) if eval_examples else None

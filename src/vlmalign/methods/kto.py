@@ -32,16 +32,16 @@ from dataclasses import dataclass
 import torch
 
 from ..config import opt, section, validate_config
-from ..config.sections import DataSection, FrozenEncoderModel, LoraSection, PreferenceOptim, TrainSection
+from ..config.sections import DataSection, PreferenceOptim, TrainSection
 from ..data.completions import UNPAIRED_ROWS, UnpairedCollator, add_mismatched_rows, select_rows, tokenize_unpaired
 from ..data.preference import index_examples
 from ..engine.trainer import TrainResult
 from ..errors import VlmalignError
 from ..losses.preference import kto_loss
-from ..data.loading import load_examples
-from .common import build_adapter, seed_everything
+from ..data.loading import load_examples, load_splits
+from .common import start_run
 from .preference import PreferenceMethod, fit
-from .reference import RefSection
+from .reference import PolicyConfig
 from .logps import Reference, completion_logps, prefix_sharing_problem
 from .registry import Method
 
@@ -68,16 +68,12 @@ class KTOSection:
 
 
 @dataclass
-class KTOConfig:
-    model: FrozenEncoderModel = section(FrozenEncoderModel, "policy model to start from and which parts to train "
-                                                            "(by default vision tower and projector stay frozen)")
-    lora: LoraSection = section(LoraSection, "LoRA / QLoRA")
+class KTOConfig(PolicyConfig):
     data: DataSection = section(DataSection, "unpaired examples (prompt, completion, label): training and "
                                               "held-out files")
     optim: PreferenceOptim = section(PreferenceOptim, "optimizer and learning-rate schedule")
     train: TrainSection = section(TrainSection, "loop, batch sizes (in examples), precision, checkpoints")
     kto: KTOSection = section(KTOSection, "loss, KL estimate and the reference / caching / sharing options")
-    ref: RefSection = section(RefSection, "reference model")
 
 
 class KTOMethod(PreferenceMethod):
@@ -187,15 +183,9 @@ def balance_note(examples, k: KTOSection) -> str:
 def train_kto(cfg: KTOConfig, adapter=None, callbacks=()) -> tuple[TrainResult, object]:
     """Train with KTO. Returns the result and the trained adapter."""
     k = cfg.kto
-    validate_config(cfg)
-    seed_everything(cfg.train.seed)
-    if not cfg.data.train_file:
-        raise VlmalignError("data.train_file is required")
-    adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
-    examples, loader = load_unpaired(cfg.data.train_file, cfg, adapter, cfg.data.max_train_samples)
-    eval_examples, eval_loader = ([], None)
-    if cfg.data.eval_file:
-        eval_examples, eval_loader = load_unpaired(cfg.data.eval_file, cfg, adapter, cfg.data.max_eval_samples)
+    adapter = start_run(cfg, adapter)
+    examples, loader, eval_examples, eval_loader = load_splits(
+        cfg.data, lambda path, limit: load_unpaired(path, cfg, adapter, limit))
     log.info(balance_note(examples, k))
     kl = k.kl_estimate == "mismatched"
     pad_id = adapter.tokenizer.pad_token_id

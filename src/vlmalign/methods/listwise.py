@@ -16,7 +16,7 @@ import torch
 from ..data.completions import RankedCollator, num_candidates, tokenize_ranked
 from ..data.preference import index_examples
 from ..losses.preference import listwise_dpo_loss
-from ..data.loading import load_examples
+from ..data.loading import load_examples, load_splits
 from ..config import validate_config
 from ..errors import VlmalignError
 from .logps import completion_logps
@@ -71,12 +71,10 @@ def load_listwise(cfg, adapter):
     with ``dpo.loss=listwise``. Files are read as ranked lists (preference pairs count as lists
     of two)."""
     pad_id = adapter.tokenizer.pad_token_id
-    examples, loader = _load(cfg.data.train_file, cfg, adapter, cfg.data.max_train_samples)
+    examples, loader, eval_examples, eval_loader = load_splits(
+        cfg.data, lambda path, limit: _load(path, cfg, adapter, limit))
     k = max(num_candidates(ex) for ex in examples) if examples else 2
     collate = RankedCollator(loader, pad_id, k)
-    eval_examples, ecollate = [], None
-    if cfg.data.eval_file:
-        eval_examples, eval_loader = _load(cfg.data.eval_file, cfg, adapter, cfg.data.max_eval_samples)
-        if eval_examples:
-            ecollate = RankedCollator(eval_loader, pad_id, max(num_candidates(ex) for ex in eval_examples))
+    ecollate = RankedCollator(eval_loader, pad_id, max(num_candidates(ex) for ex in eval_examples)) \
+        if eval_examples else None
     return examples, collate, eval_examples, ecollate, {"rows": ["listwise"]}

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import opt, section, validate_config
-from ..config.sections import DataSection, FrozenEncoderModel, LoraSection, RLOptim, TrainSection
+from ..config import opt, section
+from ..config.sections import DataSection, RLOptim, TrainSection
 from ..errors import VlmalignError
 from ..losses.rl import KL_KINDS, aggregate, kl_penalty, masked_mean, policy_loss_clipped
 from ..rewards import RewardInput
 from ..rollout import SamplingConfig, rollout, sequence_logprobs
-from .reference import RefSection, build_reference, disable_dropout, starting_copy
+from .reference import PolicyConfig, build_reference, disable_dropout, starting_copy
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,9 @@ def policy_objective(logprobs, data, mask, *, update: UpdateSection, kl: KLSecti
 
 
 @dataclass
-class OnlineConfig:
+class OnlineConfig(PolicyConfig):
     """The sections every online-RL method has; a method adds its own (and may start some at
     other defaults)."""
-    model: FrozenEncoderModel = section(FrozenEncoderModel, "policy model to start from and which parts to train "
-                                                            "(by default vision tower and projector stay frozen)")
-    lora: LoraSection = section(LoraSection, "LoRA / QLoRA")
     data: DataSection = section(DataSection, "RL prompts (train_file, eval_file); max_length bounds prompt + "
                                              "response")
     optim: RLOptim = section(RLOptim, "optimizer and learning-rate schedule (per optimizer step)")
@@ -101,7 +98,6 @@ class OnlineConfig:
                              "reward sources, each {type: function|model|judge, weight, ...} (docs/RL.md)")
     kl: KLSection = section(KLSection, "KL to the reference: coef, estimator, in the loss or the reward")
     update: UpdateSection = section(UpdateSection, "updates per rollout: epochs, minibatch size, ratio clip")
-    ref: RefSection = section(RefSection, "reference model")
 
     def check(self) -> None:
         ro, up, tc = self.rollout, self.update, self.train
@@ -140,16 +136,11 @@ def run_online(cfg, method, adapter=None, reward=None, callbacks=()):
     any callable ``inputs -> (total (N,), {name: (N,)})``, optionally with ``stats()``) instead of
     the recipe's ``reward:`` list. Returns ``(TrainResult, adapter)``."""
     from ..engine.online import OnlineTrainer
-    from .common import build_adapter, prepare_trainable, seed_everything
-    validate_config(cfg)
-    seed_everything(cfg.train.seed)
-    if not cfg.data.train_file:
-        raise VlmalignError("data.train_file (RL prompts) is required")
-    adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
-    records, loader = load_prompts(cfg.data.train_file, cfg, adapter, cfg.data.max_train_samples)
-    eval_records, eval_loader = [], None
-    if cfg.data.eval_file:
-        eval_records, eval_loader = load_prompts(cfg.data.eval_file, cfg, adapter, cfg.data.max_eval_samples)
+    from ..data.loading import load_splits
+    from .common import prepare_trainable, start_run
+    adapter = start_run(cfg, adapter, data_needed="data.train_file (RL prompts) is required")
+    records, loader, eval_records, eval_loader = load_splits(
+        cfg.data, lambda path, limit: load_prompts(path, cfg, adapter, limit))
     needs_ref = cfg.kl.coef > 0 or cfg.kl.track
     copy_ref = starting_copy(adapter, cfg) if needs_ref else None
     model, projector, vision = prepare_trainable(adapter, cfg)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import opt
+from ..config import opt, section
+from ..config.sections import DataSection, FrozenEncoderModel, LoraSection, OptimSection, TrainSection
 from ..errors import ModelError, VlmalignError
 from .logps import Reference
 
@@ -28,6 +29,19 @@ from .logps import Reference
 class RefSection:
     path: str | None = opt(None, "reference model directory or hub id; default: the policy with LoRA adapters "
                                  "disabled under LoRA, else a frozen copy of the starting policy")
+
+
+@dataclass
+class PolicyConfig:
+    """The sections of every method that trains a policy against a reference (DPO, KTO, GRPO,
+    PPO); a method adds its own and may restate one with its own defaults or help."""
+    model: FrozenEncoderModel = section(FrozenEncoderModel, "policy model to start from and which parts to train "
+                                                            "(by default vision tower and projector stay frozen)")
+    lora: LoraSection = section(LoraSection, "LoRA / QLoRA")
+    data: DataSection = section(DataSection, "training and held-out files")
+    optim: OptimSection = section(OptimSection, "optimizer and learning-rate schedule")
+    train: TrainSection = section(TrainSection, "loop, batch sizes, precision, checkpoints")
+    ref: RefSection = section(RefSection, "reference model")
 
 
 def disable_dropout(module: torch.nn.Module) -> None:

@@ -32,10 +32,11 @@ from ..config import opt, section
 from ..config.sections import DataSection, LoraSection, ModelSection, OptimSection, TrainSection
 from ..data.batching import Batch, pad, unique_images
 from ..data.schema import Conversation, PreferencePair, RankedList, UnpairedExample
-from ..engine.trainer import Trainer, TrainResult, _base_name
+from ..data.loading import load_splits
+from ..engine.trainer import Trainer, TrainResult, base_param_name
 from ..errors import DataError, VlmalignError
 from ..losses.reward import bradley_terry_loss, plackett_luce_loss
-from .common import build_adapter, prepare_trainable, seed_everything
+from .common import prepare_trainable, start_run
 from .registry import Method
 
 LIST_LOSSES = ("pairwise", "plackett_luce")
@@ -52,6 +53,10 @@ class RMSection:
                               "record's scores (ranked lists: 'scores'; pairs: a numeric 'margin' field); "
                               "records without them are refused")
     margin_scale: float = opt(1.0, "multiplies the score difference used as margin", ge=0)
+
+    def check(self) -> None:
+        if self.margin and self.list_loss != "pairwise":
+            raise VlmalignError("rm.margin applies to rm.list_loss=pairwise only")
 
 
 @dataclass
@@ -269,35 +274,23 @@ def evaluate_rm(model, examples, collate, batch_size: int, rm_cfg: RMSection | N
 
 
 # ----------------------------------------------------------------------------- training
-def _check(cfg: RMConfig) -> None:
-    if not cfg.data.train_file:
-        raise VlmalignError("data.train_file is required (preference pairs or ranked lists)")
-    if cfg.rm.margin and cfg.rm.list_loss != "pairwise":
-        raise VlmalignError("rm.margin applies to rm.list_loss=pairwise only")
-
-
 def train_rm(cfg: RMConfig, adapter=None, callbacks=()) -> tuple[TrainResult, object]:
     """Train a reward model. Returns the result and the trained ScalarModel (``.adapter``)."""
     from ..models.scalar_head import ScalarModel
-    _check(cfg)
-    seed_everything(cfg.train.seed)
-    adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
-    examples, loader, _ = load_rm_examples(cfg.data.train_file, cfg.data, adapter, train=True,
-                                           margin=cfg.rm.margin, limit=cfg.data.max_train_samples)
+    adapter = start_run(cfg, adapter, data_needed="data.train_file is required (preference pairs or ranked lists)")
+    examples, loader, eval_examples, eval_loader = load_splits(
+        cfg.data, lambda path, limit: load_rm_examples(path, cfg.data, adapter, train=True, margin=cfg.rm.margin,
+                                                       limit=limit)[:2])
     pad_id = adapter.tokenizer.pad_token_id
-    eval_examples, eval_loader = [], None
-    if cfg.data.eval_file:
-        eval_examples, eval_loader, _ = load_rm_examples(cfg.data.eval_file, cfg.data, adapter, train=True,
-                                                         margin=cfg.rm.margin, limit=cfg.data.max_eval_samples)
     groups = adapter.param_groups()
     base_module, projector, vision = prepare_trainable(adapter, cfg)
     for _, p in groups["head"]:  # the LM head plays no part in the score
         p.requires_grad_(False)
     model = ScalarModel(adapter, base_module, kind="reward", seed=cfg.train.seed)
     # the engine names parameters as they are in the module it trains ("base." + ...)
-    plain = {n: _base_name(n[len("base."):]) for n, _ in model.named_parameters() if n.startswith("base.")}
-    proj_names = {_base_name(n) for n, b in plain.items() if b in projector}
-    vis_names = {_base_name(n) for n, b in plain.items() if b in vision}
+    plain = {n: base_param_name(n[len("base."):]) for n, _ in model.named_parameters() if n.startswith("base.")}
+    proj_names = {base_param_name(n) for n, b in plain.items() if b in projector}
+    vis_names = {base_param_name(n) for n, b in plain.items() if b in vision}
     evaluate = None
     if eval_examples:
         ecollate = RMCollator(eval_loader, pad_id)

@@ -16,8 +16,8 @@ from ..config.sections import DataSection, LoraSection, ModelSection, OptimSecti
 from ..data.batching import IGNORE_INDEX, SFTCollator
 from ..engine.trainer import Trainer, TrainResult
 from ..losses.sft import sft_loss
-from ..data.loading import load_examples
-from .common import build_adapter, prepare_trainable, seed_everything
+from ..data.loading import load_examples, load_splits
+from .common import prepare_trainable, start_run
 from .registry import Method
 
 
@@ -126,23 +126,16 @@ def make_evaluator(adapter, cfg: SFTConfig, eval_examples, collate):
 
 def train_sft(cfg: SFTConfig, adapter=None, callbacks=()) -> tuple[TrainResult, object]:
     """Run SFT (or pretraining, with its config). Returns the result and the trained adapter."""
-    seed_everything(cfg.train.seed)
-    adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
-    if not cfg.data.train_file:
-        from ..errors import VlmalignError
-        raise VlmalignError("data.train_file is required")
+    adapter = start_run(cfg, adapter)
 
     def tok(rec, imgs):
         t = adapter.tokenize_record(rec, imgs, max_length=cfg.data.max_length)
         return {"input_ids": t.input_ids, "labels": t.labels}
 
-    examples, loader, _ = load_examples(cfg.data.train_file, cfg.data, adapter, tok, kind="conversation",
-                                        limit=cfg.data.max_train_samples)
+    examples, loader, eval_examples, eval_loader = load_splits(
+        cfg.data, lambda path, limit: load_examples(path, cfg.data, adapter, tok, kind="conversation",
+                                                    limit=limit)[:2])
     collate = SFTCollator(loader, adapter.tokenizer.pad_token_id)
-    eval_examples = []
-    if cfg.data.eval_file:
-        eval_examples, eval_loader, _ = load_examples(cfg.data.eval_file, cfg.data, adapter, tok,
-                                                      kind="conversation", limit=cfg.data.max_eval_samples)
     model, projector, vision = prepare_trainable(adapter, cfg)
     evaluate = None
     if eval_examples or cfg.eval.vqa_file or cfg.eval.pope_file:

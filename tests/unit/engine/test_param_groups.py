@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from vlmalign.config.sections import OptimSection
-from vlmalign.engine.trainer import _base_name, _param_groups
+from vlmalign.engine.trainer import base_param_name, _param_groups
 
 
 class Toy(nn.Module):
@@ -32,8 +32,8 @@ def test_groups_split_decay_and_per_group_learning_rates():
 
 
 def test_peft_names_map_back_to_the_plain_model():
-    assert _base_name("base_model.model.model.multi_modal_projector.modules_to_save.default.linear_1.weight") \
+    assert base_param_name("base_model.model.model.multi_modal_projector.modules_to_save.default.linear_1.weight") \
         == "model.multi_modal_projector.linear_1.weight"
-    assert _base_name("model.vision_tower.x.weight") == "model.vision_tower.x.weight"
+    assert base_param_name("model.vision_tower.x.weight") == "model.vision_tower.x.weight"
     opt = torch.optim.AdamW(_param_groups(Toy(), OptimSection(), set()), lr=0.5)
     assert all(g["lr"] == 0.5 for g in opt.param_groups)
