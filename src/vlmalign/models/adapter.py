@@ -36,11 +36,10 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..constants import IGNORE_INDEX
 from ..data.schema import (Conversation, ImagePart, Message, PreferencePair, RankedList, Record,
                            RLPrompt, UnpairedExample)
 from ..errors import DataError, LengthError, ModelError
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -49,7 +49,7 @@ import torch
 
 from ..data.schema import ImagePart, Message, TextPart
 from ..errors import DataError, ModelError
-from .adapter import EncodedImages, ImageInputs, Tokenized, VLMAdapter
+from .adapter import IGNORE_INDEX, EncodedImages, ImageInputs, Tokenized, VLMAdapter
 from .llava import tiny_llama_config
 from .registry import register, register_tiny
 from .tiny_tokenizer import build_tiny_tokenizer
@@ -190,7 +190,7 @@ class InstructBlipAdapter(VLMAdapter):
             raise DataError(f"text contains the image token {self.placeholder_token!r}; InstructBLIP "
                             "places image tokens itself", field="messages")
         prefix = [t for im in images for t in im.expansion]
-        return prefix + ids, [-100] * len(prefix) + labels
+        return prefix + ids, [IGNORE_INDEX] * len(prefix) + labels
 
 
 def tiny_blip_image_processor(image_size: int):
