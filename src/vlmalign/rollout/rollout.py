@@ -66,6 +66,7 @@ import torch
 
 from ..data.batching import Example, ImageLoader, image_prompts, pad, unique_images
 from ..errors import DataError, VlmalignError
+from ..losses.logps import token_logps
 from .generate import SamplingConfig
 
 BACKENDS = ("hf", "vllm")
@@ -482,7 +483,6 @@ def sequence_logprobs(adapter, batch: RolloutBatch, encoded=None, with_grad: boo
     also return the final hidden states (R, T, H) at the positions that predict each response
     token (the input of a value head).
     """
-    from ..methods.logps import _token_logps
     from ..models.scalar_head import final_hidden_state
     t = batch.temperature if temperature is None else float(temperature)
     if t <= 0:
@@ -494,7 +494,7 @@ def sequence_logprobs(adapter, batch: RolloutBatch, encoded=None, with_grad: boo
         logits = out.logits[:, :-1]                                         # (R, T, V)
         if t != 1.0:
             logits = logits / t
-        lp = _token_logps(logits, batch.response_ids).masked_fill(~batch.response_mask, 0.0)
+        lp = token_logps(logits, batch.response_ids).masked_fill(~batch.response_mask, 0.0)
         if not return_hidden:
             return lp
         h = final_hidden_state(out)                                         # (R, L, H)
