@@ -355,7 +355,7 @@ class VLMAdapter:
         Qwen2-VL's ``mm_token_type_ids``)."""
         return {}
 
-    def _text_inputs(self, input_ids, attention_mask, encoded, image_indices) -> dict[str, Any]:
+    def _mm_inputs(self, input_ids, attention_mask, encoded, image_indices) -> dict[str, Any]:
         """``mm_kwargs`` of the rows' images plus the family's extra kwargs."""
         flat = [i for row in image_indices for i in row]
         mm = self.mm_kwargs(encoded, flat)
@@ -378,7 +378,7 @@ class VLMAdapter:
         fn = getattr(model, "_prepare_position_ids_for_generation", None)
         if fn is None:  # not a GenerationMixin: the 1-D rule
             return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        mm = self._text_inputs(input_ids, attention_mask, encoded, image_indices)
+        mm = self._mm_inputs(input_ids, attention_mask, encoded, image_indices)
         return fn(input_ids, {"attention_mask": attention_mask, **mm})
 
     def kv_cache(self, output):
@@ -398,7 +398,7 @@ class VLMAdapter:
                  **generate_kwargs) -> torch.Tensor:
         """``model.generate`` from already-encoded images (``image_indices`` as in ``forward``).
         Returns prompt + new token ids, like HF generate for decoder-only models."""
-        mm = self._text_inputs(input_ids, attention_mask, encoded, image_indices)
+        mm = self._mm_inputs(input_ids, attention_mask, encoded, image_indices)
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **mm, **generate_kwargs)
 
     def new_tokens(self, output: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
