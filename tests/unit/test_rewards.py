@@ -205,7 +205,7 @@ def _inputs(recs):
 
 def test_reward_model_source_matches_rm_scoring(world, tmp_path):
     from vlmalign.data.batching import ImageLoader
-    from vlmalign.methods.rm import score_records
+    from vlmalign.rewards.scoring import score_records
     from vlmalign.models import ScalarModel, adapter_for, build_tiny
     root, recs = world
     torch.manual_seed(0)
@@ -219,7 +219,7 @@ def test_reward_model_source_matches_rm_scoring(world, tmp_path):
     got = src(inputs)
     # one batch of 6 responses over 3 images: one encode call, 3 images encoded
     assert (src.model.adapter.encode_calls - enc_before[0], src.model.adapter.encoded_images - enc_before[1]) == (1, 3)
-    # methods/rm.py's scoring of the same (prompt, response) candidates, as ranked lists of 2
+    # rewards/scoring.py's scoring of the same (prompt, response) candidates, as ranked lists of 2
     ranked = [RankedList(rec.prompt, [rec.reference, "a blue square in the top left"]) for rec in recs]
     model.eval()
     want = [row["score"] for row in score_records(model, ranked, ImageLoader(model.adapter, root / "data"))]

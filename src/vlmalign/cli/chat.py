@@ -96,7 +96,7 @@ class ChatSession:
                                        pad_token_id=tok.pad_token_id, eos_token_id=self.ad.stop_token_ids())
         finally:
             self._current = None
-        answer = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        answer = tok.decode(self.ad.new_tokens(gen, ids)[0], skip_special_tokens=True).strip()
         self.pending = []
         self.messages = [*msgs, Message.assistant(answer)]
         return answer

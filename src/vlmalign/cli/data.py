@@ -94,9 +94,18 @@ def cmd_validate(args) -> int:
     if args.max_length is not None and args.model is None:
         raise VlmalignError("--max-length needs --model: the length is counted with the "
                             "model's tokenizer and processor")
+    adapter = None
+    if args.model is not None:
+        if not args.max_length:
+            raise VlmalignError("--model needs --max-length")
+        try:
+            from ..models.peft import load_any
+        except ImportError as e:
+            raise VlmalignError(f"the length check needs the model layer ({e})") from None
+        adapter = load_any(str(args.model))
 
     report = validate_file(args.file, args.image_root, format=args.format, kind=args.kind,
-                           check_images=not args.no_images, model=args.model,
+                           check_images=not args.no_images, adapter=adapter,
                            max_length=args.max_length, max_pixels=args.max_pixels or None)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))

@@ -38,7 +38,7 @@ def _run(args) -> int:
 
     from ..data.batching import ImageLoader
     from ..data.readers import read_file
-    from ..methods.rm import score_records
+    from ..rewards.scoring import score_records
     from ..models.scalar_head import load_scalar_model
     if args.out:
         refuse_output_over_input(args.out, args.data)

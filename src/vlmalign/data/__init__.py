@@ -6,7 +6,7 @@ Public API::
     iter_records(path, *, format="auto", kind=None) -> Iterator[(index, Record | DataError)]
     detect_format(path) -> str
     write_records(records, out, format, *, image_root=None, image_dir=None) -> Path
-    validate_file(path, image_root=None, *, format="auto", kind=None, model=None,
+    validate_file(path, image_root=None, *, format="auto", kind=None, adapter=None,
                   max_length=None, ...) -> ValidationReport
     load_records(path, image_root=None, on_error="raise" | "skip", ...) -> LoadedRecords
     compute_stats(path, image_root=None, *, format="auto", kind=None, tokenizer=None) -> dict

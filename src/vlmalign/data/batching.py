@@ -16,12 +16,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..constants import IGNORE_INDEX
 from ..errors import DataError
 from .images import DEFAULT_MAX_PIXELS, check_image_root, check_max_pixels, load_image
 from .schema import ImageRef
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -200,33 +200,20 @@ class DuplicateIds:
         return None if first == rec.index else first
 
 
-def _adapter(model: str | os.PathLike | None):
-    if model is None:
-        return None
-    try:
-        from ..models.peft import load_any
-    except ImportError as e:
-        raise VlmalignError(f"the length check needs the model layer ({e})") from None
-    return load_any(str(model))
-
-
 def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
                   format: str = "auto", kind: str | None = None, check_images: bool = True,
-                  model: str | os.PathLike | None = None, max_length: int | None = None,
-                  adapter: Any = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
-                  ) -> ValidationReport:
+                  max_length: int | None = None, adapter: Any = None,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ValidationReport:
     """Check every record of ``path``; never stops at the first problem.
 
-    ``model`` (a model directory) or an already loaded ``adapter`` turns on the length
-    check at ``max_length``. Two records with the same id are a problem of the later one.
-    A conversation that ends with an unanswered user turn is a warning (it stays usable).
+    A loaded model ``adapter`` (anything with ``check_length(record, images, max_length)``;
+    the caller loads it) turns on the length check at ``max_length``. Two records with the
+    same id are a problem of the later one. A conversation that ends with an unanswered user
+    turn is a warning (it stays usable).
     """
-    if model is not None and not max_length:
-        raise VlmalignError("--model needs --max-length")
-    if max_length and model is None and adapter is None:
+    if max_length and adapter is None:
         raise VlmalignError("max_length needs a model: its tokenizer and processor count "
                             "the tokens")
-    adapter = adapter if adapter is not None else _adapter(model)
     report, ids = ValidationReport(str(path)), DuplicateIds()
     for index, rec, problems in check_records(path, image_root, format=format, kind=kind,
                                               check_images=check_images, adapter=adapter,

@@ -1,5 +1,6 @@
 """Loss functions: pure functions of tensors and settings returning ``(loss, metrics)``."""
 
+from vlmalign.losses.logps import token_logps  # noqa: F401
 from vlmalign.losses.preference import (  # noqa: F401
     PREFERENCE_LOSSES,
     REFERENCE_FREE_LOSSES,

@@ -33,11 +33,9 @@ def start_run(cfg, adapter=None, *, data_needed: str = "data.train_file is requi
 
 
 def resolve_dtype(name: str):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    """``model.dtype`` as a torch dtype (:func:`vlmalign.models.loading.resolve_dtype`)."""
+    from ..models.loading import resolve_dtype as resolve
+    return resolve(name)
 
 
 def check_qlora(model_cfg, lora_cfg) -> None:
@@ -75,19 +73,18 @@ def build_adapter(model_cfg, *, seed: int = 0, lora_cfg=None):
     dtype = resolve_dtype(model_cfg.dtype)
     if lora_cfg is not None and lora_cfg.qlora:
         from transformers import BitsAndBytesConfig
-        cls = adapter_class_for(model_cfg)
+
+        from ..models.loading import read_config
+        from ..models.registry import adapter_class
+        # read config.json once: for the family's module names here and for loading below
+        kwargs["config"] = read_config(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+        cls = adapter_class(kwargs["config"].model_type)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
             llm_int8_skip_modules=[p.rstrip(".").split(".")[-1] for p in
                                    (*cls.vision_prefixes, *cls.projector_prefixes, *cls.head_prefixes)])
     return load_adapter(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code, dtype=dtype, **kwargs)
-
-
-def adapter_class_for(model_cfg):
-    from ..models.loading import read_config
-    from ..models.registry import adapter_class
-    return adapter_class(read_config(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code).model_type)
 
 
 def prepare_trainable(adapter, cfg):

@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from ..losses.logps import token_logps
+
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
@@ -33,13 +35,6 @@ def _note(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
         log.warning(msg)
-
-
-def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target], in fp32. logits (R, T, V), targets (R, T) -> (R, T)."""
-    logits = logits.float()
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def prefix_sharing_problem(adapter) -> str | None:
@@ -75,7 +70,7 @@ def unshared_logps(adapter, batch, encoded) -> torch.Tensor:
     idx = (plen.unsqueeze(1) - 1 + j - start).clamp(0, logits.shape[1] - 1)   # (R, Lc)
     rows = torch.arange(R, device=ids.device).unsqueeze(1)
     sel = logits[rows, idx]                                       # (R, Lc, V)
-    lp = _token_logps(sel, comp)
+    lp = token_logps(sel, comp)
     return lp.masked_fill(~cmask, 0.0)
 
 
@@ -118,7 +113,7 @@ def shared_logps(adapter, batch, encoded) -> torch.Tensor:
     full_mask = torch.cat([pmask[rp], cont_mask], dim=1)                             # (R, Lp-1+Lc)
     pos = (plens[rp] - 1).unsqueeze(1) + torch.arange(Lc, device=dev).unsqueeze(0)   # (R, Lc)
     out2 = adapter.forward(cont, full_mask, cache=cache, position_ids=pos, use_cache=True)
-    lp = _token_logps(out2.logits, comp)
+    lp = token_logps(out2.logits, comp)
     return lp.masked_fill(~cmask, 0.0)
 
 

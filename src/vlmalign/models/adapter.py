@@ -17,7 +17,11 @@ talk to this interface:
   rendering, placeholder expansion and loss masks, with length limits checked, never guessed.
 * ``param_groups()`` -> ``{"vision", "projector", "language", "head"}`` for freezing and LoRA.
 * ``generate(input_ids, attention_mask, encoded=..., image_indices=...)``: generation from
-  already-encoded images (rollouts share one encoding).
+  already-encoded images (rollouts share one encoding); returns prompt + new ids, and
+  ``new_tokens(output, input_ids)`` takes the new ones out.
+* ``position_ids(input_ids, attention_mask, encoded=..., image_indices=...)``: the position
+  ids ``generate`` uses for (left-)padded rows, so a training forward can score a sampled
+  sequence at the positions it was sampled at.
 
 Tokenization works in three steps. (1) The processor's chat template renders the messages to
 text (each image becomes one placeholder token). (2) The tokenizer encodes that text with
@@ -29,6 +33,7 @@ processor's.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -36,11 +41,10 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..constants import IGNORE_INDEX
 from ..data.schema import (Conversation, ImagePart, Message, PreferencePair, RankedList, Record,
                            RLPrompt, UnpairedExample)
 from ..errors import DataError, LengthError, ModelError
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -347,7 +351,35 @@ class VLMAdapter:
         return self.runner(input_ids=input_ids, attention_mask=attention_mask, **mm, **kwargs)
 
     def _extra_forward_kwargs(self, input_ids, attention_mask, mm) -> dict:
+        """Family kwargs derived from the ids for a forward or generate with ``mm`` (e.g.
+        Qwen2-VL's ``mm_token_type_ids``)."""
         return {}
+
+    def _mm_inputs(self, input_ids, attention_mask, encoded, image_indices) -> dict[str, Any]:
+        """``mm_kwargs`` of the rows' images plus the family's extra kwargs."""
+        flat = [i for row in image_indices for i in row]
+        mm = self.mm_kwargs(encoded, flat)
+        mm.update(self._extra_forward_kwargs(input_ids, attention_mask, mm))
+        return mm
+
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                     encoded: EncodedImages | None = None,
+                     image_indices: Sequence[Sequence[int]] = ()) -> torch.Tensor | None:
+        """Position ids of (left-)padded rows as ``generate`` computes them, for a forward that
+        must score them at the same positions (a plain forward counts padding).
+
+        HF's own rule from the attention mask: ``cumsum - 1`` for 1-D positions; Qwen2-VL's
+        (4, B, L) text + M-RoPE t/h/w ids from the mask, ``image_grid_thw`` and
+        ``mm_token_type_ids``. None where the model's forward takes no ``position_ids``.
+        """
+        model = self.model
+        if "position_ids" not in inspect.signature(model.forward).parameters:
+            return None
+        fn = getattr(model, "_prepare_position_ids_for_generation", None)
+        if fn is None:  # not a GenerationMixin: the 1-D rule
+            return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        mm = self._mm_inputs(input_ids, attention_mask, encoded, image_indices)
+        return fn(input_ids, {"attention_mask": attention_mask, **mm})
 
     def kv_cache(self, output):
         """The key/value cache a ``forward(..., use_cache=True)`` returned (None if none)."""
@@ -366,10 +398,15 @@ class VLMAdapter:
                  **generate_kwargs) -> torch.Tensor:
         """``model.generate`` from already-encoded images (``image_indices`` as in ``forward``).
         Returns prompt + new token ids, like HF generate for decoder-only models."""
-        flat = [i for row in image_indices for i in row]
-        mm = self.mm_kwargs(encoded, flat)
-        mm.update(self._extra_forward_kwargs(input_ids, attention_mask, mm))
+        mm = self._mm_inputs(input_ids, attention_mask, encoded, image_indices)
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **mm, **generate_kwargs)
+
+    def new_tokens(self, output: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The generated ids of a ``generate`` output: the columns after ``input_ids`` where the
+        output starts with them (the contract), else the whole output (a custom ``generate``
+        that returns new ids only)."""
+        Lp = input_ids.shape[1]
+        return output[:, Lp:] if output.shape[1] >= Lp and torch.equal(output[:, :Lp], input_ids) else output
 
     # ------------------------------------------------------------------ text
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:

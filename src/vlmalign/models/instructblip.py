@@ -29,7 +29,9 @@ Quirks handled here:
   images gets an empty feature tensor, so text-only rows work.
 * **Generation.** ``InstructBlipForConditionalGeneration.generate`` always re-encodes from
   ``pixel_values``; ``generate`` here scatters precomputed features into the input embeddings
-  and calls the language model's ``generate`` (what the HF method does after encoding).
+  and calls the language model's ``generate`` (what the HF method does after encoding). Its
+  output is prompt + new ids like every adapter's (the prompt is put in front where the
+  language model's generate from embeddings returns only the new ids).
 * **Chat template.** Salesforce checkpoints ship none, and ``InstructBlipProcessor`` drops a
   ``chat_template`` given to it (also on reload), so the adapter restores the tokenizer's
   template, else uses the Vicuna ``USER: ... ASSISTANT:`` layout below.
@@ -49,7 +51,7 @@ import torch
 
 from ..data.schema import ImagePart, Message, TextPart
 from ..errors import DataError, ModelError
-from .adapter import EncodedImages, ImageInputs, Tokenized, VLMAdapter
+from .adapter import IGNORE_INDEX, EncodedImages, ImageInputs, Tokenized, VLMAdapter
 from .llava import tiny_llama_config
 from .registry import register, register_tiny
 from .tiny_tokenizer import build_tiny_tokenizer
@@ -168,8 +170,17 @@ class InstructBlipAdapter(VLMAdapter):
         embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.model.language_model.generate(input_ids=input_ids, inputs_embeds=embeds,
-                                                  attention_mask=attention_mask, **generate_kwargs)
+        out = self.model.language_model.generate(input_ids=input_ids, inputs_embeds=embeds,
+                                                 attention_mask=attention_mask, **generate_kwargs)
+        return self._with_prompt(out, input_ids)
+
+    @staticmethod
+    def _with_prompt(out: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """``out`` as prompt + new ids: a generate from embeddings may return the new ids only."""
+        n = input_ids.shape[1]
+        if out.shape[1] >= n and torch.equal(out[:, :n], input_ids):
+            return out
+        return torch.cat([input_ids.to(out.device), out], dim=1)
 
     # ------------------------------------------------------------------ text
     def tokenize_messages(self, messages: Sequence[Message], images: Sequence[ImageInputs], *,
@@ -190,7 +201,7 @@ class InstructBlipAdapter(VLMAdapter):
             raise DataError(f"text contains the image token {self.placeholder_token!r}; InstructBLIP "
                             "places image tokens itself", field="messages")
         prefix = [t for im in images for t in im.expansion]
-        return prefix + ids, [-100] * len(prefix) + labels
+        return prefix + ids, [IGNORE_INDEX] * len(prefix) + labels
 
 
 def tiny_blip_image_processor(image_size: int):

@@ -47,16 +47,36 @@ def read_config(path: str, *, trust_remote_code: bool = False):
         raise ModelError(f"cannot read a model config at {path!r}: {e}") from None
 
 
+# the one table of dtype names (config ``model.dtype``, CLI ``--dtype``) -> torch dtypes
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def _named_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ModelError(f"unknown dtype {name!r} (use fp32, bf16 or fp16)") from None
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """A config dtype name as a torch dtype; ``"auto"``: bf16 on a CUDA device that supports
+    it, else fp16 there, fp32 without CUDA."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return _named_dtype(name)
+
+
 def _dtype(dtype):
+    """``from_pretrained``'s dtype: None, a torch dtype and ``"auto"`` (the checkpoint's) as
+    they are, names through ``DTYPES``."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         return "auto"
-    try:
-        return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise ModelError(f"unknown dtype {dtype!r} (use fp32, bf16 or fp16)") from None
+    return _named_dtype(dtype)
 
 
 def load_processor(path: str, *, trust_remote_code: bool = False, config=None):
@@ -67,10 +87,12 @@ def load_processor(path: str, *, trust_remote_code: bool = False, config=None):
     return adapter_cls.load_processor(path, trust_remote_code=trust_remote_code)
 
 
-def load_model_and_processor(path: str, *, trust_remote_code: bool = False, dtype=None, **kwargs):
-    """Weights-only, safetensors-first loading; remote code only when asked for."""
+def load_model_and_processor(path: str, *, trust_remote_code: bool = False, dtype=None, config=None,
+                             **kwargs):
+    """Weights-only, safetensors-first loading; remote code only when asked for. ``config``:
+    the model's config where the caller has read it already (else it is read here)."""
     from transformers import AutoModelForImageTextToText
-    config = read_config(path, trust_remote_code=trust_remote_code)
+    config = config or read_config(path, trust_remote_code=trust_remote_code)
     allow_pickle = kwargs.pop("allow_pickle", False)
     if os.path.isdir(path) and not any(f.endswith(".safetensors") for f in os.listdir(path)) \
             and not allow_pickle:

@@ -6,7 +6,7 @@ A reward SOURCE is a callable ``source(inputs: list[RewardInput]) -> torch.Tenso
 * :class:`FunctionReward` -- a reward function (built-in or the user's ``module:function``).
 * :class:`RewardModelSource` -- a trained reward model (:class:`~vlmalign.models.ScalarModel`
   directory from ``vlmalign train rm``), scored exactly as ``vlmalign score`` does
-  (:func:`vlmalign.methods.rm.score_records`: each batch's unique images are encoded once).
+  (:func:`vlmalign.rewards.scoring.score_records`: each batch's unique images are encoded once).
 * :class:`JudgeReward` -- a VLM judge shown the image, question and response, decoded greedily;
   a score (default 1-10) or yes/no is parsed from its answer; unparsable answers get
   ``default`` and are counted.
@@ -120,7 +120,7 @@ class RewardModelSource(RewardSource):
 
     @torch.no_grad()
     def __call__(self, inputs: Sequence[RewardInput]) -> torch.Tensor:
-        from ..methods.rm import score_records
+        from .scoring import score_records
         inputs = list(inputs)
         out = torch.zeros(len(inputs), dtype=torch.float32)
         records, where = [], []

@@ -58,7 +58,7 @@ def generate_batch(adapter, prompts: Sequence, loader: ImageLoader, cfg: Samplin
     out = adapter.generate(ids, mask, encoded=enc, image_indices=per, **_gen_kwargs(cfg, adapter))
     if was_training:
         adapter.model.train()
-    texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    texts = tok.batch_decode(adapter.new_tokens(out, ids), skip_special_tokens=True)
     n = cfg.num_samples
     return [[s.strip() for s in texts[i * n:(i + 1) * n]] for i in range(len(prompts))]
 

@@ -40,12 +40,12 @@ during a rollout, so the sampled distribution is the policy's, which the log-pro
 
 **Positions.** Generate derives position ids from the attention mask (``cumsum - 1``; for
 Qwen2-VL, M-RoPE t/h/w ids from the mask, ``image_grid_thw`` and ``mm_token_type_ids``);
-:func:`sequence_logprobs` computes them with the same model method, so a left-padded row is
-scored at the positions it was sampled at. (1-D RoPE only sees position differences, so a
-plain forward that counts padding would give the same logits there; what must be right is
-M-RoPE, where image tokens take t/h/w positions rather than a running count, and absolute
-position embeddings.) Tests: recomputed == sampling-time log-probs within 1e-4 in fp32 for
-LLaVA and Qwen2-VL with left-padded multi-image prompts.
+:func:`sequence_logprobs` takes them from ``adapter.position_ids``, which calls the same model
+method, so a left-padded row is scored at the positions it was sampled at. (1-D RoPE only sees
+position differences, so a plain forward that counts padding would give the same logits there;
+what must be right is M-RoPE, where image tokens take t/h/w positions rather than a running
+count, and absolute position embeddings.) Tests: recomputed == sampling-time log-probs within
+1e-4 in fp32 for LLaVA and Qwen2-VL with left-padded multi-image prompts.
 
 **Determinism.** Sampling draws from a ``torch.Generator`` seeded with ``seed`` on the model's
 device; the global RNG is neither used nor advanced (with ``seed=None`` one seed is drawn from
@@ -58,7 +58,6 @@ log-probs in eval mode too (or with dropout disabled) for them to match.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -66,6 +65,7 @@ import torch
 
 from ..data.batching import Example, ImageLoader, image_prompts, pad, unique_images
 from ..errors import DataError, VlmalignError
+from ..losses.logps import token_logps
 from .generate import SamplingConfig
 
 BACKENDS = ("hf", "vllm")
@@ -410,10 +410,7 @@ def _generate_rows(adapter, items, per_row, enc, cfg, generator, stops, pad_id):
         out = adapter.generate(ids, mask, encoded=enc, image_indices=per_row, max_new_tokens=cfg.max_new_tokens,
                                do_sample=False, use_cache=True, eos_token_id=list(stops), pad_token_id=pad_id,
                                logits_processor=LogitsProcessorList([sampler]))
-    # decoder-only models return prompt + new tokens; a language-model-only generate from
-    # embeddings (InstructBLIP) returns only the new ones
-    Lp = ids.shape[1]
-    seq = out[:, Lp:] if out.shape[1] >= Lp and torch.equal(out[:, :Lp], ids) else out
+    seq = adapter.new_tokens(out, ids)
     n = seq.shape[1]
     if n == 0 or len(sampler.tokens) < n:
         raise RolloutError(f"{adapter.family}: generate returned {n} new tokens but the sampler ran "
@@ -430,28 +427,6 @@ def _generate_rows(adapter, items, per_row, enc, cfg, generator, stops, pad_id):
 
 
 # ---------------------------------------------------------------------- recomputation
-def _position_ids(adapter, ids: torch.Tensor, mask: torch.Tensor, enc, image_indices) -> torch.Tensor | None:
-    """Position ids for a training forward over left-padded rows, as ``generate`` computed them.
-
-    HF's generate derives positions from the attention mask (``cumsum - 1`` for 1-D RoPE,
-    which a plain forward does NOT do: it counts from the first column, padding included);
-    Qwen2-VL's override returns (4, R, L) ids (text positions + M-RoPE t/h/w) from the mask,
-    ``image_grid_thw`` and ``mm_token_type_ids``. We call the same method, so the positions of
-    the recomputation are those of sampling. None where the model's forward takes no
-    ``position_ids`` (generate passes none there either).
-    """
-    model = adapter.model
-    if "position_ids" not in inspect.signature(model.forward).parameters:
-        return None
-    fn = getattr(model, "_prepare_position_ids_for_generation", None)
-    if fn is None:  # not a GenerationMixin: the 1-D rule
-        return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    flat = [i for row in image_indices for i in row]
-    mm = adapter.mm_kwargs(enc, flat)
-    mm.update(adapter._extra_forward_kwargs(ids, mask, mm))
-    return fn(ids, {"attention_mask": mask, **mm})
-
-
 def _response_forward(adapter, batch: RolloutBatch, encoded, *, hidden: bool, keep: int | None = None):
     """Forward over prompt + response. Callers read the T + 1 last positions (the first T
     predict the response tokens; counted from the end, so families that prepend query tokens
@@ -460,7 +435,7 @@ def _response_forward(adapter, batch: RolloutBatch, encoded, *, hidden: bool, ke
     ids, mask = batch.input_ids, batch.attention_mask
     T = batch.response_ids.shape[1]
     kw = {}
-    pos = _position_ids(adapter, ids, mask, encoded, batch.image_indices)
+    pos = adapter.position_ids(ids, mask, encoded=encoded, image_indices=batch.image_indices)
     if pos is not None:
         kw["position_ids"] = pos
     if hidden:
@@ -482,7 +457,6 @@ def sequence_logprobs(adapter, batch: RolloutBatch, encoded=None, with_grad: boo
     also return the final hidden states (R, T, H) at the positions that predict each response
     token (the input of a value head).
     """
-    from ..methods.logps import _token_logps
     from ..models.scalar_head import final_hidden_state
     t = batch.temperature if temperature is None else float(temperature)
     if t <= 0:
@@ -494,7 +468,7 @@ def sequence_logprobs(adapter, batch: RolloutBatch, encoded=None, with_grad: boo
         logits = out.logits[:, :-1]                                         # (R, T, V)
         if t != 1.0:
             logits = logits / t
-        lp = _token_logps(logits, batch.response_ids).masked_fill(~batch.response_mask, 0.0)
+        lp = token_logps(logits, batch.response_ids).masked_fill(~batch.response_mask, 0.0)
         if not return_hidden:
             return lp
         h = final_hidden_state(out)                                         # (R, L, H)

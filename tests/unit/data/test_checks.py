@@ -65,3 +65,29 @@ def test_stats_check_images(tmp_path, capsys):
     assert (data["bad_records"], data["images_checked"]) == (1, False)
     assert main(["data", "stats", str(path), "--no-images"]) == 0
     assert "bad records: 1 (images not checked; first: " in capsys.readouterr().out
+
+
+def test_model_without_max_length_is_refused_before_loading(tmp_path, capsys):
+    path = dump(tmp_path / "d.json", [vqa(0, image=None)])
+    assert main(["data", "validate", str(path), "--model", str(tmp_path / "no-such-model")]) == 2
+    assert "--model needs --max-length" in capsys.readouterr().err
+
+
+def test_length_check_uses_the_adapter_the_caller_passes(tmp_path):
+    """validate_file loads no model itself: the caller hands in anything with check_length."""
+    from vlmalign.errors import LengthError
+
+    draw(tmp_path / "a.png")
+    path = dump(tmp_path / "d.json", [vqa(0), vqa(1)])
+    seen = []
+
+    class Lengths:
+        def check_length(self, rec, images, max_length):
+            seen.append((rec.index, len(images), max_length))
+            if rec.index == 1:
+                raise LengthError("is 99 tokens, over max_length 10")
+
+    report = validate_file(path, adapter=Lengths(), max_length=10)
+    assert seen == [(0, 1, 10), (1, 1, 10)]
+    assert [(p.index, p.field, p.reason) for p in report.problems] == [
+        (1, "length", "is 99 tokens, over max_length 10")]
