@@ -26,7 +26,7 @@ from vlmalign.data.readers import read_file
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 from vlmalign.eval.vqa import evaluate_vqa
 from vlmalign.data.loading import load_examples
-from vlmalign.methods.common import seed_everything
+from vlmalign.methods.setup import seed_everything
 from vlmalign.methods.sft import SFTConfig, SFTMethod
 from vlmalign.models import adapter_for, build_tiny
 

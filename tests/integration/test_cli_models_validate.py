@@ -24,7 +24,7 @@ from vlmalign.cli.main import main
 from vlmalign.config import load_config
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 from vlmalign.errors import DataError, ModelError
-from vlmalign.methods.common import build_adapter
+from vlmalign.methods.setup import build_adapter
 from vlmalign.methods.sft import SFTConfig, train_sft
 from vlmalign.models import build_tiny, families, load_adapter
 

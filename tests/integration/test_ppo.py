@@ -118,7 +118,7 @@ def _cfg(data, out, family="llava", **over):
 
 def _start(cfg):
     """The starting policy (as train_ppo builds it) and a PPO method for it."""
-    from vlmalign.methods.common import build_adapter, seed_everything
+    from vlmalign.methods.setup import build_adapter, seed_everything
     seed_everything(cfg.train.seed)
     ad = build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
     return ad, PPOMethod(cfg, ad)

@@ -19,17 +19,10 @@ import numpy as np
 import torch
 
 from ..errors import VlmalignError
+from ..models.peft import EXTRA_PARAMS, is_peft, load_peft_extra, peft_extra_params
 from ..models.prompt_layout import write_layout
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-def is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PeftModel)
 
 
 def rng_state() -> dict:
@@ -151,32 +144,6 @@ def check_resume_layout(state: dict, current: dict, ckpt: Path) -> None:
         raise VlmalignError(f"cannot resume from {ckpt} with different settings ({'; '.join(diff)}): use the "
                             "settings of the interrupted run, or start a new run (train.overwrite=true or "
                             "another train.output_dir)")
-
-
-EXTRA_PARAMS = "extra_params.safetensors"
-
-
-def peft_extra_params(model) -> dict:
-    """Trainable parameters of a PEFT model that its adapter file does not hold (bare
-    parameters such as LLaVA-Next's image_newline), by their name in the base model."""
-    out = {}
-    for n, p in model.base_model.model.named_parameters():
-        if p.requires_grad and "lora_" not in n and "modules_to_save" not in n and "original_module" not in n:
-            out[n] = p
-    return out
-
-
-def load_peft_extra(model, model_dir: Path) -> None:
-    f = Path(model_dir) / EXTRA_PARAMS
-    if not f.exists():
-        return
-    from safetensors.torch import load_file
-    params = dict(model.base_model.model.named_parameters())
-    with torch.no_grad():
-        for k, v in load_file(str(f)).items():
-            if k not in params:
-                raise VlmalignError(f"{f}: parameter {k} is not in the model")
-            params[k].copy_(v)
 
 
 def load_weights_into(model, model_dir: Path) -> None:

@@ -107,7 +107,7 @@ class OnlineTrainer(Engine):
             reference.adapter.model.to(self.acc.device)
         from ..data.loading import data_root
         from ..rewards import build_reward
-        from ..methods.common import resolve_dtype
+        from ..models.loading import resolve_dtype
         root = data_root(cfg.data, cfg.data.train_file)
         kw = dict(device=self.acc.device, dtype=resolve_dtype(cfg.model.dtype))
         self.reward = reward if reward is not None else build_reward(cfg.reward, image_root=root, **kw)

@@ -28,7 +28,7 @@ from ..errors import VlmalignError
 from ..losses.preference import REFERENCE_FREE_LOSSES, changed_token_weights, dpo_loss, mdpo_loss, \
     orpo_loss, preference_loss, simpo_loss, token_weighted_logps
 from ..data.loading import load_examples, load_splits
-from .common import start_run
+from .setup import start_run
 from .logps import Reference, completion_logps
 from .preference import PreferenceMethod, fit
 from .reference import PolicyConfig

@@ -39,7 +39,7 @@ from ..engine.trainer import TrainResult
 from ..errors import VlmalignError
 from ..losses.preference import kto_loss
 from ..data.loading import load_examples, load_splits
-from .common import start_run
+from .setup import start_run
 from .preference import PreferenceMethod, fit
 from .reference import PolicyConfig
 from .logps import Reference, completion_logps, prefix_sharing_problem

@@ -137,7 +137,7 @@ def run_online(cfg, method, adapter=None, reward=None, callbacks=()):
     the recipe's ``reward:`` list. Returns ``(TrainResult, adapter)``."""
     from ..engine.online import OnlineTrainer
     from ..data.loading import load_splits
-    from .common import prepare_trainable, start_run
+    from .setup import prepare_trainable, start_run
     adapter = start_run(cfg, adapter, data_needed="data.train_file (RL prompts) is required")
     records, loader, eval_records, eval_loader = load_splits(
         cfg.data, lambda path, limit: load_prompts(path, cfg, adapter, limit))

@@ -88,7 +88,7 @@ class PPOMethod:
     policy adapter BEFORE training, unless given)."""
 
     def __init__(self, cfg: PPOConfig, adapter, value_model=None):
-        from .common import resolve_dtype
+        from ..models.loading import resolve_dtype
         validate_config(cfg)
         self.cfg = cfg
         self.agg = cfg.ppo.loss_agg
@@ -185,7 +185,7 @@ def train_ppo(cfg: PPOConfig, adapter=None, reward=None, method: PPOMethod | Non
     """Train with PPO. ``adapter``: the starting policy (default: built from ``cfg.model``);
     ``method``: a ready :class:`PPOMethod` for that adapter (default: built here, critic
     included). Returns ``(TrainResult, adapter)``; the critic is ``method.value_model``."""
-    from .common import build_adapter, seed_everything
+    from .setup import build_adapter, seed_everything
     validate_config(cfg)
     seed_everything(cfg.train.seed)
     adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)

@@ -61,7 +61,7 @@ class ValueSection:
 def _plain_copy(model):
     """A deep copy of ``model`` without LoRA layers (adapters merged: at the start of training
     they are zero, so this is the starting policy)."""
-    from ..engine.checkpoint import is_peft
+    from ..models.peft import is_peft
     m = copy.deepcopy(model)
     return m.merge_and_unload() if is_peft(m) else m
 
@@ -85,7 +85,7 @@ def build_value_model(vcfg: ValueSection, policy, start_model, lora_cfg, *, seed
             raise ModelError(f"value.path {vcfg.path!r}: the critic reads the policy's token ids, so it must be the "
                              f"policy's family with the same tokenizer (got {ad.family} vs {policy.family}, or a "
                              "different vocabulary)")
-        from ..engine.checkpoint import is_peft
+        from ..models.peft import is_peft
         if not is_peft(vm.base):  # a LoRA reward model keeps training its adapters (load_scalar_model)
             ad.set_trainable(vision=False, projector=False, language=True, head=False)
         vm.kind = "value"

@@ -11,7 +11,7 @@ import torch
 
 from ..engine.trainer import Trainer, TrainResult
 from ..errors import VlmalignError
-from .common import prepare_trainable
+from .setup import prepare_trainable
 from .logps import Reference, prefix_sharing_problem
 from .reference import build_reference, disable_dropout, starting_copy
 

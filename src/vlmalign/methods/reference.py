@@ -89,7 +89,7 @@ def build_reference(cfg, adapter, peft_model, copy_ref=None, *, no_dropout: bool
     if not cfg.ref.path:
         raise VlmalignError("no reference: set ref.path, enable LoRA, or pass a copy of the starting policy")
     from ..models import load_adapter
-    from .common import resolve_dtype
+    from ..models.loading import resolve_dtype
     ref_ad = load_adapter(cfg.ref.path, trust_remote_code=cfg.model.trust_remote_code,
                           dtype=resolve_dtype(cfg.model.dtype))
     if ref_ad.family != adapter.family or ref_ad.tokenizer.get_vocab() != adapter.tokenizer.get_vocab():

@@ -35,7 +35,7 @@ from ..errors import VlmalignError
 from ..losses.reward import bradley_terry_loss, plackett_luce_loss
 # the reward model's record layout and scoring live in rewards/scoring.py (also re-exported here)
 from ..rewards.scoring import RMCollator, add_rejected_images, candidates, make_tokenizer, score_records  # noqa: F401
-from .common import prepare_trainable, start_run
+from .setup import prepare_trainable, start_run
 from .registry import Method
 
 LIST_LOSSES = ("pairwise", "plackett_luce")

@@ -17,7 +17,7 @@ from ..data.batching import IGNORE_INDEX, SFTCollator
 from ..engine.trainer import Trainer, TrainResult
 from ..losses.sft import sft_loss
 from ..data.loading import load_examples, load_splits
-from .common import prepare_trainable, start_run
+from .setup import prepare_trainable, start_run
 from .registry import Method
 
 

@@ -6,7 +6,45 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import ModelError
+import torch
+
+from ..errors import ModelError, VlmalignError
+
+# the trained parameters of a PEFT model that its adapter file does not hold, saved beside it
+EXTRA_PARAMS = "extra_params.safetensors"
+
+
+def is_peft(model) -> bool:
+    """Whether ``model`` is a PEFT (LoRA) wrapper."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+def peft_extra_params(model) -> dict:
+    """Trainable parameters of a PEFT model that its adapter file does not hold (bare
+    parameters such as LLaVA-Next's image_newline), by their name in the base model."""
+    out = {}
+    for n, p in model.base_model.model.named_parameters():
+        if p.requires_grad and "lora_" not in n and "modules_to_save" not in n and "original_module" not in n:
+            out[n] = p
+    return out
+
+
+def load_peft_extra(model, model_dir: Path) -> None:
+    """Restore the parameters :func:`peft_extra_params` saved in ``model_dir`` (if any)."""
+    f = Path(model_dir) / EXTRA_PARAMS
+    if not f.exists():
+        return
+    from safetensors.torch import load_file
+    params = dict(model.base_model.model.named_parameters())
+    with torch.no_grad():
+        for k, v in load_file(str(f)).items():
+            if k not in params:
+                raise VlmalignError(f"{f}: parameter {k} is not in the model")
+            params[k].copy_(v)
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -28,7 +66,6 @@ def load_with_adapter(path: str, *, base: str | None = None, trust_remote_code: 
     """(PeftModel, processor) for an adapter directory; extra trained parameters restored."""
     from peft import PeftModel
 
-    from ..engine.checkpoint import load_peft_extra
     from .loading import load_model_and_processor, load_processor
     base_path = adapter_base(path, base)
     model, processor = load_model_and_processor(base_path, trust_remote_code=trust_remote_code, dtype=dtype)

@@ -91,7 +91,7 @@ class ScalarOutput:
 
 
 def _is_peft(model) -> bool:
-    from ..engine.checkpoint import is_peft
+    from .peft import is_peft
     return is_peft(model)
 
 
@@ -175,7 +175,7 @@ class ScalarModel(nn.Module):
             head_sd = {k[len("head."):]: v for k, v in state_dict.items() if k.startswith("head.")}
         self.base.save_pretrained(out, safe_serialization=True, **base_kw)
         if _is_peft(self.base):
-            from ..engine.checkpoint import EXTRA_PARAMS, peft_extra_params
+            from .peft import EXTRA_PARAMS, peft_extra_params
             extra = peft_extra_params(self.base)
             if extra:
                 save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(out / EXTRA_PARAMS))

@@ -37,7 +37,7 @@ from ..data.readers import read_file
 from ..data.synthetic import generate_shapesworld
 from ..engine.run_dir import write_json
 from ..eval.vqa import evaluate_pope, evaluate_vqa
-from ..methods.common import seed_everything
+from ..methods.setup import seed_everything
 from ..methods.registry import get
 from ..models import adapter_for, build_tiny
 from .plan import PLAN, RL_METHODS, data_config, method_of, recipe_steps, rl_data_config, stage_config, tiny_settings

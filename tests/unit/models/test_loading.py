@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlmalign.errors import ModelError
-from vlmalign.methods import common
+from vlmalign.methods import setup as method_setup
 from vlmalign.models import loading, save_tiny
 
 
@@ -16,18 +16,18 @@ def test_config_dtype_names_resolve_through_the_one_table(monkeypatch):
     for name, want in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16),
                        ("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
         assert loading.resolve_dtype(name) is want
-        assert common.resolve_dtype(name) is want                 # the methods' name for it
+        assert method_setup.resolve_dtype(name) is want                 # the methods' name for it
         assert loading._dtype(name) is want                       # from_pretrained's
     assert loading._dtype("auto") == "auto" and loading._dtype(None) is None  # the checkpoint's
     with pytest.raises(ModelError, match="unknown dtype 'fp8'"):
         loading.resolve_dtype("fp8")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert common.resolve_dtype("auto") is torch.float32
+    assert method_setup.resolve_dtype("auto") is torch.float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert common.resolve_dtype("auto") is torch.float16
+    assert method_setup.resolve_dtype("auto") is torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert common.resolve_dtype("auto") is torch.bfloat16
+    assert method_setup.resolve_dtype("auto") is torch.bfloat16
 
 
 def _count_reads(monkeypatch):
@@ -50,7 +50,7 @@ def test_qlora_build_reads_the_config_once_and_loads_with_it(tmp_path, monkeypat
 
     path = save_tiny("llava", str(tmp_path / "m"))
     reads = _count_reads(monkeypatch)
-    monkeypatch.setattr(common, "check_qlora", lambda *a: None)   # no CUDA / bitsandbytes needed here
+    monkeypatch.setattr(method_setup, "check_qlora", lambda *a: None)   # no CUDA / bitsandbytes needed here
     real = AutoModelForImageTextToText.from_pretrained
     seen = {}
 
@@ -60,7 +60,7 @@ def test_qlora_build_reads_the_config_once_and_loads_with_it(tmp_path, monkeypat
 
     monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", from_pretrained)
     model_cfg = types.SimpleNamespace(path=path, tiny=None, dtype="fp32", trust_remote_code=False)
-    adapter = common.build_adapter(model_cfg, lora_cfg=types.SimpleNamespace(qlora=True, enabled=True))
+    adapter = method_setup.build_adapter(model_cfg, lora_cfg=types.SimpleNamespace(qlora=True, enabled=True))
     assert reads == [path]
     assert adapter.family == "llava" and seen["config"].model_type == "llava"
     skip = seen["quantization_config"].llm_int8_skip_modules

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelError, VlmalignError
+from ..models.loading import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,6 @@ def start_run(cfg, adapter=None, *, data_needed: str = "data.train_file is requi
     if not cfg.data.train_file:
         raise VlmalignError(data_needed)
     return adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
-
-
-def resolve_dtype(name: str):
-    """``model.dtype`` as a torch dtype (:func:`vlmalign.models.loading.resolve_dtype`)."""
-    from ..models.loading import resolve_dtype as resolve
-    return resolve(name)
 
 
 def check_qlora(model_cfg, lora_cfg) -> None:
