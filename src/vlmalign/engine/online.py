@@ -39,6 +39,7 @@ A method object provides ``agg`` (the loss aggregation, for item counts), ``adva
 * ``update_policy(loop) -> bool``: False skips the policy's optimizer step (e.g. critic warm-up);
 * ``state_dict()`` / ``load_state_dict()``: extra state for checkpoints (e.g. running statistics).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,10 @@ import time
 
 import torch
 
+from ..data.loading import data_root
 from ..losses.rl import entropy_from_logits
-from ..rewards import RewardInput
+from ..models.loading import resolve_dtype
+from ..rewards import RewardInput, build_reward
 from ..rollout import SamplingConfig, rollout, sequence_logprobs
 from .trainer import Engine
 
@@ -105,9 +108,6 @@ class OnlineTrainer(Engine):
             mod.to(self.acc.device)
         if reference is not None and reference.adapter is not adapter:
             reference.adapter.model.to(self.acc.device)
-        from ..data.loading import data_root
-        from ..rewards import build_reward
-        from ..models.loading import resolve_dtype
         root = data_root(cfg.data, cfg.data.train_file)
         kw = dict(device=self.acc.device, dtype=resolve_dtype(cfg.model.dtype))
         self.reward = reward if reward is not None else build_reward(cfg.reward, image_root=root, **kw)

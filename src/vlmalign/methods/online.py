@@ -15,6 +15,7 @@ from ..config.sections import DataSection, RLOptim, TrainSection
 from ..errors import VlmalignError
 from ..losses.rl import KL_KINDS, aggregate, kl_penalty, masked_mean, policy_loss_clipped
 from ..rewards import RewardInput
+from ..rewards.specs import parse_source
 from ..rollout import SamplingConfig, rollout, sequence_logprobs
 from .reference import PolicyConfig, build_reference, disable_dropout, starting_copy
 
@@ -95,7 +96,8 @@ class OnlineConfig(PolicyConfig):
     rollout: RolloutSection = section(RolloutSection, "sampling: prompts per step, k, temperature, top_p/top_k, "
                                                       "max_new_tokens")
     reward: list[dict] = opt([{"type": "function", "name": "exact_match", "weight": 1.0}],
-                             "reward sources, each {type: function|model|judge, weight, ...} (docs/RL.md)")
+                             "reward sources, each {type: function|model|judge, weight, ...}: the options of "
+                             "vlmalign.rewards.specs (docs/RL.md)")
     kl: KLSection = section(KLSection, "KL to the reference: coef, estimator, in the loss or the reward")
     update: UpdateSection = section(UpdateSection, "updates per rollout: epochs, minibatch size, ratio clip")
 
@@ -112,6 +114,8 @@ class OnlineConfig(PolicyConfig):
                                 f"({ro.max_new_tokens}): prompts get the difference")
         if not isinstance(self.reward, list) or not self.reward:
             raise VlmalignError("reward: list at least one reward source (docs/RL.md, 'Reward sources')")
+        for i, entry in enumerate(self.reward):   # each entry against its declared spec, before anything loads
+            parse_source(entry, where=f"reward[{i}]")
 
 
 # ----------------------------------------------------------------------------- setup

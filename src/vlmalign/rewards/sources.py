@@ -17,7 +17,6 @@ A reward SOURCE is a callable ``source(inputs: list[RewardInput]) -> torch.Tenso
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from pathlib import Path
@@ -25,11 +24,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, validate_config
 from ..data.schema import Conversation, Message
 from ..errors import DataError, ModelError
 from ..eval.metrics import yes_no
 from .functions import RewardInput, check_options, resolve_function
+from .specs import JudgeSpec, ModelSpec, parse_source
 
 
 def _as_scores(values, inputs: Sequence[RewardInput], name: str) -> torch.Tensor:
@@ -92,9 +92,10 @@ class RewardModelSource(RewardSource):
     raises naming the record. Prompts + responses over ``max_length`` raise (never truncated).
     """
 
-    def __init__(self, model, *, batch_size: int = 16, max_length: int | None = None, image_root=None,
-                 device=None, dtype=None, trust_remote_code: bool = False, base: str | None = None,
-                 empty_score: float | None = None, name: str = "model"):
+    def __init__(self, model, *, batch_size: int = ModelSpec.batch_size, max_length: int | None = ModelSpec.max_length,
+                 image_root=None, device=None, dtype=None, trust_remote_code: bool = False,
+                 base: str | None = ModelSpec.base, empty_score: float | None = ModelSpec.empty_score,
+                 name: str = "model"):
         from ..data.batching import ImageLoader
         from ..models.scalar_head import ScalarModel, load_scalar_model
         if isinstance(model, (str, Path)):
@@ -105,8 +106,7 @@ class RewardModelSource(RewardSource):
                              f"{type(model).__name__}")
         if model.kind != "reward":
             raise ModelError(f"RewardModelSource needs a reward model; this scalar model is a {model.kind!r} model")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+        validate_config(ModelSpec(batch_size=batch_size, max_length=max_length, empty_score=empty_score, base=base))
         model.eval()
         model.requires_grad_(False)
         self.model = model
@@ -177,7 +177,6 @@ YES_NO_TEMPLATE_WITH_REFERENCE = (
     "Reference answer: {reference}\n"
     "Proposed answer: {response}\n"
     "Does the proposed answer agree with the reference? Reply yes or no.")
-JUDGE_MODES = ("score", "yes_no")
 _FIELDS = ("question", "response", "reference")
 
 _NUMBER = r"(\d+(?:\.\d+)?)(?:\s*/\s*(\d+(?:\.\d+)?))?"
@@ -247,21 +246,16 @@ class JudgeReward(RewardSource):
     ``adapter``: a loaded adapter (e.g. the policy's own, for self-judging) or a model path.
     """
 
-    def __init__(self, adapter, template: str | None = None, *, mode: str = "score", low: float = 1,
-                 high: float = 10, normalize: bool = False, default: float = 0.0, max_new_tokens: int = 16,
-                 batch_size: int = 8, max_length: int | None = None, system: str | None = None, image_root=None,
-                 device=None, dtype=None, trust_remote_code: bool = False, name: str = "judge"):
+    def __init__(self, adapter, template: str | None = JudgeSpec.template, *, mode: str = JudgeSpec.mode,
+                 low: float = JudgeSpec.low, high: float = JudgeSpec.high, normalize: bool = JudgeSpec.normalize,
+                 default: float = JudgeSpec.default, max_new_tokens: int = JudgeSpec.max_new_tokens,
+                 batch_size: int = JudgeSpec.batch_size, max_length: int | None = JudgeSpec.max_length,
+                 system: str | None = JudgeSpec.system, image_root=None, device=None, dtype=None,
+                 trust_remote_code: bool = False, name: str = "judge"):
         from ..data.batching import ImageLoader
-        if mode not in JUDGE_MODES:
-            raise ConfigError(f"judge mode {mode!r} unknown; expected one of {', '.join(JUDGE_MODES)}")
-        if mode == "score" and not low < high:
-            raise ConfigError(f"judge score range needs low < high, got [{low}, {high}]")
-        if not math.isfinite(float(default)):
-            raise ConfigError(f"judge default must be a finite number, got {default!r}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+        validate_config(JudgeSpec(template=template, mode=mode, low=float(low), high=float(high), normalize=normalize,
+                                  default=float(default), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  max_length=max_length, system=system))
         if template is not None:
             _check_template(template)
         if isinstance(adapter, (str, Path)):
@@ -399,48 +393,18 @@ class CombinedReward:
 
 
 # ----------------------------------------------------------------------------- recipes
-_COMMON = {"type", "weight", "label"}
-_KEYS = {
-    "function": {"name", "args"},
-    "model": {"path", "batch_size", "max_length", "empty_score", "base"},
-    "judge": {"path", "template", "mode", "low", "high", "normalize", "default", "max_new_tokens",
-              "batch_size", "max_length", "system"},
-}
-
-
 def _spec_error(where: str, msg: str) -> ConfigError:
     return ConfigError(f"{where}: {msg}")
 
 
 def build_source(spec: dict, *, where: str = "reward[0]", image_root=None, device=None, dtype=None,
                  base_dir=None) -> tuple[Any, float]:
-    """One recipe dict -> (source, weight). Keys: ``type`` (function | model | judge),
-    ``weight`` (default 1.0), ``label`` (the name it is logged under), and per type:
-
-    * function: ``name`` (built-in or ``package.module:function``), ``args`` (dict of options);
-    * model: ``path``, ``batch_size``, ``max_length``, ``empty_score``, ``base`` (LoRA base);
-    * judge: ``path``, ``template``, ``mode``, ``low``, ``high``, ``normalize``, ``default``,
-      ``max_new_tokens``, ``batch_size``, ``max_length``, ``system``.
-
-    Relative paths are resolved against ``base_dir`` when given.
-    """
-    if not isinstance(spec, dict):
-        raise _spec_error(where, f"expected a mapping with a 'type', got {type(spec).__name__}")
-    kind = spec.get("type")
-    if kind not in _KEYS:
-        raise _spec_error(where, f"type must be one of {', '.join(_KEYS)}, got {kind!r}")
-    allowed = _COMMON | _KEYS[kind]
-    for key in spec:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise _spec_error(where, f"unknown key {key!r} for a {kind} reward{hint} "
-                                     f"(allowed: {', '.join(sorted(allowed))})")
-    weight = spec.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise _spec_error(where, f"weight must be a finite number, got {weight!r}")
-    opts = {k: v for k, v in spec.items() if k not in _COMMON}
-    label = spec.get("label")
+    """One recipe dict -> (source, weight). Keys: ``type`` (function | model | judge) and the
+    fields of its spec (:mod:`.specs`: ``weight``, ``label`` and per type ``name`` / ``args``,
+    ``path`` / ``batch_size`` / ..., ``path`` / ``template`` / ``mode`` / ...). Relative paths
+    are resolved against ``base_dir`` when given."""
+    s = parse_source(spec, where)
+    kind, label = spec["type"], s.label
 
     def path_of(p):
         if not p or not isinstance(p, (str, Path)):
@@ -454,23 +418,20 @@ def build_source(spec: dict, *, where: str = "reward[0]", image_root=None, devic
 
     try:
         if kind == "function":
-            if "name" not in opts:
-                raise _spec_error(where, "a function reward needs 'name' (built-in or 'package.module:function')")
-            args = opts.get("args") or {}
-            if not isinstance(args, dict):
-                raise _spec_error(where, f"args must be a mapping, got {type(args).__name__}")
-            src = FunctionReward(opts["name"], name=label or opts["name"], kwargs=args)
+            src = FunctionReward(s.name, name=label or s.name, kwargs=s.args)
         elif kind == "model":
-            path = path_of(opts.pop("path", None))
-            src = RewardModelSource(path, image_root=image_root, device=device, dtype=dtype,
-                                    name=label or "model", **opts)
+            src = RewardModelSource(path_of(s.path), image_root=image_root, device=device, dtype=dtype,
+                                    name=label or "model", batch_size=s.batch_size, max_length=s.max_length,
+                                    empty_score=s.empty_score, base=s.base)
         else:
-            path = path_of(opts.pop("path", None))
-            src = JudgeReward(path, image_root=image_root, device=device, dtype=dtype, name=label or "judge", **opts)
+            src = JudgeReward(path_of(s.path), s.template, mode=s.mode, low=s.low, high=s.high, normalize=s.normalize,
+                              default=s.default, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
+                              max_length=s.max_length, system=s.system, image_root=image_root, device=device,
+                              dtype=dtype, name=label or "judge")
     except ConfigError as e:
         msg = str(e)
         raise (e if msg.startswith(where) else _spec_error(where, msg)) from None
-    return src, float(weight)
+    return src, float(s.weight)
 
 
 def build_reward(specs: Sequence[dict], *, image_root=None, device=None, dtype=None, base_dir=None,
