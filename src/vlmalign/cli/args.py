@@ -35,19 +35,22 @@ unit_interval = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 def config_flags(p, cls, names) -> None:
     """``--NAME`` flags for the options ``names`` of config class ``cls`` (declared there once with
-    ``opt``): the flag's default, choices, range and help are the option's."""
+    ``opt``): the flag's default, choices, range and help are the option's. An entry of ``names``
+    may be ``(name, "--flag", "--alias", ...)`` for other spellings than ``--name``."""
     from dataclasses import MISSING, fields
 
     from ..config import ConfigError, parse_option, range_text
     by_name = {f.name: f for f in fields(cls)}
-    for name in names:
+    for entry in names:
+        name, *spellings = (entry,) if isinstance(entry, str) else entry
         f = by_name[name]
-        flag = "--" + name.replace("_", "-")
+        flags = spellings or ["--" + name.replace("_", "-")]
+        flag = flags[0]
         default = f.default if f.default is not MISSING else f.default_factory()
         meta = f.metadata
         text = meta.get("help", "")
         if default is False and isinstance(default, bool):
-            p.add_argument(flag, action="store_true", dest=name, help=text)
+            p.add_argument(*flags, action="store_true", dest=name, help=text)
             continue
 
         def parse(value: str, _name=name, _flag=flag):
@@ -56,14 +59,17 @@ def config_flags(p, cls, names) -> None:
             except ConfigError as e:
                 raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
         parse.__name__ = range_text(meta.get("bounds") or {}) or "value"
-        p.add_argument(flag, type=parse, default=default, dest=name, choices=meta.get("choices"), help=text)
+        choices = meta.get("choices")
+        p.add_argument(*flags, type=parse, default=default, dest=name, choices=choices, help=text,
+                       metavar=None if choices else name.upper())
 
 
 def config_from_flags(cls, args, names):
     """The config ``cls`` with the options ``names`` from the flags :func:`config_flags` added
     (the others at their defaults), checked."""
     from ..config import validate_config
-    cfg = cls(**{n: getattr(args, n) for n in names})
+    cfg = cls(**{(n if isinstance(n, str) else n[0]): getattr(args, n if isinstance(n, str) else n[0])
+                 for n in names})
     validate_config(cfg)
     return cfg
 
@@ -81,6 +87,8 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
         d = action.default
         if "default" in text or d is None or d is False or d is argparse.SUPPRESS or not action.option_strings:
             return text
+        if isinstance(d, (list, tuple)):
+            d = ",".join(map(str, d))
         return f"{text} (default: {d})"
 
 

@@ -1,4 +1,4 @@
-"""`vlmalign data {validate,convert,stats}` (and `synth`, registered by data.synthetic.cli)."""
+"""`vlmalign data {validate,convert,stats}` (and `synth`, registered by cli/synth.py)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stats)
 
     try:  # `data synth` lives with the synthetic data sets
-        from ..data.synthetic.cli import register as register_synth
+        from .synth import register as register_synth
     except ImportError:
         register_synth = None
     if register_synth is not None:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from vlmalign.data.synthetic import FILES, ShapesConfig, generate_shapesworld
-from vlmalign.data.synthetic.cli import register
+from vlmalign.cli.synth import register
 from vlmalign.errors import VlmalignError
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ...config import ConfigError, check_bounds, opt
+
 # Solid, well separated RGB values. Drawing uses no anti-aliasing, so every object pixel has
 # exactly its palette value (tests and the scene API rely on this).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -60,45 +62,35 @@ class ShapesConfig:
     hidden 32-64, patch 8) in a few hundred steps on a CPU.
     """
 
-    seed: int = 0
-    """Master seed; every image and every question derives its own generator from it."""
-    image_size: int = 64
-    """Width and height of the square images in pixels."""
-    colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
-    """Colour names used (subset of ``COLOURS``: red green blue yellow purple orange cyan black)."""
-    shapes: tuple[str, ...] = ("circle", "square", "triangle")
-    """Shape names used (subset of ``SHAPES``: circle square triangle cross diamond)."""
-    grid: int = 2
-    """Cells per side: 2 (top left ... bottom right) or 3 (adds middle/center)."""
-    min_objects: int = 1
-    """Fewest objects in an image (one per cell, distinct colour-shape combinations)."""
-    max_objects: int = 3
-    """Most objects in an image."""
-    train_images: int = 1000
-    """Images in the train split (captions, VQA SFT, preferences, ranked, RL, KTO train)."""
-    eval_images: int = 200
-    """Images in the held-out eval split (disjoint from train, pixel-wise)."""
-    question_types: tuple[str, ...] = QUESTION_TYPES
-    """Which of colour, shape, count, position, existence to ask."""
-    paraphrases: bool = False
-    """Use several phrasings per question type (False: one fixed phrasing each, easiest)."""
-    object_size: tuple[float, float] = (0.7, 0.85)
-    """Range of an object's side as a fraction of the cell side (drawn uniformly)."""
-    jitter: float = 0.5
-    """Random offset of an object inside its cell, as a fraction of the free room around it:
-    0 (or False) centres it, 1 (or True) places it anywhere in the cell."""
-    background: tuple[int, int, int] = (255, 255, 255)
-    """Background RGB."""
-    max_turns: int = 3
-    """Longest multi-turn VQA SFT conversation (questions about one image grouped 1..max_turns)."""
-    image_position: str = "before"
-    """Where the image goes in the first user turn: ``before`` its text (LLaVA's ``<image>\\n``
-    convention; VQA, plain_dpo and KTO prompts then carry no placeholder, which readers take to
-    mean image first) or ``after`` it (``What colour ...?\\n<image>`` in every file). With the
-    image after the question a causal LM's image tokens see the question, which a tiny
-    random-init model learns far faster (README, Quickstart)."""
-    ranked_size: int = 3
-    """Responses per ranked list: the correct caption, then captions with 1, 2, ... errors."""
+    seed: int = opt(0, "master seed; every image and every question derives its own generator from it", ge=0)
+    image_size: int = opt(64, "width and height of the square images in pixels", ge=8)
+    colours: tuple[str, ...] = opt(("red", "green", "blue", "yellow"),
+                                   "comma-separated colour names (of red green blue yellow purple orange cyan black)")
+    shapes: tuple[str, ...] = opt(("circle", "square", "triangle"),
+                                  "comma-separated shape names (of circle square triangle cross diamond)")
+    grid: int = opt(2, "cells per side: 2 (top left ... bottom right) or 3 (adds middle / center)", (2, 3))
+    min_objects: int = opt(1, "fewest objects in an image (one per cell, distinct colour-shape combinations)", ge=1)
+    max_objects: int = opt(3, "most objects in an image", ge=1)
+    train_images: int = opt(1000, "images in the train split (captions, VQA SFT, preferences, ranked, RL, KTO "
+                                  "train)", ge=1)
+    eval_images: int = opt(200, "images in the held-out eval split (disjoint from train, pixel-wise)", ge=1)
+    question_types: tuple[str, ...] = opt(QUESTION_TYPES, "comma-separated question types to ask (of colour, shape, "
+                                                          "count, position, existence)")
+    paraphrases: bool = opt(False, "several phrasings per question type (default: one fixed phrasing each, easiest)")
+    object_size: tuple[float, float] = opt((0.7, 0.85), "range of an object's side as a fraction of the cell side "
+                                                        "(drawn uniformly)")
+    jitter: float = opt(0.5, "random offset of an object inside its cell, as a fraction of the free room around it: "
+                             "0 (or False) centres it, 1 (or True) places it anywhere in the cell", ge=0, le=1)
+    background: tuple[int, int, int] = opt((255, 255, 255), "background RGB")
+    max_turns: int = opt(3, "longest multi-turn VQA SFT conversation (questions about one image grouped "
+                            "1..max_turns)", ge=1)
+    image_position: str = opt("before", "where the image goes in the first user turn: before its text (LLaVA's "
+                                        "'<image>\\n' convention; VQA, plain_dpo and KTO prompts then carry no "
+                                        "placeholder, which readers take to mean image first) or after it ('What "
+                                        "colour ...?\\n<image>' in every file); after lets a tiny causal LM's "
+                                        "image tokens see the question (README, Quickstart)", IMAGE_POSITIONS)
+    ranked_size: int = opt(3, "responses per ranked list: the correct caption, then captions with 1, 2, ... errors",
+                           ge=2)
 
     def __post_init__(self):
         # Normalise sequences to tuples (from JSON/CLI they may come as lists) and spellings.
@@ -112,8 +104,18 @@ class ShapesConfig:
         self.validate()
 
     def validate(self) -> None:
+        """The declared choices and ranges of the fields, then the rules between them."""
         def bad(msg):
             raise ValueError(f"ShapesConfig: {msg}")
+
+        for f in fields(self):
+            v, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and v not in choices:
+                bad(f"{f.name} must be one of {', '.join(map(str, choices))}, got {v!r}")
+            try:
+                check_bounds(v, f.metadata.get("bounds") or {}, f.name)
+            except ConfigError as e:
+                bad(str(e))
 
         for c in self.colours:
             if c not in COLOURS:
@@ -144,14 +146,6 @@ class ShapesConfig:
         lo, hi = self.object_size
         if not 0.2 <= lo <= hi <= 1.0:
             bad(f"object_size must satisfy 0.2 <= low <= high <= 1.0, got {self.object_size}")
-        if not 0.0 <= self.jitter <= 1.0:
-            bad(f"jitter must be in [0, 1], got {self.jitter}")
-        if self.train_images < 1 or self.eval_images < 1:
-            bad("train_images and eval_images must be at least 1")
-        if self.max_turns < 1:
-            bad("max_turns must be at least 1")
-        if self.image_position not in IMAGE_POSITIONS:
-            bad(f"image_position must be one of {', '.join(IMAGE_POSITIONS)}, got {self.image_position!r}")
         if not 2 <= self.ranked_size <= n_cells + 1:
             bad(f"ranked_size must be in 2..{n_cells + 1} (one error per cell at most)")
         if len(self.background) != 3 or any(not 0 <= v <= 255 for v in self.background):
