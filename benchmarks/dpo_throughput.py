@@ -373,7 +373,8 @@ def run_ours(spec: Spec) -> dict:
         f"data.train_file={spec.data_file}", "data.max_length=100000",
         f"optim.lr={spec.lr}", "optim.schedule=constant", "optim.warmup_steps=0", "optim.warmup_ratio=0",
         "optim.weight_decay=0", "optim.max_grad_norm=1.0",
-        f"train.output_dir={spec.work_dir}/run-ours", f"train.batch_size={spec.batch_size}",
+        # each round's run replaces the last one's (the engine refuses a run directory it did not claim)
+        f"train.output_dir={spec.work_dir}/run-ours", "train.overwrite=true", f"train.batch_size={spec.batch_size}",
         f"train.max_steps={spec.total_steps}", f"train.seed={spec.seed}", "train.progress=false",
         f"train.precision={spec.dtype}",
         f"dpo.beta={spec.beta}", f"dpo.precompute_ref_logps={str(spec.precompute_ref).lower()}",

@@ -57,7 +57,9 @@ def config_flags(p, cls, names) -> None:
             try:
                 return parse_option(cls, _name, value, where=_flag)
             except ConfigError as e:
-                raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+                msg = str(e).split(": ", 1)[-1]   # the command line's wording for a bad number
+                raise argparse.ArgumentTypeError(msg.replace("expected int,", "expected an integer,")
+                                                 .replace("expected float,", "expected a number,")) from None
         parse.__name__ = range_text(meta.get("bounds") or {}) or "value"
         choices = meta.get("choices")
         p.add_argument(*flags, type=parse, default=default, dest=name, choices=choices, help=text,

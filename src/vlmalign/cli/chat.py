@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from .generate import add_model_args, add_sampling_args, load_for_inference
+from ..config import with_defaults
+from ..rollout.generate import SamplingConfig
+from .args import config_flags
+from .generate import SAMPLING, add_model_args, load_for_inference
+
+ChatSampling = with_defaults(SamplingConfig, "ChatSampling", max_new_tokens=256)
 
 COMMANDS = {
     "/image": "/image PATH   show an image with your next message",
@@ -25,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--image-position", choices=("auto", "before", "after"), default="auto",
                    help="where a message's images go relative to its text; auto: as in the prompts the model "
                         "was trained on (its vlmalign_prompt.json), else before")
-    add_sampling_args(p, max_new_tokens=256)
+    config_flags(p, ChatSampling, SAMPLING)
     p.set_defaults(func=_run)
 
 

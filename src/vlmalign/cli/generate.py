@@ -6,9 +6,15 @@ import json
 import logging
 import os
 
-from .args import add_limit, nonneg_float, nonneg_int, positive_int, refuse_output_over_input, unit_interval
+from ..config import with_defaults
+from ..rollout.generate import SamplingConfig
+from .args import add_limit, config_flags, config_from_flags, nonneg_int, positive_int, refuse_output_over_input
 
 log = logging.getLogger("vlmalign.generate")
+
+# the sampling options (rollout.generate.SamplingConfig) that are flags of generate and chat
+SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k")
+GenerateSampling = with_defaults(SamplingConfig, "GenerateSampling", max_new_tokens=64)
 
 
 def add_model_args(p) -> None:
@@ -36,8 +42,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output JSONL (never one of the inputs)")
     p.add_argument("--image-root", help="directory image paths are confined to (default: the data file's)")
     p.add_argument("--format", default="auto", help="data format (default: detected)")
-    add_sampling_args(p, max_new_tokens=64)
-    p.add_argument("--num-samples", type=positive_int, default=1, help="responses per prompt")
+    config_flags(p, GenerateSampling, SAMPLING + ("num_samples",))
     p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per batch")
     p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed")
     p.add_argument("--on-error", default="raise", choices=("raise", "skip"),
@@ -55,20 +60,13 @@ def add_image_position(p) -> None:
                         "a file that differs from the model is warned about")
 
 
-def add_sampling_args(p, *, max_new_tokens: int, temperature: float = 0.0) -> None:
-    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="tokens per response")
-    p.add_argument("--temperature", type=nonneg_float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=unit_interval, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--top-k", type=nonneg_int, default=0, help="top-k sampling (0: off)")
-
-
 def _run(args) -> int:
     import torch
 
     from ..config.sections import DataSection
     from ..data.loading import load_examples
     from ..models.prompt_layout import place_records
-    from ..rollout.generate import SamplingConfig, generate
+    from ..rollout.generate import generate
     refuse_output_over_input(args.out, args.data)
     torch.manual_seed(args.seed)
     ad = load_for_inference(args)
@@ -81,8 +79,7 @@ def _run(args) -> int:
     recs, note = place_records([e.record for e in examples], args.model, args.image_position)
     if note:
         log.warning("%s: %s", args.data, note)
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                         top_k=args.top_k, num_samples=args.num_samples)
+    cfg = config_from_flags(GenerateSampling, args, SAMPLING + ("num_samples",))
     outs = generate(ad, recs, loader, cfg, batch_size=args.batch_size)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

@@ -68,7 +68,12 @@ _BOUND_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v
 
 
 def range_text(bounds: dict) -> str:
-    """``bounds`` as the help shows them, e.g. ``>= 1`` or ``>= 0, < 1``."""
+    """``bounds`` as the help shows them, e.g. ``>= 1``, or an interval: ``in [0, 1)``."""
+    lo = [k for k in bounds if k in ("ge", "gt")]
+    hi = [k for k in bounds if k in ("le", "lt")]
+    if len(bounds) == 2 and lo and hi:
+        return (f"in {'[' if lo[0] == 'ge' else '('}{bounds[lo[0]]:g}, "
+                f"{bounds[hi[0]]:g}{']' if hi[0] == 'le' else ')'}")
     return ", ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in bounds.items())
 
 

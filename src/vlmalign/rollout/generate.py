@@ -7,16 +7,17 @@ from typing import Sequence
 
 import torch
 
+from ..config import opt
 from ..data.batching import Example, ImageLoader, image_prompts, pad, unique_images
 
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 32
-    temperature: float = 0.0   # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    num_samples: int = 1
+    max_new_tokens: int = opt(32, "tokens per response", ge=1)
+    temperature: float = opt(0.0, "sampling temperature (0: greedy)", ge=0)
+    top_p: float = opt(1.0, "nucleus sampling threshold", gt=0, le=1)
+    top_k: int = opt(0, "top-k sampling (0: off)", ge=0)
+    num_samples: int = opt(1, "responses per prompt", ge=1)
 
 
 def _gen_kwargs(cfg: SamplingConfig, adapter) -> dict:

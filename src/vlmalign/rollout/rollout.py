@@ -267,6 +267,20 @@ def _located(e: DataError, rec, i: int) -> DataError:
     return type(e)(loc.reason, file=loc.file, index=loc.index, field=loc.field)
 
 
+def _tokenized(adapter, loader, rec, i: int, max_prompt_length, *, pil: bool = False):
+    """``(messages, image refs, tokenized prompt, PIL images or None)`` of record ``rec`` (position
+    ``i``); a bad image or an over-long prompt raises naming the record."""
+    msgs = _prompt_of(rec, i)
+    refs = [img for m in msgs for img in m.images]
+    try:
+        imgs = [loader.inputs(r) for r in refs]
+        t = adapter.tokenize_prompt(msgs, imgs, max_length=max_prompt_length)
+        images = [loader.pil(r) for r in refs] if pil else None
+    except DataError as e:
+        raise _located(e, rec, i) from None
+    return msgs, refs, t, images
+
+
 def _prompt_of(rec, i: int):
     if isinstance(rec, (list, tuple)):
         return list(rec)
@@ -313,13 +327,7 @@ def rollout(adapter, records: Sequence, loader: ImageLoader, cfg: SamplingConfig
     # tokenize every prompt once (errors name the record), then k rows per prompt
     items: list[Example] = []
     for i, rec in enumerate(records):
-        msgs = _prompt_of(rec, i)
-        refs = [img for m in msgs for img in m.images]
-        try:
-            imgs = [loader.inputs(r) for r in refs]
-            t = adapter.tokenize_prompt(msgs, imgs, max_length=max_prompt_length)
-        except DataError as e:
-            raise _located(e, rec, i) from None
+        msgs, refs, t, _ = _tokenized(adapter, loader, rec, i, max_prompt_length)
         eps = image_prompts(msgs, adapter)
         items.extend(Example(rows={"input_ids": t.input_ids}, images=refs, image_prompts=eps, record=rec)
                      for _ in range(k))
@@ -529,14 +537,7 @@ def _vllm_rollout(adapter, records, loader, cfg, k, *, seed, engine, max_prompt_
     greedy = not (cfg.temperature and cfg.temperature > 0)
     prompts, ours, items = [], [], []
     for i, rec in enumerate(records):
-        msgs = _prompt_of(rec, i)
-        refs = [img for m in msgs for img in m.images]
-        try:
-            imgs = [loader.inputs(r) for r in refs]
-            t = adapter.tokenize_prompt(msgs, imgs, max_length=max_prompt_length)
-            pil = [loader.pil(r) for r in refs]
-        except DataError as e:
-            raise _located(e, rec, i) from None
+        msgs, refs, t, pil = _tokenized(adapter, loader, rec, i, max_prompt_length, pil=True)
         req = {"prompt": adapter.render(msgs, add_generation_prompt=True)}
         if pil:
             req["multi_modal_data"] = {"image": pil if len(pil) > 1 else pil[0]}
