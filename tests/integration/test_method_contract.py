@@ -8,13 +8,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
-import yaml
-
 from vlmalign.cli.main import main
+from vlmalign.config import flat_options, load_config
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 from vlmalign.methods.registry import MODULES, Method, get, methods
 from vlmalign.models import save_tiny
@@ -44,27 +42,6 @@ def _shows(line: str, value) -> bool:
     return line.startswith(r) and line[len(r):len(r) + 2] in (" [", " (", ": ")
 
 
-def _flat(obj, prefix: str = "") -> dict:
-    out = {}
-    for f in fields(obj):
-        v = getattr(obj, f.name)
-        if is_dataclass(v):
-            out.update(_flat(v, prefix + f.name + "."))
-        else:
-            out[prefix + f.name] = v
-    return out
-
-
-def _flat_yaml(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "reward":
-            out.update(_flat_yaml(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def test_the_registry_lists_every_method_once_in_cli_order():
     table = methods()
     assert tuple(table) == EXPECTED
@@ -78,7 +55,7 @@ def test_the_registry_lists_every_method_once_in_cli_order():
 def test_help_prints_every_option_with_the_default_a_run_starts_from(name):
     cls = get(name).config
     printed = _help_defaults(_help(name))
-    defaults = _flat(cls())
+    defaults = flat_options(cls())
     assert printed.keys() == defaults.keys()
     for key, value in defaults.items():
         assert _shows(printed[key], value), (key, printed[key], value)
@@ -126,7 +103,7 @@ def test_a_run_saves_the_defaults_help_printed_for_every_key_it_did_not_set(name
         f"model.path={world / 'model'}", "data.max_length=256", f"train.output_dir={out}", "train.max_steps=1",
         "train.batch_size=2", "train.progress=false"]
     assert main(["train", name, *sets]) == 0
-    saved = _flat_yaml(yaml.safe_load((out / "config.yaml").read_text()))
+    saved = flat_options(load_config(get(name).config, out / "config.yaml"))
     printed = _help_defaults(_help(name))
     assert saved.keys() == printed.keys()
     given = {s.split("=", 1)[0] for s in sets}

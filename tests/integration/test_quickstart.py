@@ -212,22 +212,12 @@ STAGES = ("pretrain", "sft", "rm", "dpo", "grpo", "ppo")
 SET_BY_RUN = {"model.path", "model.tiny", "train.progress", "train.overwrite"}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "reward":
-            out.update(_flat(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 @pytest.mark.parametrize("stage", STAGES)
 def test_at_the_recipe_step_count_a_stage_config_is_its_recipe_under_out(stage, tmp_path):
-    from vlmalign.config import to_dict
+    from vlmalign.config import flat_options
     from vlmalign.quickstart import load_recipe
     cfg, recipe = stage_config(stage, tmp_path), load_recipe(stage)
-    a, b = _flat(to_dict(cfg)), _flat(to_dict(recipe))
+    a, b = flat_options(cfg), flat_options(recipe)
     assert a.keys() == b.keys()
     for key in a:
         if isinstance(b[key], str) and b[key].startswith(("data/shapesworld", "runs/quickstart/")):
@@ -252,14 +242,13 @@ def test_the_recipes_chain_the_stages_as_the_quickstart_does():
 def test_each_stage_of_a_run_is_its_recipe(tmp_path):
     """A short quickstart: every stage's saved config.yaml is its recipe under --out with the step
     count it was asked for (and what follows from it), differing only where the run says."""
-    import yaml
-
-    from vlmalign.config import to_dict
+    from vlmalign.config import flat_options, load_config
+    from vlmalign.quickstart import load_recipe
     out = tmp_path / "qs"
     run_quickstart(out, data=SMALL, pretrain_steps=1, sft_steps=1, rm_steps=1, dpo_steps=1, rl_steps=1, quiet=True)
     for stage in ("pretrain", "sft", "rm", "dpo", "grpo"):
-        saved = _flat(yaml.safe_load((out / stage / "config.yaml").read_text()))
-        want = _flat(to_dict(stage_config(stage, out, steps=1)))
+        saved = flat_options(load_config(type(load_recipe(stage)), out / stage / "config.yaml"))
+        want = flat_options(stage_config(stage, out, steps=1))
         assert saved.keys() == want.keys()
         assert {k for k in saved if saved[k] != want[k]} <= SET_BY_RUN, stage
         assert saved["train.max_steps"] == 1

@@ -223,6 +223,18 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     return cfg
 
 
+def flat_options(cfg, prefix: str = "") -> dict:
+    """``{"section.key": value}`` for every option of a config (sections walked, values as set)."""
+    out = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if is_dataclass(v):
+            out.update(flat_options(v, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = v
+    return out
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -266,5 +278,5 @@ def describe(cls, prefix: str = "") -> list[str]:
     return lines
 
 
-__all__ = ["ConfigError", "check_bounds", "dataclass", "describe", "load_config", "opt", "parse_option", "save_config", "section", "to_dict", "validate_config",
+__all__ = ["ConfigError", "check_bounds", "dataclass", "describe", "flat_options", "load_config", "opt", "parse_option", "save_config", "section", "to_dict", "validate_config",
            "with_defaults"]
