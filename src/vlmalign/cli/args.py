@@ -42,7 +42,7 @@ def config_flags(p, cls, names) -> None:
     from ..config import ConfigError, parse_option, range_text
     by_name = {f.name: f for f in fields(cls)}
     for entry in names:
-        name, *spellings = (entry,) if isinstance(entry, str) else entry
+        name, *spellings = _spelled(entry)
         f = by_name[name]
         flags = spellings or ["--" + name.replace("_", "-")]
         flag = flags[0]
@@ -66,12 +66,16 @@ def config_flags(p, cls, names) -> None:
                        metavar=None if choices else name.upper())
 
 
+def _spelled(entry) -> tuple:
+    """``(name, *flag spellings)`` of an entry of :func:`config_flags`' ``names``."""
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def config_from_flags(cls, args, names):
     """The config ``cls`` with the options ``names`` from the flags :func:`config_flags` added
     (the others at their defaults), checked."""
     from ..config import validate_config
-    cfg = cls(**{(n if isinstance(n, str) else n[0]): getattr(args, n if isinstance(n, str) else n[0])
-                 for n in names})
+    cfg = cls(**{n: getattr(args, n) for n in (_spelled(e)[0] for e in names)})
     validate_config(cfg)
     return cfg
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..data.synthetic.config import ShapesConfig
 from ..data.synthetic.generate import FILES
-from .args import config_flags
+from .args import config_flags, config_from_flags
 
 
 def register(data_subparsers) -> argparse.ArgumentParser:
@@ -49,8 +49,7 @@ def run_shapes(args: argparse.Namespace) -> int:
     from ..errors import VlmalignError
 
     try:
-        config = ShapesConfig(**{(k if isinstance(k, str) else k[0]): getattr(args, k if isinstance(k, str) else k[0])
-                                 for k in OPTIONS})
+        config = config_from_flags(ShapesConfig, args, OPTIONS)
     except ValueError as e:
         raise VlmalignError(str(e)) from None
     t0 = time.perf_counter()

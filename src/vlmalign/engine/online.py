@@ -42,7 +42,6 @@ A method object provides ``agg`` (the loss aggregation, for item counts), ``adva
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -118,8 +117,7 @@ class OnlineTrainer(Engine):
     # ------------------------------------------------------------------ helpers
     def _prompts(self, step: int) -> list:
         epoch, j = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.records), generator=g).tolist()
+        order = self._order(epoch, len(self.records))
         per = self.cfg.rollout.prompts_per_step * self.world
         return [self.records[i] for i in order[j * per:(j + 1) * per][self.rank::self.world]]
 
@@ -130,20 +128,6 @@ class OnlineTrainer(Engine):
         """Image features for a forward of sub-batch ``mb``: the sampling-time ones when the
         encoder is frozen (no re-encoding), else None (encode with the current weights)."""
         return mb.encoded if self.encoder_frozen else None
-
-    @contextlib.contextmanager
-    def no_grad_pass(self):
-        """No-grad forwards on the plain module (no DDP buffer syncs), in eval mode."""
-        plain = self.acc.unwrap_model(self.runner)
-        self.adapter.runner = plain
-        was = plain.training
-        plain.eval()
-        try:
-            with torch.no_grad(), self.acc.autocast():
-                yield
-        finally:
-            self.adapter.runner = self.runner
-            plain.train(was)
 
     def chunked(self, fn, batch) -> torch.Tensor:
         """(R, T) values of ``fn(sub_batch)`` computed ``train.batch_size`` rows at a time."""

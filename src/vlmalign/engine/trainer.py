@@ -174,14 +174,22 @@ class Engine:
         return {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
 
     # ---------------------------------------------------------------- shared pieces
+    def _order(self, epoch: int, n: int) -> list[int]:
+        """The seeded order of ``n`` training items in ``epoch`` (the same on every process and
+        after a resume)."""
+        g = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + epoch)
+        return torch.randperm(n, generator=g).tolist()
+
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.acc.reduce(t, reduction="sum") if self.world > 1 else t
 
     def _reduce_dict(self, sums: dict) -> dict:
+        """Each value (a number or a 0-d tensor) summed over processes, in one collective."""
         keys = sorted(sums)
         if not keys:
             return {}
-        vec = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=self.acc.device)
+        dev = self.acc.device
+        vec = torch.stack([torch.as_tensor(sums[k], device=dev).to(torch.float64).reshape(()) for k in keys])
         return dict(zip(keys, self._reduce(vec).tolist()))
 
     def _last_ckpt(self) -> str:
@@ -220,6 +228,23 @@ class Engine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return None if gn is None else float(gn)
+
+    @contextlib.contextmanager
+    def no_grad_pass(self):
+        """Forwards without gradients on the plain module (no DDP collectives or buffer syncs, so
+        one process may run them alone), in eval mode and under the run's autocast."""
+        plain = self.acc.unwrap_model(self.runner)
+        for ad in self.adapters:
+            ad.runner = plain
+        was = plain.training
+        plain.eval()
+        try:
+            with torch.no_grad(), self.acc.autocast():
+                yield
+        finally:
+            for ad in self.adapters:
+                ad.runner = self.runner
+            plain.train(was)
 
     def phase(self, name: str, **info):
         """A context around a named part of the run (``step``, ``reference_precompute``) that
@@ -339,15 +364,10 @@ class Trainer(Engine):
                                        "or the file is empty)")
         self.global_batch = self.tc.batch_size * self.tc.grad_accum * self.world
 
-    # ---------------------------------------------------------------- data order
-    def _order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.examples), generator=g).tolist()
-
     def _micro_batches(self, step: int) -> list:
         """This process's micro-batches for global optimizer step ``step`` (0-based)."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        order = self._order(epoch)
+        order = self._order(epoch, len(self.examples))
         chunk = order[k * self.global_batch:(k + 1) * self.global_batch]
         mine = chunk[self.rank::self.world]
         bs = self.tc.batch_size
@@ -381,10 +401,7 @@ class Trainer(Engine):
         lr = self.scheduler.get_last_lr()[0]  # the rate this update used
         gn = self.optimizer_step()
         self.step += 1
-        keys = sorted(sums)
-        vec = self._reduce(torch.stack([torch.as_tensor(sums[k], device=self.acc.device).float().reshape(())
-                                        for k in keys])) if keys else torch.zeros(0)
-        red = dict(zip(keys, vec.tolist()))
+        red = self._reduce_dict(sums)
         items = red.pop("items", total) or 1.0
         out = {k: v / items for k, v in red.items()}
         out["items"] = items

@@ -114,12 +114,11 @@ def fit(cfg, name: str, adapter, method_cls, examples, collate, eval_examples=()
         ref_ad.model.to(trainer.acc.device)
     if needs_ref and d.precompute_ref_logps:
         fp = lora_base_fp or ref_cache.module_fingerprint(ref_ad.model.state_dict().items())
-        plain = trainer.acc.unwrap_model(trainer.runner)
         for m, exs, col, f in ((method, examples, collate, cfg.data.train_file),
                                (eval_method, eval_examples, ecollate, cfg.data.eval_file)):
             if m is None:
                 continue
-            m.ref_values = _precomputed(cfg, d, m, exs, col, f, fp, adapter, trainer, plain, cache_parts)
+            m.ref_values = _precomputed(cfg, d, m, exs, col, f, fp, adapter, trainer, cache_parts)
         for m in (method, eval_method):
             if m is not None:
                 m.ref = None
@@ -127,7 +126,7 @@ def fit(cfg, name: str, adapter, method_cls, examples, collate, eval_examples=()
     return trainer.train(), adapter
 
 
-def _precomputed(cfg, d, method, examples, collate, data_file, ref_fp, adapter, trainer, plain, loss_parts):
+def _precomputed(cfg, d, method, examples, collate, data_file, ref_fp, adapter, trainer, loss_parts):
     """The reference values of ``examples``: loaded from the cache, or computed once and stored."""
     from . import ref_cache
     from ..data.loading import data_root
@@ -141,18 +140,9 @@ def _precomputed(cfg, d, method, examples, collate, data_file, ref_fp, adapter, 
     cache = ref_cache.RefLogpsCache(d.ref_cache_dir or ref_cache.default_cache_dir(), parts)
 
     def compute():
-        runner = adapter.runner
-        adapter.runner = plain                # no DDP collectives while one process computes
-        was = adapter.model.training
-        adapter.model.eval()
-        try:
-            with trainer.phase("reference_precompute", examples=len(examples)), trainer.acc.autocast():
-                return ref_cache.compute_values(method, examples, collate, cfg.train.batch_size,
-                                                trainer.acc.device)
-        finally:
-            adapter.runner = runner
-            if was:
-                adapter.model.train()
+        # on the plain module: the main process may compute while the others wait at the barrier
+        with trainer.phase("reference_precompute", examples=len(examples)), trainer.no_grad_pass():
+            return ref_cache.compute_values(method, examples, collate, cfg.train.batch_size, trainer.acc.device)
 
     values = ref_cache.load_or_compute(cache, len(examples), compute, main_process=trainer.acc.is_main_process,
                                        barrier=trainer.acc.wait_for_everyone)

@@ -11,6 +11,7 @@ every stage).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
@@ -74,12 +75,12 @@ def _move_paths(obj, out: Path) -> None:
                     break
 
 
-def follow_steps(cfg, stage: str, steps: int) -> None:
+def follow_steps(cfg, stage: str, steps: int, recipe=None) -> None:
     """Set ``steps`` and what the recipes derive from it: the records read (one pass: steps x
     batch for rm / dpo, steps x prompts for grpo / ppo), the evaluation interval (a fifth of the
     run for rm / dpo), the RL warm-up (at most a tenth of the run) and PPO's critic warm-up (at
-    least one policy step)."""
-    recipe = load_recipe(stage)
+    least one policy step). ``recipe``: the stage's recipe as written (read when not given)."""
+    recipe = load_recipe(stage) if recipe is None else recipe
     cfg.train.max_steps = steps
     method = method_of(stage)
     if method in ("rm", "dpo"):
@@ -96,8 +97,9 @@ def stage_config(stage: str, out: str | Path, *, steps: int | None = None, seed:
     """``recipes/quickstart/<stage>.yaml`` for a quickstart writing to ``out``: paths under
     ``out``, ``train.seed``, and ``steps`` (default: the recipe's) with :func:`follow_steps`.
     ``model.path`` stays the recipe's: the quickstart sets the model each stage starts from."""
-    cfg = load_recipe(stage)
+    recipe = load_recipe(stage)
+    cfg = copy.deepcopy(recipe)
     _move_paths(cfg, Path(out))
     cfg.train.seed = seed
-    follow_steps(cfg, stage, cfg.train.max_steps if steps is None else steps)
+    follow_steps(cfg, stage, recipe.train.max_steps if steps is None else steps, recipe)
     return cfg

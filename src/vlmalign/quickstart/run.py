@@ -46,12 +46,12 @@ from .report import render_markdown, render_table
 DATA = data_config()
 
 
-def _measure(adapter, data_dir: Path, vqa, pope) -> dict:
-    """VQA and POPE on the held-out files, as the pretrain / sft recipes' ``eval`` section scores
-    them (6 new tokens, batches of 64): for the stages whose recipe does not."""
+def _measure(adapter, data_dir: Path, vqa, pope, ev) -> dict:
+    """VQA and POPE on the held-out files with the sft recipe's ``eval`` settings (``ev``), for the
+    stages whose recipe does not score them itself."""
     loader = ImageLoader(adapter, data_dir)
-    m, _ = evaluate_vqa(adapter, vqa, loader, max_new_tokens=6, batch_size=64)
-    m.update(evaluate_pope(adapter, pope, loader, batch_size=64))
+    m, _ = evaluate_vqa(adapter, vqa, loader, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
+    m.update(evaluate_pope(adapter, pope, loader, batch_size=ev.batch_size))
     return m
 
 
@@ -128,8 +128,9 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
     say(f"[quickstart] generating ShapesWorld in {out / 'data'}")
     data_dir = out / "data"
     generate_shapesworld(data_dir, replace(data, seed=seed))
-    vqa = read_file(data_dir / "vqa_eval.json", kind="rl_prompt")
-    pope = read_file(data_dir / "pope_eval.json", kind="rl_prompt")
+    ev = stage_config(recipe_of["sft"], out).eval   # the files and settings the sft recipe scores with
+    vqa = read_file(ev.vqa_file, kind="rl_prompt")
+    pope = read_file(ev.pope_file, kind="rl_prompt")
 
     say(f"[quickstart] building a tiny random-init {family} model")
     seed_everything(seed)
@@ -147,7 +148,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
         return cfg
 
     t = time.time()
-    stages.append({"name": "base", "metrics": _measure(adapter, data_dir, vqa, pope), "seconds": time.time() - t})
+    stages.append({"name": "base", "metrics": _measure(adapter, data_dir, vqa, pope, ev), "seconds": time.time() - t})
     say(f"[quickstart] base: vqa_accuracy={stages[-1]['metrics']['vqa_accuracy']:.3f}")
 
     for name in ("pretrain", "sft", "rm", "dpo", rl):
@@ -174,7 +175,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
             trained, adapter = train_dpo_stage(adapter, cfg) if name == "dpo" else train_rl_stage(rl, adapter, cfg)
             start = _last_model(cfg)
             train_s = time.time() - t
-            m = {**_measure(adapter, data_dir, vqa, pope), **trained}
+            m = {**_measure(adapter, data_dir, vqa, pope, ev), **trained}
         stages.append({"name": name, "metrics": m, "seconds": time.time() - t, "train_seconds": train_s,
                        "run_dir": cfg.train.output_dir})
         say(f"[quickstart] {name}: {_summary(m)} ({time.time() - t:.0f}s)")
