@@ -75,7 +75,8 @@ def test_score_refuses_to_write_over_its_data_file(world, tmp_path, capsys):
     assert data.read_text() == "[]"
 
 
-def test_export_refuses_to_write_into_the_base_or_adapter(tmp_path, capsys):
+def test_the_directory_guard_refuses_the_input_itself_inside_or_above_it(tmp_path):
+    # the same guard through `vlmalign export`: tests/integration/test_infer_cli.py
     from vlmalign.cli.args import refuse_output_over_input
     from vlmalign.errors import VlmalignError
     base = tmp_path / "base"
@@ -124,7 +125,8 @@ def test_generate_on_error_skip_counts_what_it_skipped(world, tmp_path, caplog):
     assert f"skipped 1 of {n} records" in caplog.text
 
 
-def test_generate_warns_when_the_file_places_images_unlike_the_model_and_can_follow_it(world, tmp_path, caplog):
+def test_generate_warns_when_the_file_places_images_unlike_the_model_and_can_follow_it(world, tmp_path, caplog,
+                                                                                      capsys):
     import shutil
 
     from vlmalign.models.prompt_layout import write_layout
@@ -141,6 +143,8 @@ def test_generate_warns_when_the_file_places_images_unlike_the_model_and_can_fol
         assert main([*base, "--out", str(tmp_path / "b.jsonl"), "--image-position", "model"]) == 0
     assert "do not put their images" not in caplog.text
     assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 3
+    capsys.readouterr()
     rc = main([*base[:2], str(world / "model"), *base[3:], "--out", str(tmp_path / "c.jsonl"),
                "--image-position", "model"])
-    assert rc == 2
+    assert rc == 2 and "--image-position model needs the model's vlmalign_prompt.json" in capsys.readouterr().err
+    assert not (tmp_path / "c.jsonl").exists()

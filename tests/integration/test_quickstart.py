@@ -85,6 +85,10 @@ def test_quickstart_rl_ppo_runs_a_ppo_stage(tmp_path):
     report = run_quickstart(out, data=SMALL, pretrain_steps=0, sft_steps=1, rm_steps=0, dpo_steps=0, rl="ppo",
                             rl_steps=2, quiet=True)
     assert [s["name"] for s in report["stages"]] == ["base", "sft", "ppo"]
+    from vlmalign.config import flat_options, load_config
+    saved = flat_options(load_config(type(stage_config("ppo", out)), out / "ppo" / "config.yaml"))
+    want = flat_options(stage_config("ppo", out, steps=2))
+    assert {k for k in saved if saved[k] != want[k]} <= SET_BY_RUN      # the ppo recipe, at 2 steps
     ppo = report["stages"][-1]
     assert set(GRPO_KEYS) | VQA_KEYS <= ppo["metrics"].keys()
     _finite(ppo["metrics"], set(GRPO_KEYS) | VQA_KEYS)

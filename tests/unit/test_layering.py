@@ -35,6 +35,8 @@ def _imports(path: Path):
             base = pkg[:len(pkg) - (node.level - 1)]
             parts = base + (node.module.split(".") if node.module else [])
             names = [parts] if parts else [[a.name] for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "vlmalign":   # from vlmalign import engine
+            names = [[a.name] for a in node.names]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vlmalign."):
             names = [node.module.split(".")[1:]]
         elif isinstance(node, ast.Import):

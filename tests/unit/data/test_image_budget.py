@@ -80,10 +80,11 @@ def test_no_budget_still_reports_pils_limit_as_a_data_error(bombs):
         warnings.simplefilter("always")
         with pytest.raises(DataError) as e:
             load_image(ImageRef(path="huge.png"), bombs, max_pixels=None)
-        with pytest.raises(DataError):  # under PIL's error limit: decoding the stub fails
+        with pytest.raises(DataError) as w:  # under PIL's error limit: no budget stops it, decoding the stub fails
             load_image(ImageRef(path="warn.png"), bombs, max_pixels=None)
     assert no_pil_warnings(caught)
-    assert "huge.png" in str(e.value) and "PIL" in str(e.value)
+    assert "huge.png" in str(e.value) and "PIL" in str(e.value) and "max_pixels" not in str(e.value)
+    assert "corrupt or unreadable" in str(w.value) and "max_pixels" not in str(w.value)
 
 
 def test_validate_reports_and_skip_skips_bombs(bombs, caplog, capsys):
@@ -102,10 +103,12 @@ def test_validate_reports_and_skip_skips_bombs(bombs, caplog, capsys):
     assert main(["data", "validate", str(path)]) == 1
     out = capsys.readouterr().out
     assert "record 1: field 'images[0]'" in out and out.strip().endswith("4 records, 2 bad")
+    assert "(max_pixels)" in out                                          # refused by our budget
     assert main(["data", "validate", str(path), "--max-pixels", "63"]) == 1
     assert capsys.readouterr().out.strip().endswith("4 records, 4 bad")
     assert main(["data", "validate", str(path), "--max-pixels", "0"]) == 1  # 0: PIL's limit only
-    assert capsys.readouterr().out.strip().endswith("4 records, 2 bad")
+    out = capsys.readouterr().out
+    assert out.strip().endswith("4 records, 2 bad") and "(max_pixels)" not in out and "PIL" in out
 
 
 class Adapter:
