@@ -189,7 +189,8 @@ class Engine:
         if not keys:
             return {}
         dev = self.acc.device
-        vec = torch.stack([torch.as_tensor(sums[k], device=dev).to(torch.float64).reshape(()) for k in keys])
+        # float64 from the start: a Python float must not pass through float32 on its way
+        vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=dev).reshape(()) for k in keys])
         return dict(zip(keys, self._reduce(vec).tolist()))
 
     def _last_ckpt(self) -> str:
