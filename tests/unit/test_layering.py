@@ -1,5 +1,5 @@
 """The package's layers import only downwards, and code outside models/ uses no private adapter or
-model method. Layers, bottom-up: errors/config/constants -> data, losses -> models -> rollout,
+model method. Layers, bottom-up: errors/config/constants/files/progress -> data, losses -> models -> rollout,
 rewards, eval -> engine -> methods -> quickstart -> cli. (Cycles between packages and between the
 modules of methods/, engine/ and quickstart/ are tests/unit/test_import_graph.py's.)"""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import vlmalign
 
 ROOT = Path(vlmalign.__file__).parent
-LAYER = {"errors": 0, "config": 0, "constants": 0, "logsetup": 0,
+LAYER = {"errors": 0, "config": 0, "constants": 0, "logsetup": 0, "files": 0, "progress": 0,
          "data": 1, "losses": 1,
          "models": 2,
          "rollout": 3, "rewards": 3, "eval": 3,

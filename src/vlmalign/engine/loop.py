@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .interrupt import StopSignals, TrainingInterrupted, resume_hint
-from .progress import Progress
+from ..progress import Progress
 
 
 def run_steps(loop, tc, *, one_step: Callable[[], dict], postfix: Callable[[dict], dict], save: Callable[[], str],

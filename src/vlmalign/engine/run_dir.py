@@ -170,11 +170,3 @@ def _draw(series: dict, keys: list[str], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
-
-
-def write_json(path: str | Path, obj) -> None:
-    """``obj`` as indented JSON at ``path``, atomically (temp file + rename)."""
-    p = Path(path)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
-    os.replace(tmp, p)

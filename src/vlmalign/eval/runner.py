@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import ConfigError, opt, save_config, to_dict, validate_config
-from ..engine.run_dir import write_json
+from ..files import write_json, write_lines
 from ..errors import DataError, VlmalignError
 from .items import EvalItem
 from .tasks import Task, get_task
@@ -127,7 +127,7 @@ def evaluate(cfg: EvalConfig, *, adapter=None, items: Sequence[EvalItem] | None 
     unparsable = [r for r in rows if r.get("parsed") is None and task.kind in ("yes_no", "choice")]
     if out is not None:
         if cfg.predictions:
-            _write_rows(out / PREDICTIONS, rows)
+            write_lines(out / PREDICTIONS, rows)
         write_json(out / "metrics.json", metrics)
         from .report import write_report
         write_report(out, cfg, metrics, rows, unparsable)
@@ -185,14 +185,8 @@ def _finished(path: Path) -> dict[str, dict]:
                             index=n) from None
         rows[str(row["id"])] = row
     if bad:
-        _write_rows(path, list(rows.values()))
+        write_lines(path, list(rows.values()))
     return rows
-
-
-def _write_rows(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
 
 
 def row_of(task: Task, item: EvalItem, prompt: str, prediction: str, **extra) -> dict:
@@ -224,7 +218,7 @@ def _rows_from_file(task: Task, items: Sequence[EvalItem], path: str) -> list[di
 def _ask(task: Task, items: list[EvalItem], cfg: EvalConfig, adapter, image_root, out: Path | None,
          done: dict[str, dict]) -> list[dict]:
     from ..data.batching import ImageLoader
-    from ..engine.progress import Progress
+    from ..progress import Progress
     from ..rollout.generate import SamplingConfig
     from .answering import batches, best_option, generate_answers, rank_options
     if adapter is None:

@@ -22,6 +22,7 @@ import torch
 from ..config import opt, section
 from ..config.sections import DataSection, FrozenEncoderModel, LoraSection, OptimSection, TrainSection
 from ..errors import ModelError, VlmalignError
+from ..eval.during_training import EvalTasksSection
 from .logps import Reference
 
 
@@ -42,6 +43,7 @@ class PolicyConfig:
     optim: OptimSection = section(OptimSection, "optimizer and learning-rate schedule")
     train: TrainSection = section(TrainSection, "loop, batch sizes, precision, checkpoints")
     ref: RefSection = section(RefSection, "reference model")
+    eval: EvalTasksSection = section(EvalTasksSection, "benchmark evals during training (eval.tasks)")
 
 
 def disable_dropout(module: torch.nn.Module) -> None:

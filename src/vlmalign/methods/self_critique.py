@@ -419,7 +419,7 @@ def generate_preferences(adapter, records: Sequence[RLPrompt], loader, cfg: Self
         pairs, best = judge_preferences(judge, cands, cfg, stats), None
     else:
         pairs, best = rank_preferences(reward_model, cands, cfg, stats)
-    from ..engine.run_dir import write_json
+    from ..files import write_json
     if summary_out is None:
         summary_out = Path(out).with_suffix("").as_posix() + ".summary.json"
     Path(summary_out).parent.mkdir(parents=True, exist_ok=True)

@@ -17,12 +17,13 @@ from ..data.batching import IGNORE_INDEX, SFTCollator
 from ..engine.trainer import Trainer, TrainResult
 from ..losses.sft import sft_loss
 from ..data.loading import load_examples, load_splits
+from ..eval.during_training import EvalTasksSection
 from .setup import prepare_trainable, start_run
 from .registry import Method
 
 
 @dataclass
-class EvalSection:
+class EvalSection(EvalTasksSection):
     vqa_file: str | None = opt(None, "VQA file (image/question/answer) scored by exact match after training")
     pope_file: str | None = opt(None, "POPE-style yes/no file scored with accuracy, F1 and yes-ratio")
     max_new_tokens: int = opt(8, "tokens generated per answer", ge=1)
@@ -37,7 +38,8 @@ class SFTConfig:
     data: DataSection = section(DataSection, "training and evaluation data")
     optim: OptimSection = section(OptimSection, "optimizer and learning-rate schedule")
     train: TrainSection = section(TrainSection, "loop, batch sizes, precision, checkpoints")
-    eval: EvalSection = section(EvalSection, "generation-based evaluation")
+    eval: EvalSection = section(EvalSection, "generation-based evaluation (vqa_file, pope_file) and benchmark "
+                                             "evals (eval.tasks)")
 
 
 ProjectorOnlyModel = with_defaults(ModelSection, "ProjectorOnlyModel", train_vision=False, train_projector=True,

@@ -35,7 +35,7 @@ from pathlib import Path
 from ..data.batching import ImageLoader
 from ..data.readers import read_file
 from ..data.synthetic import generate_shapesworld
-from ..engine.run_dir import write_json
+from ..files import write_json
 from ..eval.vqa import evaluate_pope, evaluate_vqa
 from ..methods.setup import seed_everything
 from ..methods.registry import get

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import logging
 
-from vlmalign.engine import progress as P
+from vlmalign import progress as P
 
 
 def test_without_a_terminal_progress_logs_lines_not_a_bar(monkeypatch, caplog):
