@@ -30,7 +30,8 @@ def register(data_subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "shapes", help="ShapesWorld: coloured shapes in a grid (the embedded default dataset)",
         description="Write ShapesWorld images plus captions, VQA, POPE, preference, ranked, RL "
-                    "and KTO files in community formats. Same seed and options give "
+                    "and KTO files in community formats, and the held-out split in benchmark layouts (benchmarks/: POPE, "
+                    "an MMBench TSV, captions with CHAIR objects, VQA) for vlmalign eval. Same seed and options give "
                     "byte-identical files. Image paths in the files are relative to --out.")
     p.add_argument("--out", required=True, help="output directory (created if missing)")
     config_flags(p, ShapesConfig, OPTIONS)
@@ -54,6 +55,8 @@ def run_shapes(args: argparse.Namespace) -> int:
         raise VlmalignError(str(e)) from None
     t0 = time.perf_counter()
     paths = generate_shapesworld(args.out, config)
+    from ..data.synthetic.benchmarks import write_benchmarks
+    bench = write_benchmarks(args.out)
     seconds = time.perf_counter() - t0
     manifest = json.loads(Path(paths["manifest"]).read_text())
     out = Path(args.out)
@@ -64,5 +67,7 @@ def run_shapes(args: argparse.Namespace) -> int:
         what = f"{fmt} -> {kind}" if kind else "ground truth"
         print(f"  {fname:<20} {manifest['counts'][name]:>6} records  ({what})")
     print("  manifest.json")
+    print(f"  benchmarks/  the held-out split in benchmark layouts for vlmalign eval: "
+          f"{', '.join(sorted(p.name for p in bench.values()))}")
     print(f"use --image-root {out} when reading these files")
     return 0

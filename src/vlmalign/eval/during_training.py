@@ -9,7 +9,7 @@
 Each entry takes the keys of :class:`~.runner.EvalConfig` (no ``model``: the model is the one
 in memory, never loaded a second time) plus an optional ``name``. The files are read and checked
 when training starts, so a bad file stops the run before its first step. The evals run every
-``every`` steps (0: whenever the run evaluates, ``train.eval_every``) and after the last step;
+``every`` steps (0: none before the end) and after the last step;
 their metrics are logged as ``eval/<name>/<metric>`` beside the training curves, and each
 eval's predictions, metrics and report go to ``<output_dir>/eval/<name>/step-<N>/``.
 
@@ -35,7 +35,7 @@ RUN_OWNED = ("model", "predictions", "out", "overwrite", "dtype", "device", "tru
 class EvalTasksSection:
     tasks: list = opt([], "benchmark evals on the model in memory: a list of {task, data, [answers, layout, "
                           "image_root, limit, mode, batch_size, max_new_tokens, name]} (vlmalign eval's keys)")
-    every: int = opt(0, "run the tasks every N steps (0: at train.eval_every's evaluations) and at the end", ge=0)
+    every: int = opt(0, "run the tasks every N steps as well as after the last one (0: after the last only)", ge=0)
 
     def check(self) -> None:
         names = set()
@@ -90,10 +90,9 @@ class TaskEvals:
             items, root = load_items(cfg, get_task(cfg.task))
             self.prepared.append((name, cfg, items, root))
             log.info("eval.tasks: %s: %d items of %s", name, len(items), cfg.data)
-        self.period = self.every or engine.tc.eval_every
 
     def on_step_end(self, engine, metrics: dict) -> None:
-        if self.period and engine.step % self.period == 0 and engine.step < engine.total_steps:
+        if self.every and engine.step % self.every == 0 and engine.step < engine.total_steps:
             self.run(engine)
 
     def on_train_end(self, engine, result) -> None:

@@ -63,16 +63,25 @@ def recipe_steps(stage: str) -> int:
     return load_recipe(stage).train.max_steps
 
 
+def _moved(v: str, out: Path) -> str:
+    for prefix, sub in _RECIPE_ROOTS:
+        if v.startswith(prefix):
+            return str((out / sub if sub else out) / v[len(prefix):])
+    return v
+
+
 def _move_paths(obj, out: Path) -> None:
+    """Every path of a recipe under ``out``: options, and the values of list entries such as
+    ``eval.tasks``' data files."""
     for f in fields(obj):
         v = getattr(obj, f.name)
         if is_dataclass(v):
             _move_paths(v, out)
         elif isinstance(v, str):
-            for prefix, sub in _RECIPE_ROOTS:
-                if v.startswith(prefix):
-                    setattr(obj, f.name, str((out / sub if sub else out) / v[len(prefix):]))
-                    break
+            setattr(obj, f.name, _moved(v, out))
+        elif isinstance(v, list):
+            setattr(obj, f.name, [{k: _moved(x, out) if isinstance(x, str) else x for k, x in e.items()}
+                                  if isinstance(e, dict) else e for e in v])
 
 
 def follow_steps(cfg, stage: str, steps: int, recipe=None) -> None:
