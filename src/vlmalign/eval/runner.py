@@ -122,9 +122,9 @@ def evaluate(cfg: EvalConfig, *, adapter=None, items: Sequence[EvalItem] | None 
     else:
         rows = _ask(task, items, cfg, adapter, image_root, out, done)
     preds = [r["prediction"] for r in rows]
-    metrics = task.score(items, preds)
+    metrics = score(task, items, preds)
     metrics = {k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()}
-    unparsable = [r for r in rows if r.get("parsed") is None and task.kind in ("yes_no", "choice")]
+    unparsable = [r for r in rows if r.get("parsed") is None and task.kind in ("yes_no", "choice", "mixed")]
     if out is not None:
         if cfg.predictions:
             write_lines(out / PREDICTIONS, rows)
@@ -132,6 +132,22 @@ def evaluate(cfg: EvalConfig, *, adapter=None, items: Sequence[EvalItem] | None 
         from .report import write_report
         write_report(out, cfg, metrics, rows, unparsable)
     return EvalResult(metrics, rows, out, items)
+
+
+def score(task: Task, items: Sequence[EvalItem], predictions: Sequence[str]) -> dict:
+    """The task's metrics; a scorer's complaint about item i (``ValueError("item i: ...")``) is
+    raised naming that item's file, record and field."""
+    import re
+    try:
+        return task.score(items, predictions)
+    except ValueError as e:
+        m = re.match(r"item (\d+): (.*)", str(e), re.S)
+        if not m or int(m.group(1)) >= len(items):
+            raise DataError(f"task {task.name}: {e}") from None
+        it = items[int(m.group(1))]
+        f = re.search(r"field '([^']+)'", m.group(2))
+        raise DataError(f"{m.group(2)} (id {it.id})", file=it.source, index=it.index,
+                        field=f.group(1) if f else None) from None
 
 
 def _unique_ids(items: Sequence[EvalItem]) -> None:

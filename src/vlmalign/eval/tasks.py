@@ -28,7 +28,9 @@ class Task:
     score: Callable[[Sequence[EvalItem], Sequence[str]], dict]
     parse: Callable[[EvalItem, str], Any]          # the answer as the rule reads it (None: unparsable)
     correct: Callable[[EvalItem, Any], float | None] | None = None   # per-row mark for predictions.jsonl
-    instruction: str = SHORT                       # appended to the question (the benchmark's usual prompt)
+    # appended to the question (the benchmark's usual prompt); None: the letter instruction for
+    # items with options, the short-answer one for the others (MMMU mixes both)
+    instruction: str | None = SHORT
     max_new_tokens: int = 16
     expand: Callable[[list[EvalItem]], list[EvalItem]] | None = None  # e.g. MMBench's circular copies
     needs: tuple[str, ...] = ("answer",)           # item fields every item must have
@@ -39,8 +41,9 @@ class Task:
         parts.append(item.question)
         if item.options:
             parts += [f"{k}. {v}" for k, v in item.options.items()]
-        if self.instruction and not _asks_already(item.question, self.instruction):
-            parts.append(self.instruction)
+        instruction = self.instruction if self.instruction is not None else (LETTER if item.options else SHORT)
+        if instruction and not _asks_already(item.question, instruction):
+            parts.append(instruction)
         return "\n".join(parts)
 
     def prepare(self, items: list[EvalItem]) -> list[EvalItem]:
@@ -276,3 +279,80 @@ def _chair_score(items, preds):
 
 register(Task("chair", "object hallucination in free-form descriptions: CHAIR_s and CHAIR_i", "caption",
               _chair_score, _text, None, instruction="", max_new_tokens=64, needs=("objects",)))
+
+
+# ------------------------------------------------------------------ MMMU, MMStar, HallusionBench, captions
+def _mmmu_record(it: EvalItem, pred: str) -> dict:
+    qtype = it.meta.get("question_type") or ("multiple-choice" if it.options else "open")
+    rec = {"question_type": qtype, "answer": it.answer, "response": pred, "id": it.id}
+    if it.options:
+        rec["options"] = it.options
+    subject = it.meta.get("subject")
+    if subject is not None:
+        rec["subject"] = subject
+    return rec
+
+
+def _mmmu_score(items, preds):
+    from .mmmu import mmmu_scores
+    _answers(items, preds)
+    return mmmu_scores([_mmmu_record(it, p) for it, p in zip(items, preds)])
+
+
+def _mmmu_parse(item, text):
+    from .mmmu import parse_mmmu_choice, parse_mmmu_open
+    return parse_mmmu_choice(text, item.options) if item.options else parse_mmmu_open(text)
+
+
+def _mmmu_correct(item, parsed):
+    from .mmmu import mmmu_open_correct
+    if item.answer is None:
+        return None
+    if item.options:
+        return float(parsed is not None and parsed == str(item.answer).strip().upper())
+    return float(mmmu_open_correct(parsed, item.answer))
+
+
+def _mmstar_score(items, preds):
+    from .mmmu import mmstar_scores
+    _answers(items, preds)
+    return mmstar_scores([{"answer": _letter(it), "category": it.category,
+                           "l2_category": it.meta.get("l2-category", it.meta.get("l2_category")), "prediction": p}
+                          for it, p in zip(items, preds)])
+
+
+def _mmstar_parse(item, text):
+    from .mmmu import parse_mmstar_answer
+    return parse_mmstar_answer(text, "".join(item.options or {}))
+
+
+HALLUSION_KEYS = ("subcategory", "set_id", "figure_id", "question_id")
+
+
+def _hallusion_score(items, preds):
+    from .hallusion import hallusion_scores
+    _answers(items, preds)
+    return hallusion_scores([{"category": it.category, **{k: it.meta.get(k) for k in HALLUSION_KEYS},
+                              "answer": _label(it), "prediction": p} for it, p in zip(items, preds)])
+
+
+def _hallusion_parse(item, text):
+    from .hallusion import parse_hallusion_answer
+    return parse_hallusion_answer(text)
+
+
+def _caption_score(items, preds):
+    from .caption import caption_scores
+    _answers(items, preds)
+    return caption_scores(list(preds), [_refs(it) for it in items])
+
+
+register(Task("mmmu", "MMMU: multiple choice and open questions with MMMU's answer extraction, per subject",
+              "mixed", _mmmu_score, _mmmu_parse, _mmmu_correct, instruction=None, max_new_tokens=32))
+register(Task("mmstar", "MMStar: multiple choice (its prefix rule), per category and l2 category", "choice",
+              _mmstar_score, _mmstar_parse, _choice_correct, instruction=LETTER, max_new_tokens=8,
+              needs=("answer", "category")))
+register(Task("hallusionbench", "HallusionBench: yes/no; question, figure and all accuracy (qAcc, fAcc, aAcc)",
+              "yes_no", _hallusion_score, _hallusion_parse, _same, max_new_tokens=8, needs=("answer", "category")))
+register(Task("caption", "captioning: BLEU-4, ROUGE-L and CIDEr-D against the reference captions", "caption",
+              _caption_score, _text, None, instruction="", max_new_tokens=48))
