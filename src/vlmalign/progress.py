@@ -27,8 +27,8 @@ def _clock(seconds: float) -> str:
 
 class Progress:
     def __init__(self, total: int, initial: int = 0, *, desc: str = "train", bar: bool = True,
-                 seconds: float = 30.0, enabled: bool = True):
-        self.total, self.n, self.desc = total, initial, desc
+                 seconds: float = 30.0, enabled: bool = True, unit: str = "step"):
+        self.total, self.n, self.desc, self.unit = total, initial, desc, unit
         self.seconds = seconds
         self.enabled = enabled
         self.start_n = initial
@@ -37,7 +37,7 @@ class Progress:
         self.postfix = ""
         if enabled and bar and is_terminal():
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, unit=unit)
 
     def line(self) -> str:
         done = self.n - self.start_n
@@ -45,7 +45,7 @@ class Progress:
         eta = el / done * (self.total - self.n) if done else 0.0
         pct = 100.0 * self.n / self.total if self.total else 100.0
         extra = f" {self.postfix}" if self.postfix else ""
-        return f"{self.desc}: step {self.n}/{self.total} ({pct:.0f}%) elapsed {_clock(el)} eta {_clock(eta)}{extra}"
+        return f"{self.desc}: {self.unit} {self.n}/{self.total} ({pct:.0f}%) elapsed {_clock(el)} eta {_clock(eta)}{extra}"
 
     def update(self, n: int = 1, **postfix) -> None:
         self.n += n

@@ -223,13 +223,22 @@ def test_at_the_recipe_step_count_a_stage_config_is_its_recipe_under_out(stage, 
     cfg, recipe = stage_config(stage, tmp_path), load_recipe(stage)
     a, b = flat_options(cfg), flat_options(recipe)
     assert a.keys() == b.keys()
+    sub = {"data/shapesworld_rl/": "data_rl/", "data/shapesworld/": "data/", "runs/quickstart/": ""}
+
+    def under_out(v):
+        """A recipe value as the quickstart should have it: a path under tmp_path."""
+        if isinstance(v, str) and v.startswith(tuple(sub)):
+            prefix = next(p for p in sub if v.startswith(p))
+            return str(tmp_path / (sub[prefix] + v[len(prefix):]))
+        return v
     for key in a:
-        if isinstance(b[key], str) and b[key].startswith(("data/shapesworld", "runs/quickstart/")):
-            sub = {"data/shapesworld_rl/": "data_rl/", "data/shapesworld/": "data/", "runs/quickstart/": ""}
-            prefix = next(p for p in sub if b[key].startswith(p))
-            assert a[key] == str(tmp_path / (sub[prefix] + b[key][len(prefix):])), key
+        if isinstance(b[key], list):   # eval.tasks: the paths inside each entry move too
+            assert a[key] == [{k: under_out(v) for k, v in e.items()} if isinstance(e, dict) else e
+                              for e in b[key]], key
         else:
-            assert a[key] == b[key], key
+            assert a[key] == under_out(b[key]), key
+    if stage != "rm":
+        assert any(e["data"].startswith(str(tmp_path / "data" / "benchmarks")) for e in a["eval.tasks"])
 
 
 def test_the_recipes_chain_the_stages_as_the_quickstart_does():

@@ -11,7 +11,7 @@ in memory, never loaded a second time) plus an optional ``name``. The files are 
 when training starts, so a bad file stops the run before its first step. The evals run every
 ``every`` steps (0: none before the end) and after the last step;
 their metrics are logged as ``eval/<name>/<metric>`` beside the training curves, and each
-eval's predictions, metrics and report go to ``<output_dir>/eval/<name>/step-<N>/``.
+eval's predictions, metrics and report go to ``<output_dir>/eval/step-<N>/<name>/``.
 
 The hooks follow the engine's callback protocol (:mod:`vlmalign.engine.callbacks`); the method
 registry adds this callback to any run whose config names tasks.
@@ -82,7 +82,8 @@ class TaskEvals:
         self.every = section.every
         self.prepared: list = []
 
-    def on_train_begin(self, engine) -> None:
+    def prepare(self) -> None:
+        """Read and check every entry's items (once: each evaluation reuses them)."""
         from .runner import load_items
         from .tasks import get_task
         self.prepared = []
@@ -91,6 +92,9 @@ class TaskEvals:
             self.prepared.append((name, cfg, items, root))
             log.info("eval.tasks: %s: %d items of %s", name, len(items), cfg.data)
 
+    def on_train_begin(self, engine) -> None:
+        self.prepare()
+
     def on_step_end(self, engine, metrics: dict) -> None:
         if self.every and engine.step % self.every == 0 and engine.step < engine.total_steps:
             self.run(engine)
@@ -98,21 +102,25 @@ class TaskEvals:
     def on_train_end(self, engine, result) -> None:
         result.metrics.update(self.run(engine))
 
-    def run(self, engine) -> dict:
+    def measure(self, adapter, out: Path | None) -> dict:
+        """Every entry on ``adapter``: ``{"eval/<name>/<metric>": value}``, each eval's run dir
+        ``out/<name>`` (``out=None``: nothing written)."""
         from dataclasses import replace
 
         from .runner import evaluate
-        adapter = engine.adapters[0]
-        main = engine.acc.is_main_process
-        out: dict = {}
+        metrics: dict = {}
         for name, cfg, items, root in self.prepared:
-            run_cfg = replace(cfg, out=str(Path(engine.tc.output_dir) / "eval" / name / f"step-{engine.step}"),
-                              overwrite=True)
-            res = evaluate(run_cfg, adapter=adapter, items=items, image_root=root, write=main)
-            out.update({f"eval/{name}/{k}": v for k, v in res.metrics.items() if isinstance(v, (int, float))})
-        if out:
-            engine.run.log({"step": engine.step, **out})
-        return out
+            run_cfg = replace(cfg, out=None if out is None else str(out / name), overwrite=True)
+            res = evaluate(run_cfg, adapter=adapter, items=items, image_root=root, write=out is not None)
+            metrics.update({f"eval/{name}/{k}": v for k, v in res.metrics.items() if isinstance(v, (int, float))})
+        return metrics
+
+    def run(self, engine) -> dict:
+        out = Path(engine.tc.output_dir) / "eval" / f"step-{engine.step}" if engine.acc.is_main_process else None
+        metrics = self.measure(engine.adapters[0], out)
+        if metrics:
+            engine.run.log({"step": engine.step, **metrics})
+        return metrics
 
 
 def task_callbacks(cfg) -> list:

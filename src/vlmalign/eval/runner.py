@@ -248,7 +248,8 @@ def _ask(task: Task, items: list[EvalItem], cfg: EvalConfig, adapter, image_root
     if done:
         log.info("eval %s: %d of %d items already answered in %s; asking the other %d", task.name,
                  len(items) - len(todo), len(items), out, len(todo))
-    bar = Progress(len(items), len(items) - len(todo), desc=f"eval {task.name}", enabled=cfg.progress)
+    bar = Progress(len(items), len(items) - len(todo), desc=f"eval {task.name}", enabled=cfg.progress,
+                   unit="item")
     fresh: dict[str, dict] = {}
     sink = open(out / PREDICTIONS, "a") if out is not None else None
     try:

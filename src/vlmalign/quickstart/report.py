@@ -12,7 +12,8 @@ from .plan import RL_METHODS
 GRPO_KEYS = ("reward", "reward_start", "kl", "train_reward", "train_kl", "train_loss", "steps")
 
 
-KEY_METRICS = ("vqa_accuracy", "pope_accuracy", "pope_f1", "pope_yes_ratio", "train_loss")
+KEY_METRICS = ("vqa_accuracy", "pope_accuracy", "pope_f1", "pope_yes_ratio", "mmbench_accuracy", "chair_s",
+               "train_loss")
 
 
 def render_table(report: dict) -> str:
@@ -39,7 +40,8 @@ def render_table(report: dict) -> str:
 
 
 PREF_METRICS = ("accuracy", "margin", "chosen_reward", "rejected_reward", "loss")
-CHANGE_METRICS = ("vqa_accuracy", "pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio")
+CHANGE_METRICS = ("vqa_accuracy", "pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio",
+                  "pope_adversarial/f1", "mmbench_accuracy", "mmbench_vanilla_accuracy", "chair_s", "chair_i")
 
 
 def _pref_prefix(stage: dict) -> str | None:
@@ -83,6 +85,7 @@ def render_markdown(report: dict, out: Path) -> str:
             lines.append(f"| {s['name']} | " + " | ".join(f"{s['metrics'].get(t, float('nan')):.3f}"
                                                          for t in types) + " |")
         lines.append("")
+    lines += progression(report)
     lines += _dpo_changes(report)
     lines += rl_markdown(report)
     for s in report["stages"]:
@@ -91,6 +94,29 @@ def render_markdown(report: dict, out: Path) -> str:
             lines += [f"## {s['name']} training curves", "", f"![{s['name']}]({png.relative_to(out)})", ""]
     lines += ["Metric definitions: see README.md (Quickstart metrics).", ""]
     return "\n".join(lines)
+
+
+def progression(report: dict) -> list[str]:
+    """Markdown: each benchmark metric (``vlmalign eval``'s tasks on the held-out split in
+    benchmark layouts) per stage that answers, base -> ... -> rl, and the change over the run."""
+    stages = [s for s in report["stages"] if "vqa_accuracy" in s["metrics"]]
+    keys = [k for k in CHANGE_METRICS if any(isinstance(s["metrics"].get(k), (int, float)) for s in stages)]
+    if len(stages) < 2 or not keys:
+        return []
+    first, last = stages[0]["name"], stages[-1]["name"]
+    lines = [f"## Benchmarks by stage ({' -> '.join(s['name'] for s in stages)})", "",
+             "VQA exact match, POPE (official parser), MMBench CircularEval and CHAIR on the held-out split "
+             "written in benchmark layouts (`DIR/data/benchmarks/`); each stage's predictions and reports are in "
+             "its run dir's `eval/` (base: `DIR/base/eval/`).", "",
+             "| metric | " + " | ".join(s["name"] for s in stages) + f" | {first} -> {last} |",
+             "|---|" + "---|" * (len(stages) + 1)]
+    for k in keys:
+        vals = [s["metrics"].get(k) for s in stages]
+        cells = [f"{v:.3f}" if isinstance(v, (int, float)) else "-" for v in vals]
+        a, b = vals[0], vals[-1]
+        change = f"{b - a:+.3f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "-"
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {change} |")
+    return lines + ["", "CHAIR_s / CHAIR_i: lower is better (fewer hallucinated objects).", ""]
 
 
 def load_report(path: str | Path) -> dict:

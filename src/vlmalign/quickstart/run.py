@@ -32,11 +32,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..data.batching import ImageLoader
-from ..data.readers import read_file
 from ..data.synthetic import generate_shapesworld
+from ..data.synthetic.benchmarks import write_benchmarks
 from ..files import write_json
-from ..eval.vqa import evaluate_pope, evaluate_vqa
 from ..methods.setup import seed_everything
 from ..methods.registry import get
 from ..models import adapter_for, build_tiny
@@ -46,18 +44,36 @@ from .report import render_markdown, render_table
 DATA = data_config()
 
 
-def _measure(adapter, data_dir: Path, vqa, pope, ev) -> dict:
-    """VQA and POPE on the held-out files with the sft recipe's ``eval`` settings (``ev``), for the
-    stages whose recipe does not score them itself."""
-    loader = ImageLoader(adapter, data_dir)
-    m, _ = evaluate_vqa(adapter, vqa, loader, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
-    m.update(evaluate_pope(adapter, pope, loader, batch_size=ev.batch_size))
-    return m
+def task_metrics(metrics: dict, tasks) -> dict:
+    """A run's ``eval/<name>/<metric>`` results of its ``eval.tasks`` as report names:
+    ``<name>_<metric>`` (``vqa_accuracy``, ``pope_f1``, ``pope_random/f1``, ``mmbench_accuracy``),
+    a metric that already starts with the name kept as it is (``chair_s``)."""
+    out = {}
+    for entry in tasks:
+        name = entry.get("name", entry["task"])
+        pre = f"eval/{name}/"
+        for k, v in metrics.items():
+            if k.startswith(pre):
+                m = k[len(pre):]
+                out[m if m.startswith(name + "_") else f"{name}_{m}"] = v
+    return out
 
 
-def _evaluated(result) -> dict:
-    """The end-of-run evaluation of a stage's recipe (``eval/...`` metrics) without the prefix."""
-    return {k[len("eval/"):]: v for k, v in result.metrics.items() if k.startswith("eval/")}
+def _measure(adapter, out: Path, tasks) -> dict:
+    """The base model on the sft recipe's ``eval.tasks``: the code path of ``vlmalign eval`` and of
+    every stage's end-of-run evaluation, run dirs under ``out/base/eval/``."""
+    from ..eval.during_training import EvalTasksSection, TaskEvals
+    evals = TaskEvals(EvalTasksSection(tasks=tasks))
+    evals.prepare()
+    return task_metrics(evals.measure(adapter, out / "base" / "eval"), tasks)
+
+
+def _evaluated(result, tasks) -> dict:
+    """A stage's end-of-run evaluation: its eval tasks' metrics under report names, and the
+    other ``eval/...`` metrics (held-out loss) without the prefix."""
+    names = tuple(f"eval/{e.get('name', e['task'])}/" for e in tasks)
+    rest = {k[len("eval/"):]: v for k, v in result.metrics.items() if k.startswith("eval/") and not k.startswith(names)}
+    return {**task_metrics(result.metrics, tasks), **rest}
 
 
 def train_rm_stage(adapter, cfg) -> tuple[dict, object]:
@@ -74,7 +90,7 @@ def train_dpo_stage(adapter, cfg) -> tuple[dict, object]:
     """DPO on ``adapter`` (trained in place; the reference is its state before training)."""
     result, adapter = get("dpo").train(cfg, adapter=adapter)
     r = result.metrics
-    m = {"dpo_accuracy": r["eval/accuracy"], "dpo_margin": r["eval/margin"],
+    m = {**task_metrics(r, cfg.eval.tasks), "dpo_accuracy": r["eval/accuracy"], "dpo_margin": r["eval/margin"],
          "dpo_chosen_reward": r["eval/chosen_reward"], "dpo_rejected_reward": r["eval/rejected_reward"],
          "dpo_loss": r["eval/loss"], "train_loss": r.get("loss"), "steps": result.step}
     return m, adapter
@@ -91,7 +107,7 @@ def train_rl_stage(method: str, adapter, cfg) -> tuple[dict, object]:
     if start is None or "eval/reward" not in r:
         raise RuntimeError(f"{cfg.train.output_dir}: the {method} stage did not measure the held-out reward "
                            f"(data.eval_file={cfg.data.eval_file})")
-    m = {"reward": r["eval/reward"], "reward_start": start["eval/reward"], "kl": r.get("eval/kl"),
+    m = {**task_metrics(r, cfg.eval.tasks), "reward": r["eval/reward"], "reward_start": start["eval/reward"], "kl": r.get("eval/kl"),
          "train_reward": r.get("reward"), "train_kl": r.get("kl"), "train_loss": r.get("loss"),
          "steps": result.step}
     return m, adapter
@@ -128,9 +144,8 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
     say(f"[quickstart] generating ShapesWorld in {out / 'data'}")
     data_dir = out / "data"
     generate_shapesworld(data_dir, replace(data, seed=seed))
-    ev = stage_config(recipe_of["sft"], out).eval   # the files and settings the sft recipe scores with
-    vqa = read_file(ev.vqa_file, kind="rl_prompt")
-    pope = read_file(ev.pope_file, kind="rl_prompt")
+    write_benchmarks(data_dir)   # the held-out split in benchmark layouts, as `data synth shapes` writes it
+    tasks = stage_config(recipe_of["sft"], out).eval.tasks   # what the sft recipe scores, and how
 
     say(f"[quickstart] building a tiny random-init {family} model")
     seed_everything(seed)
@@ -148,7 +163,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
         return cfg
 
     t = time.time()
-    stages.append({"name": "base", "metrics": _measure(adapter, data_dir, vqa, pope, ev), "seconds": time.time() - t})
+    stages.append({"name": "base", "metrics": _measure(adapter, out, tasks), "seconds": time.time() - t})
     say(f"[quickstart] base: vqa_accuracy={stages[-1]['metrics']['vqa_accuracy']:.3f}")
 
     for name in ("pretrain", "sft", "rm", "dpo", rl):
@@ -165,7 +180,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
             # their recipes' end-of-run evaluation (VQA and POPE) is the stage's measurement
             result, adapter = get(method_of(recipe_of[name])).train(cfg, adapter=adapter)
             start = Path(result.checkpoint) / "model"
-            m = {**_evaluated(result), "train_loss": result.metrics.get("loss"), "steps": result.step}
+            m = {**_evaluated(result, cfg.eval.tasks), "train_loss": result.metrics.get("loss"), "steps": result.step}
             train_s = time.time() - t
         elif name == "rm":
             m, rm = train_rm_stage(adapter, cfg)
@@ -175,7 +190,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
             trained, adapter = train_dpo_stage(adapter, cfg) if name == "dpo" else train_rl_stage(rl, adapter, cfg)
             start = _last_model(cfg)
             train_s = time.time() - t
-            m = {**_measure(adapter, data_dir, vqa, pope, ev), **trained}
+            m = trained
         stages.append({"name": name, "metrics": m, "seconds": time.time() - t, "train_seconds": train_s,
                        "run_dir": cfg.train.output_dir})
         say(f"[quickstart] {name}: {_summary(m)} ({time.time() - t:.0f}s)")

@@ -34,7 +34,7 @@ LAYOUTS: dict[str, str] = {
     "llava_jsonl": "LLaVA evaluation question JSONL (question_id, image, text, category); "
                    "POPE labels from --answers coco_pope_*.json files or their folder",
     "pope": "POPE annotation file coco_pope_{random,popular,adversarial}.json (question_id, "
-            "image, text, label)",
+            "image, text, label), or a folder of them (pooled, scored per split)",
     "mme_dir": "MME release folder: SUBTASK/images + SUBTASK/questions_answers_YN/*.txt, or "
                "images and .txt side by side (question<TAB>Yes|No)",
     "scienceqa_json": "ScienceQA: Vision-LLM-Alignment test JSON (id, image, conversations, "
@@ -74,6 +74,8 @@ def detect_layout(path: str | os.PathLike) -> str:
             return "hf"
         if is_mme_dir(p):
             return "mme_dir"
+        if any(POPE_NAME.search(f.name) for f in p.iterdir()):
+            return "pope"
         raise DataError("cannot tell the layout of this folder: neither MME subtask folders "
                         "nor a datasets / parquet folder", file=str(path))
     suffix = p.suffix.lower()

@@ -37,7 +37,17 @@ def _split_of(value, loc: Loc, field: str) -> str:
 
 def read_pope(path: str, image_root: str | None) -> tuple[list[EvalItem], str]:
     """One POPE file: ``question_id, image, text, label`` per line; the split from the file name
-    (``coco_pope_random.json``) or a ``category`` field."""
+    (``coco_pope_random.json``) or a ``category`` field. A folder: every
+    ``*_pope_{split}.json`` in it, pooled (ids become ``split/question_id``: POPE numbers each
+    split's questions from 1); images are relative to the folder unless a root is given."""
+    if os.path.isdir(path):
+        items = []
+        for f in _pope_files(path):
+            got, root = read_pope(f, image_root or str(path))
+            for it in got:
+                it.id = f"{it.split}/{it.id}"
+            items += got
+        return items, root
     src, root = str(path), default_root(path, image_root)
     m = POPE_NAME.search(Path(path).name)
     items = []
