@@ -10,7 +10,8 @@ from .args import config_flags
 
 # EvalConfig options that are flags; the others are key=value overrides
 FLAGS = ("task", "data", "layout", "answers", "image_root", "model", "predictions", "out", "overwrite", "mode",
-         "batch_size", "max_new_tokens", "limit", "vocabulary", "dtype", "device", "trust_remote_code")
+         "batch_size", "max_new_tokens", "limit", "vocabulary", "judge", "baseline", "dtype", "device",
+         "trust_remote_code")
 
 
 def register(sub) -> None:

@@ -39,8 +39,9 @@ def batches(items: Sequence[EvalItem], size: int) -> Iterator[list[EvalItem]]:
         yield batch
 
 
-def messages(item: EvalItem, text: str) -> list[Message]:
-    return [Message.user(*item.images, text)]
+def messages(item: EvalItem, text: str, position: str = "before") -> list[Message]:
+    """The question as one user turn, its images ``before`` or ``after`` the text."""
+    return [Message.user(*item.images, text) if position == "before" else Message.user(text, *item.images)]
 
 
 def _located(e: DataError, item: EvalItem) -> DataError:
@@ -48,11 +49,11 @@ def _located(e: DataError, item: EvalItem) -> DataError:
 
 
 def generate_answers(adapter, items: Sequence[EvalItem], prompts: Sequence[str], loader: ImageLoader,
-                     cfg: SamplingConfig) -> list[str]:
+                     cfg: SamplingConfig, position: str = "before") -> list[str]:
     """One greedy (or sampled, per ``cfg``) answer per item, one batch."""
     msgs = []
     for it, p in zip(items, prompts):
-        m = messages(it, p)
+        m = messages(it, p, position)
         for ref in it.images:      # a missing or corrupt image names its item before generating
             try:
                 loader.inputs(ref)
@@ -64,7 +65,7 @@ def generate_answers(adapter, items: Sequence[EvalItem], prompts: Sequence[str],
 
 @torch.no_grad()
 def rank_options(adapter, items: Sequence[EvalItem], prompts: Sequence[str], loader: ImageLoader, *,
-                 norm: str = "mean") -> list[dict[str, float]]:
+                 norm: str = "mean", position: str = "before") -> list[dict[str, float]]:
     """Per item, the log-probability of each option's text as the answer (``norm``: ``sum`` over
     its tokens, or their ``mean``, which does not favour short options). One forward pass per
     batch: a row per (item, option), each image encoded once for all of them."""
@@ -76,7 +77,7 @@ def rank_options(adapter, items: Sequence[EvalItem], prompts: Sequence[str], loa
             imgs = [loader.inputs(r) for r in it.images]
         except DataError as e:
             raise _located(e, it) from None
-        msgs = messages(it, p)
+        msgs = messages(it, p, position)
         eps = image_prompts(msgs, adapter)
         for letter, text in (it.options or {}).items():
             p_ids, c_ids, _ = adapter.tokenize_completion(msgs, str(text), imgs)

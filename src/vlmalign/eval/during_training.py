@@ -102,7 +102,7 @@ class TaskEvals:
     def on_train_end(self, engine, result) -> None:
         result.metrics.update(self.run(engine))
 
-    def measure(self, adapter, out: Path | None) -> dict:
+    def measure(self, adapter, out: Path | None, trained_position: str | None = None) -> dict:
         """Every entry on ``adapter``: ``{"eval/<name>/<metric>": value}``, each eval's run dir
         ``out/<name>`` (``out=None``: nothing written)."""
         from dataclasses import replace
@@ -111,13 +111,15 @@ class TaskEvals:
         metrics: dict = {}
         for name, cfg, items, root in self.prepared:
             run_cfg = replace(cfg, out=None if out is None else str(out / name), overwrite=True)
-            res = evaluate(run_cfg, adapter=adapter, items=items, image_root=root, write=out is not None)
+            res = evaluate(run_cfg, adapter=adapter, items=items, image_root=root, write=out is not None,
+                           trained_position=trained_position)
             metrics.update({f"eval/{name}/{k}": v for k, v in res.metrics.items() if isinstance(v, (int, float))})
         return metrics
 
     def run(self, engine) -> dict:
         out = Path(engine.tc.output_dir) / "eval" / f"step-{engine.step}" if engine.acc.is_main_process else None
-        metrics = self.measure(engine.adapters[0], out)
+        layout = engine.prompt_layout or {}
+        metrics = self.measure(engine.adapters[0], out, layout.get("image_position"))
         if metrics:
             engine.run.log({"step": engine.step, **metrics})
         return metrics

@@ -45,11 +45,23 @@ class EvalConfig:
                                 "likelihood", ("generate", "likelihood"))
     likelihood_norm: str = opt("mean", "likelihood mode: an option's log-probability summed over its "
                                        "tokens or their mean", ("mean", "sum"))
+    instruction: str | None = opt(None, "text appended to every question instead of the task's (\"\": none; "
+                                        "mode=likelihood appends none by default)")
+    image_position: str = opt("model", "images before or after the question text; model: as the model's "
+                                       "training prompts had them (its vlmalign_prompt.json), else before",
+                              ("model", "before", "after"))
     batch_size: int = opt(16, "items per batch", ge=1)
     max_new_tokens: int | None = opt(None, "tokens per answer (default: the task's)", ge=1)
     limit: int | None = opt(None, "only the first N items (after expansion into rotations)", ge=1)
     vocabulary: str | None = opt(None, "chair: JSON file with the object 'vocabulary' and optional "
                                        "'synonyms' (default: the items' own)")
+    judge: str | None = opt(None, "judge-pointwise / judge-pairwise: the judge model directory (a VLM, or a "
+                                  "text-only causal LM with judge_text_only)")
+    judge_template: str | None = opt(None, "judge prompt with {question} {answer} (pairwise: {answer_1} "
+                                           "{answer_2}) {reference} {reference_line} (default: docs/EVAL.md)")
+    judge_text_only: bool = opt(False, "the judge is a plain causal LM: it is shown the text, no image")
+    judge_max_new_tokens: int = opt(32, "tokens of each judge reply", ge=1)
+    baseline: str | None = opt(None, "judge-pairwise: the predictions file of system B (A: model or predictions)")
     dtype: str | None = opt(None, "fp32, bf16 or fp16 (default: the checkpoint's)")
     device: str | None = opt(None, "cpu, cuda, cuda:1 ... (default: cuda if present)")
     trust_remote_code: bool = opt(False, "allow custom model code")
@@ -61,13 +73,23 @@ class EvalConfig:
         get_task(self.task)
         if bool(self.model) == bool(self.predictions):
             raise ConfigError("give exactly one of model (answer with a model) or predictions (score a file)")
+        task = get_task(self.task)
+        if task.judge and not self.judge:
+            raise ConfigError(f"task {self.task} needs judge (the judge model directory)")
+        if self.judge and not task.judge:
+            raise ConfigError(f"judge is for the judge-pointwise / judge-pairwise tasks, not {self.task}")
+        if task.judge == "pairwise" and not self.baseline:
+            raise ConfigError("judge-pairwise needs baseline: the predictions file of the system to compare with")
+        if self.judge_template:
+            from .judge import check_template
+            check_template(self.judge_template)
         if self.predictions and self.mode == "likelihood":
             raise ConfigError("mode=likelihood ranks options with a model: it cannot score a predictions file")
 
     def same_run(self) -> dict:
         """The settings that make two evals the same (a resumable one)."""
         keep = ("task", "data", "layout", "answers", "model", "predictions", "mode", "likelihood_norm",
-                "max_new_tokens", "limit", "vocabulary", "dtype")
+                "max_new_tokens", "limit", "vocabulary", "dtype", "instruction", "image_position", "judge", "judge_template", "baseline")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -103,10 +125,11 @@ def with_vocabulary(items: list[EvalItem], path: str) -> list[EvalItem]:
 
 
 def evaluate(cfg: EvalConfig, *, adapter=None, items: Sequence[EvalItem] | None = None,
-             image_root: str | None = None, write: bool = True) -> EvalResult:
+             image_root: str | None = None, write: bool = True, trained_position: str | None = None) -> EvalResult:
     """Run one eval. ``adapter``: a model already in memory (no load; training and the quickstart
     pass theirs); ``items``: already read and prepared items (else ``cfg.data`` is read);
-    ``write=False`` keeps everything in memory (no run dir)."""
+    ``write=False`` keeps everything in memory (no run dir); ``trained_position``: where the
+    in-memory model's training prompts put their images (for ``image_position=model``)."""
     if adapter is not None and not cfg.model and not cfg.predictions:
         cfg.model = "<in memory>"
     validate_config(cfg)
@@ -118,15 +141,18 @@ def evaluate(cfg: EvalConfig, *, adapter=None, items: Sequence[EvalItem] | None 
     out = Path(cfg.out or Path("runs") / "eval" / cfg.task) if write else None
     done = _claim(out, cfg) if out is not None else {}
     if cfg.predictions:
-        rows = _rows_from_file(task, items, cfg.predictions)
+        rows = _rows_from_file(task, items, cfg.predictions, cfg.instruction)
     else:
-        rows = _ask(task, items, cfg, adapter, image_root, out, done)
+        rows = _ask(task, items, cfg, adapter, image_root, out, done, _position(cfg, trained_position))
     preds = [r["prediction"] for r in rows]
-    metrics = score(task, items, preds)
+    if task.judge:
+        metrics, rows = _judged(task, cfg, items, rows, image_root)
+    else:
+        metrics = score(task, items, preds)
     metrics = {k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()}
     unparsable = [r for r in rows if r.get("parsed") is None and task.kind in ("yes_no", "choice", "mixed")]
     if out is not None:
-        if cfg.predictions:
+        if cfg.predictions or task.judge:
             write_lines(out / PREDICTIONS, rows)
         write_json(out / "metrics.json", metrics)
         from .report import write_report
@@ -148,6 +174,30 @@ def score(task: Task, items: Sequence[EvalItem], predictions: Sequence[str]) -> 
         f = re.search(r"field '([^']+)'", m.group(2))
         raise DataError(f"{m.group(2)} (id {it.id})", file=it.source, index=it.index,
                         field=f.group(1) if f else None) from None
+
+
+def _judged(task: Task, cfg: EvalConfig, items, rows, image_root) -> tuple[dict, list[dict]]:
+    """The judge's verdicts on the answers in ``rows``: (metrics, rows with the judge's fields)."""
+    from .judge import Judge
+    judge = Judge.load(cfg.judge, text_only=cfg.judge_text_only, trust_remote_code=cfg.trust_remote_code,
+                       dtype=cfg.dtype, device=cfg.device, image_root=image_root, batch_size=cfg.batch_size,
+                       max_new_tokens=cfg.judge_max_new_tokens)
+    answers = [r["prediction"] for r in rows]
+    if task.judge == "pointwise":
+        extra, metrics = judge.pointwise(items, answers, cfg.judge_template)
+    else:
+        from .readers import read_predictions
+        other = read_predictions(cfg.baseline)
+        missing = [it.id for it in items if it.id not in other]
+        if missing:
+            raise DataError(f"no baseline answer for {len(missing)} of {len(items)} items (ids "
+                            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})", file=cfg.baseline,
+                            field="id")
+        b = [str(other[it.id]) for it in items]
+        extra, metrics = judge.pairwise(items, answers, b, cfg.judge_template)
+        for e, ans in zip(extra, b):
+            e["baseline"] = ans
+    return metrics, [{**r, **e} for r, e in zip(rows, extra)]
 
 
 def _unique_ids(items: Sequence[EvalItem]) -> None:
@@ -217,7 +267,7 @@ def row_of(task: Task, item: EvalItem, prompt: str, prediction: str, **extra) ->
     return row
 
 
-def _rows_from_file(task: Task, items: Sequence[EvalItem], path: str) -> list[dict]:
+def _rows_from_file(task: Task, items: Sequence[EvalItem], path: str, instruction: str | None = None) -> list[dict]:
     from .readers import read_predictions
     preds = read_predictions(path)
     missing = [it for it in items if it.id not in preds]
@@ -228,11 +278,22 @@ def _rows_from_file(task: Task, items: Sequence[EvalItem], path: str) -> list[di
     extra = len(preds) - len(items)
     if extra > 0:
         log.warning("%s: %d predictions have no item in the benchmark and are not scored", path, extra)
-    return [row_of(task, it, task.prompt(it), str(preds[it.id])) for it in items]
+    return [row_of(task, it, task.prompt(it, instruction), str(preds[it.id])) for it in items]
+
+
+def _position(cfg: EvalConfig, trained: str | None) -> str:
+    if cfg.image_position != "model":
+        return cfg.image_position
+    if trained in ("before", "after"):
+        return trained
+    if cfg.model and Path(cfg.model).is_dir():
+        from ..models.prompt_layout import model_image_position
+        return model_image_position(cfg.model)
+    return "before"
 
 
 def _ask(task: Task, items: list[EvalItem], cfg: EvalConfig, adapter, image_root, out: Path | None,
-         done: dict[str, dict]) -> list[dict]:
+         done: dict[str, dict], position: str = "before") -> list[dict]:
     from ..data.batching import ImageLoader
     from ..progress import Progress
     from ..rollout.generate import SamplingConfig
@@ -245,6 +306,7 @@ def _ask(task: Task, items: list[EvalItem], cfg: EvalConfig, adapter, image_root
     loader = ImageLoader(adapter, image_root)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens or task.max_new_tokens)
     todo = [it for it in items if it.id not in done]
+    instruction = cfg.instruction if cfg.instruction is not None else ("" if likelihood else None)
     if done:
         log.info("eval %s: %d of %d items already answered in %s; asking the other %d", task.name,
                  len(items) - len(todo), len(items), out, len(todo))
@@ -254,13 +316,13 @@ def _ask(task: Task, items: list[EvalItem], cfg: EvalConfig, adapter, image_root
     sink = open(out / PREDICTIONS, "a") if out is not None else None
     try:
         for batch in batches(todo, cfg.batch_size):
-            prompts = [task.prompt(it) for it in batch]
+            prompts = [task.prompt(it, instruction) for it in batch]
             if likelihood:
-                scores = rank_options(adapter, batch, prompts, loader, norm=cfg.likelihood_norm)
+                scores = rank_options(adapter, batch, prompts, loader, norm=cfg.likelihood_norm, position=position)
                 rows = [row_of(task, it, p, best_option(s), option_scores=s)
                         for it, p, s in zip(batch, prompts, scores)]
             else:
-                answers = generate_answers(adapter, batch, prompts, loader, sampling)
+                answers = generate_answers(adapter, batch, prompts, loader, sampling, position)
                 rows = [row_of(task, it, p, a) for it, p, a in zip(batch, prompts, answers)]
             for r in rows:
                 fresh[r["id"]] = r

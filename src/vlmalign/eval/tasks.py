@@ -24,8 +24,8 @@ LETTER = "Answer with the option's letter from the given choices directly."
 class Task:
     name: str
     help: str
-    kind: str                                      # "yes_no" | "choice" | "short" | "caption"
-    score: Callable[[Sequence[EvalItem], Sequence[str]], dict]
+    kind: str                                      # "yes_no" | "choice" | "short" | "caption" | "mixed"
+    score: Callable[[Sequence[EvalItem], Sequence[str]], dict] | None   # None: a judge scores (runner)
     parse: Callable[[EvalItem, str], Any]          # the answer as the rule reads it (None: unparsable)
     correct: Callable[[EvalItem, Any], float | None] | None = None   # per-row mark for predictions.jsonl
     # appended to the question (the benchmark's usual prompt); None: the letter instruction for
@@ -34,14 +34,17 @@ class Task:
     max_new_tokens: int = 16
     expand: Callable[[list[EvalItem]], list[EvalItem]] | None = None  # e.g. MMBench's circular copies
     needs: tuple[str, ...] = ("answer",)           # item fields every item must have
+    judge: str | None = None                       # "pointwise" | "pairwise": a judge model scores the answers
 
-    def prompt(self, item: EvalItem) -> str:
-        """The text the model is shown: hint, question, options (one per line), instruction."""
+    def prompt(self, item: EvalItem, instruction: str | None = None) -> str:
+        """The text the model is shown: hint, question, options (one per line), instruction
+        (``instruction``: instead of the task's; "" for none)."""
         parts = [item.hint] if item.hint else []
         parts.append(item.question)
         if item.options:
             parts += [f"{k}. {v}" for k, v in item.options.items()]
-        instruction = self.instruction if self.instruction is not None else (LETTER if item.options else SHORT)
+        if instruction is None:
+            instruction = self.instruction if self.instruction is not None else (LETTER if item.options else SHORT)
         if instruction and not _asks_already(item.question, instruction):
             parts.append(instruction)
         return "\n".join(parts)
@@ -356,3 +359,11 @@ register(Task("hallusionbench", "HallusionBench: yes/no; question, figure and al
               "yes_no", _hallusion_score, _hallusion_parse, _same, max_new_tokens=8, needs=("answer", "category")))
 register(Task("caption", "captioning: BLEU-4, ROUGE-L and CIDEr-D against the reference captions", "caption",
               _caption_score, _text, None, instruction="", max_new_tokens=48))
+
+
+# ------------------------------------------------------------------ judges (eval/judge.py)
+register(Task("judge-pointwise", "a judge model scores each answer 0-100 (LLaVA-Critic style; --judge DIR)",
+              "short", None, _text, None, instruction="", max_new_tokens=128, needs=(), judge="pointwise"))
+register(Task("judge-pairwise", "a judge model compares two systems' answers in both orders (--judge DIR, "
+              "baseline=FILE); win / tie / loss rates over order-consistent verdicts", "short", None, _text, None,
+              instruction="", max_new_tokens=128, needs=(), judge="pairwise"))
