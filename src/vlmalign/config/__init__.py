@@ -191,6 +191,18 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
             setattr(obj, key, v)
 
 
+def check_template(template: str, fields, what: str = "judge template") -> None:
+    """A ``str.format`` template that may use only the placeholders ``fields``: anything else, or
+    a malformed template, is a ConfigError naming the allowed ones."""
+    try:
+        template.format(**{f: "x" for f in fields})
+    except KeyError as e:
+        raise ConfigError(f"{what} uses {{{e.args[0]}}}; it may use only "
+                          f"{', '.join('{' + f + '}' for f in fields)} (double literal braces: {{{{ }}}})") from None
+    except (IndexError, ValueError) as e:
+        raise ConfigError(f"{what} is not a valid format string ({e})") from None
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from ..config import ConfigError
+from ..config import check_template as config_check_template
 from ..data.schema import Message
 from .items import EvalItem
 
@@ -47,13 +47,7 @@ _VERDICT = re.compile(r"\b(tie|1|2)\b", re.IGNORECASE)
 
 
 def check_template(template: str) -> None:
-    try:
-        template.format(**{f: "x" for f in FIELDS})
-    except KeyError as e:
-        raise ConfigError(f"judge template uses {{{e.args[0]}}}; it may use only "
-                          f"{', '.join('{' + f + '}' for f in FIELDS)} (double literal braces: {{{{ }}}})") from None
-    except (IndexError, ValueError) as e:
-        raise ConfigError(f"judge template is not a valid format string ({e})") from None
+    config_check_template(template, FIELDS)
 
 
 def parse_point_score(text: str) -> int | None:

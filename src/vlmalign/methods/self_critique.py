@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..config import ConfigError, opt, validate_config
+from ..config import ConfigError, check_template, opt, validate_config
 from ..data.images import resolve_image_path
 from ..data.kinds import coerce
 from ..data.schema import Conversation, ImageRef, ImagePart, Message, PreferencePair, RLPrompt
@@ -171,13 +171,7 @@ class JudgeRequest:
 
 
 def check_judge_template(template: str) -> None:
-    try:
-        template.format(**{f: "x" for f in JUDGE_FIELDS})
-    except KeyError as e:
-        raise ConfigError(f"judge template uses {{{e.args[0]}}}; it may use only "
-                          f"{', '.join('{' + f + '}' for f in JUDGE_FIELDS)} (literal braces: {{{{ }}}})") from None
-    except (IndexError, ValueError) as e:
-        raise ConfigError(f"judge template is not a valid format string ({e})") from None
+    check_template(template, JUDGE_FIELDS)
     for f in ("response_a", "response_b"):
         if "{" + f + "}" not in template:
             raise ConfigError(f"judge template must show both responses; {{{f}}} is missing")

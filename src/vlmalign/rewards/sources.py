@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..config import ConfigError, validate_config
+from ..config import ConfigError, check_template, validate_config
 from ..data.schema import Conversation, Message
 from ..errors import DataError, ModelError
 from ..eval.metrics import yes_no
@@ -219,17 +219,6 @@ def parse_yes_no(text: str) -> float | None:
     return None
 
 
-def _check_template(template: str) -> None:
-    try:
-        template.format(**{f: "x" for f in _FIELDS})
-    except KeyError as e:
-        raise ConfigError(f"judge template uses {{{e.args[0]}}}; it may use only "
-                          f"{', '.join('{' + f + '}' for f in _FIELDS)} (double literal braces: {{{{ }}}})") from None
-    except (IndexError, ValueError) as e:
-        raise ConfigError(f"judge template is not a valid format string ({e}); use {{question}}, {{response}}, "
-                          "{reference}") from None
-
-
 class JudgeReward(RewardSource):
     """A VLM judge: for each input, the judge sees the prompt's images and ``template``
     filled with {question} (the last user message's text), {response} and {reference}, and
@@ -257,7 +246,7 @@ class JudgeReward(RewardSource):
                                   default=float(default), max_new_tokens=max_new_tokens, batch_size=batch_size,
                                   max_length=max_length, system=system))
         if template is not None:
-            _check_template(template)
+            check_template(template, _FIELDS)
         if isinstance(adapter, (str, Path)):
             from ..models import load_adapter
             adapter = load_adapter(str(adapter), trust_remote_code=trust_remote_code, dtype=dtype, device=device)

@@ -9,14 +9,13 @@ no row is skipped.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...data.readers._containers import HF_MARKERS
 from ...errors import DataError
 from ..items import EvalItem
-from ._util import Loc, finish, iter_records, kind
+from ._util import finish, iter_records, json_objects, kind
 from .hallusion import read_hallusionbench
 from .hf import read_hf
 from .llava import POPE_NAME, read_llava_jsonl, read_pope
@@ -153,13 +152,7 @@ def _vla_lines(path: str):
 
 
 def _json_predictions(path: str):
-    src = str(path)
-    for i, obj in iter_records(path):
-        if isinstance(obj, DataError):
-            raise obj
-        loc = Loc(src, i)
-        if not isinstance(obj, dict):
-            raise loc.error(f"expected a JSON object, got {kind(obj)}")
+    for i, obj, loc in json_objects(path):
         if "prediction" in obj and "id" in obj:
             key, field = obj["id"], "prediction"
         elif "question_id" in obj and "text" in obj:

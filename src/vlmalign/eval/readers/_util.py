@@ -138,3 +138,16 @@ def iter_records(path: str | os.PathLike):
         import json
         obj = json.loads(_read_text(path))
         yield 0, obj
+
+
+def json_objects(path: str | os.PathLike):
+    """``(index, object, Loc)`` for each record of a JSON / JSONL file, refusing a record that is
+    not a JSON object (naming file and record)."""
+    src = str(path)
+    for i, obj in iter_records(path):
+        if isinstance(obj, DataError):
+            raise obj
+        loc = Loc(src, i)
+        if not isinstance(obj, dict):
+            raise loc.error(f"expected a JSON object, got {kind(obj)}")
+        yield i, obj, loc

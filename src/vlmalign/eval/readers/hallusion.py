@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from ...errors import DataError
 from ..items import EvalItem
-from ._util import (Loc, blank, default_root, iter_records, kind, path_image, question_of,
-                    require)
+from ._util import blank, default_root, json_objects, path_image, question_of, require
 
 KEYS = ("category", "subcategory", "set_id", "figure_id", "question_id", "visual_input")
 
@@ -17,12 +15,7 @@ def read_hallusionbench(path: str, image_root: str | None) -> tuple[list[EvalIte
     official evaluation uses (question_id alone repeats across figures and sets)."""
     src, root = str(path), default_root(path, image_root)
     items = []
-    for i, obj in iter_records(path):
-        if isinstance(obj, DataError):
-            raise obj
-        loc = Loc(src, i)
-        if not isinstance(obj, dict):
-            raise loc.error(f"expected a JSON object, got {kind(obj)}")
+    for i, obj, loc in json_objects(path):
         meta = {k: str(require(obj, k, loc)) for k in KEYS}
         gt = str(require(obj, "gt_answer", loc)).strip()
         if gt not in ("0", "1"):

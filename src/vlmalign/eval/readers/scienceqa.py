@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...errors import DataError
 from ..items import EvalItem
-from ._util import (Loc, blank, check_choice, default_root, iter_records, kind, letters,
+from ._util import (Loc, blank, check_choice, default_root, json_objects, kind, letters,
                     path_image, question_of, require, text_or_none)
 
 # Vision-LLM-Alignment's human turn:
@@ -43,12 +43,7 @@ def parse_vla_prompt(value: str, loc: Loc, field: str) -> tuple[str, dict[str, s
 def read_vla_json(path: str, image_root: str | None) -> tuple[list[EvalItem], str]:
     src, root = str(path), default_root(path, image_root)
     items = []
-    for i, obj in iter_records(path):
-        if isinstance(obj, DataError):
-            raise obj
-        loc = Loc(src, i)
-        if not isinstance(obj, dict):
-            raise loc.error(f"expected a JSON object, got {kind(obj)}")
+    for i, obj, loc in json_objects(path):
         conv = require(obj, "conversations", loc)
         if not isinstance(conv, list) or not conv or not isinstance(conv[0], dict):
             raise loc.error(f"conversations must be a list of turns, got {kind(conv)}",
