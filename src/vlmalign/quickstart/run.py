@@ -4,7 +4,7 @@ Stages (each row of ``report.json``); every training stage runs the recipe of it
 ``recipes/quickstart/`` (:mod:`.plan`):
 
 * ``base``     -- the untrained model, measured on held-out data;
-* ``pretrain`` -- projector-only training on captions (LLaVA stage 1), measured again;
+* ``pretrain`` -- projector-only training on captions (LLaVA stage 1), not measured;
 * ``sft``      -- fine-tuning on VQA conversations, measured on held-out data;
 * ``rm``       -- a reward model (scalar head on a copy of the SFT model) trained on ShapesWorld
   preferences, measured by held-out pairwise accuracy;
@@ -15,11 +15,14 @@ Stages (each row of ``report.json``); every training stage runs the recipe of it
   reference answer) on paraphrased questions SFT never saw, measured by held-out reward before
   and after, and again by VQA and POPE.
 
-Metrics per stage: ``vqa_accuracy`` (exact match after normalisation) and its split per question
-type, the POPE-style ``pope_accuracy``, ``pope_f1``, ``pope_precision``, ``pope_recall`` and
-``pope_yes_ratio`` (existence questions about present and absent objects), and for training
-stages ``train_loss`` (last logged value) and ``steps``. The ``rm`` stage reports ``rm_accuracy``,
-``rm_margin`` and ``rm_loss`` instead of VQA metrics (it does not generate); the ``dpo`` stage
+Metrics per stage: every answering stage (base, sft, dpo, grpo / ppo) is measured by its recipe's
+``eval.tasks`` (the base model by the sft recipe's), ``vlmalign eval``'s code path, on the held-out
+split written in benchmark layouts (``data/benchmarks/``): ``vqa_accuracy`` (exact match after
+normalisation) and its split per question type, POPE's ``pope_accuracy``, ``pope_f1``,
+``pope_precision``, ``pope_recall``, ``pope_yes_ratio`` pooled and per split, ``mmbench_accuracy``
+(CircularEval) and ``chair_s`` / ``chair_i``; training stages add ``train_loss`` (last logged
+value) and ``steps``. The ``rm`` stage reports ``rm_accuracy``,
+``rm_margin`` and ``rm_loss`` instead (it does not generate); the ``dpo`` stage
 adds ``dpo_accuracy``, ``dpo_margin``, ``dpo_chosen_reward``, ``dpo_rejected_reward`` and
 ``dpo_loss``; the ``grpo`` / ``ppo`` stage adds ``reward``, ``reward_start``, ``kl``, ``train_reward`` and
 ``train_kl``. Any training stage can be skipped with ``<stage>_steps=0``.
