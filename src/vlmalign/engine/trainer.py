@@ -126,7 +126,9 @@ class Engine:
         self.evaluate = evaluate
         self.adapters = list(adapters)
         self.extra_modules = extra_modules or {}
-        self.callbacks = list(callbacks)
+        # a config's eval.tasks (benchmark evals on this model, eval/during_training.py) watch the run
+        from ..eval.during_training import task_callbacks
+        self.callbacks = [*callbacks, *task_callbacks(config)]
         # where the training prompts put their images: written beside the weights for chat / generate
         self.prompt_layout = detect_layout(records)
         validate_config(config if config is not None else train_cfg)

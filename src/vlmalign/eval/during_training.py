@@ -13,8 +13,8 @@ when training starts, so a bad file stops the run before its first step. The eva
 their metrics are logged as ``eval/<name>/<metric>`` beside the training curves, and each
 eval's predictions, metrics and report go to ``<output_dir>/eval/step-<N>/<name>/``.
 
-The hooks follow the engine's callback protocol (:mod:`vlmalign.engine.callbacks`); the method
-registry adds this callback to any run whose config names tasks.
+The hooks follow the engine's callback protocol (:mod:`vlmalign.engine.callbacks`); the engine
+adds this callback to any run whose config names tasks.
 """
 
 from __future__ import annotations

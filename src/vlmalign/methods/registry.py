@@ -37,8 +37,7 @@ class Method:
         if not isinstance(cfg, self.config):
             raise TypeError(f"{self.name}: expected a {self.config.__name__}, got {type(cfg).__name__}")
         validate_config(cfg)
-        from ..eval.during_training import task_callbacks
-        return self.run(cfg, adapter=adapter, callbacks=[*callbacks, *task_callbacks(cfg)])
+        return self.run(cfg, adapter=adapter, callbacks=callbacks)
 
 
 def methods() -> dict[str, Method]:
