@@ -37,18 +37,13 @@ from ._common import field, ratio
 
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@",
           "`", ",", "?", "!"]
-_DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")
 _PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
 _ANSWERS = {"yes": "yes", "no": "no", "1": "yes", "0": "no"}
 
 
 def _process_punctuation(text: str) -> str:
-    out = text
-    digit_comma = _DIGIT_COMMA.search(text) is not None
-    for p in _PUNCT:
-        touches_space = (p + " ") in text or (" " + p) in text
-        out = out.replace(p, "" if touches_space or digit_comma else " ")
-    return _PERIOD.sub("", out, count=int(re.UNICODE))  # count=32, as the original
+    from .vqa_soft import process_punctuation
+    return process_punctuation(text, _PUNCT, _PERIOD)
 
 
 def parse_hallusion_answer(prediction: str) -> str | None:

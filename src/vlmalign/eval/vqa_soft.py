@@ -61,14 +61,15 @@ _DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: as in vqaEval.py (see module docstring)
 
 
-def process_punctuation(text: str) -> str:
-    """vqaEval.py's processPunctuation."""
+def process_punctuation(text: str, punct=_PUNCT, period=_PERIOD) -> str:
+    """vqaEval.py's processPunctuation (VLMEvalKit's YOrN extraction uses it with its own
+    ``punct`` list and ``period`` pattern)."""
     out = text
     has_digit_comma = _DIGIT_COMMA.search(text) is not None
-    for p in _PUNCT:
+    for p in punct:
         touches_space = (p + " ") in text or (" " + p) in text
         out = out.replace(p, "" if touches_space or has_digit_comma else " ")
-    return _PERIOD.sub("", out, count=int(re.UNICODE))
+    return period.sub("", out, count=int(re.UNICODE))
 
 
 def process_digit_article(text: str) -> str:
