@@ -218,6 +218,8 @@ def _summary(m: dict) -> str:
         parts.append(f"reward {m['reward_start']:.3f} -> {m['reward']:.3f}")
     if "vqa_accuracy" in m:
         parts.append(f"vqa_accuracy={m['vqa_accuracy']:.3f}")
+    if not parts and isinstance(m.get("train_loss"), float):
+        parts.append(f"train_loss={m['train_loss']:.3f}")   # pretrain: not measured
     return " ".join(parts)
 
 
