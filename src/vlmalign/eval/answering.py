@@ -105,10 +105,10 @@ def rank_options(adapter, items: Sequence[EvalItem], prompts: Sequence[str], loa
     out = adapter.forward(ids, mask, encoded=enc, image_indices=per, logits_to_keep=pos.to(dev), use_cache=False)
     if was:
         adapter.model.train()
-    targets = ids[:, pos + 1].cpu()
-    lp = token_logps(out.logits.cpu(), targets) * want[:, pos]
-    totals = lp.sum(-1)
-    counts = want[:, pos].sum(-1)
+    keep = want[:, pos].to(dev)
+    lp = token_logps(out.logits, ids[:, pos + 1]) * keep      # on the model's device: no logits copy
+    totals = lp.sum(-1).cpu()
+    counts = keep.sum(-1).cpu()
     scores: list[dict[str, float]] = [{} for _ in items]
     for r, (n, letter) in enumerate(owners):
         v = totals[r].item()

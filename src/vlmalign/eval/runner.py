@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import ConfigError, opt, save_config, to_dict, validate_config
+from ..config import ConfigError, opt, save_config, validate_config
 from ..files import write_json, write_lines
 from ..errors import DataError, VlmalignError
 from .items import EvalItem
@@ -357,12 +356,4 @@ def headline(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if "/" not in k}
 
 
-def is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
-
-
-def config_fields() -> list[str]:
-    return [f.name for f in fields(EvalConfig)]
-
-
-__all__ = ["EvalConfig", "EvalResult", "evaluate", "load_items", "headline", "to_dict"]
+__all__ = ["EvalConfig", "EvalResult", "evaluate", "load_items", "headline"]
