@@ -286,3 +286,14 @@ def test_judge_parsing_and_counting_with_fixed_answers(world, monkeypatch):
     with pytest.raises(DataError, match="no reference"):
         custom.messages(RewardInput([Message.user("q")], "r"))
     assert math.isclose(judge.low, 1.0)
+
+
+def test_caption_errors_reward_counts_wrong_cells_against_the_reference():
+    fn = REWARD_FUNCTIONS["caption_errors"]
+    ref = "A red circle in the top left and a blue square in the bottom right."
+    got = fn([inp(ref, ref), inp("A red circle in the top left.", ref),
+              inp("A red circle in the top left, a red square in the top right and a blue square in the bottom "
+                  "right.", ref), inp("A green circle in the top left.", ref)])
+    assert got == [0.0, -1.0, -1.0, -2.0]
+    with pytest.raises(DataError, match="reference"):
+        fn([inp("A red circle in the top left.")])

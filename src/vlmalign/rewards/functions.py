@@ -11,6 +11,10 @@ A reward FUNCTION takes a list of :class:`RewardInput` (plus keyword options fro
   as whole words ("2" is in "there are 2 circles", not in "12"); ``answer_pattern`` as above.
 * ``mc_letter``: multiple choice; 1.0 when the letter extracted from the response (rules in
   :func:`extract_choice`) equals the reference's letter. ``letters`` (default ``"ABCD"``).
+* ``caption_errors``: the ShapesWorld description verifier: minus the number of grid cells the
+  response gets wrong against the reference caption (an object named with a wrong colour or
+  shape, one in an empty cell, one left out: :func:`vlmalign.data.synthetic.caption_errors`), so
+  a faithful description scores 0 and each hallucinated or missed object costs 1.
 * ``format``: 1.0 when the response matches ``pattern`` (``mode`` ``fullmatch`` (default) or
   ``search``; ``.`` matches newlines), else 0.0. ``require_finished``: also 0.0 when generation
   did not stop on an end-of-turn token (hit ``max_new_tokens``).
@@ -33,7 +37,7 @@ from typing import Callable, Sequence
 
 from ..config import ConfigError
 from ..data.schema import ImageRef, Message, images_of
-from ..data.synthetic.verify import answer_matches, normalize_answer
+from ..data.synthetic.verify import answer_matches, caption_errors, normalize_answer
 from ..errors import DataError
 
 RewardFn = Callable[..., Sequence[float]]
@@ -246,6 +250,11 @@ def mc_letter(inputs: Sequence[RewardInput], letters: str = "ABCD") -> list[floa
             raise inp.error(f"mc_letter: reference {inp.reference!r} is not one of the letters {L}", "reference", i)
         out.append(1.0 if extract_choice(inp.response, L) == ref else 0.0)
     return out
+
+
+@register_reward("caption_errors")
+def caption_errors_reward(inputs: Sequence[RewardInput]) -> list[float]:
+    return [-float(caption_errors(inp.response, _reference(inp, i, "caption_errors"))) for i, inp in enumerate(inputs)]
 
 
 @register_reward("format")

@@ -8,8 +8,10 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from vlmalign.data.synthetic import (FILES, answer_matches, caption, caption_errors, parse_caption,
+from vlmalign.data.synthetic import (FILES, answer_matches, caption, caption_errors, hallucinated_mentions,
+                                     parse_caption,
                                      render)
+from vlmalign.data.synthetic.config import CAPTION_ERROR_KINDS
 from vlmalign.data.synthetic.tasks import absent_objects
 
 
@@ -196,3 +198,43 @@ def test_kto_labels_are_true(dataset, oracle, is_caption_prompt):
                 assert answer_matches(r["completion"], oracle(r["prompt"], scene)) == r["label"], r
         lines = dataset.paths[name].read_text().splitlines()
         assert len(lines) == len(recs)
+
+
+def test_hallucination_pairs_differ_by_one_hallucinated_object(dataset, is_caption_prompt):
+    kinds = dataset.config.hallucination_kinds
+    for name in ("hallucination_train", "hallucination_eval"):
+        recs = dataset.load(name)
+        assert len(recs) == len({r["image"] for r in recs}) == len(dataset.load(name.replace("hallucination",
+                                                                                             "captions")))
+        for i, r in enumerate(recs):
+            assert is_caption_prompt(_unplaced(dataset, r["prompt"], explicit=False))
+            scene = dataset.scenes[r["image"]]
+            assert caption_errors(r["chosen"], scene) == 0 and hallucinated_mentions(r["chosen"], scene) == 0
+            assert caption_errors(r["rejected"], scene) == 1 and hallucinated_mentions(r["rejected"], scene) == 1, r
+            assert r["error"] == kinds[i % len(kinds)] or len(kinds) == 1 and r["error"] in CAPTION_ERROR_KINDS
+
+
+def test_sft_mix_is_vqa_plus_the_described_share(tmp_path):
+    from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld, load_scenes
+    cfg = ShapesConfig(seed=3, train_images=400, eval_images=10, descriptions=0.5, hallucination=0.4,
+                       hallucination_kinds=("extra_object", "colour"))
+    paths = generate_shapesworld(tmp_path, cfg)
+    load = lambda name: json.loads(paths[name].read_text())
+    scenes = load_scenes(tmp_path)
+    mix, vqa = load("sft_train"), load("vqa_train")
+    described = [r for r in mix if "hallucinated" in r]
+    assert [r for r in mix if "hallucinated" not in r] == vqa           # every VQA record, unchanged
+    bad = [r for r in described if r["hallucinated"]]
+    assert 160 <= len(described) <= 240 and 0.3 * len(described) <= len(bad) <= 0.5 * len(described)
+    for r in described:
+        text, scene = r["conversations"][1]["value"], scenes[r["image"]]
+        assert hallucinated_mentions(text, scene) == len(r["hallucinated"]) == caption_errors(text, scene)
+    assert [r["hallucinated"][0] for r in bad] == [("extra_object", "colour")[k % 2] for k in range(len(bad))]
+    mixed = json.loads(paths["manifest"].read_text())["sft_mix"]
+    assert mixed == {"vqa_conversations": len(vqa), "descriptions": len(described),
+                     "hallucinated_descriptions": len(bad),
+                     "hallucination_kinds": dict(Counter(r["hallucinated"][0] for r in bad)),
+                     "hallucinated_ids": [r["id"] for r in bad]}
+    clean = ShapesConfig(seed=3, train_images=400, eval_images=10)
+    generate_shapesworld(tmp_path / "clean", clean)
+    assert json.loads((tmp_path / "clean" / "sft_train.json").read_text()) == vqa   # share 0: the VQA file

@@ -17,7 +17,8 @@ EXPECTED_KINDS = {
     "vqa_train": "conversation", "vqa_eval": "rl_prompt", "pope_eval": "rl_prompt",
     "dpo_train": "preference", "dpo_eval": "preference", "ranked_train": "ranked",
     "ranked_eval": "ranked", "rl_train": "rl_prompt", "rl_eval": "rl_prompt",
-    "kto_train": "unpaired", "kto_eval": "unpaired",
+    "kto_train": "unpaired", "kto_eval": "unpaired", "sft_train": "conversation",
+    "hallucination_train": "preference", "hallucination_eval": "preference",
 }
 
 

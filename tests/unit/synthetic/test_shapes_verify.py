@@ -2,7 +2,7 @@
 
 import pytest
 
-from vlmalign.data.synthetic import (Scene, ShapeObject, answer_matches, caption_errors,
+from vlmalign.data.synthetic import (Scene, ShapeObject, answer_matches, caption_errors, hallucinated_mentions,
                                      normalize_answer, parse_caption)
 
 
@@ -90,3 +90,25 @@ def test_parse_caption():
 ])
 def test_caption_errors(text, errors):
     assert caption_errors(text, SCENE) == errors
+
+
+def test_hallucinated_mentions_and_errors_against_a_scene_or_its_caption():
+    scene = Scene((ShapeObject("red", "circle", "top left", (1, 1, 20, 20)),
+                   ShapeObject("blue", "square", "bottom right", (40, 40, 60, 60))))
+    reference = "A red circle in the top left and a blue square in the bottom right."
+    cases = {
+        reference: (0, 0),
+        # an extra object in an empty cell: one hallucinated mention, one wrong cell
+        "A red circle in the top left, a green triangle in the top right and a blue square in the bottom right.": (1, 1),
+        # a wrong colour names an absent combination: hallucinated; the cell is wrong
+        "A yellow circle in the top left and a blue square in the bottom right.": (1, 1),
+        # a present object in the wrong cell is no hallucination, but two cells are wrong
+        "A blue square in the top left.": (0, 2),
+        # an object left out hallucinates nothing
+        "A red circle in the top left.": (0, 1),
+        "Nothing to see.": (0, 2),
+    }
+    for text, (halluc, errors) in cases.items():
+        for truth in (scene, reference):
+            assert hallucinated_mentions(text, truth) == halluc, text
+            assert caption_errors(text, truth) == errors, text

@@ -15,12 +15,12 @@ from .config import COLOURS, QUESTION_TYPES, SHAPES, ShapesConfig, cell_names
 from .generate import FILES, build_records, generate_shapesworld, load_scenes, make_scenes
 from .scene import Scene, ShapeObject, render, sample_scene
 from .tasks import QA, TEMPLATES, ask, caption, corrupted_captions, describe, wrong_answer
-from .verify import answer_matches, caption_errors, normalize_answer, parse_caption
+from .verify import answer_matches, caption_errors, hallucinated_mentions, normalize_answer, parse_caption
 
 __all__ = [
     "COLOURS", "SHAPES", "QUESTION_TYPES", "ShapesConfig", "cell_names",
     "FILES", "generate_shapesworld", "build_records", "make_scenes", "load_scenes",
     "Scene", "ShapeObject", "render", "sample_scene",
     "QA", "TEMPLATES", "ask", "caption", "describe", "corrupted_captions", "wrong_answer",
-    "answer_matches", "normalize_answer", "parse_caption", "caption_errors",
+    "answer_matches", "normalize_answer", "parse_caption", "caption_errors", "hallucinated_mentions",
 ]

@@ -29,6 +29,9 @@ PLURALS: dict[str, str] = {
 }
 
 IMAGE_POSITIONS: tuple[str, ...] = ("before", "after")
+# Kinds of wrong object mention in a caption: an object named with a wrong colour or shape, or an
+# object added in an empty cell. Each names a colour-shape combination that is not in the image.
+CAPTION_ERROR_KINDS: tuple[str, ...] = ("colour", "shape", "extra_object")
 QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "count", "position", "existence")
 
 _ROWS = {1: ("",), 2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
@@ -89,6 +92,16 @@ class ShapesConfig:
                                         "placeholder, which readers take to mean image first) or after it ('What "
                                         "colour ...?\\n<image>' in every file); after lets a tiny causal LM's "
                                         "image tokens see the question (README, Quickstart)", IMAGE_POSITIONS)
+    descriptions: float = opt(0.0, "share of train images that also get a description conversation ('Describe "
+                                   "the image.' -> its caption) in sft_train.json, the SFT mix (vqa_train.json's "
+                                   "conversations plus these)", ge=0, le=1)
+    hallucination: float = opt(0.0, "share of those descriptions that mention an object the image does not hold, "
+                                    "as machine-generated instruction data does (kinds: hallucination_kinds); "
+                                    "the manifest lists which records", ge=0, le=1)
+    hallucination_kinds: tuple[str, ...] = opt(("extra_object",), "comma-separated kinds of hallucinated mention, "
+                                                                  "drawn in turn: extra_object (an absent object in "
+                                                                  "an empty cell), colour, shape (an object named "
+                                                                  "with a wrong colour or shape)")
     ranked_size: int = opt(3, "responses per ranked list: the correct caption, then captions with 1, 2, ... errors",
                            ge=2)
 
@@ -96,6 +109,7 @@ class ShapesConfig:
         # Normalise sequences to tuples (from JSON/CLI they may come as lists) and spellings.
         object.__setattr__(self, "colours", tuple(self.colours))
         object.__setattr__(self, "shapes", tuple(self.shapes))
+        object.__setattr__(self, "hallucination_kinds", tuple(self.hallucination_kinds))
         object.__setattr__(self, "question_types",
                            tuple("colour" if q == "color" else q for q in self.question_types))
         object.__setattr__(self, "object_size", tuple(float(x) for x in self.object_size))
@@ -132,6 +146,11 @@ class ShapesConfig:
             bad("need at least 2 colours and 2 shapes (wrong answers must exist)")
         if not self.question_types:
             bad("question_types is empty")
+        for k in self.hallucination_kinds:
+            if k not in CAPTION_ERROR_KINDS:
+                bad(f"unknown hallucination kind {k!r} (known: {', '.join(CAPTION_ERROR_KINDS)})")
+        if not self.hallucination_kinds:
+            bad("hallucination_kinds is empty")
         cell_names(self.grid)  # raises for an unsupported grid
         n_cells = self.grid * self.grid
         if not 1 <= self.min_objects <= self.max_objects:

@@ -25,6 +25,13 @@ dpo_{train,eval}.json   plain_dpo     ``{"id","image","prompt","chosen","rejecte
                                       pair and one caption pair; rejected hallucinates
 ranked_{train,eval}     LLaVA,        last gpt value is a list: correct caption, then captions
 .json                   ranked        with 1, 2, ... errors (``num_errors`` lists them)
+hallucination_{train,    plain_dpo     per image one description pair: ``chosen`` the caption,
+eval}.json                            ``rejected`` it with a hallucinated mention (a kind of
+                                      ``hallucination_kinds``, in turn), ``error`` that kind
+sft_train.json          LLaVA         the SFT mix: vqa_train.json's records, and for a
+                                      ``descriptions`` share of train images a description
+                                      conversation, a ``hallucination`` share of them with a
+                                      hallucinated mention (``hallucinated`` lists its kinds)
 rl_{train,eval}.json    VQA           one question per image with its verifiable answer
 kto_{train,eval}.jsonl  TRL (KTO)     ``{"id","prompt","completion","label","images":[path],
                                       "question_type"}``, per image one desirable and one
@@ -73,6 +80,9 @@ FILES: dict[str, tuple[str, str, str | None]] = {
     "dpo_eval": ("dpo_eval.json", "plain_dpo", "preference"),
     "ranked_train": ("ranked_train.json", "llava", "ranked"),
     "ranked_eval": ("ranked_eval.json", "llava", "ranked"),
+    "sft_train": ("sft_train.json", "llava", "conversation"),
+    "hallucination_train": ("hallucination_train.json", "plain_dpo", "preference"),
+    "hallucination_eval": ("hallucination_eval.json", "plain_dpo", "preference"),
     "rl_train": ("rl_train.json", "vqa", "rl_prompt"),
     "rl_eval": ("rl_eval.json", "vqa", "rl_prompt"),
     "kto_train": ("kto_train.jsonl", "trl", "unpaired"),
@@ -82,7 +92,7 @@ FILES: dict[str, tuple[str, str, str | None]] = {
 # Stream ids: each (split, image, purpose) gets its own generator, so changing one output
 # (e.g. the question types) never changes the images or the other files.
 _SPLIT_ID = {"train": 1, "eval": 2}
-_SCENE, _CAPTION, _VQA, _POPE, _DPO, _RANKED, _RL, _KTO = range(8)
+_SCENE, _CAPTION, _VQA, _POPE, _DPO, _RANKED, _RL, _KTO, _DESCRIBE, _HALLUCINATION = range(10)
 _MAX_ATTEMPTS = 1000
 
 
@@ -176,6 +186,7 @@ def build_records(config: ShapesConfig, scenes: dict[str, list[tuple[str, Scene,
     qtypes = config.question_types
     nq = len(qtypes)
     files: dict[str, list[dict]] = {name: [] for name in FILES}
+    hallucinated = 0   # hallucinated descriptions so far (the kinds are drawn in turn)
     for split in SPLITS:
         sid = _SPLIT_ID[split]
         for i, (rel, scene, _) in enumerate(scenes[split]):
@@ -191,6 +202,7 @@ def build_records(config: ShapesConfig, scenes: dict[str, list[tuple[str, Scene,
             rng = _rng(seed, sid, i, _VQA)
             qas = [ask(scene, t, rng, config, variant=_variant(t, i)) for t in qtypes]
             if split == "train":
+                first = len(files["vqa_train"])
                 order = rng.permutation(len(qas))
                 qas_shuffled = [qas[int(j)] for j in order]
                 k = 0
@@ -203,6 +215,11 @@ def build_records(config: ShapesConfig, scenes: dict[str, list[tuple[str, Scene,
                     files["vqa_train"].append({"id": f"vqa-train-{i:05d}-{k}", "image": rel,
                                                "conversations": conv})
                     k += turns
+                files["sft_train"] += files["vqa_train"][first:]
+                rec = _description(i, rel, scene, config, hallucinated)
+                if rec is not None:
+                    files["sft_train"].append(rec)
+                    hallucinated += bool(rec["hallucinated"])
             else:
                 for qa in qas:
                     files["vqa_eval"].append(_vqa_record(f"vqa-eval-{i:05d}-{qa.question_type}",
@@ -235,6 +252,15 @@ def build_records(config: ShapesConfig, scenes: dict[str, list[tuple[str, Scene,
                 "prompt": _with_image(_caption_prompt(rng, config), config), "chosen": caption(scene),
                 "rejected": bad,
                 "question_type": "caption", "error": applied[0]})
+
+            # hallucination pairs (plain_dpo): the faithful description against a hallucinated one
+            rng = _rng(seed, sid, i, _HALLUCINATION)
+            kinds = config.hallucination_kinds
+            prompt = _caption_prompt(rng, config)
+            (bad, applied), = corrupted_captions(scene, rng, config, [kinds[i % len(kinds)]])
+            files[f"hallucination_{split}"].append({
+                "id": f"hallucination-{split}-{i:05d}", "image": rel, "prompt": _with_image(prompt, config),
+                "chosen": caption(scene), "rejected": bad, "question_type": "caption", "error": applied[0]})
 
             # ranked lists (LLaVA ranked): correct caption, then 1, 2, ... errors
             rng = _rng(seed, sid, i, _RANKED)
@@ -272,6 +298,22 @@ def build_records(config: ShapesConfig, scenes: dict[str, list[tuple[str, Scene,
                     "prompt": _with_image(prompt, config),
                     "completion": completion, "label": good, "images": [rel], "question_type": t})
     return files
+
+
+def _description(i: int, rel: str, scene: Scene, config: ShapesConfig, hallucinated: int) -> dict | None:
+    """Train image ``i``'s description conversation for the SFT mix, or None for the images
+    outside the ``descriptions`` share. A ``hallucination`` share of them mention an object the
+    image does not hold (kind ``hallucination_kinds[hallucinated % len]``: the kinds in turn over
+    the file); ``hallucinated`` lists the kinds applied ([] for a faithful description)."""
+    rng = _rng(config.seed, _SPLIT_ID["train"], i, _DESCRIBE)
+    if rng.random() >= config.descriptions:
+        return None
+    prompt, text, applied = _caption_prompt(rng, config), caption(scene), []
+    if rng.random() < config.hallucination:
+        kinds = config.hallucination_kinds
+        (text, applied), = corrupted_captions(scene, rng, config, [kinds[hallucinated % len(kinds)]])
+    return {"id": f"describe-train-{i:05d}", "image": rel, "hallucinated": applied,
+            "conversations": [_human(prompt, True, config), _gpt(text)]}
 
 
 def _vqa_record(rid: str, image: str, qa: QA, config: ShapesConfig) -> dict:
@@ -338,12 +380,27 @@ def generate_shapesworld(out_dir: str | Path, config: ShapesConfig | None = None
         "kinds": {name: kind for name, (_, _, kind) in FILES.items()},
         "sha256": sha,
         "question_templates": {k: list(v) for k, v in TEMPLATES.items()},
+        "sft_mix": _sft_mix(records["sft_train"]),
         "answers": {"count": "digits, e.g. \"2\"", "existence": "yes / no",
                     "position": "cell name, e.g. \"top left\""},
     }
     _write(out / "manifest.json", _dump_json(manifest))
     paths["manifest"] = out / "manifest.json"
     return paths
+
+
+def _sft_mix(records: list[dict]) -> dict[str, Any]:
+    """What ``sft_train.json`` holds: VQA conversations, descriptions, hallucinated descriptions
+    (per kind) and their ids."""
+    described = [r for r in records if "hallucinated" in r]
+    bad = [r for r in described if r["hallucinated"]]
+    kinds: dict[str, int] = {}
+    for r in bad:
+        for k in r["hallucinated"]:
+            kinds[k] = kinds.get(k, 0) + 1
+    return {"vqa_conversations": len(records) - len(described), "descriptions": len(described),
+            "hallucinated_descriptions": len(bad), "hallucination_kinds": dict(sorted(kinds.items())),
+            "hallucinated_ids": [r["id"] for r in bad]}
 
 
 def load_scenes(out_dir: str | Path) -> dict[str, Scene]:

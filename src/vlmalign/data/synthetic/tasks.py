@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import PLURALS, ShapesConfig, cell_names
+from .config import CAPTION_ERROR_KINDS, PLURALS, ShapesConfig, cell_names
 from .scene import Scene
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -50,9 +50,6 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
                 "What is in the image?",
                 "Describe the shapes in the image."),
 }
-
-CAPTION_ERROR_KINDS: tuple[str, ...] = ("colour", "shape", "extra_object")
-
 
 def article(word: str) -> str:
     return "an" if word[:1] in "aeiou" else "a"

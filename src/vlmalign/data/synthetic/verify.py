@@ -70,14 +70,22 @@ def parse_caption(text: str) -> list[tuple[str, str, str]]:
             for m in _CAPTION_OBJ.finditer(str(text).lower())]
 
 
-def caption_errors(caption: str, scene: Scene) -> int:
+def _truth(scene: "Scene | str") -> dict[str, tuple[str, str]]:
+    """``{cell: (colour, shape)}`` of a scene, or of the objects a reference caption states."""
+    if isinstance(scene, str):
+        return {cell: (colour, shape) for colour, shape, cell in parse_caption(scene)}
+    return {o.cell: (o.colour, o.shape) for o in scene.objects}
+
+
+def caption_errors(caption: str, scene: "Scene | str") -> int:
     """Number of grid cells a caption gets wrong: an object described with a wrong colour or
     shape, an object described in an empty cell (hallucinated), or an object left out each
-    count once; a cell described twice counts once per extra description."""
+    count once; a cell described twice counts once per extra description. ``scene``: the
+    ground truth, or a reference caption that states it (ShapesWorld's captions do)."""
     described: dict[str, list[tuple[str, str]]] = {}
     for colour, shape, cell in parse_caption(caption):
         described.setdefault(cell, []).append((colour, shape))
-    truth = {o.cell: (o.colour, o.shape) for o in scene.objects}
+    truth = _truth(scene)
     errors = 0
     for cell in set(described) | set(truth):
         said = described.get(cell, [])
@@ -89,3 +97,11 @@ def caption_errors(caption: str, scene: Scene) -> int:
         else:
             errors += (said[0] != true) + (len(said) - 1)
     return errors
+
+
+def hallucinated_mentions(caption: str, scene: "Scene | str") -> int:
+    """Object mentions of a caption whose colour-shape combination is not in the image (CHAIR's
+    notion, ShapesWorld objects being colour-shape combinations; each mention counts). ``scene``
+    as in :func:`caption_errors`."""
+    present = set(_truth(scene).values())
+    return sum((colour, shape) not in present for colour, shape, _ in parse_caption(caption))
