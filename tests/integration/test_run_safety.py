@@ -97,10 +97,14 @@ def test_an_earlier_run_directory_is_refused_unless_resume_or_overwrite(world, t
         train_sft(_cfg(world, run, "train.max_steps=2"))
     with pytest.raises(VlmalignError, match="contradict"):
         train_sft(_cfg(world, run, "train.resume=true", "train.overwrite=true"))
+    stale = run / "eval" / "step-3" / "vqa" / "predictions.jsonl"   # an earlier run's eval.tasks answers
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"id": "0", "prediction": "old"}\n')
     result, _ = train_sft(_cfg(world, run, "train.max_steps=3", "train.overwrite=true"))
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3] and result.step == 3  # the old run's metrics are gone, not appended to
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3"]
+    assert not (run / "eval").exists()   # and its evals, which a new eval.tasks run would have resumed
 
 
 def test_resuming_with_another_batch_size_is_refused(world, tmp_path):

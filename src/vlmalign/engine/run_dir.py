@@ -32,8 +32,8 @@ def _is_main() -> bool:
 
 def claim_output_dir(train_cfg) -> None:
     """Before a run writes anything: refuse an ``output_dir`` that holds an earlier run unless
-    ``train.resume`` (continue it) or ``train.overwrite`` (delete its checkpoints, metrics and
-    plots first). Re-running into the same directory used to append to its metrics and replace
+    ``train.resume`` (continue it) or ``train.overwrite`` (delete its checkpoints, metrics,
+    plots and ``eval/`` run dirs first). Re-running into the same directory used to append to its metrics and replace
     its checkpoints silently. Safe to call more than once before the run starts."""
     out = Path(train_cfg.output_dir)
     if train_cfg.resume and train_cfg.overwrite:
@@ -55,8 +55,10 @@ def claim_output_dir(train_cfg) -> None:
                             "continue it, train.overwrite=true to delete it and start afresh, or choose another "
                             "train.output_dir")
     if _is_main():
-        log.warning("train.overwrite=true: deleting the earlier run's checkpoints, metrics and plots in %s", out)
+        log.warning("train.overwrite=true: deleting the earlier run's checkpoints, metrics, plots and evals in %s",
+                    out)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out / "eval", ignore_errors=True)   # else its eval.tasks would resume the old answers
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
 
