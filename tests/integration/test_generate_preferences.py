@@ -395,8 +395,8 @@ def test_output_trains_dpo_directly(world, policy, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows if "train/loss" in r)
 
 
-def _cli(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def _cli(*args, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "vlmalign", *map(str, args)], env=env, capture_output=True,
                           text=True)
 
@@ -436,3 +436,22 @@ def test_cli_self_judge(world, tmp_path):
     bad = _cli("generate-preferences", "--model", world / "model", "--data", data / "rl_train.json",
                "--out", tmp_path / "x.jsonl", "--judge", world / "model", "--reward-model", world / "rm")
     assert bad.returncode == 2 and "either --judge or --reward-model" in bad.stderr
+
+
+def test_cli_reward_function_ranks_by_the_function(world, tmp_path):
+    """--reward-function: any reward function ranks the samples (the verifier route); here one
+    importable from a module on the path, scoring the response length."""
+    (tmp_path / "length_reward.py").write_text(
+        "def longer(inputs):\n    return [float(len(i.response)) for i in inputs]\n")
+    data = world / "data"
+    out = tmp_path / "fn.jsonl"
+    p = _cli("generate-preferences", "--model", world / "model", "--data", data / "captions_train.json",
+             "--out", out, "--reward-function", "length_reward:longer", "--n", 3, "--max-new-tokens", 8,
+             "--limit", 3, "--seed", 2, "--device", "cpu", env_extra={"PYTHONPATH": str(tmp_path)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    pairs = read_file(out)
+    assert pairs and all(len(r.chosen) > len(r.rejected) for r in pairs)
+    assert json.loads((tmp_path / "fn.summary.json").read_text())["mode"] == "reward_model"
+    both = _cli("generate-preferences", "--model", world / "model", "--data", data / "rl_train.json",
+                "--out", tmp_path / "x.jsonl", "--reward-model", world / "rm", "--reward-function", "caption_errors")
+    assert both.returncode == 2 and "either --reward-model or --reward-function" in both.stderr

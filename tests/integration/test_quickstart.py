@@ -19,7 +19,7 @@ from vlmalign.quickstart import DATA, GRPO_KEYS, render_markdown, render_table, 
 
 SMALL = replace(DATA, train_images=16, eval_images=4)   # the quickstart's layout, fewer images
 VQA_KEYS = {"vqa_accuracy", "pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"}
-RM_KEYS = {"rm_accuracy", "rm_margin", "rm_loss", "train_loss", "steps"}
+RM_KEYS = {"rm_accuracy", "rm_margin", "rm_loss", "train_loss", "steps", "rm_samples", "rm_sampled_hallucination"}
 DPO_KEYS = {"dpo_accuracy", "dpo_margin", "dpo_chosen_reward", "dpo_rejected_reward", "dpo_loss", "train_loss",
             "steps"}
 
@@ -130,7 +130,7 @@ def test_the_rm_stage_trains_a_copy_and_leaves_the_policy_alone(tmp_path):
     assert moved
     # the dpo stage config trains on the hallucination pairs with the starting model as reference
     d = stage_config("dpo", tmp_path, steps=3, seed=0)
-    assert d.data.train_file.endswith("dpo_train.json") and d.data.eval_file.endswith("dpo_eval.json")
+    assert d.data.train_file.endswith("hallucination_train.json") and d.data.eval_file.endswith("hallucination_eval.json")
     assert d.dpo.precompute_ref_logps and d.ref.path is None and d.data.max_train_samples == 3 * d.train.batch_size
 
 
@@ -149,10 +149,34 @@ def test_markdown_shows_what_dpo_changed():
     assert "| pope_yes_ratio | 0.400 | 0.450 | +0.050 |" in md
     # the preference table: rm row has no rewards, dpo row has them all
     lines = md.splitlines()
-    pref = lines[lines.index("held-out preference pairs (dpo_eval.json)"):]
+    pref = lines[lines.index("held-out description pairs (hallucination_eval.json)"):]
     assert pref[1].split() == ["stage", "accuracy", "margin", "chosen_reward", "rejected_reward", "loss"]
     assert pref[3].split() == ["rm", "0.700", "1.500", "-", "-", "0.550"]
     assert pref[4].split() == ["dpo", "0.650", "0.300", "-1.000", "-1.300", "0.600"]
+
+
+def test_markdown_says_what_each_stage_was_for_and_plots_hallucination(tmp_path):
+    report = {"family": "llava", "seed": 0, "total_seconds": 1.0, "stages": [
+        {"name": "base", "metrics": {"vqa_accuracy": 0.0, "chair_i": float("nan"), "chair_s": 0.0}, "seconds": 1.0},
+        {"name": "sft", "metrics": {"vqa_accuracy": 0.9, "chair_i": 0.2, "chair_s": 0.4, "pope_f1": 0.7,
+                                    "pope_yes_ratio": 0.6}, "seconds": 1.0},
+        {"name": "rm", "metrics": {"rm_accuracy": 0.97, "rm_spearman": -0.5}, "seconds": 1.0},
+        {"name": "dpo", "metrics": {"vqa_accuracy": 0.89, "chair_i": 0.05, "chair_s": 0.1, "pope_f1": 0.72,
+                                    "pope_yes_ratio": 0.5}, "seconds": 1.0},
+        {"name": "grpo", "metrics": {"vqa_accuracy": 0.88, "chair_i": 0.06, "chair_s": 0.1, "reward_start": 0.5,
+                                     "reward": 0.8, "steps": 2}, "seconds": 1.0}]}
+    md = render_markdown(report, tmp_path)
+    rows = {r.split(" | ")[0][2:]: r for r in md.splitlines() if r.startswith("| ") and " -> " in r}
+    # sft against base, dpo against sft (the model it started from), grpo against its own start
+    assert "| vqa_accuracy | base 0.000 -> 0.900 | +0.900 (better) |" in rows["sft"]
+    assert "| rm_accuracy | held-out pairs - -> 0.970 | - | rank correlation" in rows["rm"] and "-0.500" in rows["rm"]
+    assert "| chair_i | sft 0.200 -> 0.050 | -0.150 (better) | vqa_accuracy 0.900 -> 0.890; pope_f1 0.700 -> 0.720 |" \
+        in rows["dpo"]
+    assert "| reward | its start 0.500 -> 0.800 | +0.300 (better) | chair_i 0.050 -> 0.060; vqa_accuracy 0.890 -> " \
+        "0.880 |" in rows["grpo"]
+    # the plot has the stages whose descriptions mention objects (base's CHAIR_i is NaN: none)
+    assert "![hallucination by stage](hallucination.png)" in md and (tmp_path / "hallucination.png").stat().st_size
+    assert "hallucination.png" not in render_markdown({**report, "stages": report["stages"][:3]}, tmp_path / "x")
 
 
 def test_cli_skip_maps_to_zero_steps(monkeypatch, tmp_path, capsys):

@@ -51,6 +51,10 @@ def register(sub) -> None:
     r = p.add_argument_group("reward-model mode")
     r.add_argument("--reward-model", help="reward-model directory (from `vlmalign train rm`); replaces the judge")
     config_flags(r, SelfCritiqueConfig, ("rm_pairs", "tie_margin"))
+    r.add_argument("--reward-function", help="rank with a reward function (a built-in such as caption_errors, "
+                                             "the ShapesWorld description verifier, or package.module:function) "
+                                             "instead of a reward model; the prompts' reference answers are its "
+                                             "references")
     r.add_argument("--rm-batch-size", type=positive_int, default=16, help="responses per reward-model batch")
     r.add_argument("--best-of-n", help="also write the best response per prompt as conversations (SFT data)")
     p.add_argument("--summary", help="summary JSON (default: <OUT without suffix>.summary.json)")
@@ -61,10 +65,14 @@ def _run(args) -> int:
     from ..config import ConfigError
     from ..data.batching import ImageLoader
     from ..methods.self_critique import VLMJudge, generate_preferences, load_prompts
-    if args.reward_model and args.judge != "self":
-        raise ConfigError("give either --judge or --reward-model, not both")
-    if args.best_of_n and not args.reward_model:
-        raise ConfigError("--best-of-n needs --reward-model")
+    ranker = args.reward_model or args.reward_function
+    if args.reward_model and args.reward_function:
+        raise ConfigError("give either --reward-model or --reward-function, not both")
+    if ranker and args.judge != "self":
+        raise ConfigError(f"give either --judge or {'--reward-model' if args.reward_model else '--reward-function'}, "
+                          "not both")
+    if args.best_of_n and not ranker:
+        raise ConfigError("--best-of-n needs --reward-model or --reward-function")
     refuse_output_over_input(args.out, args.data)
     if args.best_of_n:
         refuse_output_over_input(args.best_of_n, args.data, args.out, what="--best-of-n")
@@ -81,6 +89,9 @@ def _run(args) -> int:
         from ..rewards import RewardModelSource
         source = RewardModelSource(args.reward_model, image_root=root, batch_size=args.rm_batch_size,
                                    device=ad.device, trust_remote_code=args.trust_remote_code)
+    elif args.reward_function:
+        from ..rewards import FunctionReward
+        source = FunctionReward(args.reward_function)
     else:
         judge_ad = ad
         if args.judge != "self":

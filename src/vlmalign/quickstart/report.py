@@ -12,7 +12,7 @@ from .plan import RL_METHODS
 GRPO_KEYS = ("reward", "reward_start", "kl", "train_reward", "train_kl", "train_loss", "steps")
 
 
-KEY_METRICS = ("vqa_accuracy", "pope_accuracy", "pope_f1", "pope_yes_ratio", "mmbench_accuracy", "chair_s",
+KEY_METRICS = ("vqa_accuracy", "pope_f1", "pope_yes_ratio", "mmbench_accuracy", "chair_s", "chair_i",
                "train_loss")
 
 
@@ -27,7 +27,7 @@ def render_table(report: dict) -> str:
         lines.append(f"{s['name']:<10}" + "".join(cells) + f"{s['seconds']:>10.1f}")
     pref = [s for s in report["stages"] if _pref_prefix(s)]
     if pref:
-        lines += ["", "held-out preference pairs (dpo_eval.json)",
+        lines += ["", "held-out description pairs (hallucination_eval.json)",
                   f"{'stage':<10}" + "".join(f"{k:>16}" for k in PREF_METRICS)]
         lines.append("-" * len(lines[-1]))
         for s in pref:
@@ -85,6 +85,13 @@ def render_markdown(report: dict, out: Path) -> str:
             lines.append(f"| {s['name']} | " + " | ".join(f"{s['metrics'].get(t, float('nan')):.3f}"
                                                          for t in types) + " |")
         lines.append("")
+    lines += purposes(report)
+    png = plot_hallucination(report, out / "hallucination.png")
+    if png is not None:
+        lines += ["## Hallucination by stage", "",
+                  "CHAIR_i (hallucinated object mentions / all mentions) and CHAIR_s (descriptions with a "
+                  "hallucinated object) of greedy descriptions of the held-out images, and POPE's yes-ratio.", "",
+                  f"![hallucination by stage]({png.name})", ""]
     lines += progression(report)
     lines += _dpo_changes(report)
     lines += rl_markdown(report)
@@ -94,6 +101,85 @@ def render_markdown(report: dict, out: Path) -> str:
             lines += [f"## {s['name']} training curves", "", f"![{s['name']}]({png.relative_to(out)})", ""]
     lines += ["Metric definitions: see README.md (Quickstart metrics).", ""]
     return "\n".join(lines)
+
+
+# What each stage is for, and the metric that says whether it did it: (stage, purpose, metric, lower is better)
+PURPOSES = (
+    ("sft", "teach the model to answer and describe (its descriptions copy the data's hallucinations)",
+     "vqa_accuracy", False),
+    ("rm", "learn to tell a faithful description from a hallucinated one", "rm_accuracy", False),
+    ("dpo", "cure the hallucination SFT learnt, keeping VQA and POPE", "chair_i", True),
+    ("grpo", "raise the verifiable reward on questions phrased as SFT never saw", "reward", False),
+    ("ppo", "raise the verifiable reward on questions phrased as SFT never saw", "reward", False),
+)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+
+def purposes(report: dict) -> list[str]:
+    """Markdown: per stage what it was for, the metric that measures it before and after (the
+    stage before it that was measured on the metric, or the stage's own start), and the other
+    effects on hallucination (CHAIR_i) and VQA."""
+    st = report["stages"]
+    rows = []
+    for name, purpose, key, lower in PURPOSES:
+        i = next((k for k, s in enumerate(st) if s["name"] == name), None)
+        if i is None:
+            continue
+        m = st[i]["metrics"]
+        prev = next((s for s in reversed(st[:i]) if "vqa_accuracy" in s["metrics"]), None)   # the model it started from
+        after = m.get(key)
+        if key == "reward":
+            before, where = m.get("reward_start"), "its start"
+        elif key == "rm_accuracy":
+            before, where = None, "held-out pairs"     # a new head: there is no before
+        else:
+            before, where = (prev["metrics"].get(key), prev["name"]) if prev else (None, "-")
+        change = "-"
+        if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+            better = after < before if lower else after > before
+            change = f"{after - before:+.3f} ({'better' if better else 'not better'})"
+        extra = []
+        if name == "rm":
+            extra.append(f"rank correlation of its scores with the verifier's hallucination count on the "
+                         f"policy's samples: {_fmt(m.get('rm_spearman'))}")
+        for k in ("chair_i", "vqa_accuracy", "pope_f1"):
+            if k != key and isinstance(m.get(k), (int, float)) and prev and isinstance(prev["metrics"].get(k), (int, float)):
+                extra.append(f"{k} {prev['metrics'][k]:.3f} -> {m[k]:.3f}")
+        rows.append(f"| {name} | {purpose} | {key} | {where} {_fmt(before)} -> {_fmt(after)} | {change} | "
+                    f"{'; '.join(extra) or '-'} |")
+    if not rows:
+        return []
+    return ["## What each stage was for, and what it changed", "",
+            "| stage | for | measured by | before -> after | change | also |", "|---|---|---|---|---|---|",
+            *rows, ""]
+
+
+def plot_hallucination(report: dict, out: Path) -> Path | None:
+    """``out`` (PNG): CHAIR_i, CHAIR_s and POPE's yes-ratio per stage that describes images; None
+    when fewer than two stages were measured."""
+    stages = [s for s in report["stages"] if isinstance(s["metrics"].get("chair_i"), (int, float))
+              and s["metrics"]["chair_i"] == s["metrics"]["chair_i"]]          # NaN: no object mentioned
+    if len(stages) < 2:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [s["name"] for s in stages]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for key, label in (("chair_i", "CHAIR_i"), ("chair_s", "CHAIR_s"), ("pope_yes_ratio", "POPE yes-ratio")):
+        ax.plot(names, [s["metrics"].get(key, float("nan")) for s in stages], marker="o", label=label)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("rate")
+    ax.set_title("hallucination by stage (held-out images)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
 
 
 def progression(report: dict) -> list[str]:

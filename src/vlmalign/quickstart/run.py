@@ -5,11 +5,14 @@ Stages (each row of ``report.json``); every training stage runs the recipe of it
 
 * ``base``     -- the untrained model, measured on held-out data;
 * ``pretrain`` -- projector-only training on captions (LLaVA stage 1), not measured;
-* ``sft``      -- fine-tuning on VQA conversations, measured on held-out data;
+* ``sft``      -- fine-tuning on the SFT mix (VQA conversations and descriptions, a share of them
+  hallucinated, ``plan.yaml``), measured on held-out data;
 * ``rm``       -- a reward model (scalar head on a copy of the SFT model) trained on ShapesWorld
-  preferences, measured by held-out pairwise accuracy;
-* ``dpo``      -- DPO of the SFT model on ShapesWorld hallucination pairs (the SFT model is the
-  reference), measured by held-out preference accuracy and again by VQA and POPE;
+  description pairs (faithful against hallucinated, and against one object left out), measured
+  by held-out pairwise accuracy and by the rank correlation of its scores with the verifier's
+  hallucination count on the SFT model's own sampled descriptions (:mod:`.hallucination`);
+* ``dpo``      -- DPO of the SFT model on the same description pairs (the SFT model is the
+  reference), measured by held-out preference accuracy and again by VQA, POPE and CHAIR;
 * ``grpo``     -- GRPO (or ``ppo``, PPO with a critic, with ``rl="ppo"``) of the model the earlier
   stages left (DPO, else SFT) with the ShapesWorld verifiable reward (exact match against the
   reference answer) on paraphrased questions SFT never saw, measured by held-out reward before
@@ -22,7 +25,8 @@ normalisation) and its split per question type, POPE's ``pope_accuracy``, ``pope
 ``pope_precision``, ``pope_recall``, ``pope_yes_ratio`` pooled and per split, ``mmbench_accuracy``
 (CircularEval) and ``chair_s`` / ``chair_i``; training stages add ``train_loss`` (last logged
 value) and ``steps``. The ``rm`` stage reports ``rm_accuracy``,
-``rm_margin`` and ``rm_loss`` instead (it does not generate); the ``dpo`` stage
+``rm_margin``, ``rm_loss``, ``rm_spearman`` (``rm_spearman_errors``, ``rm_samples``,
+``rm_sampled_hallucination``) instead (it does not answer); the ``dpo`` stage
 adds ``dpo_accuracy``, ``dpo_margin``, ``dpo_chosen_reward``, ``dpo_rejected_reward`` and
 ``dpo_loss``; the ``grpo`` / ``ppo`` stage adds ``reward``, ``reward_start``, ``kl``, ``train_reward`` and
 ``train_kl``. Any training stage can be skipped with ``<stage>_steps=0``.
@@ -31,6 +35,7 @@ adds ``dpo_accuracy``, ``dpo_margin``, ``dpo_chosen_reward``, ``dpo_rejected_rew
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -80,12 +85,18 @@ def _evaluated(result, tasks) -> dict:
 
 
 def train_rm_stage(adapter, cfg) -> tuple[dict, object]:
-    """Train a reward model on a COPY of ``adapter``'s model (the policy stays as it is)."""
+    """Train a reward model on a COPY of ``adapter``'s model (the policy stays as it is), then rank
+    the policy's own sampled descriptions of the held-out images with it (:func:`rm_agreement`,
+    samples in ``<run dir>/agreement.jsonl``)."""
+    from .hallucination import rm_agreement
     rm_adapter = type(adapter)(copy.deepcopy(adapter.model), adapter.processor)
     result, rm = get("rm").train(cfg, adapter=rm_adapter)
     r = result.metrics
     m = {"rm_accuracy": r["eval/accuracy"], "rm_margin": r["eval/margin"], "rm_loss": r["eval/loss"],
          "train_loss": r.get("loss"), "steps": result.step}
+    data_dir = Path(cfg.data.eval_file).parent
+    m.update(rm_agreement(adapter, rm, data_dir / "captions_eval.json", data_dir, seed=cfg.train.seed,
+                          out=Path(cfg.train.output_dir) / "agreement.jsonl"))
     return m, rm
 
 
@@ -140,6 +151,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
     steps = {name: recipe_steps(recipe_of[name]) if n is None else n for name, n in asked.items()}
     out = Path(out)
     _claim(out, overwrite)
+    shutil.rmtree(out / "base", ignore_errors=True)   # an earlier run's base evals: they would resume, not rerun
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     say = (lambda *a: None) if quiet else print
@@ -216,8 +228,12 @@ def _summary(m: dict) -> str:
         parts.append(f"dpo_accuracy={m['dpo_accuracy']:.3f}")
     if "reward_start" in m:
         parts.append(f"reward {m['reward_start']:.3f} -> {m['reward']:.3f}")
+    if "rm_spearman" in m:
+        parts.append(f"rm_spearman={m['rm_spearman']:.3f}")
     if "vqa_accuracy" in m:
         parts.append(f"vqa_accuracy={m['vqa_accuracy']:.3f}")
+    if isinstance(m.get("chair_i"), float):
+        parts.append(f"chair_i={m['chair_i']:.3f}")
     if not parts and isinstance(m.get("train_loss"), float):
         parts.append(f"train_loss={m['train_loss']:.3f}")   # pretrain: not measured
     return " ".join(parts)

@@ -200,18 +200,25 @@ def test_kto_labels_are_true(dataset, oracle, is_caption_prompt):
         assert len(lines) == len(recs)
 
 
-def test_hallucination_pairs_differ_by_one_hallucinated_object(dataset, is_caption_prompt):
+def test_description_pairs_hallucinate_or_omit_one_object(dataset, is_caption_prompt):
     kinds = dataset.config.hallucination_kinds
     for name in ("hallucination_train", "hallucination_eval"):
         recs = dataset.load(name)
-        assert len(recs) == len({r["image"] for r in recs}) == len(dataset.load(name.replace("hallucination",
-                                                                                             "captions")))
-        for i, r in enumerate(recs):
+        n_images = len(dataset.load(name.replace("hallucination", "captions")))
+        assert len(recs) == 2 * n_images and len({r["image"] for r in recs}) == n_images
+        for k, r in enumerate(recs):
+            i, omitted = divmod(k, 2)
+            assert r["id"].endswith("-omitted" if omitted else "-hallucinated")
             assert is_caption_prompt(_unplaced(dataset, r["prompt"], explicit=False))
             scene = dataset.scenes[r["image"]]
             assert caption_errors(r["chosen"], scene) == 0 and hallucinated_mentions(r["chosen"], scene) == 0
-            assert caption_errors(r["rejected"], scene) == 1 and hallucinated_mentions(r["rejected"], scene) == 1, r
-            assert r["error"] == kinds[i % len(kinds)] or len(kinds) == 1 and r["error"] in CAPTION_ERROR_KINDS
+            assert caption_errors(r["rejected"], scene) == 1, r
+            if omitted:
+                assert r["error"] == "omission" and hallucinated_mentions(r["rejected"], scene) == 0
+                assert len(parse_caption(r["rejected"])) == len(scene.objects) - 1
+            else:
+                assert hallucinated_mentions(r["rejected"], scene) == 1, r
+                assert r["error"] == kinds[i % len(kinds)] or len(kinds) == 1 and r["error"] in CAPTION_ERROR_KINDS
 
 
 def test_sft_mix_is_vqa_plus_the_described_share(tmp_path):

@@ -25,9 +25,10 @@ dpo_{train,eval}.json   plain_dpo     ``{"id","image","prompt","chosen","rejecte
                                       pair and one caption pair; rejected hallucinates
 ranked_{train,eval}     LLaVA,        last gpt value is a list: correct caption, then captions
 .json                   ranked        with 1, 2, ... errors (``num_errors`` lists them)
-hallucination_{train,    plain_dpo     per image one description pair: ``chosen`` the caption,
+hallucination_{train,    plain_dpo     per image two description pairs, ``chosen`` the caption:
 eval}.json                            ``rejected`` it with a hallucinated mention (a kind of
-                                      ``hallucination_kinds``, in turn), ``error`` that kind
+                                      ``hallucination_kinds``, in turn; ``error`` that kind),
+                                      then it with one object left out (``error`` omission)
 sft_train.json          LLaVA         the SFT mix: vqa_train.json's records, and for a
                                       ``descriptions`` share of train images a description
                                       conversation, a ``hallucination`` share of them with a
@@ -62,7 +63,7 @@ import numpy as np
 
 from .config import ShapesConfig
 from .scene import Scene, render, sample_scene
-from .tasks import (CAPTION_ERROR_KINDS, QA, TEMPLATES, ask, caption, corrupted_captions,
+from .tasks import (CAPTION_ERROR_KINDS, QA, TEMPLATES, ask, caption, corrupted_captions, describe,
                     wrong_answer, _template)
 
 GENERATOR_VERSION = 1
@@ -253,14 +254,20 @@ def build_records(config: ShapesConfig, scenes: dict[str, list[tuple[str, Scene,
                 "rejected": bad,
                 "question_type": "caption", "error": applied[0]})
 
-            # hallucination pairs (plain_dpo): the faithful description against a hallucinated one
+            # description pairs (plain_dpo): the faithful description against a hallucinated one,
+            # and against one that leaves an object out (without these, every rejected description
+            # would be the longer one, and preferring the shorter is a way to win)
             rng = _rng(seed, sid, i, _HALLUCINATION)
             kinds = config.hallucination_kinds
-            prompt = _caption_prompt(rng, config)
+            prompt = _with_image(_caption_prompt(rng, config), config)
             (bad, applied), = corrupted_captions(scene, rng, config, [kinds[i % len(kinds)]])
-            files[f"hallucination_{split}"].append({
-                "id": f"hallucination-{split}-{i:05d}", "image": rel, "prompt": _with_image(prompt, config),
-                "chosen": caption(scene), "rejected": bad, "question_type": "caption", "error": applied[0]})
+            left_out = int(rng.integers(len(scene.objects)))
+            short = describe([(o.colour, o.shape, o.cell) for j, o in enumerate(scene.objects) if j != left_out],
+                             scene.grid)
+            for what, rejected, error in (("hallucinated", bad, applied[0]), ("omitted", short, "omission")):
+                files[f"hallucination_{split}"].append({
+                    "id": f"hallucination-{split}-{i:05d}-{what}", "image": rel, "prompt": prompt,
+                    "chosen": caption(scene), "rejected": rejected, "question_type": "caption", "error": error})
 
             # ranked lists (LLaVA ranked): correct caption, then 1, 2, ... errors
             rng = _rng(seed, sid, i, _RANKED)

@@ -1,0 +1,56 @@
+"""Does the quickstart's reward model know hallucination when the policy produces it?
+
+:func:`rm_agreement` samples descriptions of the held-out images from the policy (the SFT model),
+scores each with the reward model, and counts each one's hallucinated object mentions with the
+ShapesWorld verifier (:func:`vlmalign.data.synthetic.hallucinated_mentions` against the image's
+reference caption). The rank correlation (Spearman) between score and count says whether the
+reward model ranks the policy's own outputs the way the ground truth does: a reward model that
+knows is strongly negative. Held-out pairs written by the generator (``rm_accuracy``) say less:
+they are not what the policy says.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation: Pearson's of the average ranks (ties share their mean rank);
+    NaN when either side is constant. (pandas' own ``method="spearman"`` needs scipy.)"""
+    import pandas as pd
+    rx, ry = (pd.Series(list(v), dtype=float).rank(method="average") for v in (x, y))
+    return float(rx.corr(ry))
+
+
+def rm_agreement(policy, rm, prompts_file: str | Path, image_root: str | Path, *, n: int = 4,
+                 max_new_tokens: int = 40, seed: int = 0, out: str | Path | None = None) -> dict:
+    """``n`` sampled descriptions (temperature 1) per prompt of ``prompts_file`` (conversations whose
+    first answer is the image's reference caption, e.g. ``captions_eval.json``) from ``policy``, each
+    scored by ``rm`` (a trained :class:`~vlmalign.models.ScalarModel`) and checked by the verifier.
+
+    Returns ``rm_spearman`` (score vs hallucinated mentions), ``rm_spearman_errors`` (score vs all
+    cell errors: hallucinated, wrong or missed objects), ``rm_samples`` and
+    ``rm_sampled_hallucination`` (share of samples with a hallucinated mention). ``out``: a JSON
+    Lines file with every sample, its score and its counts."""
+    from ..data.batching import ImageLoader
+    from ..data.synthetic import caption_errors, hallucinated_mentions
+    from ..methods.self_critique import SelfCritiqueConfig, load_prompts, sample_candidates
+    from ..rewards import RewardInput
+    from ..rewards.sources import RewardModelSource
+
+    prompts = load_prompts(prompts_file)
+    cfg = SelfCritiqueConfig(n=n, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed, batch_size=32)
+    stats = {k: 0 for k in ("samples", "unique", "duplicates", "empty", "unfinished", "dropped_unfinished")}
+    cands = sample_candidates(policy, prompts, ImageLoader(policy, image_root), cfg, stats)
+    inputs = [RewardInput.from_record(c.record, r) for c in cands for r in c.responses]
+    scores = RewardModelSource(rm, image_root=image_root, batch_size=32)(inputs).tolist()
+    halluc = [hallucinated_mentions(i.response, i.reference) for i in inputs]
+    errors = [caption_errors(i.response, i.reference) for i in inputs]
+    if out is not None:
+        with open(out, "w") as f:
+            for i, s, h, e in zip(inputs, scores, halluc, errors):
+                f.write(json.dumps({"id": i.meta.get("id", i.index), "response": i.response, "reference": i.reference,
+                                    "score": s, "hallucinated": h, "errors": e}) + "\n")
+    return {"rm_spearman": spearman(scores, halluc), "rm_spearman_errors": spearman(scores, errors),
+            "rm_samples": len(inputs), "rm_sampled_hallucination": sum(h > 0 for h in halluc) / max(len(halluc), 1)}
