@@ -40,6 +40,8 @@ ONLINE = ("grpo_verifier", "grpo_rm", "ppo_verifier", "ppo_rm")
 ROWS = (*DPO_LOSSES, "kto", "dpo_onpolicy_verifier", "dpo_onpolicy_rm", "self_critique", "best_of_n_rm", *ONLINE)
 METRICS = ("chair_i", "chair_s", "pope_f1", "pope_yes_ratio", "vqa_accuracy", "seconds")
 RL_STEPS = 60
+STEPS: int | None = None
+LIMIT = 600    # --steps: every trained row's step count (a quick look; default: the recipes')
 
 
 def _override(cfg, items):
@@ -57,6 +59,9 @@ def _train(method: str, cfg, sft: Path) -> dict:
     from vlmalign.methods.registry import get
     cfg.model.path, cfg.model.tiny = str(sft), None
     cfg.train.overwrite, cfg.train.progress = True, False
+    if STEPS is not None:
+        from vlmalign.quickstart.plan import follow_steps
+        follow_steps(cfg, method, STEPS)
     result, _ = get(method).train(cfg)
     return task_metrics(result.metrics, cfg.eval.tasks)
 
@@ -77,7 +82,7 @@ def _pairs(run: Path, out: Path, sft: Path, rm: Path, how: str, seed: int) -> Pa
           "rm": {"reward_model": RewardModelSource(rm, image_root=data, batch_size=32)},
           "self": {"judge": VLMJudge(policy, image_root=data)}}[how]
     path = out / f"pairs_{how}.jsonl"
-    generate_preferences(policy, load_prompts(data / "captions_train.json", limit=600), ImageLoader(policy, data),
+    generate_preferences(policy, load_prompts(data / "captions_train.json", limit=LIMIT), ImageLoader(policy, data),
                          cfg, out=path, image_root=data, **kw)
     return path
 
@@ -88,10 +93,9 @@ def _kto_file(run: Path, out: Path, split: str) -> Path:
     path = out / f"kto_{split}.jsonl"
     with open(path, "w") as f:
         for r in json.loads((run / "data" / f"hallucination_{split}.json").read_text()):
-            image = str((run / "data" / r["image"]).resolve())
             for text, label in ((r["chosen"], True), (r["rejected"], False)):
                 f.write(json.dumps({"prompt": r["prompt"], "completion": text, "label": label,
-                                    "images": [image]}) + "\n")
+                                    "images": [r["image"]]}) + "\n")
     return path
 
 
@@ -135,7 +139,7 @@ def _online(run: Path, out: Path, row: str, sft: Path, rm: Path, seed: int) -> d
     cfg = stage_config(method, run, seed=seed, steps=RL_STEPS)
     data = run / "data"
     spec = {"type": "function", "name": "caption_errors", "weight": 1.0} if reward == "verifier" else \
-        {"type": "model", "path": str(rm), "weight": 1.0}
+        {"type": "model", "path": str(rm), "weight": 1.0, "empty_score": -10.0}   # an empty description: bad
     cfg = _override(cfg, [f"data.train_file={data / 'captions_train.json'}",
                           f"data.eval_file={data / 'captions_eval.json'}", f"data.max_train_samples={RL_STEPS * 16}",
                           "rollout.max_new_tokens=40", "rollout.k=4", "train.batch_size=64", "train.eval_every=20",
@@ -153,13 +157,14 @@ def run_row(row: str, run: Path, out: Path, seed: int) -> dict:
         if row != "dpo" and row not in DPO_LOSSES:
             how = {"dpo_onpolicy_verifier": "verifier", "dpo_onpolicy_rm": "rm", "self_critique": "self"}[row]
             items += [f"data.train_file={_pairs(run, out, sft, rm, how, seed)}", "data.max_train_samples=null",
-                      "dpo.ref_cache_dir=null"]
+                      f"data.image_root={run / 'data'}", "dpo.ref_cache_dir=null"]
         return _train("dpo", _override(cfg, items), sft)
     if row == "kto":
         cfg = stage_config("kto", run, seed=seed)
         cfg.eval.tasks = copy.deepcopy(stage_config("dpo", run).eval.tasks)
         cfg = _override(cfg, [f"data.train_file={_kto_file(run, out, 'train')}",
-                              f"data.eval_file={_kto_file(run, out, 'eval')}", "train.max_steps=150",
+                              f"data.eval_file={_kto_file(run, out, 'eval')}", f"data.image_root={run / 'data'}",
+                              "train.max_steps=150",
                               f"train.output_dir={out / row}"])
         return _train("kto", cfg, sft)
     if row == "best_of_n_rm":
@@ -209,7 +214,12 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
     ap.add_argument("--extra-seeds", type=int, default=1, help="runs whose SFT model the other rows train on")
+    ap.add_argument("--steps", type=int, help="train every row this many steps (a quick look; default: the recipes')")
+    ap.add_argument("--limit", type=int, default=600, help="training images whose descriptions the on-policy and "
+                                                           "self-critique rows sample")
     args = ap.parse_args()
+    global STEPS, LIMIT
+    STEPS, LIMIT = args.steps, args.limit
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "methods.json"
