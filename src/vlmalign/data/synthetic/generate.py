@@ -26,10 +26,9 @@ dpo_{train,eval}.json   plain_dpo     ``{"id","image","prompt","chosen","rejecte
 ranked_{train,eval}     LLaVA,        last gpt value is a list: correct caption, then captions
 .json                   ranked        with 1, 2, ... errors (``num_errors`` lists them)
 hallucination_{train,    plain_dpo     per image two description pairs, ``chosen`` the caption:
-eval}.json                            ``rejected`` it with a hallucinated mention (a wrong
-                                      colour, a wrong shape or an extra object, in turn, whatever
-                                      ``hallucination_kinds`` the SFT mix has; ``error`` the
-                                      kind), then it with one object left out (``error`` omission)
+eval}.json                            ``rejected`` it with a hallucinated mention (a kind of
+                                      ``hallucination_kinds``, in turn; ``error`` that kind),
+                                      then it with one object left out (``error`` omission)
 sft_train.json          LLaVA         the SFT mix: vqa_train.json's records, and for a
                                       ``descriptions`` share of train images a description
                                       conversation, a ``hallucination`` share of them with a
@@ -259,9 +258,9 @@ def build_records(config: ShapesConfig, scenes: dict[str, list[tuple[str, Scene,
             # and against one that leaves an object out (without these, every rejected description
             # would be the longer one, and preferring the shorter is a way to win)
             rng = _rng(seed, sid, i, _HALLUCINATION)
+            kinds = config.hallucination_kinds
             prompt = _with_image(_caption_prompt(rng, config), config)
-            kind = CAPTION_ERROR_KINDS[i % len(CAPTION_ERROR_KINDS)]   # every kind, whatever SFT's noise has
-            (bad, applied), = corrupted_captions(scene, rng, config, [kind])
+            (bad, applied), = corrupted_captions(scene, rng, config, [kinds[i % len(kinds)]])
             left_out = int(rng.integers(len(scene.objects)))
             short = describe([(o.colour, o.shape, o.cell) for j, o in enumerate(scene.objects) if j != left_out],
                              scene.grid)
