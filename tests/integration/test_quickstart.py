@@ -55,7 +55,8 @@ def test_quickstart_report_has_the_rm_dpo_and_grpo_stages(tmp_path):
         run = Path(st[name]["run_dir"])
         assert run == out / name and (run / "metrics.jsonl").exists() and (run / "training.png").exists()
         assert f"![{name}]({name}/training.png)" in md
-    assert "held-out preference pairs" in md and "What DPO changed (sft -> dpo)" in md
+    assert "held-out description pairs" in md and "What DPO changed (sft -> dpo)" in md
+    assert "## What each stage was for, and what it changed" in md
     by_type = md[md.index("## VQA accuracy by question type"):].split("\n\n")[1].splitlines()
     assert [row.split(" | ")[0] for row in by_type[2:]] == ["| base", "| sft", "| dpo", "| grpo"]
     assert "## Benchmarks by stage (base -> sft -> dpo -> grpo)" in md and "| mmbench_accuracy |" in md

@@ -54,3 +54,28 @@ def rm_agreement(policy, rm, prompts_file: str | Path, image_root: str | Path, *
                                     "score": s, "hallucinated": h, "errors": e}) + "\n")
     return {"rm_spearman": spearman(scores, halluc), "rm_spearman_errors": spearman(scores, errors),
             "rm_samples": len(inputs), "rm_sampled_hallucination": sum(h > 0 for h in halluc) / max(len(halluc), 1)}
+
+
+def chair_breakdown(chair_dir: str | Path, data_dir: str | Path) -> dict:
+    """Where a stage's hallucinated object mentions come from, read from its ``chair`` eval run dir
+    (``predictions.jsonl``, each line's ``group`` its image) against ShapesWorld's scenes:
+    ``chair_extra_i``, mentions of an absent object in an empty cell (what the SFT mix's
+    hallucinated descriptions teach), and ``chair_attribute_i``, an absent colour-shape combination
+    in a cell that holds another object (a colour or shape seen wrong), each over all mentions.
+    Mentions are the verifier's (:func:`vlmalign.data.synthetic.parse_caption`: "a red circle in
+    the top left"), so their sum can differ from ``chair_i``'s word matcher in a rare phrasing."""
+    from ..data.synthetic import load_scenes, parse_caption
+    scenes = load_scenes(data_dir)
+    extra = attribute = mentions = 0
+    with open(Path(chair_dir) / "predictions.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            scene = scenes[row["group"]]
+            cells = {o.cell for o in scene.objects}
+            for colour, shape, cell in parse_caption(row["prediction"] or ""):
+                mentions += 1
+                if not scene.has(colour, shape):
+                    extra += cell not in cells
+                    attribute += cell in cells
+    return {"chair_extra_i": extra / mentions if mentions else float("nan"),
+            "chair_attribute_i": attribute / mentions if mentions else float("nan")}

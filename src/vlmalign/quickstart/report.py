@@ -17,13 +17,13 @@ KEY_METRICS = ("vqa_accuracy", "pope_f1", "pope_yes_ratio", "mmbench_accuracy", 
 
 
 def render_table(report: dict) -> str:
-    head = f"{'stage':<10}" + "".join(f"{k:>16}" for k in KEY_METRICS) + f"{'seconds':>10}"
+    head = f"{'stage':<10}" + "".join(f"{k:>17}" for k in KEY_METRICS) + f"{'seconds':>10}"
     lines = [head, "-" * len(head)]
     for s in report["stages"]:
         cells = []
         for k in KEY_METRICS:
             v = s["metrics"].get(k)
-            cells.append(f"{v:>16.3f}" if isinstance(v, (int, float)) and v is not None else f"{'-':>16}")
+            cells.append(f"{v:>17.3f}" if isinstance(v, (int, float)) and v is not None else f"{'-':>17}")
         lines.append(f"{s['name']:<10}" + "".join(cells) + f"{s['seconds']:>10.1f}")
     pref = [s for s in report["stages"] if _pref_prefix(s)]
     if pref:
@@ -41,7 +41,8 @@ def render_table(report: dict) -> str:
 
 PREF_METRICS = ("accuracy", "margin", "chosen_reward", "rejected_reward", "loss")
 CHANGE_METRICS = ("vqa_accuracy", "pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio",
-                  "pope_adversarial/f1", "mmbench_accuracy", "mmbench_vanilla_accuracy", "chair_s", "chair_i")
+                  "pope_adversarial/f1", "mmbench_accuracy", "mmbench_vanilla_accuracy", "chair_s", "chair_i",
+                  "chair_extra_i", "chair_attribute_i")
 
 
 def _pref_prefix(stage: dict) -> str | None:

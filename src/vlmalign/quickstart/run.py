@@ -178,7 +178,9 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
         return cfg
 
     t = time.time()
-    stages.append({"name": "base", "metrics": _measure(adapter, out, tasks), "seconds": time.time() - t})
+    m = _measure(adapter, out, tasks)
+    m.update(_chair_breakdown(out / "base", data_dir))
+    stages.append({"name": "base", "metrics": m, "seconds": time.time() - t})
     say(f"[quickstart] base: vqa_accuracy={stages[-1]['metrics']['vqa_accuracy']:.3f}")
 
     for name in ("pretrain", "sft", "rm", "dpo", rl):
@@ -206,6 +208,8 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
             start = _last_model(cfg)
             train_s = time.time() - t
             m = trained
+        if "chair_i" in m:
+            m.update(_chair_breakdown(Path(cfg.train.output_dir) / "eval", data_dir))
         stages.append({"name": name, "metrics": m, "seconds": time.time() - t, "train_seconds": train_s,
                        "run_dir": cfg.train.output_dir})
         say(f"[quickstart] {name}: {_summary(m)} ({time.time() - t:.0f}s)")
@@ -237,6 +241,16 @@ def _summary(m: dict) -> str:
     if not parts and isinstance(m.get("train_loss"), float):
         parts.append(f"train_loss={m['train_loss']:.3f}")   # pretrain: not measured
     return " ".join(parts)
+
+
+def _chair_breakdown(eval_dir: Path, data_dir: Path) -> dict:
+    """:func:`.hallucination.chair_breakdown` of the last ``chair`` eval under ``eval_dir``
+    (``eval/chair`` or ``eval/step-N/chair``); {} when none ran."""
+    from .hallucination import chair_breakdown
+    found = sorted(eval_dir.glob("**/chair/predictions.jsonl"),
+                   key=lambda p: int(p.parent.parent.name.split("-")[-1]) if p.parent.parent.name.startswith("step-")
+                   else -1)
+    return chair_breakdown(found[-1].parent, data_dir) if found else {}
 
 
 def _claim(out: Path, overwrite: bool) -> None:
