@@ -90,8 +90,9 @@ def render_markdown(report: dict, out: Path) -> str:
     png = plot_hallucination(report, out / "hallucination.png")
     if png is not None:
         lines += ["## Hallucination by stage", "",
-                  "CHAIR_i (hallucinated object mentions / all mentions) and CHAIR_s (descriptions with a "
-                  "hallucinated object) of greedy descriptions of the held-out images, and POPE's yes-ratio.", "",
+                  "CHAIR_i (hallucinated object mentions / all mentions; the part that names an object in an "
+                  "empty cell: chair_extra_i) and CHAIR_s (descriptions with a hallucinated object) of greedy "
+                  "descriptions of the held-out images, and POPE's yes-ratio.", "",
                   f"![hallucination by stage]({png.name})", ""]
     lines += progression(report)
     lines += _dpo_changes(report)
@@ -149,7 +150,8 @@ def purposes(report: dict) -> list[str]:
         for k in ("chair_i", "vqa_accuracy", "pope_f1"):
             if k != key and isinstance(m.get(k), (int, float)) and prev and isinstance(prev["metrics"].get(k), (int, float)):
                 extra.append(f"{k} {prev['metrics'][k]:.3f} -> {m[k]:.3f}")
-        rows.append(f"| {name} | {purpose} | {key} | {where} {_fmt(before)} -> {_fmt(after)} | {change} | "
+        moved = f"{where} {_fmt(before)} -> {_fmt(after)}" if before is not None else f"{where}: {_fmt(after)}"
+        rows.append(f"| {name} | {purpose} | {key} | {moved} | {change} | "
                     f"{'; '.join(extra) or '-'} |")
     if not rows:
         return []
@@ -170,7 +172,8 @@ def plot_hallucination(report: dict, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
     names = [s["name"] for s in stages]
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    for key, label in (("chair_i", "CHAIR_i"), ("chair_s", "CHAIR_s"), ("pope_yes_ratio", "POPE yes-ratio")):
+    for key, label in (("chair_i", "CHAIR_i"), ("chair_extra_i", "CHAIR_i, extra objects"), ("chair_s", "CHAIR_s"),
+                       ("pope_yes_ratio", "POPE yes-ratio")):
         ax.plot(names, [s["metrics"].get(key, float("nan")) for s in stages], marker="o", label=label)
     ax.set_ylim(bottom=0)
     ax.set_ylabel("rate")
