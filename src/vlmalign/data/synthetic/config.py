@@ -98,7 +98,8 @@ class ShapesConfig:
     hallucination: float = opt(0.0, "share of those descriptions that mention an object the image does not hold, "
                                     "as machine-generated instruction data does (kinds: hallucination_kinds); "
                                     "the manifest lists which records", ge=0, le=1)
-    hallucination_kinds: tuple[str, ...] = opt(("extra_object",), "comma-separated kinds of hallucinated mention, "
+    hallucination_kinds: tuple[str, ...] = opt(("extra_object",), "comma-separated kinds of hallucinated mention in "
+                                                                  "the SFT mix and in hallucination_{train,eval}.json, "
                                                                   "drawn in turn: extra_object (an absent object in "
                                                                   "an empty cell), colour, shape (an object named "
                                                                   "with a wrong colour or shape)")
