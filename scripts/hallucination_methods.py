@@ -103,7 +103,8 @@ def _best_of_n(run: Path, out: Path, sft: Path, rm: Path, seed: int) -> dict:
     """CHAIR of the reward model's pick of 4 sampled descriptions per held-out image."""
     from vlmalign.data.batching import ImageLoader
     from vlmalign.eval.chair import chair_scores, extract_objects
-    from vlmalign.methods.self_critique import SelfCritiqueConfig, load_prompts, rank_preferences, sample_candidates
+    from vlmalign.methods.self_critique import (SelfCritiqueConfig, load_prompts, new_stats, rank_preferences,
+                                                sample_candidates)
     from vlmalign.models.peft import load_any
     from vlmalign.rewards import RewardModelSource
     data = run / "data"
@@ -111,8 +112,7 @@ def _best_of_n(run: Path, out: Path, sft: Path, rm: Path, seed: int) -> dict:
     policy.model.eval()
     prompts = load_prompts(data / "captions_eval.json")
     cfg = SelfCritiqueConfig(n=4, temperature=1.0, max_new_tokens=40, seed=seed, batch_size=32)
-    stats = {k: 0 for k in ("samples", "unique", "duplicates", "empty", "unfinished", "dropped_unfinished",
-                            "prompts_without_pairs", "ties", "pairs")}
+    stats = new_stats()
     cands = sample_candidates(policy, prompts, ImageLoader(policy, data), cfg, stats)
     _, best = rank_preferences(RewardModelSource(rm, image_root=data, batch_size=32), cands, cfg, stats)
     picked = {b.id: b.messages[-1].text for b in best}
@@ -178,13 +178,10 @@ def quickstart_rows(run: Path) -> list[dict]:
     rep = load_report(run / "report.json")
     rows = []
     for st in rep["stages"]:
-        if st["name"] in ("sft", "dpo", "grpo", "ppo", "rm"):
+        if st["name"] in ("sft", "dpo", "grpo", "ppo"):   # the stages that answer (rm: in report.json)
             m = st["metrics"]
-            row = {"row": f"quickstart {st['name']}", "seed": rep["seed"], "seconds": st["seconds"],
-                   **{k: m.get(k) for k in METRICS if k != "seconds"}}
-            if st["name"] == "rm":
-                row.update(rm_accuracy=m.get("rm_accuracy"), rm_spearman=m.get("rm_spearman"))
-            rows.append(row)
+            rows.append({"row": f"quickstart {st['name']}", "seed": rep["seed"], "seconds": st["seconds"],
+                         **{k: m.get(k) for k in METRICS if k != "seconds"}})
     return rows
 
 

@@ -27,7 +27,7 @@ def test_routes_run_and_are_recorded(tmp_path):
                         "--rows", "ipo,kto,best_of_n_rm,ppo_rm"], env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = {r["row"]: r for r in json.loads((tmp_path / "m" / "methods.json").read_text())}
-    assert {"quickstart sft", "quickstart rm", "quickstart dpo", "quickstart grpo"} <= rows.keys()
+    assert {"quickstart sft", "quickstart dpo", "quickstart grpo"} <= rows.keys()
     for name in ("ipo", "kto", "ppo_rm"):
         assert rows[name]["error"] is None, rows[name]
         assert 0.0 <= rows[name]["vqa_accuracy"] <= 1.0 and 0.0 <= rows[name]["pope_f1"] <= 1.0

@@ -103,6 +103,12 @@ def load_prompts(path, *, format: str = "auto", limit: int | None = None) -> lis
 
 
 # ----------------------------------------------------------------------------- sampling
+def new_stats() -> dict[str, int]:
+    """The zeroed counters that sampling, judging, ranking and writing add to (the summary's)."""
+    return {k: 0 for k in ("prompts", "samples", "unique", "duplicates", "empty", "unfinished", "dropped_unfinished",
+                           "prompts_without_pairs", "judged_pairs", "inconsistent", "unparsable", "ties", "pairs")}
+
+
 def sample_candidates(adapter, records: Sequence[RLPrompt], loader, cfg: SelfCritiqueConfig,
                       stats: dict) -> list[Candidates]:
     """``cfg.n`` samples per prompt through :func:`vlmalign.rollout.rollout` (``cfg.batch_size``
@@ -404,9 +410,7 @@ def generate_preferences(adapter, records: Sequence[RLPrompt], loader, cfg: Self
     if not records:
         raise ConfigError("no prompts to generate preferences for")
     t0 = time.perf_counter()
-    stats = {k: 0 for k in ("prompts", "samples", "unique", "duplicates", "empty", "unfinished",
-                            "dropped_unfinished", "prompts_without_pairs", "judged_pairs", "inconsistent",
-                            "unparsable", "ties", "pairs")}
+    stats = new_stats()
     stats["prompts"] = len(records)
     cands = sample_candidates(adapter, records, loader, cfg, stats)
     if judge is not None:

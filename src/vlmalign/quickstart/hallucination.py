@@ -35,14 +35,13 @@ def rm_agreement(policy, rm, prompts_file: str | Path, image_root: str | Path, *
     Lines file with every sample, its score and its counts."""
     from ..data.batching import ImageLoader
     from ..data.synthetic import caption_errors, hallucinated_mentions
-    from ..methods.self_critique import SelfCritiqueConfig, load_prompts, sample_candidates
+    from ..methods.self_critique import SelfCritiqueConfig, load_prompts, new_stats, sample_candidates
     from ..rewards import RewardInput
     from ..rewards.sources import RewardModelSource
 
     prompts = load_prompts(prompts_file)
     cfg = SelfCritiqueConfig(n=n, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed, batch_size=32)
-    stats = {k: 0 for k in ("samples", "unique", "duplicates", "empty", "unfinished", "dropped_unfinished")}
-    cands = sample_candidates(policy, prompts, ImageLoader(policy, image_root), cfg, stats)
+    cands = sample_candidates(policy, prompts, ImageLoader(policy, image_root), cfg, new_stats())
     inputs = [RewardInput.from_record(c.record, r) for c in cands for r in c.responses]
     scores = RewardModelSource(rm, image_root=image_root, batch_size=32)(inputs).tolist()
     halluc = [hallucinated_mentions(i.response, i.reference) for i in inputs]
