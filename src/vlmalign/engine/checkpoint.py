@@ -9,7 +9,6 @@ loaded with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import errno
-import os
 import random
 import re
 import shutil
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import VlmalignError
+from ..files import atomic_dir
 from ..models.peft import EXTRA_PARAMS, is_peft, load_peft_extra, peft_extra_params
 from ..models.prompt_layout import write_layout
 
@@ -72,19 +72,12 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, processor, trainer_state: 
     ``prompt_layout`` (where the training prompts put their images) goes into the model folder."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step}"
-    tmp = ckpt_dir / f".tmp-step-{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     try:
-        tmp.mkdir()
-        _write_checkpoint(tmp, model, processor, trainer_state, step, extra_modules, state_dict)
-        write_layout(tmp / "model", prompt_layout)
+        with atomic_dir(final) as tmp:   # written into .tmp-step-N, renamed when whole
+            _write_checkpoint(tmp, model, processor, trainer_state, step, extra_modules, state_dict)
+            write_layout(tmp / "model", prompt_layout)
     except (OSError, RuntimeError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(_write_failure(ckpt_dir, step, e)) from e
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
     for _, old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
