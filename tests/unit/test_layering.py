@@ -14,7 +14,7 @@ ROOT = Path(vlmalign.__file__).parent
 LAYER = {"errors": 0, "config": 0, "constants": 0, "logsetup": 0, "files": 0, "progress": 0,
          "data": 1, "losses": 1,
          "models": 2,
-         "rollout": 3, "rewards": 3, "eval": 3,
+         "rollout": 3, "rewards": 3, "eval": 3, "merge": 3,
          "engine": 4,
          "methods": 5,
          "quickstart": 6,
