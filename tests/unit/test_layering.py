@@ -1,6 +1,6 @@
 """The package's layers import only downwards, and code outside models/ uses no private adapter or
 model method. Layers, bottom-up: errors/config/constants/files/progress -> data, losses -> models -> rollout,
-rewards, eval -> engine -> methods -> quickstart -> cli. (Cycles between packages and between the
+rewards, eval, merge -> engine -> methods -> quickstart -> cli. (Cycles between packages and between the
 modules of methods/, engine/ and quickstart/ are tests/unit/test_import_graph.py's.)"""
 
 from __future__ import annotations
