@@ -48,7 +48,11 @@ def _run(args) -> int:
 
     from ..errors import VlmalignError
     from ..merge import MergeSpec, merge
-    refuse_output_over_input(args.out, *args.inputs, args.base if args.base and os.path.exists(args.base) else None,
+    from ..models.peft import adapter_base, is_adapter_dir
+    base = args.base
+    if base is None and is_adapter_dir(args.inputs[0]):
+        base = adapter_base(args.inputs[0])   # the model the adapters are merged into is an input too
+    refuse_output_over_input(args.out, *args.inputs, base if base and os.path.exists(base) else None,
                              directory=True)
     if os.path.isfile(args.out):
         raise VlmalignError(f"--out {args.out} is a file: name a directory")

@@ -8,6 +8,7 @@ rank_pattern / alpha_pattern, matched as PEFT matches them). Tensors the adapter
 
 from __future__ import annotations
 
+import filecmp
 import json
 import math
 import os
@@ -108,14 +109,21 @@ def _check_config(f: Path, cfg: dict) -> None:
                          "into its base (vlmalign export) and merge the full checkpoints")
 
 
-def check_adapters(adapters: list[LoraAdapter]) -> None:
-    """Refuse adapters that are not updates of the same base model's same modules, naming the file."""
-    first = adapters[0]
+def check_adapters(adapters: list[LoraAdapter], base: str | None = None) -> list[str]:
+    """Refuse adapters that are not updates of the same base model's same modules, naming the file.
+    Two base names are the same model when they are equal or name local directories with the same
+    config and weight files. Names that cannot be compared here (a hub id, a directory no longer
+    there) are accepted only with ``base`` given; the notes returned say so."""
+    first, notes = adapters[0], []
     for ad in adapters[1:]:
         a, b = first.config.get("base_model_name_or_path"), ad.config.get("base_model_name_or_path")
-        if a and b and not _same_model(a, b):
+        same = True if not (a and b) else _same_model(a, b)
+        if same is None and base:
+            notes.append(f"{ad.path} names the base {b!r}, {first.path} {a!r}: merged onto --base {base} as asked")
+        elif not same:
+            why = "" if same is False else " (they cannot be compared here: pass --base if they are the same model)"
             raise MergeError(f"{ad.path / 'adapter_config.json'}: base model {b!r} differs from "
-                             f"{first.path}'s {a!r}: adapters of different base models cannot be merged")
+                             f"{first.path}'s {a!r}{why}: adapters of different base models cannot be merged")
         _same_names(first, ad, set(first.lora), set(ad.lora), "LoRA target modules", "module")
         _same_names(first, ad, set(first.full), set(ad.full), "fully trained tensors (modules_to_save)", "tensor")
         _same_names(first, ad, set(first.extra), set(ad.extra), f"tensors in {EXTRA_PARAMS}", "tensor")
@@ -129,6 +137,7 @@ def check_adapters(adapters: list[LoraAdapter]) -> None:
             if t0.shape != t1.shape:
                 raise MergeError(f"{ad.path}: tensor {name} has shape {list(t1.shape)}, but {list(t0.shape)} "
                                  f"in {first.path}")
+    return notes
 
 
 def _same_names(first: LoraAdapter, ad: LoraAdapter, a: set, b: set, what: str, one: str) -> None:
@@ -139,8 +148,16 @@ def _same_names(first: LoraAdapter, ad: LoraAdapter, a: set, b: set, what: str, 
                          f"{len(missing)} missing, {len(extra)} extra): adapters must adapt the same modules")
 
 
-def _same_model(a: str, b: str) -> bool:
+def _same_model(a: str, b: str) -> bool | None:
+    """Whether the base names ``a`` and ``b`` are one model; None where that cannot be told here."""
     if a == b:
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and os.path.samefile(pa, pb)
+    if not (pa.is_dir() and pb.is_dir()):
+        return None
+    if os.path.samefile(pa, pb):
+        return True
+    names = {p.name for p in pa.iterdir() if p.name == "config.json" or p.name.endswith(".safetensors")}
+    if names != {p.name for p in pb.iterdir() if p.name == "config.json" or p.name.endswith(".safetensors")}:
+        return False
+    return all(filecmp.cmp(pa / n, pb / n, shallow=False) for n in sorted(names))

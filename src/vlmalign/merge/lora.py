@@ -41,10 +41,10 @@ def merge_adapters(inputs: list[str], out: str, spec: MergeSpec, *, base: str | 
     rank = parse_lora_out(lora_out)
     spec = resolve(spec, len(inputs))
     adapters = [read_adapter(p) for p in inputs]
-    check_adapters(adapters)
+    notes = check_adapters(adapters, base)
     base_path = adapter_base(inputs[0], base)
     report = MergeReport(out=str(out), kind="lora", spec=spec, inputs=[str(p) for p in inputs], base=base_path,
-                         lora_out=lora_out)
+                         lora_out=lora_out, notes=notes)
     ranks = sorted({ad.rank() for ad in adapters})
     if len(ranks) > 1:
         report.notes.append(f"the adapters have ranks {', '.join(map(str, ranks))}: their updates were merged")
@@ -109,6 +109,9 @@ def _write_merged(tmp: Path, model, processor, base_sd, deltas, full, first: Lor
                                  f"{first.file}: is it the model the adapters were trained on?")
             w.add_(d.to(w.dtype))
         for name, t in full.items():
+            if name not in base_sd or tuple(base_sd[name].shape) != tuple(t.shape):
+                raise MergeError(f"{base_path}: the base model has no tensor {name} of shape {list(t.shape)} "
+                                 f"(trained in full by {first.path}): is it the model the adapters were trained on?")
             base_sd[name].copy_(t)
     model.save_pretrained(tmp, safe_serialization=True)
     try:  # the adapter directory normally carries the processor (it may have new tokens)

@@ -138,3 +138,27 @@ def test_an_adapter_is_not_merged_with_a_full_checkpoint(tmp_path):
     (tmp_path / "full" / "config.json").write_text("{}")
     with pytest.raises(MergeError, match=r"a is a LoRA adapter and .*full is not"):
         merge([str(a), str(tmp_path / "full")], str(tmp_path / "out"), MergeSpec("mean"))
+
+
+def _base_dir(path, value: float):
+    path.mkdir()
+    (path / "config.json").write_text('{"model_type": "toy"}')
+    save_file({"w": torch.full((2,), value)}, str(path / "model.safetensors"))
+    return str(path)
+
+
+def test_two_copies_of_one_base_are_one_base_and_other_weights_are_not(tmp_path):
+    b0, b1, b2 = _base_dir(tmp_path / "b0", 1.0), _base_dir(tmp_path / "b1", 1.0), _base_dir(tmp_path / "b2", 2.0)
+    ins = [str(adapter(tmp_path / f"a{i}", {"l.q": (A1, B1)}, r=1, alpha=1, base=b)) for i, b in enumerate((b0, b1, b2))]
+    merge(ins[:2], str(tmp_path / "same"), MergeSpec("mean"), lora_out="rank:1")
+    with pytest.raises(MergeError, match=r"a2/adapter_config.json: base model .*b2' differs from .*b0'"
+                                         r": adapters of different base models"):
+        merge([ins[0], ins[2]], str(tmp_path / "other"), MergeSpec("mean"), lora_out="rank:1")
+
+
+def test_base_names_that_cannot_be_compared_need_base(tmp_path):
+    ins = _pair(tmp_path, {"l.q": (A1, B1), "l.v": (A1, B1)}, base_model_name_or_path="org/moved")
+    with pytest.raises(MergeError, match=r"cannot be compared here: pass --base"):
+        merge(ins, str(tmp_path / "out"), MergeSpec("mean"), lora_out="rank:1")
+    report = merge(ins, str(tmp_path / "out"), MergeSpec("mean"), lora_out="rank:1", base="some/base")
+    assert any("merged onto --base some/base as asked" in n for n in report.notes)
