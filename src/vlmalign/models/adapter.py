@@ -420,7 +420,8 @@ class VLMAdapter:
             if m.role != "assistant":
                 continue
             before = self.render(messages[:j], add_generation_prompt=True)
-            upto = self.render(messages[: j + 1])
+            # the last turn's render is ``full`` itself (one template render fewer per record)
+            upto = full if j + 1 == len(messages) else self.render(messages[: j + 1])
             if not (full.startswith(upto) and upto.startswith(before)):
                 raise ModelError(f"{self.family}: the chat template is not prefix-stable, so assistant "
                                  "turns cannot be located for the loss mask")
