@@ -282,3 +282,15 @@ def test_chat_and_serve_share_the_model_loading_options():
     loading = {"--model", "--base", "--trust-remote-code", "--dtype", "--device"}
     for cmd in ("chat", "serve"):
         assert loading <= {s for a in sub[cmd]._actions for s in a.option_strings}, cmd
+
+
+def test_the_throughput_benchmark_runs(server):
+    """Keeps benchmarks/serve_throughput.py working (its client side, against this server; untimed)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_throughput.py"
+    spec = importlib.util.spec_from_file_location("serve_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.run_level(server["url"], NAME, clients=2, requests=3, max_tokens=2, api_key=KEY)
+    assert row["requests"] == 3 and row["requests_per_s"] > 0 and row["requests_per_batch"] >= 1
