@@ -153,8 +153,12 @@ def test_stop_strings_and_n(server):
     streamed = "".join(c.choices[0].delta.content or "" for c in
                        _ask(client, "Tell me a story.", max_tokens=24, stop=stop, stream=True))
     assert streamed == cut
+    one = _ask(client, "Tell me a story.")
     r = _ask(client, "Tell me a story.", n=3, temperature=1.0, top_p=0.9, seed=1)
     assert [c.index for c in r.choices] == [0, 1, 2] and all(c.message.content is not None for c in r.choices)
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens     # counted once, as OpenAI does
+    again = _ask(client, "Tell me a story.", n=3, temperature=1.0, top_p=0.9, seed=1)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
 
 
 def test_sixteen_concurrent_requests_are_batched(server, reference):
@@ -203,8 +207,8 @@ def test_fifty_megapixel_images_are_refused_from_their_header(server, reference)
                    says=("50,000,000 pixels", "--max-image-pixels"))
     assert err["param"] == "messages.0.content.0.image_url.url"
     # a header that declares 50 megapixels over no pixel data: refused for its size, not as corrupt
-    _refused(server, reference, 400, "image_too_large", sdk=(_image_prompt(_data_url(_header_only_png(10000, 5000))), {}),
-             says=("50,000,000 pixels",))
+    bomb = _data_url(_header_only_png(10000, 5000))
+    _refused(server, reference, 400, "image_too_large", sdk=(_image_prompt(bomb), {}), says=("50,000,000 pixels",))
 
 
 def test_truncated_json_is_a_400(server, reference):
@@ -227,6 +231,8 @@ def test_limits_are_refused_by_name(server, reference):
              says=("--max-prompt-tokens",))
     err = _refused(server, reference, 400, "invalid_value", sdk=("hi", {"max_tokens": 65}), says=("--max-tokens",))
     assert err["param"] == "max_tokens"
+    err = _refused(server, reference, 400, "invalid_value", sdk=("hi", {"n": 9}), says=("--max-batch-size",))
+    assert err["param"] == "n"
     _refused(server, reference, 413, "request_too_large", raw=b"{" + b" " * 1_100_000 + b"}",
              says=("--max-body-bytes",))
 
@@ -236,8 +242,8 @@ def test_other_bad_requests(server, reference):
     _refused(server, reference, 400, "invalid_image_url", sdk=(_image_prompt("data:image/png;base64,@@@"), {}))
     _refused(server, reference, 400, "invalid_image", sdk=(_image_prompt(_data_url(b"not an image")), {}))
     _refused(server, reference, 400, "unsupported_parameter", sdk=("hi", {"logprobs": True}), says=("logprobs",))
-    _refused(server, reference, 400, "unknown_parameter", raw=b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "foo": 1}',
-             says=("foo",))
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "foo": 1}'
+    _refused(server, reference, 400, "unknown_parameter", raw=body, says=("foo",))
 
 
 def test_api_key_is_required(server, reference):

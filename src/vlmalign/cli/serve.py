@@ -28,11 +28,16 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    import uvicorn
     from PIL import Image
 
     from ..data.images import check_image_root
-    from ..serve.app import create_app
+    from ..errors import VlmalignError
+    try:
+        import uvicorn
+
+        from ..serve.app import create_app
+    except ImportError as e:
+        raise VlmalignError(f"vlmalign serve needs FastAPI and uvicorn ({e}): pip install 'vlmalign[serve]'") from None
     from ..serve.limits import LIMIT_FLAGS, ServeLimits
     limits = config_from_flags(ServeLimits, args, LIMIT_FLAGS)
     check_image_root(args.image_root)

@@ -63,9 +63,9 @@ def create_app(adapter, model_name: str, *, image_root: str | None = None, api_k
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         params = check_params(req, [model_name], limits)
-        msgs, images = to_messages(req, image_root, limits, adapter.placeholder_token)
 
-        def checked():
+        def checked():   # off the event loop: base64, file system, image decoding, tokenizing
+            msgs, images = to_messages(req, image_root, limits, adapter.placeholder_token)
             with prep_lock:
                 return prepare(adapter, msgs, images, image_root, limits)
 
@@ -77,7 +77,7 @@ def create_app(adapter, model_name: str, *, image_root: str | None = None, api_k
         except Busy as e:
             raise APIError(503, str(e), code="server_busy") from None
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
-        usage = {"prompt_tokens": len(example.rows["input_ids"]) * params.n}
+        usage = {"prompt_tokens": len(example.rows["input_ids"])}   # once, also for n > 1 (as OpenAI)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_sse(job, events, head, usage, include_usage), media_type="text/event-stream",
@@ -133,7 +133,8 @@ async def _sse(job: Job, events, head: dict, usage: dict, include_usage: bool):
                 tokens += ev[3]
                 yield chunk([choice(ev[1], {}, ev[2])])
         if include_usage:
-            yield chunk([], usage={**usage, "completion_tokens": tokens, "total_tokens": usage["prompt_tokens"] + tokens})
+            total = usage["prompt_tokens"] + tokens
+            yield chunk([], usage={**usage, "completion_tokens": tokens, "total_tokens": total})
     except APIError as e:
         yield "data: " + json.dumps(e.body()) + "\n\n"
     finally:

@@ -14,8 +14,8 @@ class ServeLimits:
                                              "header before decoding)", ge=1)
     max_images: int = opt(8, "most images in one request", ge=0)
     max_prompt_tokens: int = opt(4096, "most prompt tokens, image tokens included", ge=1)
-    max_tokens: int = opt(1024, "most tokens a completion may have (cap on max_tokens; also the "
-                                "default when a request sets none)", ge=1)
+    max_tokens: int = opt(1024, "most tokens a completion may have (cap on max_tokens; a request that "
+                                "sets none gets this many)", ge=1)
     max_batch_size: int = opt(8, "most completions generated together in one batch (also the cap on n)", ge=1)
     max_queue: int = opt(64, "most requests waiting for the model (503 above it)", ge=1)
 
