@@ -244,6 +244,9 @@ def test_other_bad_requests(server, reference):
     _refused(server, reference, 400, "unsupported_parameter", sdk=("hi", {"logprobs": True}), says=("logprobs",))
     body = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "foo": 1}'
     _refused(server, reference, 400, "unknown_parameter", raw=body, says=("foo",))
+    _refused(server, reference, 400, "invalid_value", raw=b"[1, 2]", says=("must be a JSON object",))
+    err = _refused(server, reference, 400, "invalid_value", sdk=("hi", {"temperature": 5}), says=("temperature",))
+    assert err["param"] == "temperature"
 
 
 def test_api_key_is_required(server, reference):
