@@ -10,7 +10,7 @@ from ..errors import VlmalignError
 from .args import Parser, command_parser, unknown_arguments_message
 
 # module name under vlmalign.cli -> registers one or more top-level commands
-COMMAND_MODULES = ("data", "models", "train", "eval", "generate", "chat", "export", "quickstart", "score",
+COMMAND_MODULES = ("data", "models", "train", "eval", "generate", "chat", "serve", "export", "quickstart", "score",
                    "generate_preferences", "merge")
 
 

@@ -31,7 +31,36 @@ def _gen_kwargs(cfg: SamplingConfig, adapter) -> dict:
     return kw
 
 
+def prompt_example(adapter, prompt, loader: ImageLoader, *, max_length: int | None = None) -> Example:
+    """One prompt (a message list or a record with ``.prompt``) tokenized for generation, its
+    images loaded (a bad image or an over-long prompt raises here, before any generation)."""
+    msgs = prompt.prompt if hasattr(prompt, "prompt") else prompt
+    refs = [img for m in msgs for img in m.images]
+    t = adapter.tokenize_prompt(msgs, [loader.inputs(r) for r in refs], max_length=max_length)
+    return Example(rows={"input_ids": t.input_ids}, images=refs, image_prompts=image_prompts(msgs, adapter))
+
+
 @torch.no_grad()
+def generate_tokens(adapter, items: Sequence[Example], loader, cfg: SamplingConfig,
+                    **generate_kwargs) -> torch.Tensor:
+    """One completion per item (``prompt_example``s, left-padded into one batch): the new token
+    ids, one row per item. Each unique image is encoded once; ``loader`` needs only ``inputs(ref)``.
+    ``generate_kwargs`` (a streamer, stopping criteria) go to the model's ``generate``."""
+    uniq, per, uprompts = unique_images(items, loader)
+    dev = adapter.device
+    pad_id = adapter.tokenizer.pad_token_id
+    ids = pad([it.rows["input_ids"] for it in items], pad_id, side="left").to(dev)
+    mask = pad([[1] * len(it.rows["input_ids"]) for it in items], 0, side="left").to(dev)
+    enc = adapter.encode_images(uniq, prompts=uprompts) if uniq else None
+    was_training = adapter.model.training
+    adapter.model.eval()
+    out = adapter.generate(ids, mask, encoded=enc, image_indices=per, **_gen_kwargs(cfg, adapter),
+                           **generate_kwargs)
+    if was_training:
+        adapter.model.train()
+    return adapter.new_tokens(out, ids)
+
+
 def generate_batch(adapter, prompts: Sequence, loader: ImageLoader, cfg: SamplingConfig,
                    *, max_length: int | None = None) -> list[list[str]]:
     """Generate ``cfg.num_samples`` completions per prompt (messages list or RLPrompt).
@@ -39,27 +68,11 @@ def generate_batch(adapter, prompts: Sequence, loader: ImageLoader, cfg: Samplin
     Prompts are left-padded; each unique image of the batch is encoded once and its features
     are reused by every sample of every prompt that shows it.
     """
-    tok = adapter.tokenizer
     items = []
     for p in prompts:
-        msgs = p.prompt if hasattr(p, "prompt") else p  # a record (RLPrompt, ...) or a message list
-        refs = [img for m in msgs for img in m.images]
-        imgs = [loader.inputs(r) for r in refs]
-        t = adapter.tokenize_prompt(msgs, imgs, max_length=max_length)
-        eps = image_prompts(msgs, adapter)
-        for _ in range(cfg.num_samples):
-            items.append(Example(rows={"input_ids": t.input_ids}, images=refs, image_prompts=eps))
-    uniq, per, uprompts = unique_images(items, loader)
-    dev = adapter.device
-    ids = pad([it.rows["input_ids"] for it in items], tok.pad_token_id, side="left").to(dev)
-    mask = pad([[1] * len(it.rows["input_ids"]) for it in items], 0, side="left").to(dev)
-    enc = adapter.encode_images(uniq, prompts=uprompts) if uniq else None
-    was_training = adapter.model.training
-    adapter.model.eval()
-    out = adapter.generate(ids, mask, encoded=enc, image_indices=per, **_gen_kwargs(cfg, adapter))
-    if was_training:
-        adapter.model.train()
-    texts = tok.batch_decode(adapter.new_tokens(out, ids), skip_special_tokens=True)
+        ex = prompt_example(adapter, p, loader, max_length=max_length)
+        items.extend([ex] * cfg.num_samples)
+    texts = adapter.tokenizer.batch_decode(generate_tokens(adapter, items, loader, cfg), skip_special_tokens=True)
     n = cfg.num_samples
     return [[s.strip() for s in texts[i * n:(i + 1) * n]] for i in range(len(prompts))]
 
