@@ -127,6 +127,23 @@ def to_hf_messages(messages: Sequence[Message]) -> list[dict]:
     return out
 
 
+class _Memo:
+    """A bounded memo (oldest entry evicted first) for pure functions of hashable keys."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._d: dict = {}
+
+    def get(self, key, compute):
+        hit = self._d.get(key)
+        if hit is None:
+            hit = compute()
+            if len(self._d) >= self.size:
+                self._d.pop(next(iter(self._d)))
+            self._d[key] = hit
+        return hit
+
+
 class VLMAdapter:
     """Family-neutral behaviour; subclasses override the marked hooks."""
 
@@ -169,6 +186,9 @@ class VLMAdapter:
             self.image_token_id = getattr(cfg, "image_token_index", None)
         self.encode_calls = 0  # number of encode_images calls (tests count encodings)
         self.encoded_images = 0
+        # chat-template renders and text encodings by content: datasets repeat prompts (and VQA
+        # whole conversations) across images, and a template render costs far more than a lookup
+        self._text_memo = _Memo(8192)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -275,7 +295,7 @@ class VLMAdapter:
         except (AttributeError, NotImplementedError) as e:
             raise ModelError(f"{type(self.processor).__name__} does not expose per-image placeholder "
                              f"expansion; this family needs its own adapter ({e})") from None
-        expansion = self.tokenizer(reps[0], add_special_tokens=False)["input_ids"]
+        expansion = list(self._encode_text(reps[0])[0])
         keys = self.encoder_keys or [k for k, v in processed.items() if isinstance(v, torch.Tensor)]
         tensors = {k: processed[k] for k in keys if k in processed}
         n_feat = sum(1 for t in expansion if t == self.image_token_id)
@@ -410,8 +430,11 @@ class VLMAdapter:
 
     # ------------------------------------------------------------------ text
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
-        return self.processor.apply_chat_template(to_hf_messages(messages), tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        hf = to_hf_messages(messages)
+        return self._text_memo.get(
+            ("render", add_generation_prompt, repr(hf)),
+            lambda: self.processor.apply_chat_template(hf, tokenize=False,
+                                                       add_generation_prompt=add_generation_prompt))
 
     def _assistant_spans(self, messages: Sequence[Message], full: str) -> list[tuple[int, int]]:
         """Character spans of each assistant turn in ``full`` (content + end-of-turn marker)."""
@@ -430,8 +453,11 @@ class VLMAdapter:
         return spans
 
     def _encode_text(self, text: str):
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return enc["input_ids"], enc["offset_mapping"]
+        """(ids, offsets) of ``text`` as tuples (shared by every caller: never mutated)."""
+        def encode():
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return tuple(enc["input_ids"]), tuple(map(tuple, enc["offset_mapping"]))
+        return self._text_memo.get(("encode", text), encode)
 
     def _expand(self, ids: list[int], labels: list[int], images: Sequence[ImageInputs]):
         """Replace each placeholder id by its image's expansion (labels there: ignored)."""
@@ -481,7 +507,7 @@ class VLMAdapter:
                           add_generation_prompt: bool = False, max_length: int | None = None) -> Tokenized:
         """Chat-template the messages; labels on assistant turns only (each ending with EOS)."""
         full = self.render(messages, add_generation_prompt=add_generation_prompt)
-        ids, offsets = self._encode_text(full)
+        ids, offsets = map(list, self._encode_text(full))   # the memo's tuples stay as they are
         spans = self._assistant_spans(messages, full) if not add_generation_prompt else []
         if any(m.role == "assistant" for m in messages) and not add_generation_prompt:
             ids, offsets, tok_spans = self._ensure_eos(ids, offsets, spans)
