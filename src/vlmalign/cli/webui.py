@@ -1,0 +1,49 @@
+"""`vlmalign webui`: a web page (Gradio) to chat with a model about images, or with two side by side."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .args import config_flags, config_from_flags, positive_int
+from .chat import ChatSampling
+from .generate import SAMPLING, add_model_args, load_for_inference
+
+log = logging.getLogger("vlmalign.webui")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("webui", help="chat with a model (or compare two) in the browser: a local Gradio page")
+    add_model_args(p)
+    p.add_argument("--compare", metavar="DIR", help="a second model (directory or LoRA adapter) answering the same "
+                                                    "messages beside the first, e.g. the model after DPO")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (another than this machine's own "
+                                                       "exposes the page, which has no login, to the network)")
+    p.add_argument("--port", type=positive_int, default=7860, help="port to serve on")
+    p.add_argument("--image-root", default=None, help="a directory whose images the page offers to pick "
+                                                      "(uploads work without it)")
+    p.add_argument("--image-position", choices=("auto", "before", "after"), default="auto",
+                   help="where a message's image goes relative to its text; auto: as in the prompts each model "
+                        "was trained on (its vlmalign_prompt.json), else before")
+    config_flags(p, ChatSampling, SAMPLING)
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from ..data.images import check_image_root
+    from ..models.prompt_layout import model_image_position
+    from ..webui import ChatModel, WebChat
+    from ..webui.app import launch, require_gradio
+    require_gradio()   # a missing extra is said before the models load
+    check_image_root(args.image_root)
+    models = []
+    for path in [args.model, *([args.compare] if args.compare else [])]:
+        ad = load_for_inference(argparse.Namespace(**{**vars(args), "model": path}))
+        position = model_image_position(path) if args.image_position == "auto" else args.image_position
+        models.append(ChatModel(path, ad, position))
+    chat = WebChat(models, config_from_flags(ChatSampling, args, SAMPLING), image_root=args.image_root)
+    if args.host not in LOCAL_HOSTS:
+        log.warning("serving on %s: anyone who can reach it can use the models (the page has no login)", args.host)
+    launch(chat, args.host, args.port)
+    return 0
