@@ -45,5 +45,7 @@ def _run(args) -> int:
     chat = WebChat(models, config_from_flags(ChatSampling, args, SAMPLING), image_root=args.image_root)
     if args.host not in LOCAL_HOSTS:
         log.warning("serving on %s: anyone who can reach it can use the models (the page has no login)", args.host)
-    launch(chat, args.host, args.port)
+    demo = launch(chat, args.host, args.port)
+    print(f"vlmalign webui: {demo.local_url} ({' and '.join(m.name for m in models)}; Ctrl-C stops it)", flush=True)
+    demo.block_thread()
     return 0

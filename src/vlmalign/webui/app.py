@@ -113,10 +113,14 @@ class Page:
         return demo
 
 
-def launch(chat: WebChat, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
-    """Serve the page at http://HOST:PORT (never a share link); ``block=False`` returns at once."""
+def launch(chat: WebChat, host: str = "127.0.0.1", port: int = 7860):
+    """Serve the page at http://HOST:PORT in a background thread (never through a share link) and
+    return the running ``gradio.Blocks``: ``.local_url``, ``.block_thread()``, ``.close()``."""
     demo = Page(chat).build()
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True,
-                max_file_size=MAX_UPLOAD, ssr_mode=False, prevent_thread_lock=not block, quiet=not block)
+    try:
+        demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True,
+                    max_file_size=MAX_UPLOAD, ssr_mode=False, prevent_thread_lock=True, quiet=True)
+    except OSError as e:   # the port is taken, the address is not this machine's ...
+        raise VlmalignError(f"cannot serve on {host}:{port}: {e}") from None
     return demo

@@ -43,7 +43,7 @@ def page(tiny):
     chat = WebChat([ChatModel(d, ad) for d, ad in zip(tiny.dirs, tiny.adapters)],
                    SamplingConfig(max_new_tokens=MAX_NEW))
     port = _free_port()
-    demo = launch(chat, "127.0.0.1", port, block=False)
+    demo = launch(chat, "127.0.0.1", port)
     opts = webdriver.ChromeOptions()
     opts.binary_location = BROWSER
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):

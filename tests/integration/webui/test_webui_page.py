@@ -145,3 +145,29 @@ def test_cli_refuses_a_missing_image_root_before_loading(tiny, capsys):
     from vlmalign.cli.main import main
     assert main(["webui", "--model", tiny.dirs[0], "--image-root", str(tiny.root / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_command_serves_both_models_on_localhost_and_refuses_a_taken_port(tiny, capsys, monkeypatch):
+    gr = pytest.importorskip("gradio", reason="the webui extra (gradio) is not installed")
+    import socket
+    import urllib.request
+
+    from vlmalign.cli.main import main
+    seen = {}
+
+    def visit(demo):   # instead of waiting for Ctrl-C: fetch the page, then stop
+        seen["url"], seen["host"] = demo.local_url, demo.server_name
+        seen["page"] = urllib.request.urlopen(demo.local_url, timeout=30).read().decode()
+        demo.close()
+
+    monkeypatch.setattr(gr.Blocks, "block_thread", visit)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        taken.listen()
+        assert main(["webui", "--model", tiny.dirs[0], "--port", str(port)]) == 2
+        assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["webui", "--model", tiny.dirs[0], "--compare", tiny.dirs[1], "--port", str(port),
+                 "--max-new-tokens", "4"]) == 0
+    assert seen["host"] == "127.0.0.1" and f":{port}" in seen["url"] and "vlmalign webui" in seen["page"]
+    assert f"{tiny.dirs[0]} and {tiny.dirs[1]}" in capsys.readouterr().out
