@@ -26,17 +26,27 @@ def register(sub) -> None:
     p.add_argument("--image", help="image to start the conversation with")
     p.add_argument("--image-root", default=None, help="directory images must lie in (default: anywhere "
                                                       "under the current directory)")
-    p.add_argument("--image-position", choices=("auto", "before", "after"), default="auto",
-                   help="where a message's images go relative to its text; auto: as in the prompts the model "
-                        "was trained on (its vlmalign_prompt.json), else before")
+    add_chat_image_position(p)
     config_flags(p, ChatSampling, SAMPLING)
     p.set_defaults(func=_run)
 
 
-def _run(args) -> int:
+def add_chat_image_position(p) -> None:
+    """``--image-position`` of the commands that chat (chat, webui)."""
+    p.add_argument("--image-position", choices=("auto", "before", "after"), default="auto",
+                   help="where a message's images go relative to its text; auto: as in the prompts the model "
+                        "was trained on (its vlmalign_prompt.json), else before")
+
+
+def chat_image_position(args, model: str) -> str:
+    """Where ``model``'s messages put their images, by ``--image-position``."""
     from ..models.prompt_layout import model_image_position
+    return model_image_position(model) if args.image_position == "auto" else args.image_position
+
+
+def _run(args) -> int:
     ad = load_for_inference(args)
-    position = model_image_position(args.model) if args.image_position == "auto" else args.image_position
+    position = chat_image_position(args, args.model)
     s = ChatSession(ad, args.image_root, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                     image_position=position)
     if args.image:
