@@ -9,7 +9,8 @@ import shutil
 import socket
 
 import pytest
-from conftest import MAX_NEW, QUESTION, library_answer
+
+from webui_helpers import MAX_NEW, QUESTION, library_answer
 
 from vlmalign.rollout.generate import SamplingConfig
 

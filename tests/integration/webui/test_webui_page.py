@@ -7,8 +7,9 @@ from __future__ import annotations
 import io
 
 import pytest
-from conftest import MAX_NEW, QUESTION, library_answer
 from PIL import Image
+
+from webui_helpers import MAX_NEW, QUESTION, library_answer
 
 from vlmalign.rollout.chat import ChatSession
 from vlmalign.rollout.generate import SamplingConfig
