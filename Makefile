@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (see README):
 #   make demo   -> creates .venv, installs vlmalign, runs `vlmalign quickstart`
-#   make test   -> creates .venv, installs vlmalign[dev], runs the offline test suite
+#   make test   -> creates .venv, installs vlmalign[dev] (and, best effort, headless Chromium for the
+#                  web demo's browser test: scripts/install_browser.sh), runs the offline test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -21,6 +22,7 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -e '.[dev]'
+	-bash scripts/install_browser.sh
 	touch $@
 
 setup: $(VENV)/.installed

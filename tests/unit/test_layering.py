@@ -1,6 +1,6 @@
 """The package's layers import only downwards, and code outside models/ uses no private adapter or
 model method. Layers, bottom-up: errors/config/constants/files/progress -> data, losses -> models -> rollout,
-rewards, eval, merge -> engine, serve -> methods -> quickstart -> cli. (Cycles between packages and between the
+rewards, eval, merge -> engine, serve, webui -> methods -> quickstart -> cli. (Cycles between packages and between the
 modules of methods/, engine/ and quickstart/ are tests/unit/test_import_graph.py's.)"""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ LAYER = {"errors": 0, "config": 0, "constants": 0, "logsetup": 0, "files": 0, "p
          "data": 1, "losses": 1,
          "models": 2,
          "rollout": 3, "rewards": 3, "eval": 3, "merge": 3,
-         "engine": 4, "serve": 4,
+         "engine": 4, "serve": 4, "webui": 4,
          "methods": 5,
          "quickstart": 6,
          "cli": 7,

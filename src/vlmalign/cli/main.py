@@ -11,7 +11,7 @@ from .args import Parser, command_parser, unknown_arguments_message
 
 # module name under vlmalign.cli -> registers one or more top-level commands
 COMMAND_MODULES = ("data", "models", "train", "eval", "generate", "chat", "serve", "export", "quickstart", "score",
-                   "generate_preferences", "merge")
+                   "generate_preferences", "merge", "webui")
 
 
 def build_parser() -> Parser:
