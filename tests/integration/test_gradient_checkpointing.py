@@ -17,10 +17,9 @@ import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from vlmalign.config import load_config
-from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 from vlmalign.methods.registry import get
 from vlmalign.methods.setup import build_adapter
-from vlmalign.models import families, save_tiny
+from vlmalign.models import families
 
 METHODS = ("pretrain", "sft", "rm", "dpo", "kto", "grpo", "ppo")
 # each method's training file and the settings that keep its one step small. Checkpointing turns
@@ -41,12 +40,8 @@ DATA = {
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    generate_shapesworld(root / "data", ShapesConfig(seed=0, train_images=6, eval_images=2, image_position="after",
-                                                     max_turns=1))
-    save_tiny("llava", str(root / "model"))
-    return root
+def world(shapes_llava):
+    return shapes_llava
 
 
 def _count_layer_linears(model) -> list[int]:
