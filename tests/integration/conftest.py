@@ -1,6 +1,8 @@
 import pytest
 
+from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 from vlmalign.methods import logps
+from vlmalign.models import save_tiny
 
 
 @pytest.fixture(autouse=True)
@@ -11,3 +13,14 @@ def _fresh_logps_notes():
     logps._warned.clear()
     yield
     logps._warned.clear()
+
+
+@pytest.fixture(scope="module")
+def shapes_llava(tmp_path_factory):
+    """A folder with ShapesWorld ``data/`` (8 training and 4 held-out images, one question per
+    record with the image after it) and a tiny LLaVA ``model/``: the smallest run of any method."""
+    root = tmp_path_factory.mktemp("shapes_llava")
+    generate_shapesworld(root / "data", ShapesConfig(seed=0, train_images=8, eval_images=4, image_position="after",
+                                                     max_turns=1))
+    save_tiny("llava", str(root / "model"))
+    return root

@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 from vlmalign.cli.main import main
 from vlmalign.config import flat_options, load_config
-from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 from vlmalign.methods.registry import MODULES, Method, get, methods
-from vlmalign.models import save_tiny
 
 EXPECTED = ("pretrain", "sft", "rm", "dpo", "kto", "grpo", "ppo")
 OPTION = re.compile(r"^  (\S+) = (.*)$")
@@ -75,12 +73,8 @@ def test_method_defaults_are_the_config_classes_defaults():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("contract")
-    generate_shapesworld(root / "data", ShapesConfig(seed=0, train_images=8, eval_images=4, image_position="after",
-                                                     max_turns=1))
-    save_tiny("llava", str(root / "model"))
-    return root
+def world(shapes_llava):
+    return shapes_llava
 
 
 RUN = {  # the smallest run of each method: the only keys set besides model.path and train.*

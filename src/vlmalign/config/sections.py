@@ -50,6 +50,8 @@ class DataSection:
 
 @dataclass
 class OptimSection:
+    name: str = opt("adamw", "optimizer: adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes 8-bit "
+                             "states; CUDA only, refused elsewhere)", ("adamw", "adamw_8bit", "paged_adamw_8bit"))
     lr: float = opt(2e-5, "peak learning rate", gt=0)
     weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
     betas: list[float] = opt([0.9, 0.999], "AdamW betas (two numbers)", ge=0, lt=1)

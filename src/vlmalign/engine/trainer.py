@@ -45,6 +45,7 @@ from .checkpoint import check_resume_layout, latest_checkpoint, load_trainer_sta
 from .callbacks import Callback, notify, phase
 from .loop import final_evaluation, run_steps
 from .run_dir import RunDir, claim_output_dir
+from .scaling import check_launch, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class Engine:
         if not n_items:
             raise VlmalignError(empty_message)
         claim_output_dir(train_cfg)
+        self.launch = check_launch(optim_cfg.name)   # DeepSpeed / FSDP / offload: refused where they cannot run
         self.acc = _accelerator(train_cfg)
         self.run = RunDir(train_cfg.output_dir, main_process=self.acc.is_main_process)
         if config is not None:
@@ -151,7 +153,7 @@ class Engine:
             raise VlmalignError("nothing to train: every parameter is frozen")
         groups = _param_groups(self.model, self.oc, projector_names or set(), vision_names or set())
         groups += extra_groups
-        self.optimizer = torch.optim.AdamW(groups, lr=self.oc.lr, betas=tuple(self.oc.betas), eps=self.oc.eps)
+        self.optimizer = make_optimizer(groups, self.oc)
         from transformers import get_scheduler
         updates = self.total_steps * updates_per_step
         warm = self.oc.warmup_steps if self.oc.warmup_steps > 0 else int(self.oc.warmup_ratio * updates)

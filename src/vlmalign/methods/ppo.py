@@ -25,6 +25,7 @@ import torch
 
 from ..config import opt, section, validate_config, with_defaults
 from ..config.sections import LoraSection, RLOptim
+from ..engine.scaling import check_optimizer, make_optimizer
 from ..errors import VlmalignError
 from ..losses.rl import AGGREGATIONS, masked_mean, value_loss_clipped
 from ..rollout import sequence_values
@@ -97,9 +98,8 @@ class PPOMethod:
         self.share = shares_policy_features(adapter, self.value_model, cfg.model, cfg.lora)
         self._view = _Trainable(self.value_model)
         # the critic's own optimizer: its learning rate and gradient clipping apart from the policy's
-        self.critic_optimizer = torch.optim.AdamW(list(self._view.parameters()), lr=cfg.value.lr,
-                                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                                  weight_decay=cfg.value.weight_decay)
+        self.critic_optimizer = make_optimizer(list(self._view.parameters()), cfg.optim, lr=cfg.value.lr,
+                                               weight_decay=cfg.value.weight_decay)
         self._critic_batch = None
         self.critic_grad_norm = None
 
@@ -187,6 +187,7 @@ def train_ppo(cfg: PPOConfig, adapter=None, reward=None, method: PPOMethod | Non
     included). Returns ``(TrainResult, adapter)``; the critic is ``method.value_model``."""
     from .setup import build_adapter, seed_everything
     validate_config(cfg)
+    check_optimizer(cfg.optim.name)   # before the model is loaded
     seed_everything(cfg.train.seed)
     adapter = adapter or build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
     method = method or PPOMethod(cfg, adapter)

@@ -41,7 +41,7 @@ class ValueSection:
                     VALUE_INITS)
     path: str | None = opt(None, "value.init=reward_model: a directory written by `vlmalign train rm` (same family "
                                  "and tokenizer as the policy)")
-    lr: float = opt(1e-5, "critic learning rate (its own AdamW, constant; betas and eps from optim)", gt=0)
+    lr: float = opt(1e-5, "critic learning rate (its own optimizer, optim.name, constant; betas and eps from optim)", gt=0)
     weight_decay: float = opt(0.0, "critic AdamW weight decay", ge=0)
     max_grad_norm: float = opt(1.0, "clip the critic's gradient norm to this value, apart from the policy's "
                                     "(0: no clipping)", ge=0)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engine.scaling import check_optimizer
 from ..errors import ModelError, VlmalignError
 from ..models.loading import resolve_dtype
 
@@ -27,6 +28,7 @@ def start_run(cfg, adapter=None, *, data_needed: str = "data.train_file is requi
     adapter from ``cfg.model`` unless one is given. Returns the adapter."""
     from ..config import validate_config
     validate_config(cfg)
+    check_optimizer(cfg.optim.name)   # before any data or weights are loaded
     seed_everything(cfg.train.seed)
     if not cfg.data.train_file:
         raise VlmalignError(data_needed)

@@ -1,0 +1,95 @@
+"""``optim.name``: torch's AdamW anywhere; bitsandbytes' 8-bit AdamW only where bitsandbytes and
+CUDA are present, refused with a message naming what is missing (bitsandbytes is faked here: the
+test machines have neither it nor a GPU). The launch checks of the shipped accelerate configs are
+tests/unit/test_accelerate_configs.py's."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from vlmalign.config import ConfigError, load_config, validate_config
+from vlmalign.config.sections import OptimSection
+from vlmalign.engine.scaling import LaunchPlan, ScalingError, check_launch, check_optimizer, launch_plan, \
+    make_optimizer
+from vlmalign.methods.sft import SFTConfig, train_sft
+
+
+class _Fake8bit:
+    def __init__(self, params, **kw):
+        self.params, self.kw = list(params), kw
+
+
+@pytest.fixture
+def fake_bnb(monkeypatch):
+    optim = types.SimpleNamespace(AdamW8bit=type("AdamW8bit", (_Fake8bit,), {}),
+                                  PagedAdamW8bit=type("PagedAdamW8bit", (_Fake8bit,), {}))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(optim=optim))
+
+
+@pytest.fixture
+def no_bnb(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)   # import raises ImportError
+
+
+def test_the_option_is_declared_with_its_choices():
+    assert OptimSection().name == "adamw"
+    assert load_config(SFTConfig, None, ["optim.name=paged_adamw_8bit"]).optim.name == "paged_adamw_8bit"
+    with pytest.raises(ConfigError, match="adamw_8bit"):
+        validate_config(load_config(SFTConfig, None, ["optim.name=adam8"]))
+
+
+def test_adamw_is_torchs_with_the_sections_settings():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = make_optimizer([{"params": [p], "weight_decay": 0.1}], OptimSection(lr=0.5, betas=[0.8, 0.9], eps=1e-6))
+    assert type(opt) is torch.optim.AdamW
+    g = opt.param_groups[0]
+    assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (0.5, (0.8, 0.9), 1e-6, 0.1)
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit"])
+def test_eight_bit_without_bitsandbytes_or_cuda_names_both(name, no_bnb):
+    with pytest.raises(ScalingError) as ei:
+        check_optimizer(name, cuda=False)
+    msg = str(ei.value)
+    assert msg.startswith(f"optim.name={name} needs the bitsandbytes package")
+    assert "a CUDA GPU (this machine has none" in msg and "optim.name=adamw runs anywhere" in msg
+    with pytest.raises(ScalingError, match="bitsandbytes") as ei:
+        check_optimizer(name, cuda=True)
+    assert "CUDA" not in str(ei.value).split(";")[0]
+
+
+def test_eight_bit_with_bitsandbytes_but_no_cuda_names_the_cpu(fake_bnb):
+    with pytest.raises(ScalingError, match=r"needs a CUDA GPU \(this machine has none") as ei:
+        check_optimizer("adamw_8bit", cuda=False)
+    assert "bitsandbytes" not in str(ei.value)
+
+
+@pytest.mark.parametrize("name,cls", [("adamw_8bit", "AdamW8bit"), ("paged_adamw_8bit", "PagedAdamW8bit")])
+def test_eight_bit_builds_the_bitsandbytes_class(name, cls, fake_bnb, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = make_optimizer([p], OptimSection(name=name, lr=0.25), lr=0.1, weight_decay=0.0)
+    assert type(opt).__name__ == cls
+    assert opt.kw == {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+
+
+def test_a_run_is_refused_before_any_data_is_read(no_bnb, tmp_path):
+    cfg = load_config(SFTConfig, None, ["model.tiny=llava", f"data.train_file={tmp_path / 'missing.json'}",
+                                        "optim.name=adamw_8bit", f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ScalingError, match="optim.name=adamw_8bit needs the bitsandbytes package"):
+        train_sft(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_plan_is_read_from_accelerates_variables():
+    assert launch_plan({}) == LaunchPlan()
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+           "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "CPU"}
+    assert launch_plan(env) == LaunchPlan("deepspeed", 2, "cpu", "none")
+    assert launch_plan({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "false"}) == LaunchPlan("fsdp")
+    # an unsharded launch on a CPU machine passes, whatever the optimizer (check_optimizer refuses that)
+    assert check_launch("adamw_8bit", cuda=False, plan=LaunchPlan()) == LaunchPlan()
