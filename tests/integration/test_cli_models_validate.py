@@ -85,6 +85,33 @@ def test_models_tiny_init_std(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_models_tiny_vision_feature_layer_reads_the_patch_embeddings(tmp_path):
+    """--vision-feature-layer 0 (the quickstart's) makes the projector read the tower's patch
+    embeddings: the features equal the projector applied to hidden state 0, not to the last layer.
+    Out-of-range layers and families without the option are refused, naming them."""
+    import json
+
+    import torch
+    from PIL import Image
+
+    from vlmalign.models import load_adapter
+    rc, _, _ = run_cli("models", "tiny", "llava", "--out", str(tmp_path / "a"), "--vision-feature-layer", "0")
+    assert rc == 0
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["vision_feature_layer"] == -3
+    ad = load_adapter(str(tmp_path / "a"))
+    img = ad.preprocess_image(Image.new("RGB", (64, 64), "red"))
+    with torch.no_grad():
+        feats = ad.encode_images([img]).features[0]
+        hs = ad.model.model.vision_tower(img.tensors["pixel_values"], output_hidden_states=True).hidden_states
+        proj = ad.model.model.multi_modal_projector
+        assert torch.allclose(feats, proj(hs[0][:, 1:])[0], atol=1e-6)
+        assert not torch.allclose(feats, proj(hs[-1][:, 1:])[0], atol=1e-3)
+    rc, _, err = run_cli("models", "tiny", "llava", "--out", str(tmp_path / "b"), "--vision-feature-layer", "3")
+    assert rc == 2 and "vision_feature_layer 3: the tower has 2 layers" in err
+    rc, _, err = run_cli("models", "tiny", "qwen2_vl", "--out", str(tmp_path / "c"), "--vision-feature-layer", "0")
+    assert rc == 2 and "tiny qwen2_vl builder has no vision_feature_layer option" in err
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_dir_reloads_with_transformers_and_load_adapter(tiny_dirs, family):
     d = tiny_dirs[family]

@@ -20,6 +20,10 @@ def register(sub) -> None:
     t.add_argument("--init-std", type=positive_float, default=None,
                    help="language-model init std (families whose tiny builder takes init_std, e.g. llava; "
                         "the quickstart uses 0.125)")
+    t.add_argument("--vision-feature-layer", type=int, default=None,
+                   help="the vision tower's hidden state the projector reads (families whose tiny builder "
+                        "takes vision_feature_layer, e.g. llava: -1 the last layer, 0 the patch embeddings; "
+                        "the quickstart uses 0)")
     t.set_defaults(func=_tiny)
 
     ls = msub.add_parser("list", help="list the families with an adapter and a tiny builder")
@@ -41,12 +45,19 @@ def _tiny(args) -> int:
     from ..models import save_tiny
     from ..models.registry import tiny_builders
     kwargs = {"seed": args.seed}
-    if args.init_std is not None:
-        builder = tiny_builders().get(args.family)
-        if builder is not None and "init_std" not in inspect.signature(builder).parameters:
-            raise VlmalignError(f"--init-std: the tiny {args.family} builder has no init_std option")
-        kwargs["init_std"] = args.init_std
-    save_tiny(args.family, args.out, **kwargs)
+    builder = tiny_builders().get(args.family)
+    for name in ("init_std", "vision_feature_layer"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if builder is not None and name not in inspect.signature(builder).parameters:
+            flag = "--" + name.replace("_", "-")
+            raise VlmalignError(f"{flag}: the tiny {args.family} builder has no {name} option")
+        kwargs[name] = value
+    try:
+        save_tiny(args.family, args.out, **kwargs)
+    except ValueError as e:
+        raise VlmalignError(f"models tiny {args.family}: {e}") from None
     print(f"wrote tiny {args.family} model to {args.out}")
     return 0
 

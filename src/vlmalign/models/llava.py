@@ -67,13 +67,27 @@ def tiny_clip_image_processor(image_size: int):
 @register_tiny("llava")
 def build_tiny_llava(image_size: int = 64, patch_size: int = 16, hidden: int = 64, seed: int = 0,
                      layers: int = 2, vision_hidden: int | None = None, vision_layers: int = 2,
-                     init_std: float | None = None, heads: int = 4, kv_heads: int = 2):
+                     init_std: float | None = None, heads: int = 4, kv_heads: int = 2,
+                     vision_feature_layer: int = -1):
     """Random-init LLaVA-1.5-architecture model + processor, fully offline.
 
     ``init_std`` sets the language model's ``initializer_range`` (default: transformers' 0.02,
     tuned for widths in the thousands). For width-64 models 1/sqrt(width) = 0.125 learned
     ShapesWorld VQA faster (measured with scripts/learnability.py; the quickstart uses it).
+
+    ``vision_feature_layer``: the vision tower's hidden state the projector reads, as in
+    LLaVA's config (-1: the last layer; 0: the patch embeddings, before any attention layer).
+    A random-init tower's attention layers mix every patch into every other; its patch
+    embeddings keep each patch's colour and place, and the quickstart's SFT learned ShapesWorld
+    far more reliably from them (README, Quickstart). Layer k >= 0 is stored as the equal
+    negative index k - (vision_layers + 1): transformers 5.25 captures no hidden states for a
+    layer index of 0 (it passes the index on as ``output_hidden_states``, and 0 is false).
     """
+    if not -(vision_layers + 1) <= vision_feature_layer <= vision_layers:
+        raise ValueError(f"vision_feature_layer {vision_feature_layer}: the tower has {vision_layers} layers "
+                         f"(hidden states 0..{vision_layers}, or -1..-{vision_layers + 1})")
+    if vision_feature_layer >= 0:
+        vision_feature_layer -= vision_layers + 1
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -83,7 +97,7 @@ def build_tiny_llava(image_size: int = 64, patch_size: int = 16, hidden: int = 6
         vision_config=tiny_clip_vision_config(image_size, patch_size, vision_hidden or hidden, vision_layers),
         text_config=tiny_llama_config(len(tok), hidden, tok, layers, init_std, heads, kv_heads),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default", vision_feature_layer=-1,
+        vision_feature_select_strategy="default", vision_feature_layer=vision_feature_layer,
         projector_hidden_act="gelu", pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
