@@ -139,8 +139,9 @@ def _square_processor(size: int, mean, std):
 
 
 def _vision_config_of(config, source: str):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     vc = getattr(config, "vision_config", None)
-    if vc is not None and getattr(config, "text_config", None) is not None:
+    if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         raise ModelError(f"{source}: config.json is a vision-language model ({config.model_type}); "
                          "pass the vision tower's own directory")
     vc = vc or config

@@ -106,18 +106,19 @@ class EfficientNetLitePreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        # transformers' init functions skip tensors loaded from a checkpoint (_is_hf_initialized)
+        from transformers import initialization as init
         if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out")
+            init.kaiming_normal_(module.weight, mode="fan_out")
         elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-            if module.running_mean is not None:
-                module.running_mean.zero_()
-                module.running_var.fill_(1.0)
-                module.num_batches_tracked.zero_()
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
         elif isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=self.config.initializer_range)
-            nn.init.zeros_(module.bias)
+            init.normal_(module.weight, std=self.config.initializer_range)
+            init.zeros_(module.bias)
 
 
 class EfficientNetLiteModel(EfficientNetLitePreTrainedModel):

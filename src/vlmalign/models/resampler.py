@@ -121,8 +121,9 @@ class _InitQueries:
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, Resampler):
-            module.queries.normal_(std=module.queries.shape[-1] ** -0.5)
+        if isinstance(module, Resampler):   # skipped where loaded from a checkpoint (_is_hf_initialized)
+            from transformers import initialization as init
+            init.normal_(module.queries, std=module.queries.shape[-1] ** -0.5)
 
 
 class VlmalignResamplerModel(_InitQueries, LlavaModel):
