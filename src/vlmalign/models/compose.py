@@ -27,6 +27,7 @@ initialised (weights ~ N(0, 1/fan_in), zero bias). ``vlmalign_compose.json`` rec
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -300,7 +301,12 @@ def compose_model(tower, image_processor, lm, tokenizer, opts: ComposeOptions | 
     template = image_chat_template(tokenizer.chat_template)
     tokenizer.chat_template = template
 
-    text_config = lm.config
+    # the LM's config without what its loading left in it: a GGUF load marks it quantized
+    # (quantization_config, quant_method gguf) although its weights are dequantised, which would
+    # make the composed model refuse save_pretrained
+    text_config = copy.deepcopy(lm.config)
+    text_config.__dict__.pop("quantization_config", None)
+    text_config._name_or_path = ""
     common = dict(vision_config=vc, text_config=text_config, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                   vision_feature_select_strategy=strategy, vision_feature_layer=layer,
                   pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False))
