@@ -109,7 +109,7 @@ class Pipeline:
         return out
 
     def members(self, start: Path, train_file: Path) -> list[Path]:
-        recipe = RECIPES / "sft_member.yaml"
+        recipe = RECIPES / "sft_lora_member.yaml"
         steps = scaled(recipe_steps(recipe), self.args.steps_scale)
         lrs = self.args.lrs or [None] * self.args.members
         dirs = []
@@ -142,11 +142,12 @@ class Pipeline:
         out = self.data / "self_critique.jsonl"   # inside the data folder: image paths resolve as written
         a = self.args
         rc = self.vlmalign("generate-preferences", "--model", ensemble, "--data", self.data / "captions_train.json",
-                           "--limit", a.prompts, "--out", out, "--n", a.n, "--temperature", 1.0,
+                           "--limit", a.prompts, "--out", out, "--n", a.n, "--temperature", a.temperature,
                            "--max-new-tokens", 40, "--batch-size", 32, "--seed", a.seed, "--judge", "self",
                            "--judge-template", TEMPLATE, "--judge-max-new-tokens", 4, stage="preferences")
-        summary = json.loads((out.with_suffix(".summary.json")).read_text())
-        if rc and summary.get("pairs", 0) != 0:
+        path = out.with_suffix(".summary.json")
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        if rc and (not summary or summary.get("pairs", 0) != 0):   # failed for another reason than no pair
             self.finish()
             raise SystemExit(f"[self-critique] generate-preferences failed (exit status {rc})")
         return out, summary
@@ -242,7 +243,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/self_critique", help="output directory (default: %(default)s)")
-    ap.add_argument("--members", type=int, default=4, help="LoRA SFT members (seeds SEED..SEED+N-1; default 4)")
+    ap.add_argument("--members", type=int, default=4, help="LoRA SFT members, >= 2 (seeds SEED..SEED+N-1; default 4)")
     ap.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")],
                     help="one learning rate per member, comma-separated (default: the recipe's for all)")
     ap.add_argument("--seed", type=int, default=0, help="data, model, first member's and sampling seed")
@@ -255,12 +256,17 @@ def parse_args(argv=None):
                                                                   "(x2 orders) in the members' SFT data; 0: none")
     ap.add_argument("--prompts", type=int, default=600, help="training images the ensemble describes")
     ap.add_argument("--n", type=int, default=4, help="descriptions sampled per image")
+    ap.add_argument("--temperature", type=float, default=0.5,
+                    help="sampling temperature of the descriptions (at 1.0 the tiny model's samples were mostly "
+                         "broken text; docs/PREFERENCE.md)")
     ap.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     args = ap.parse_args(argv)
     if args.lrs is not None and len(args.lrs) != args.members:
         ap.error(f"--lrs gives {len(args.lrs)} learning rates for {args.members} members")
-    if args.members < 1 or args.steps_scale <= 0 or args.judge_pairs < 0 or args.prompts < 1 or args.n < 2:
-        ap.error("--members and --prompts must be >= 1, --n >= 2, --steps-scale > 0, --judge-pairs >= 0")
+    if (args.members < 2 or args.temperature < 0 or args.steps_scale <= 0 or args.judge_pairs < 0
+            or args.prompts < 1 or args.n < 2):
+        ap.error("--members must be >= 2 (a merge averages), --prompts >= 1, --n >= 2, --temperature >= 0, "
+                 "--steps-scale > 0, --judge-pairs >= 0")
     return args
 
 

@@ -22,7 +22,8 @@ SMOKE = ["--members", "2", "--lrs", "1e-3,3e-3", "--steps-scale", "0.002", "--tr
 
 
 def _driver():
-    spec = importlib.util.spec_from_file_location("self_critique_pipeline", ROOT / "scripts" / "self_critique_pipeline.py")
+    path = ROOT / "scripts" / "self_critique_pipeline.py"
+    spec = importlib.util.spec_from_file_location("self_critique_pipeline", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
