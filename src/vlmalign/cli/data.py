@@ -1,4 +1,5 @@
-"""`vlmalign data {validate,convert,stats}` (and `synth`, registered by cli/synth.py)."""
+"""`vlmalign data {validate,convert,stats}` (and `synth`, registered by cli/synth.py, and `judge-sft`,
+by cli/judge_sft.py)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         register_synth = None
     if register_synth is not None:
         register_synth(sub)
+    from .judge_sft import register as register_judge_sft
+    register_judge_sft(sub)
     return data
 
 

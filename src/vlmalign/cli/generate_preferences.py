@@ -42,9 +42,7 @@ def register(sub) -> None:
     g = p.add_argument_group("judge mode (default)")
     g.add_argument("--judge", default="self", help="'self' (the model judges its own responses) or a model "
                                                    "directory")
-    g.add_argument("--judge-template", help="text file with the judge prompt; fields {question} {response_a} "
-                                            "{response_b} {reference}")
-    g.add_argument("--judge-system", help="system message for the judge")
+    add_judge_prompt_args(g)
     g.add_argument("--judge-max-new-tokens", type=positive_int, default=8, help="tokens of each verdict")
     g.add_argument("--judge-batch-size", type=positive_int, default=32, help="judge prompts per generate call")
     config_flags(g, SelfCritiqueConfig, ("max_pairs",))
@@ -59,6 +57,20 @@ def register(sub) -> None:
     r.add_argument("--best-of-n", help="also write the best response per prompt as conversations (SFT data)")
     p.add_argument("--summary", help="summary JSON (default: <OUT without suffix>.summary.json)")
     p.set_defaults(func=_run)
+
+
+def add_judge_prompt_args(g) -> None:
+    """--judge-template and --judge-system: the judge prompt (also `vlmalign data judge-sft`'s)."""
+    g.add_argument("--judge-template", help="text file with the judge prompt; fields {question} {response_a} "
+                                            "{response_b} {reference}")
+    g.add_argument("--judge-system", help="system message for the judge")
+
+
+def read_judge_template(args) -> str | None:
+    if not args.judge_template:
+        return None
+    with open(args.judge_template, encoding="utf-8") as f:
+        return f.read()
 
 
 def _run(args) -> int:
@@ -77,10 +89,7 @@ def _run(args) -> int:
     if args.best_of_n:
         refuse_output_over_input(args.best_of_n, args.data, args.out, what="--best-of-n")
     cfg = config_from_flags(SelfCritiqueConfig, args, OPTIONS)
-    template = None
-    if args.judge_template:
-        with open(args.judge_template, encoding="utf-8") as f:
-            template = f.read()
+    template = read_judge_template(args)
     prompts = load_prompts(args.data, format=args.format, limit=args.limit)
     root = args.image_root or os.path.dirname(os.path.abspath(args.data))
     ad = load_for_inference(args)

@@ -176,6 +176,22 @@ class JudgeRequest:
     response_b: str
 
 
+def judge_messages(req: JudgeRequest, template: str = JUDGE_TEMPLATE, system: str | None = None) -> list[Message]:
+    """The judge's prompt for ``req``: the record's images, then ``template`` filled with
+    {question} (the last user turn's text), {response_a}, {response_b} and {reference}; a
+    system message first when ``system`` is given. :class:`VLMJudge` asks exactly this, and
+    :mod:`vlmalign.methods.judge_sft` teaches it."""
+    rec = req.record
+    if "{reference}" in template and rec.reference is None:
+        raise rec.error("the judge template uses {reference} but this record has no reference answer",
+                        "reference")
+    user = [m for m in rec.prompt if m.role == "user"]
+    text = template.format(question=user[-1].text.strip(), response_a=req.response_a,
+                           response_b=req.response_b, reference=rec.reference or "")
+    msgs = [Message.system(system)] if system else []
+    return msgs + [Message.user(*rec.images, text)]
+
+
 def check_judge_template(template: str) -> None:
     check_template(template, JUDGE_FIELDS)
     for f in ("response_a", "response_b"):
@@ -211,15 +227,7 @@ class VLMJudge:
         self.loader = ImageLoader(adapter, image_root)
 
     def messages(self, req: JudgeRequest) -> list[Message]:
-        rec = req.record
-        if "{reference}" in self.template and rec.reference is None:
-            raise rec.error("the judge template uses {reference} but this record has no reference answer",
-                            "reference")
-        user = [m for m in rec.prompt if m.role == "user"]
-        text = self.template.format(question=user[-1].text.strip(), response_a=req.response_a,
-                                    response_b=req.response_b, reference=rec.reference or "")
-        msgs = [Message.system(self.system)] if self.system else []
-        return msgs + [Message.user(*rec.images, text)]
+        return judge_messages(req, self.template, self.system)
 
     @torch.no_grad()
     def __call__(self, requests: Sequence[JudgeRequest]) -> list[str]:
