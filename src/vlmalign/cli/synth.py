@@ -42,7 +42,8 @@ def register(data_subparsers) -> argparse.ArgumentParser:
 # the options of ShapesConfig that are flags (its declarations give their defaults, choices, ranges and help)
 OPTIONS = ("seed", ("train_images", "--train"), ("eval_images", "--eval"), "image_size", "grid", "min_objects",
            "max_objects", ("colours", "--colours", "--colors"), "shapes", "question_types", "paraphrases", "jitter",
-           "max_turns", "image_position", "ranked_size", "descriptions", "hallucination", "hallucination_kinds")
+           "max_turns", "image_position", "ranked_size", "descriptions", "hallucination", "hallucination_kinds",
+           "pair_kinds")
 
 
 def run_shapes(args: argparse.Namespace) -> int:

@@ -103,6 +103,10 @@ class ShapesConfig:
                                                                   "drawn in turn: extra_object (an absent object in "
                                                                   "an empty cell), colour, shape (an object named "
                                                                   "with a wrong colour or shape)")
+    pair_kinds: tuple[str, ...] = opt((), "comma-separated kinds of hallucinated mention in the rejected "
+                                           "descriptions of hallucination_{train,eval}.json, drawn in turn (empty: "
+                                           "hallucination_kinds): the pairs can teach against more than the SFT mix "
+                                           "holds, e.g. colours and shapes the model perceives wrong")
     ranked_size: int = opt(3, "responses per ranked list: the correct caption, then captions with 1, 2, ... errors",
                            ge=2)
 
@@ -111,6 +115,7 @@ class ShapesConfig:
         object.__setattr__(self, "colours", tuple(self.colours))
         object.__setattr__(self, "shapes", tuple(self.shapes))
         object.__setattr__(self, "hallucination_kinds", tuple(self.hallucination_kinds))
+        object.__setattr__(self, "pair_kinds", tuple(self.pair_kinds))
         object.__setattr__(self, "question_types",
                            tuple("colour" if q == "color" else q for q in self.question_types))
         object.__setattr__(self, "object_size", tuple(float(x) for x in self.object_size))
@@ -152,6 +157,9 @@ class ShapesConfig:
                 bad(f"unknown hallucination kind {k!r} (known: {', '.join(CAPTION_ERROR_KINDS)})")
         if not self.hallucination_kinds:
             bad("hallucination_kinds is empty")
+        for k in self.pair_kinds:
+            if k not in CAPTION_ERROR_KINDS:
+                bad(f"unknown pair kind {k!r} (known: {', '.join(CAPTION_ERROR_KINDS)})")
         cell_names(self.grid)  # raises for an unsupported grid
         n_cells = self.grid * self.grid
         if not 1 <= self.min_objects <= self.max_objects:

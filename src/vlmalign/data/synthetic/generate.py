@@ -258,7 +258,7 @@ def build_records(config: ShapesConfig, scenes: dict[str, list[tuple[str, Scene,
             # and against one that leaves an object out (without these, every rejected description
             # would be the longer one, and preferring the shorter is a way to win)
             rng = _rng(seed, sid, i, _HALLUCINATION)
-            kinds = config.hallucination_kinds
+            kinds = config.pair_kinds or config.hallucination_kinds
             prompt = _with_image(_caption_prompt(rng, config), config)
             (bad, applied), = corrupted_captions(scene, rng, config, [kinds[i % len(kinds)]])
             left_out = int(rng.integers(len(scene.objects)))
