@@ -66,7 +66,7 @@ def run_shapes(args: argparse.Namespace) -> int:
           f"({config.image_size}x{config.image_size}, {config.grid}x{config.grid} grid)")
     for name, (fname, fmt, kind) in FILES.items():
         what = f"{fmt} -> {kind}" if kind else "ground truth"
-        print(f"  {fname:<20} {manifest['counts'][name]:>6} records  ({what})")
+        print(f"  {fname:<27} {manifest['counts'][name]:>6} records  ({what})")
     print("  manifest.json")
     print(f"  benchmarks/  the held-out split in benchmark layouts for vlmalign eval: "
           f"{', '.join(sorted(p.name for p in bench.values()))}")

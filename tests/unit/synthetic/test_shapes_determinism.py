@@ -16,7 +16,7 @@ def test_same_seed_identical_bytes(tmp_path):
     pa = generate_shapesworld(a, CONFIG)
     pb = generate_shapesworld(b, dataclasses.replace(CONFIG))
     sa, sb = _snapshot(a), _snapshot(b)
-    assert len(sa) == 40 + 20 + 18  # images + 17 data files + manifest
+    assert len(sa) == 40 + 20 + 20  # images + 19 data files + manifest
     assert sa.keys() == sb.keys()
     for k in sa:
         assert sa[k] == sb[k], f"{k} differs between two generations with the same seed"

@@ -221,6 +221,22 @@ def test_description_pairs_hallucinate_or_omit_one_object(dataset, is_caption_pr
                 assert r["error"] == kinds[i % len(kinds)] or len(kinds) == 1 and r["error"] in CAPTION_ERROR_KINDS
 
 
+def test_qa_pairs_are_the_description_pairs_with_existence_questions_about_the_made_up_object(dataset, oracle):
+    for split in ("train", "eval"):
+        plain, qa = dataset.load(f"hallucination_{split}"), dataset.load(f"hallucination_qa_{split}")
+        assert len(qa) == 2 * len(plain)
+        for k in range(0, len(qa), 4):
+            made_up, absent, present, omitted = qa[k:k + 4]
+            assert [made_up, omitted] == plain[k // 2:k // 2 + 2]     # the same description pairs
+            scene = dataset.scenes[made_up["image"]]
+            invented = [(c, s) for c, s, _ in parse_caption(made_up["rejected"]) if not scene.has(c, s)]
+            for q, answer in ((absent, "no"), (present, "yes")):
+                assert q["image"] == made_up["image"] and q["question_type"] == "existence"
+                assert (q["chosen"], q["rejected"]) == (answer, "no" if answer == "yes" else "yes")
+                assert oracle(q["prompt"], scene) == answer, q
+            assert "{} {}".format(*invented[0]) in absent["prompt"], (absent, invented)
+
+
 def test_sft_mix_is_vqa_plus_the_described_share(tmp_path):
     from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld, load_scenes
     cfg = ShapesConfig(seed=3, train_images=400, eval_images=10, descriptions=0.5, hallucination=0.4,

@@ -19,6 +19,7 @@ EXPECTED_KINDS = {
     "ranked_eval": "ranked", "rl_train": "rl_prompt", "rl_eval": "rl_prompt",
     "kto_train": "unpaired", "kto_eval": "unpaired", "sft_train": "conversation",
     "hallucination_train": "preference", "hallucination_eval": "preference",
+    "hallucination_qa_train": "preference", "hallucination_qa_eval": "preference",
 }
 
 

@@ -29,6 +29,9 @@ hallucination_{train,    plain_dpo     per image two description pairs, ``chosen
 eval}.json                            ``rejected`` it with a hallucinated mention (a kind of
                                       ``hallucination_kinds``, in turn; ``error`` that kind),
                                       then it with one object left out (``error`` omission)
+hallucination_qa_{train,  plain_dpo     the same pairs with two existence-question pairs between
+eval}.json                            them: about the hallucinated object (``chosen`` "no") and
+                                      about an object in the image (``chosen`` "yes")
 sft_train.json          LLaVA         the SFT mix: vqa_train.json's records, and for a
                                       ``descriptions`` share of train images a description
                                       conversation, a ``hallucination`` share of them with a
@@ -63,8 +66,9 @@ import numpy as np
 
 from .config import ShapesConfig
 from .scene import Scene, render, sample_scene
-from .tasks import (CAPTION_ERROR_KINDS, QA, TEMPLATES, ask, caption, corrupted_captions, describe,
-                    wrong_answer, _template)
+from .tasks import (CAPTION_ERROR_KINDS, QA, TEMPLATES, _pick, _template, article, ask, caption,
+                    corrupted_captions, describe, wrong_answer)
+from .verify import parse_caption
 
 GENERATOR_VERSION = 1
 SPLITS = ("train", "eval")
@@ -84,6 +88,8 @@ FILES: dict[str, tuple[str, str, str | None]] = {
     "sft_train": ("sft_train.json", "llava", "conversation"),
     "hallucination_train": ("hallucination_train.json", "plain_dpo", "preference"),
     "hallucination_eval": ("hallucination_eval.json", "plain_dpo", "preference"),
+    "hallucination_qa_train": ("hallucination_qa_train.json", "plain_dpo", "preference"),
+    "hallucination_qa_eval": ("hallucination_qa_eval.json", "plain_dpo", "preference"),
     "rl_train": ("rl_train.json", "vqa", "rl_prompt"),
     "rl_eval": ("rl_eval.json", "vqa", "rl_prompt"),
     "kto_train": ("kto_train.jsonl", "trl", "unpaired"),
@@ -93,7 +99,7 @@ FILES: dict[str, tuple[str, str, str | None]] = {
 # Stream ids: each (split, image, purpose) gets its own generator, so changing one output
 # (e.g. the question types) never changes the images or the other files.
 _SPLIT_ID = {"train": 1, "eval": 2}
-_SCENE, _CAPTION, _VQA, _POPE, _DPO, _RANKED, _RL, _KTO, _DESCRIBE, _HALLUCINATION = range(10)
+_SCENE, _CAPTION, _VQA, _POPE, _DPO, _RANKED, _RL, _KTO, _DESCRIBE, _HALLUCINATION, _HALLUCINATION_QA = range(11)
 _MAX_ATTEMPTS = 1000
 
 
@@ -264,10 +270,25 @@ def build_records(config: ShapesConfig, scenes: dict[str, list[tuple[str, Scene,
             left_out = int(rng.integers(len(scene.objects)))
             short = describe([(o.colour, o.shape, o.cell) for j, o in enumerate(scene.objects) if j != left_out],
                              scene.grid)
-            for what, rejected, error in (("hallucinated", bad, applied[0]), ("omitted", short, "omission")):
-                files[f"hallucination_{split}"].append({
-                    "id": f"hallucination-{split}-{i:05d}-{what}", "image": rel, "prompt": prompt,
-                    "chosen": caption(scene), "rejected": rejected, "question_type": "caption", "error": error})
+            pairs = [{"id": f"hallucination-{split}-{i:05d}-{what}", "image": rel, "prompt": prompt,
+                      "chosen": caption(scene), "rejected": rejected, "question_type": "caption", "error": error}
+                     for what, rejected, error in (("hallucinated", bad, applied[0]), ("omitted", short, "omission"))]
+            files[f"hallucination_{split}"] += pairs
+            # the same pairs with existence questions between them (hallucination_qa): about the
+            # object the hallucinated description made up ("no" over "yes") and about one the
+            # image holds ("yes" over "no"), so that preferring faithful descriptions does not
+            # teach the model to answer "yes" to what it has not seen
+            rng = _rng(seed, sid, i, _HALLUCINATION_QA)
+            made_up = next((c, s) for c, s, _ in parse_caption(bad) if not scene.has(c, s))
+            held = _pick(rng, scene.objects)
+            questions = []
+            for what, (colour, shape), answer in (("absent", made_up, "no"), ("present", (held.colour, held.shape), "yes")):
+                q = _template("existence", rng, config).format(article=article(colour), colour=colour, shape=shape)
+                questions.append({"id": f"hallucination-{split}-{i:05d}-question-{what}", "image": rel,
+                                  "prompt": _with_image(q, config), "chosen": answer,
+                                  "rejected": "no" if answer == "yes" else "yes",
+                                  "question_type": "existence", "error": "wrong_existence"})
+            files[f"hallucination_qa_{split}"] += [pairs[0], *questions, pairs[1]]
 
             # ranked lists (LLaVA ranked): correct caption, then 1, 2, ... errors
             rng = _rng(seed, sid, i, _RANKED)
