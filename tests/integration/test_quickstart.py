@@ -129,9 +129,12 @@ def test_the_rm_stage_trains_a_copy_and_leaves_the_policy_alone(tmp_path):
     moved = [k for k, v in rm.adapter.model.state_dict().items() if "language_model" in k and k in before
              and not torch.equal(v, before[k])]
     assert moved
-    # the dpo stage config trains on the hallucination pairs with the starting model as reference
+    # the reward model learns from the description pairs; the dpo stage trains on them with the
+    # existence-question pairs beside them, the starting model as reference
+    assert cfg.data.train_file.endswith("hallucination_train.json") and cfg.data.eval_file.endswith("hallucination_eval.json")
     d = stage_config("dpo", tmp_path, steps=3, seed=0)
-    assert d.data.train_file.endswith("hallucination_train.json") and d.data.eval_file.endswith("hallucination_eval.json")
+    assert d.data.train_file.endswith("hallucination_qa_train.json")
+    assert d.data.eval_file.endswith("hallucination_qa_eval.json")
     assert d.dpo.precompute_ref_logps and d.ref.path is None and d.data.max_train_samples == 3 * d.train.batch_size
 
 
