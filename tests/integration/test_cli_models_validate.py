@@ -30,7 +30,9 @@ from vlmalign.models import build_tiny, families, load_adapter
 
 FAMILIES = families()
 # the families the docs promise; a family silently dropping out of the registry fails here
-EXPECTED = {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "instructblip"}
+EXPECTED = {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "instructblip",
+            "gemma3"}
+TIED_HEAD = {"paligemma", "gemma3"}   # output head tied to the embeddings: an empty head group
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -156,8 +158,8 @@ def test_models_info_json(tiny_dirs, family):
     assert info["model_type"] == family
     for group in ("vision", "projector", "language"):
         assert info["parameters"][group] > 0, group
-    # PaliGemma ties its output head to the embeddings: counted once, under language
-    assert (info["parameters"]["head"] == 0) == (family == "paligemma")
+    # PaliGemma and Gemma 3 tie their output head to the embeddings: counted once, under language
+    assert (info["parameters"]["head"] == 0) == (family in TIED_HEAD)
     assert info["lora_targets"] > 0
     ad = load_adapter(str(tiny_dirs[family]))
     want = {g: sum(p.numel() for _, p in ps) for g, ps in ad.param_groups().items()}

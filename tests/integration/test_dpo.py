@@ -343,7 +343,7 @@ def test_shared_and_unshared_token_logps_agree_and_differ_from_a_wrong_cache(wor
     assert not torch.allclose(a, c, atol=1e-3)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "paligemma"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "paligemma", "gemma3"])
 def test_prefix_sharing_falls_back_where_not_exact(world, family, caplog):
     ad, ref, cfg, batch, _, _ = _method_and_batch(family, data=world / "data" / "dpo_train.json", n=4)
     ad.model.eval()
@@ -474,6 +474,26 @@ def test_each_loss_is_wired_to_its_function(world, loss):
     assert abs(float(sums["loss"]) - float(want.sum())) <= TOL * abs(float(want.sum()))
     value.backward()
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in ad.model.parameters())
+
+
+@pytest.mark.parametrize("family", ["gemma3"])
+def test_dpo_step_equals_the_pixel_path(world, family):
+    """One DPO step on a family with bidirectional image blocks / M-RoPE variants: images encoded
+    once for chosen, rejected and the reference; the loss equals the one from each row's own
+    pixel forward; the step has gradients."""
+    ad, ref, cfg, batch, _, _ = _method_and_batch(family, data=world / "data" / "dpo_train.json", n=2)
+    _perturb_language(ad)
+    ad.model.eval()
+    method = DPOMethod(ad, cfg.dpo, ref=Reference(ref, share_features=True))
+    calls, ref_calls = ad.encode_calls, ref.encode_calls
+    value, _ = method.compute_loss(batch, batch.size)
+    assert ad.encode_calls == calls + 1 and ref.encode_calls == ref_calls
+    want = float(_expected_losses(cfg.dpo, batch, _pixel_token_logps(ad, batch), _pixel_token_logps(ref, batch)).mean())
+    got = float(value.detach())
+    assert abs(got - want) <= TOL * abs(want), (got, want)
+    assert abs(got - math.log(2)) > 1e-4
+    value.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for _, p in ad.param_groups()["language"])
 
 
 def test_mdpo_corrupted_images_are_other_pixels_and_reproducible(world):

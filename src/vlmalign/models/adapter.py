@@ -54,6 +54,7 @@ class ImageInputs:
     tensors: dict[str, torch.Tensor]  # family tensors for this image (leading dim = 1 image)
     expansion: list[int]              # token ids that replace the image's placeholder token
     num_features: int                 # feature vectors the encoder produces for it
+    text: str | None = None           # the processor's replacement string (families that expand in text)
 
     @property
     def num_tokens(self) -> int:

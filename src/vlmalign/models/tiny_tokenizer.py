@@ -53,12 +53,14 @@ def build_tiny_tokenizer(
     chat_template: str | None = None,
     extra_attrs: dict | None = None,
     padding_side: str = "right",
+    named_tokens: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a deterministic byte-level BPE on the embedded corpus and wrap it for transformers.
 
     ``special_tokens`` are added as single, never-split special tokens (order fixes their ids,
     which come right after the learned vocabulary). bos/eos/pad/unk must be among them or are
-    appended. The tokenizer adds no BOS/EOS by itself: chat templates place them, as the real
+    appended. ``named_tokens`` (e.g. ``{"image_token": "<img>"}``) become tokenizer attributes
+    (``tok.image_token``, ``tok.image_token_id``) that survive saving, as processors expect. The tokenizer adds no BOS/EOS by itself: chat templates place them, as the real
     families' templates do.
     """
     specials: list[str] = []
@@ -77,7 +79,7 @@ def build_tiny_tokenizer(
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=bos_token, eos_token=eos_token,
         pad_token=pad_token if pad_token is not None else eos_token, unk_token=unk_token,
-        padding_side=padding_side,
+        padding_side=padding_side, **({"extra_special_tokens": named_tokens} if named_tokens else {}),
     )
     if chat_template is not None:
         fast.chat_template = chat_template
