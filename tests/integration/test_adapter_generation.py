@@ -45,7 +45,7 @@ def _left_padded(ad, questions, images):
 QUESTIONS = ["What colour?", "Describe the circle in the picture, please, in a few words."]
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_position_ids_are_the_models_own_m_rope_positions(family):
     ad = _adapter(family)
     ids, mask, items, _ = _left_padded(ad, QUESTIONS, [_img("red"), _img("blue", (80, 48))])

@@ -1,6 +1,7 @@
-"""Qwen2-VL / Qwen2.5-VL specifics beyond the shared contract test (test_families.py):
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL specifics beyond the shared contract test (test_families.py):
 size-dependent image token counts, M-RoPE with image grids of different sizes in one padded
-batch, generation with precomputed features, and the image-only processor save/load path."""
+batch, generation with precomputed features, the image-only processor save/load path, and
+Qwen3-VL's DeepStack features."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from vlmalign.data.schema import ImageRef, Message
 from vlmalign.models import adapter_for, build_tiny, load_adapter
 from vlmalign.models.qwen2_vl import Qwen2VLAdapter, image_only_processor_class
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
 
 def _img(colour: str, size=(64, 64)) -> Image.Image:
@@ -64,8 +65,9 @@ def test_image_token_count_matches_processor(tiny, size, grid):
 def test_template_is_chatml_with_vision_markers(tiny):
     family, ad = tiny
     text = ad.render([Message.user(ImageRef(path="a.png"), "Hi"), Message.assistant("red")])
-    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n"
+    # Qwen2(.5)-VL-Instruct's template adds a default system turn; Qwen3-VL-Instruct's does not
+    system = "" if family == "qwen3_vl" else "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    assert text == (system + "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n"
                     "<|im_start|>assistant\nred<|im_end|>\n")
     assert ad.tokenizer.eos_token == "<|im_end|>"
 
@@ -180,8 +182,11 @@ def test_generation_with_precomputed_features(tiny):
 def test_param_groups(tiny):
     family, ad = tiny
     groups = {g: [n for n, _ in ps] for g, ps in ad.param_groups().items()}
-    assert groups["projector"] and all(n.startswith("model.visual.merger.") for n in groups["projector"])
-    assert groups["vision"] and all(n.startswith("model.visual.") and ".merger." not in n for n in groups["vision"])
+    # the merger (and Qwen3-VL's DeepStack mergers) sit under model.visual. but are projector
+    assert groups["projector"] and all(n.startswith(ad.projector_prefixes) for n in groups["projector"])
+    assert {p for p in ad.projector_prefixes if any(n.startswith(p) for n in groups["projector"])} == \
+        set(ad.projector_prefixes)
+    assert groups["vision"] and all(n.startswith("model.visual.") and "merger" not in n for n in groups["vision"])
     assert groups["head"] == ["lm_head.weight"]
     assert all(n.startswith("model.language_model.") for n in groups["language"])
     targets = ad.lora_target_modules()
@@ -220,3 +225,26 @@ def test_fallback_reads_legacy_chat_template_json(tiny, tmp_path):
         json.dump({"chat_template": "{% for m in messages %}{{ m['role'] }}{% endfor %}"}, f)
     proc = Qwen2VLAdapter._build_image_only_processor(str(tmp_path), family)
     assert proc.chat_template == "{% for m in messages %}{{ m['role'] }}{% endfor %}"
+
+
+def test_qwen3_vl_deepstack_features_travel_with_the_image():
+    """Qwen3-VL: an encoding holds the main and the DeepStack feature maps side by side, and the
+    forward needs the DeepStack ones (main features alone give other logits)."""
+    torch.manual_seed(0)
+    model, processor = build_tiny("qwen3_vl")
+    ad = adapter_for(model.eval(), processor)
+    ids, ims = _prompt(ad, _img("red"))
+    enc = ad.encode_images(ims)
+    hidden, layers = model.config.text_config.hidden_size, len(model.config.vision_config.deepstack_visual_indexes)
+    assert enc.features[0].shape == (ims[0].num_features, (1 + layers) * hidden)
+    kw = ad.mm_kwargs(enc, [0])
+    deep = kw["mm_encoder_outputs"]["image"].deepstack_features
+    assert len(deep) == layers and deep[0][0].shape == (ims[0].num_features, hidden)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        full = ad.forward(x, torch.ones_like(x), encoded=enc, image_indices=[[0]]).logits
+        kw["mm_encoder_outputs"]["image"].deepstack_features = [tuple(torch.zeros_like(f) for f in d) for d in deep]
+        kw.update(ad._extra_forward_kwargs(x, torch.ones_like(x), kw))
+        ad.model.model.rope_deltas = None
+        without = ad.model(input_ids=x, attention_mask=torch.ones_like(x), **kw).logits
+    assert (full - without).abs().max().item() > 1e-3

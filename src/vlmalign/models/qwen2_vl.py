@@ -86,9 +86,14 @@ class Qwen2_5_VLImageOnlyProcessor(_ImageOnlyMixin, Qwen2_5_VLProcessor):
     pass
 
 
+# model_type -> image-only processor class (qwen3_vl.py adds its own)
+IMAGE_ONLY_PROCESSORS: dict[str, type] = {"qwen2_vl": Qwen2VLImageOnlyProcessor,
+                                          "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor}
+
+
 def image_only_processor_class(model_type: str) -> type:
-    """The image-only processor class for ``qwen2_vl`` or ``qwen2_5_vl``."""
-    return {"qwen2_vl": Qwen2VLImageOnlyProcessor, "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor}[model_type]
+    """The image-only processor class for a Qwen-VL model type."""
+    return IMAGE_ONLY_PROCESSORS[model_type]
 
 
 # ---------------------------------------------------------------------- adapter
@@ -163,9 +168,9 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
 
 # ---------------------------------------------------------------------- tiny builders
-def _tiny_tokenizer():
+def tiny_qwen_tokenizer(chat_template: str = QWEN2_VL_CHAT_TEMPLATE):
     return build_tiny_tokenizer(QWEN_SPECIAL_TOKENS, bos_token=None, eos_token="<|im_end|>",
-                                pad_token="<|endoftext|>", chat_template=QWEN2_VL_CHAT_TEMPLATE)
+                                pad_token="<|endoftext|>", chat_template=chat_template)
 
 
 def tiny_qwen_image_processor(patch_size: int, merge_size: int = 2, min_tokens: int = 4, max_tokens: int = 36):
@@ -178,7 +183,7 @@ def tiny_qwen_image_processor(patch_size: int, merge_size: int = 2, min_tokens: 
                                     min_pixels=min_tokens * unit, max_pixels=max_tokens * unit)
 
 
-def _text_kwargs(tok, hidden: int, layers: int):
+def qwen_text_kwargs(tok, hidden: int, layers: int):
     heads = 4
     half = hidden // heads // 2  # M-RoPE splits head_dim/2 frequencies into (t, h, w) sections
     section = [half - 2 * (half // 3), half // 3, half // 3]
@@ -188,15 +193,16 @@ def _text_kwargs(tok, hidden: int, layers: int):
                 bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
-def _finish(model, processor_cls, tok, image_processor):
-    processor = processor_cls(image_processor=image_processor, tokenizer=tok, chat_template=QWEN2_VL_CHAT_TEMPLATE)
+def finish_tiny_qwen(model, processor_cls, tok, image_processor, chat_template: str = QWEN2_VL_CHAT_TEMPLATE):
+    """The image-only processor for a tiny Qwen-VL model, and its generation config's ids."""
+    processor = processor_cls(image_processor=image_processor, tokenizer=tok, chat_template=chat_template)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = None
     return model, processor
 
 
-def _special_ids(tok) -> dict:
+def qwen_special_ids(tok) -> dict:
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
@@ -209,15 +215,15 @@ def build_tiny_qwen2_vl(patch_size: int = 8, hidden: int = 64, vision_hidden: in
     """Random-init Qwen2-VL-architecture model + image-only processor, fully offline."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    tok = _tiny_tokenizer()
+    tok = tiny_qwen_tokenizer()
     config = Qwen2VLConfig(
         vision_config=dict(depth=2, embed_dim=vision_hidden, hidden_size=hidden, num_heads=2, mlp_ratio=2,
                            patch_size=patch_size, temporal_patch_size=2, spatial_merge_size=2),
-        text_config=_text_kwargs(tok, hidden, layers), tie_word_embeddings=False, **_special_ids(tok),
+        text_config=qwen_text_kwargs(tok, hidden, layers), tie_word_embeddings=False, **qwen_special_ids(tok),
     )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
-    return _finish(model, image_only_processor_class("qwen2_vl"), tok, tiny_qwen_image_processor(patch_size))
+    return finish_tiny_qwen(model, image_only_processor_class("qwen2_vl"), tok, tiny_qwen_image_processor(patch_size))
 
 
 @register_tiny("qwen2_5_vl")
@@ -227,13 +233,13 @@ def build_tiny_qwen2_5_vl(patch_size: int = 8, hidden: int = 64, vision_hidden: 
     windows, block 1 full attention) + image-only processor, fully offline."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tok = _tiny_tokenizer()
+    tok = tiny_qwen_tokenizer()
     config = Qwen2_5_VLConfig(
         vision_config=dict(depth=2, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=2,
                            out_hidden_size=hidden, patch_size=patch_size, temporal_patch_size=2,
                            spatial_merge_size=2, window_size=patch_size * 2 * 2, fullatt_block_indexes=[1]),
-        text_config=_text_kwargs(tok, hidden, layers), tie_word_embeddings=False, **_special_ids(tok),
+        text_config=qwen_text_kwargs(tok, hidden, layers), tie_word_embeddings=False, **qwen_special_ids(tok),
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    return _finish(model, image_only_processor_class("qwen2_5_vl"), tok, tiny_qwen_image_processor(patch_size))
+    return finish_tiny_qwen(model, image_only_processor_class("qwen2_5_vl"), tok, tiny_qwen_image_processor(patch_size))
