@@ -18,24 +18,24 @@ Quirks handled here:
   what the processor returns); without them it is causal everywhere and the logits differ from
   the model's own. ``_extra_forward_kwargs`` always derives them from the ids, for training
   forwards and for ``generate`` (which uses them on the prefill only).
-* **Pan-and-scan** (off in the released configs; on where the image processor's own
-  ``do_pan_and_scan`` is set, which ``Gemma3Processor.__call__`` overrides with its off default
-  unless given it again): an image becomes the full view plus crops, each a ``pixel_values`` row with its own soft-token block; ``collate_images`` passes the
-  per-image row counts and ``_encode`` joins each image's rows into one feature tensor.
+* **Pan-and-scan** (off in the released configs and in the processor's call defaults, which
+  ``adapter.image_kwargs`` follows; ``tiles.py``): an image becomes the full view plus crops,
+  each a ``pixel_values`` row with its own soft-token block, encoded together and joined.
 * **Prefix sharing** is off: sliding-window layers keep no plain growing cache (the method layer
   would fall back anyway) and the image blocks' attention is not causal.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from ..errors import DataError, ModelError
 from ..data.schema import Message
-from .adapter import IGNORE_INDEX, EncodedImages, ImageInputs, Tokenized, VLMAdapter
+from .adapter import IGNORE_INDEX, ImageInputs, Tokenized, VLMAdapter
 from .registry import register, register_tiny
+from .tiles import TiledImages
 from .tiny_tokenizer import build_tiny_tokenizer
 
 # Gemma 3 instruction-tuned chat template layout: <bos>, turns as <start_of_turn>user|model\n ...
@@ -68,7 +68,7 @@ GEMMA3_SPECIAL_TOKENS = ["<start_of_image>", "<end_of_image>", "<image_soft_toke
 
 
 @register
-class Gemma3Adapter(VLMAdapter):
+class Gemma3Adapter(TiledImages, VLMAdapter):
     family = "gemma3"
     model_types = ("gemma3",)
     placeholder_token = "<start_of_image>"
@@ -79,39 +79,6 @@ class Gemma3Adapter(VLMAdapter):
     prefix_sharing = False
     prefix_sharing_note = ("sliding-window layers keep no plain growing cache and image blocks "
                            "attend bidirectionally")
-
-    # ------------------------------------------------------------------ images
-    def preprocess_image(self, image) -> ImageInputs:
-        processed, reps = self.processor._process_images([image], return_tensors="pt")
-        expansion = list(self._encode_text(reps[0])[0])
-        n_feat = sum(1 for t in expansion if t == self.image_token_id)
-        return ImageInputs(tensors={"pixel_values": processed["pixel_values"]}, expansion=expansion,
-                           num_features=n_feat, text=reps[0])
-
-    def collate_images(self, items: Sequence[ImageInputs]) -> dict[str, torch.Tensor]:
-        out = super().collate_images(items)
-        # pan-and-scan: an image may hold several pixel rows (full view + crops)
-        out["num_crops"] = torch.tensor([it.tensors["pixel_values"].shape[0] for it in items])
-        return out
-
-    def _encode(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        rows = batch.pop("num_crops").tolist()
-        feats = self.model.model.get_image_features(**batch, return_dict=True).pooler_output
-        return [f.flatten(0, 1) for f in torch.split(feats, rows, dim=0)]
-
-    def forward(self, input_ids, attention_mask=None, *, pixel_inputs=None, **kwargs):
-        """As the base; ``collate_images``' crop counts are ours, not a model input."""
-        if pixel_inputs is not None:
-            pixel_inputs = {k: v for k, v in pixel_inputs.items() if k != "num_crops"}
-        return super().forward(input_ids, attention_mask, pixel_inputs=pixel_inputs, **kwargs)
-
-    def mm_kwargs(self, encoded: EncodedImages | None, indices: Sequence[int]) -> dict[str, Any]:
-        out = super().mm_kwargs(encoded, indices)
-        if out:
-            # Gemma3Model calls .to() on pooler_output and scatters it in order: one tensor
-            pooled = out["mm_encoder_outputs"]["image"]
-            pooled.pooler_output = torch.cat(list(pooled.pooler_output), dim=0).unsqueeze(0)
-        return out
 
     # ------------------------------------------------------------------ attention
     def token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 
 from .adapter import EncodedImages, ImageInputs, VLMAdapter, saved_chat_template
+from .image_only import ImageOnlyMixin
 from .registry import register, register_tiny
 from .tiny_tokenizer import build_tiny_tokenizer
 
@@ -68,21 +69,11 @@ QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_
 
 
 # ---------------------------------------------------------------------- image-only processors
-class _ImageOnlyMixin:
-    """The stock Qwen processor without its video processor (which needs torchvision): same image
-    handling, placeholder expansion and chat template, saved as a normal processor directory
-    (tokenizer files, processor_config.json, chat_template.jinja). ProcessorMixin takes the
-    sub-processors from this ``__init__`` signature: image_processor and tokenizer only."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-
-class Qwen2VLImageOnlyProcessor(_ImageOnlyMixin, Qwen2VLProcessor):
+class Qwen2VLImageOnlyProcessor(ImageOnlyMixin, Qwen2VLProcessor):
     pass
 
 
-class Qwen2_5_VLImageOnlyProcessor(_ImageOnlyMixin, Qwen2_5_VLProcessor):
+class Qwen2_5_VLImageOnlyProcessor(ImageOnlyMixin, Qwen2_5_VLProcessor):
     pass
 
 

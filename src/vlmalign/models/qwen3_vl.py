@@ -30,8 +30,9 @@ import torch
 from transformers import Qwen3VLProcessor
 
 from .adapter import EncodedImages
-from .qwen2_vl import (IMAGE_ONLY_PROCESSORS, Qwen2VLAdapter, _ImageOnlyMixin, finish_tiny_qwen, qwen_special_ids,
-                       qwen_text_kwargs, tiny_qwen_image_processor, tiny_qwen_tokenizer)
+from .image_only import ImageOnlyMixin
+from .qwen2_vl import (IMAGE_ONLY_PROCESSORS, Qwen2VLAdapter, finish_tiny_qwen, qwen_special_ids, qwen_text_kwargs,
+                       tiny_qwen_image_processor, tiny_qwen_tokenizer)
 from .registry import register, register_tiny
 
 # Qwen3-VL-Instruct's chat layout for text and images: ChatML, the system turn only when given,
@@ -53,7 +54,7 @@ QWEN3_VL_CHAT_TEMPLATE = (
 )
 
 
-class Qwen3VLImageOnlyProcessor(_ImageOnlyMixin, Qwen3VLProcessor):
+class Qwen3VLImageOnlyProcessor(ImageOnlyMixin, Qwen3VLProcessor):
     pass
 
 
