@@ -31,7 +31,7 @@ from vlmalign.models import build_tiny, families, load_adapter
 FAMILIES = families()
 # the families the docs promise; a family silently dropping out of the registry fails here
 EXPECTED = {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "instructblip",
-            "gemma3", "qwen3_vl"}
+            "gemma3", "qwen3_vl", "internvl"}
 TIED_HEAD = {"paligemma", "gemma3"}   # output head tied to the embeddings: an empty head group
 
 

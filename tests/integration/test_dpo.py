@@ -309,7 +309,7 @@ def test_precomputed_values_equal_the_live_reference(world):
 
 
 # ----------------------------------------------------------------------------- prefix sharing
-@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3", "instructblip"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3", "instructblip", "internvl"])
 def test_prefix_sharing_equals_unshared_loss_and_gradients(world, family):
     ad, ref, cfg, batch, _, _ = _method_and_batch(family, data=world / "data" / "dpo_train.json", n=4)
     ad.model.eval()   # InstructBLIP's Q-Former has dropout: compare without it
@@ -476,7 +476,7 @@ def test_each_loss_is_wired_to_its_function(world, loss):
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in ad.model.parameters())
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl"])
 def test_dpo_step_equals_the_pixel_path(world, family):
     """One DPO step on a family with bidirectional image blocks / M-RoPE variants: images encoded
     once for chosen, rejected and the reference; the loss equals the one from each row's own
