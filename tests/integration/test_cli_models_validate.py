@@ -31,8 +31,15 @@ from vlmalign.models import build_tiny, families, load_adapter
 FAMILIES = families()
 # the families the docs promise; a family silently dropping out of the registry fails here
 EXPECTED = {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "instructblip",
-            "gemma3", "qwen3_vl", "internvl"}
+            "gemma3", "qwen3_vl", "internvl", "mllama"}
 TIED_HEAD = {"paligemma", "gemma3"}   # output head tied to the embeddings: an empty head group
+# images read through cross-attention: one image token in the text, the features beside it
+CROSS_ATTENTION = {"mllama"}
+
+
+def _image_tokens(family, item) -> int:
+    """How many image-token ids one image puts into the sequence."""
+    return 1 if family in CROSS_ATTENTION else item.num_features
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -141,7 +148,7 @@ def test_tiny_dir_reloads_with_transformers_and_load_adapter(tiny_dirs, family):
     prompt = [Message.user(ImageRef(path="x.png"), "What colour is it?")]
     tok = ad.tokenize_prompt(prompt, [item])
     assert tok.image_token_counts == [item.num_tokens] and item.num_tokens > 0
-    assert sum(t == ad.image_token_id for t in tok.input_ids) == item.num_features
+    assert sum(t == ad.image_token_id for t in tok.input_ids) == _image_tokens(family, item)
     enc = ad.encode_images([item], prompts=[prompt])
     ids = torch.tensor([tok.input_ids])
     with torch.no_grad():
@@ -225,7 +232,7 @@ def test_validate_with_real_model_reports_length_corrupt_and_missing(tiny_dirs, 
     long_ids = ad.tokenize_record(recs[1], items).input_ids
     assert len(long_ids) > MAX_LEN
     image_pos = [i for i, t in enumerate(long_ids) if t == ad.image_token_id]
-    assert len(image_pos) == items[0].num_features
+    assert len(image_pos) == _image_tokens(family, items[0])
     if family in IMAGES_FIRST:  # the answer would be cut instead
         assert max(image_pos) < MAX_LEN
     else:

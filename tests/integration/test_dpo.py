@@ -343,7 +343,7 @@ def test_shared_and_unshared_token_logps_agree_and_differ_from_a_wrong_cache(wor
     assert not torch.allclose(a, c, atol=1e-3)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "paligemma", "gemma3", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "paligemma", "gemma3", "qwen3_vl", "mllama"])
 def test_prefix_sharing_falls_back_where_not_exact(world, family, caplog):
     ad, ref, cfg, batch, _, _ = _method_and_batch(family, data=world / "data" / "dpo_train.json", n=4)
     ad.model.eval()
@@ -476,7 +476,7 @@ def test_each_loss_is_wired_to_its_function(world, loss):
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in ad.model.parameters())
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl", "mllama"])
 def test_dpo_step_equals_the_pixel_path(world, family):
     """One DPO step on a family with bidirectional image blocks / M-RoPE variants: images encoded
     once for chosen, rejected and the reference; the loss equals the one from each row's own

@@ -59,7 +59,7 @@ def _images(adapter, n=2, cap=True):
 
 def test_expected_families_registered():
     expected = {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "instructblip",
-                "gemma3", "qwen3_vl", "internvl"}
+                "gemma3", "qwen3_vl", "internvl", "mllama"}
     assert expected <= set(FAMILIES), sorted(expected - set(FAMILIES))
 
 

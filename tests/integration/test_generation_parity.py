@@ -18,7 +18,7 @@ def _img(colour: str, w: int = 64, h: int = 64) -> Image.Image:
     return im
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl", "mllama"])
 def test_generation_equals_the_models_own(family):
     torch.manual_seed(0)
     model, processor = build_tiny(family)

@@ -22,7 +22,7 @@ SHIPPED = {
     "llava/pretrain.yaml", "llava/sft.yaml", "llava/sft_lora.yaml",
     "llava_next/sft.yaml", "qwen2_vl/sft.yaml", "qwen2_vl/sft_lora.yaml", "qwen2_5_vl/sft.yaml",
     "idefics3/sft.yaml", "paligemma/sft.yaml", "instructblip/sft.yaml", "gemma3/sft.yaml",
-    "qwen3_vl/sft_lora.yaml", "internvl/sft.yaml",
+    "qwen3_vl/sft_lora.yaml", "internvl/sft.yaml", "mllama/sft.yaml",
 }
 TINY = ("quickstart", "quickstart_real", "self_critique")   # ShapesWorld recipes: local paths, not hub ids
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
