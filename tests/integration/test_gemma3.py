@@ -45,6 +45,7 @@ def test_token_types_are_needed_and_derived(ad):
     ids = ref["input_ids"]
     assert torch.equal(ad.token_type_ids(ids), ref["token_type_ids"])
     assert int(ref["token_type_ids"].sum()) == ims[0].num_features == 4
+    assert ims[0].num_tokens == 10   # \n\n <start_of_image> 4 x soft <end_of_image> \n\n (tiny: \n\n = 2 ids)
     enc = ad.encode_images(ims)
     with torch.no_grad():
         own = ad.model(**ref).logits

@@ -135,7 +135,7 @@ def build_tiny_gemma3(image_size: int = 32, patch_size: int = 8, tokens_per_imag
                       vision_hidden: int = 32, layers: int = 2, eos_token: str = "<end_of_turn>", seed: int = 0):
     """Random-init Gemma 3-architecture model (SigLIP, pooled projector, one sliding-window and
     one global layer, tied head) + the stock Gemma3Processor, offline. An image's 4x4 patches
-    are average-pooled to ``tokens_per_image`` = 4 soft tokens (8 ids with the wrapper).
+    are average-pooled to ``tokens_per_image`` = 4 soft tokens (10 ids with the wrapper).
     ``eos_token="<eos>"`` mimics the real tokenizer (``<end_of_turn>`` then ends turns through
     the generation config's EOS list, as in gemma-3-*-it)."""
     from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
