@@ -300,7 +300,9 @@ class Engine:
     @contextlib.contextmanager
     def no_grad_pass(self):
         """Forwards without gradients on the plain module (no DDP collectives or buffer syncs, so
-        one process may run them alone), in eval mode and under the run's autocast."""
+        one process may run them alone; a module sharded with FSDP2 gathers its parameters in
+        each forward, so there every process must run them), in eval mode and under the run's
+        autocast."""
         plain = self.acc.unwrap_model(self.runner)
         for ad in self.adapters:
             ad.runner = plain
