@@ -75,6 +75,11 @@ class TrainSection:
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", ge=1)
     precision: str = opt("auto", "auto (bf16 on GPU when supported, else fp32), fp32, bf16, fp16",
                          ("auto", "fp32", "bf16", "fp16"))
+    sharding: str = opt("none", "none: every process holds the whole model (DDP); fsdp2: the engine shards "
+                                "parameters, gradients and optimizer state over the processes with torch's "
+                                "FSDP2 (fully_shard), on CPU (gloo) or GPUs; an accelerate launch with an FSDP "
+                                "config asks for the same (the offline methods, not online RL)",
+                        ("none", "fsdp2"))
     log_every: int = opt(1, "log metrics every N optimizer steps", ge=1)
     eval_every: int = opt(0, "evaluate every N steps (0: only at the end)", ge=0)
     save_every: int = opt(0, "checkpoint every N steps (0: only at the end)", ge=0)

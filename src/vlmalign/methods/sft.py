@@ -14,6 +14,7 @@ import torch
 from ..config import opt, section, with_defaults
 from ..config.sections import DataSection, LoraSection, ModelSection, OptimSection, TrainSection
 from ..data.batching import IGNORE_INDEX, SFTCollator
+from ..engine.scaling import ScalingError, engine_shards
 from ..engine.trainer import Trainer, TrainResult
 from ..losses.sft import sft_loss
 from ..data.loading import load_examples, load_splits
@@ -129,6 +130,10 @@ def make_evaluator(adapter, cfg: SFTConfig, eval_examples, collate):
 def train_sft(cfg: SFTConfig, adapter=None, callbacks=()) -> tuple[TrainResult, object]:
     """Run SFT (or pretraining, with its config). Returns the result and the trained adapter."""
     adapter = start_run(cfg, adapter)
+    if (cfg.eval.vqa_file or cfg.eval.pope_file) and engine_shards(cfg.train):
+        raise ScalingError("eval.vqa_file / eval.pope_file generate answers with the model, which FSDP2 sharding "
+                           "(train.sharding=fsdp2 or an FSDP launch) does not run; evaluate the saved checkpoint "
+                           "with `vlmalign eval` instead")
 
     def tok(rec, imgs):
         t = adapter.tokenize_record(rec, imgs, max_length=cfg.data.max_length)

@@ -250,6 +250,36 @@ class VLMAdapter:
                 out.append(name)
         return out
 
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards as units of their own (``engine/sharding.py``; the trained
+        module itself is the root unit around them):
+
+        * every layer the model declares unsplittable (transformers' ``_no_split_modules``:
+          decoder layers, vision-encoder layers, patch embeddings);
+        * the modules ``encode_images`` runs outside the model's forward: the vision tower and
+          projector (``vision_prefixes`` / ``projector_prefixes`` naming a module), so the
+          encoding gathers their parameters itself. A tower that is a transformers model is
+          taken by its children: transformers finds which outputs a model records (the hidden
+          states the projector reads) by the model's class, and sharding replaces the class.
+        """
+        from transformers import PreTrainedModel
+        names = set()
+        for m in self.model.modules():
+            names.update(getattr(m, "_no_split_modules", None) or ())
+        units = [m for m in self.model.modules() if type(m).__name__ in names]
+        covered = {id(p) for u in units for p in u.parameters()}
+        for prefix in (*self.vision_prefixes, *self.projector_prefixes):
+            try:
+                mod = self.model.get_submodule(prefix.rstrip("."))
+            except AttributeError:
+                continue   # a bare parameter (e.g. an image_newline): it stays in the root unit
+            parts = list(mod.children()) if isinstance(mod, PreTrainedModel) else [mod]
+            for part in parts:
+                if any(id(p) not in covered for p in part.parameters()):
+                    units.append(part)
+                    covered.update(id(p) for p in part.parameters())
+        return units
+
     @classmethod
     def load_processor(cls, path: str, *, trust_remote_code: bool = False):
         """AutoProcessor, checked; where it fails, the family's ``_fallback_processor``.
