@@ -176,25 +176,39 @@ def unique_images(examples: Sequence[Example], loader: ImageLoader) -> tuple[lis
 
 
 def pack_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Best-fit decreasing: the indices of ``lengths`` grouped into rows whose lengths add up to
-    at most ``budget``. Longest first, each into the fullest row it still fits (a new row when
-    none); within a row the indices keep their given order, rows in the order they were opened.
-    Every length must be <= ``budget`` (:func:`check_pack_budget` says which is not)."""
+    """The indices of ``lengths`` grouped into rows whose lengths add up to at most ``budget``:
+    as few rows as best-fit decreasing needs (longest first, each into the fullest row it still
+    fits), and among layouts with that many rows the one whose longest row is shortest, since a
+    batch is as wide as its longest row (the rest is padding): the rows are balanced
+    longest-first (each sample into the emptiest row) where that stays within the budget. Within a
+    row the indices keep their given order. Every length must be <= ``budget``
+    (:func:`check_pack_budget` says which is not)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if order and lengths[order[0]] > budget:
+        raise ValueError(f"length {lengths[order[0]]} is over the pack budget {budget}")
     rows: list[list[int]] = []
     room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        n = lengths[i]
-        fits = [r for r in range(len(rows)) if room[r] >= n]
+    for i in order:  # best-fit decreasing: the fewest rows
+        fits = [r for r in range(len(rows)) if room[r] >= lengths[i]]
         if fits:
             r = min(fits, key=lambda r: (room[r], r))
         else:
-            if n > budget:
-                raise ValueError(f"length {n} is over the pack budget {budget}")
             rows.append([])
             room.append(budget)
             r = len(rows) - 1
         rows[r].append(i)
-        room[r] -= n
+        room[r] -= lengths[i]
+    balanced: list[list[int]] = [[] for _ in rows]
+    load = [0] * len(rows)
+    for i in order:  # the same number of rows, balanced: a narrower batch when it fits the budget
+        r = min(range(len(rows)), key=lambda r: (load[r], r))
+        if load[r] + lengths[i] > budget:
+            break
+        balanced[r].append(i)
+        load[r] += lengths[i]
+    else:
+        if max(load, default=0) < budget - min(room, default=0):
+            rows = balanced
     return [sorted(r) for r in rows]
 
 
@@ -220,8 +234,8 @@ class SFTCollator:
     """Rows ``input_ids`` + ``labels`` -> right-padded batch.
 
     With ``pack_length`` (SFT's ``data.packing``) the micro-batch's samples are packed into as
-    few rows as hold them within ``pack_length`` tokens each (:func:`pack_rows`), each sample
-    whole: its image tokens are never split or dropped. The batch then carries
+    few rows as hold them within ``pack_length`` tokens each, as evenly as the budget allows
+    (:func:`pack_rows`), each sample whole: its image tokens are never split or dropped. The batch then carries
     ``segment_ids`` (per token: 1, 2, ... for the row's samples in order, 0 on padding), from
     which the model adapter restarts position ids per sample and keeps attention inside each
     sample (``VLMAdapter.forward(segment_ids=...)``). The label of each sample's first token is
