@@ -54,8 +54,8 @@ LABELS = {"ours": "ours", "packed": "ours packed", "trl": "trl"}
 # (descriptions), the rest short (VQA words). ``max_length``: data.max_length of our sides (>= every
 # sample); ``pack_length``: the packed side's default budget, data.pack_length's own default (the
 # max_length). On the CPU a longer row costs more attention per token (the block-diagonal mask is
-# applied to a dense L x L product): with the cpu preset 1024-token rows did the same FLOPs per
-# sample as 512-token ones (less padding, more attention) and were not faster.
+# applied to a dense L x L product): with the cpu preset 1024-token rows did about the same FLOPs
+# per sample as 512-token ones (less padding, more attention; docs/BENCHMARKS.md).
 SHAPES: dict[str, dict] = {
     "smoke": dict(prompt=(3, 6), short=(1, 2), long=(6, 12), long_share=0.5, batch_size=4,
                   max_length=64, pack_length=64),
@@ -433,8 +433,9 @@ def _table(report: dict, sides: list[str]) -> str:
 
     trl = report.get("trl", {})
     lines = [
-        f"SFT throughput: vlmalign (unpacked, packed) vs TRL {trl.get('trl_version', '?')} SFTTrainer  "
-        f"(preset {m['preset']}, {m['dtype']} on {m['device']}, {m['threads']} threads)",
+        f"SFT throughput: vlmalign {' and '.join(LABELS[s] for s in cols if s != 'trl')}"
+        + (f" vs TRL {trl.get('trl_version', '?')} SFTTrainer" if trl else "")
+        + f"  (preset {m['preset']}, {m['dtype']} on {m['device']}, {m['threads']} threads)",
         f"model   LLaVA-1.5 architecture, random init: LM {m['arch']['hidden']}x{m['arch']['layers']} layers, "
         f"vision {m['arch']['vision_hidden']}x{m['arch']['vision_layers']}, vocab {m['vocab_size']}",
         f"tokens  per sample {seq['sample_tokens_mean']:.0f} on average ({seq['sample_tokens_min']}-"

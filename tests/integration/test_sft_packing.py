@@ -14,8 +14,9 @@ dropout, except InstructBLIP's Q-Former: the seed is reset before each encoding)
   samples and several images, one sample has two images, one has none.
 * **The comparison can fail**: the same packed rows with positions running on across samples
   (no packing support: samples attend to each other) give a clearly different loss.
-* **A whole run**: ``train_sft`` with ``data.packing=true`` and gradient accumulation ends with
-  the same per-step metrics (loss, supervised-token count, gradient norm) and weights as without.
+* **A whole run**: ``train_sft`` with ``data.packing=true`` and gradient accumulation (llava in full
+  and with LoRA, qwen2_vl) ends with the same per-step metrics (loss, supervised-token count,
+  gradient norm) and weights as without.
 * **Refusals**: a sample longer than the pack budget (LengthError naming the record; never cut),
   ``data.pack_length`` below ``data.max_length`` (ConfigError).
 """
@@ -304,8 +305,9 @@ def test_pack_length_below_max_length_is_refused():
 
 
 # ----------------------------------------------------------------------------- a whole run
-def _run(root, tmp, packing: bool, family: str | None = None):
-    over = [f"data.train_file={root / 'data' / 'vqa_train.json'}", "data.max_length=256",
+def _run(root, tmp, packing: bool, family: str | None = None, lora: bool = False):
+    over = ["lora.enabled=true", "lora.r=4"] if lora else []
+    over += [f"data.train_file={root / 'data' / 'vqa_train.json'}", "data.max_length=256",
             "train.batch_size=4", "train.grad_accum=2", "train.max_steps=3", "train.progress=false",
             "train.precision=fp32", "optim.lr=1e-3", "optim.warmup_steps=0", "model.dtype=fp32",
             f"train.output_dir={tmp / ('packed' if packing else 'plain')}", f"data.packing={str(packing).lower()}"]
@@ -319,9 +321,10 @@ def _run(root, tmp, packing: bool, family: str | None = None):
     return rows, {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
 
 
-@pytest.mark.parametrize("family", [None, "qwen2_vl"], ids=["llava", "qwen2_vl"])
-def test_a_packed_run_equals_the_unpacked_run(shapes_llava, tmp_path, family, monkeypatch):
-    plain, w0 = _run(shapes_llava, tmp_path, False, family)
+@pytest.mark.parametrize("family,lora", [(None, False), (None, True), ("qwen2_vl", False)],
+                         ids=["llava", "llava-lora", "qwen2_vl"])
+def test_a_packed_run_equals_the_unpacked_run(shapes_llava, tmp_path, family, lora, monkeypatch):
+    plain, w0 = _run(shapes_llava, tmp_path, False, family, lora)
     shapes = []
     original = SFTCollator._packed
 
@@ -331,7 +334,7 @@ def test_a_packed_run_equals_the_unpacked_run(shapes_llava, tmp_path, family, mo
         return batch
 
     monkeypatch.setattr(SFTCollator, "_packed", spy)
-    packed, w1 = _run(shapes_llava, tmp_path, True, family)
+    packed, w1 = _run(shapes_llava, tmp_path, True, family, lora)
     # 3 steps x 2 micro-batches of 4 samples, each packed into fewer rows than samples
     assert len(shapes) == 6 and all(rows < n for n, (rows, _) in shapes), shapes
     steps = [r for r in plain if "train/loss" in r]
@@ -342,7 +345,7 @@ def test_a_packed_run_equals_the_unpacked_run(shapes_llava, tmp_path, family, mo
         assert abs(a["train/loss"] - b["train/loss"]) <= TOL
         assert abs(a["train/grad_norm"] - b["train/grad_norm"]) <= 1e-4
     worst = max((w0[k].float() - w1[k].float()).abs().max().item() for k in w0)
-    print(f"{family or 'llava'} run: max |loss diff| "
+    print(f"{family or 'llava'}{' lora' if lora else ''} run: max |loss diff| "
           f"{max(abs(a['train/loss'] - b['train/loss']) for a, b in zip(steps, packed_steps)):.2e}, "
           f"max |grad norm diff| {max(abs(a['train/grad_norm'] - b['train/grad_norm']) for a, b in zip(steps, packed_steps)):.2e}, "
           f"max |weight diff| {worst:.2e}")
