@@ -251,6 +251,23 @@ def test_the_comparison_detects_attention_across_samples(family, image_dir):
     assert abs(bad - ref) > 10 * TOL and _grad_diff(g_ref, g_bad) > 100 * TOL
 
 
+def test_packed_forward_never_keeps_a_cache(image_dir):
+    """transformers skips its packed-sequence detection when a cache exists, so a packed forward
+    asked for one still attends within samples only (and returns none)."""
+    ad = _tiny("llava")
+    examples, loader = _examples(ad, image_dir)
+    packed = SFTCollator(loader, ad.tokenizer.pad_token_id, pack_length=_budget(examples))(examples)
+    t = packed.tensors
+    with torch.no_grad():
+        enc = packed.encode(ad)
+        args = (t["input_ids"], t["attention_mask"])
+        kw = dict(encoded=enc, image_indices=packed.image_indices, segment_ids=t["segment_ids"])
+        a = ad.forward(*args, **kw, use_cache=True)
+        b = ad.forward(*args, **kw, use_cache=False)
+    assert ad.kv_cache(a) is None
+    assert torch.equal(a.logits, b.logits)
+
+
 def test_qwen2_vl_packed_positions_are_each_samples_own(image_dir):
     """The (4, B, T) packed positions: text ids restart per sample, and the M-RoPE rows equal
     what the model computes for the sample alone."""

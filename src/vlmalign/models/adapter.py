@@ -440,6 +440,8 @@ class VLMAdapter:
             packed = self.packed_inputs(input_ids, segment_ids, mm)
             attention_mask = packed.pop("attention_mask")
             mm.update(packed)
+            # a training layout: with a cache transformers skips its packed-sequence detection
+            kwargs["use_cache"] = False
         return self.runner(input_ids=input_ids, attention_mask=attention_mask, **mm, **kwargs)
 
     # ------------------------------------------------------------------ packing
