@@ -16,7 +16,7 @@ dropout, except InstructBLIP's Q-Former: the seed is reset before each encoding)
   (no packing support: samples attend to each other) give a clearly different loss.
 * **A whole run**: ``train_sft`` with ``data.packing=true`` and gradient accumulation (llava in full
   and with LoRA, qwen2_vl) ends with the same per-step metrics (loss, supervised-token count,
-  gradient norm) and weights as without.
+  gradient norm), evaluation loss and weights as without.
 * **Refusals**: a sample longer than the pack budget (LengthError naming the record; never cut),
   ``data.pack_length`` below ``data.max_length`` (ConfigError).
 """
@@ -325,6 +325,7 @@ def test_pack_length_below_max_length_is_refused():
 def _run(root, tmp, packing: bool, family: str | None = None, lora: bool = False):
     over = ["lora.enabled=true", "lora.r=4"] if lora else []
     over += [f"data.train_file={root / 'data' / 'vqa_train.json'}", "data.max_length=256",
+             f"data.eval_file={root / 'data' / 'vqa_eval.json'}", "data.max_eval_samples=6",
             "train.batch_size=4", "train.grad_accum=2", "train.max_steps=3", "train.progress=false",
             "train.precision=fp32", "optim.lr=1e-3", "optim.warmup_steps=0", "model.dtype=fp32",
             f"train.output_dir={tmp / ('packed' if packing else 'plain')}", f"data.packing={str(packing).lower()}"]
@@ -352,8 +353,9 @@ def test_a_packed_run_equals_the_unpacked_run(shapes_llava, tmp_path, family, lo
 
     monkeypatch.setattr(SFTCollator, "_packed", spy)
     packed, w1 = _run(shapes_llava, tmp_path, True, family, lora)
-    # 3 steps x 2 micro-batches of 4 samples, each packed into fewer rows than samples
-    assert len(shapes) == 6 and all(rows < n for n, (rows, _) in shapes), shapes
+    # 3 steps x 2 micro-batches of 4 samples and the evaluation's 2 batches (4 + 2 samples), each
+    # packed into fewer rows than samples
+    assert len(shapes) == 8 and all(rows < n for n, (rows, _) in shapes), shapes
     steps = [r for r in plain if "train/loss" in r]
     assert len(steps) == 3
     packed_steps = [r for r in packed if "train/loss" in r]
@@ -361,6 +363,9 @@ def test_a_packed_run_equals_the_unpacked_run(shapes_llava, tmp_path, family, lo
         assert a["train/items"] == b["train/items"] > 0
         assert abs(a["train/loss"] - b["train/loss"]) <= TOL
         assert abs(a["train/grad_norm"] - b["train/grad_norm"]) <= 1e-4
+    # the final evaluation's loss (data.eval_file, packed the same way) agrees too
+    (e0,), (e1,) = ([r["eval/loss"] for r in rows if "eval/loss" in r] for rows in (plain, packed))
+    assert abs(e0 - e1) <= TOL, (e0, e1)
     worst = max((w0[k].float() - w1[k].float()).abs().max().item() for k in w0)
     print(f"{family or 'llava'}{' lora' if lora else ''} run: max |loss diff| "
           f"{max(abs(a['train/loss'] - b['train/loss']) for a, b in zip(steps, packed_steps)):.2e}, "
