@@ -39,7 +39,9 @@ from vlmalign.models import adapter_for, build_tiny
 
 TOL = 1e-5
 PACKING_FAMILIES = ["idefics3", "instructblip", "llava", "llava_next", "paligemma", "qwen2_5_vl", "qwen2_vl",
-                    "smolvlm", "vlmalign_resampler"]
+                    "smolvlm", "vlmalign_resampler", "qwen3_vl", "internvl"]
+# these build attention from the whole row in ways packing cannot restart: refused (below)
+REFUSED_FAMILIES = ["gemma3", "mllama"]
 
 
 # ----------------------------------------------------------------------------- data
@@ -382,3 +384,10 @@ def test_a_family_that_cannot_pack_is_refused_with_its_reason(image_dir):
     from vlmalign.errors import ModelError
     with pytest.raises(ModelError, match="llava: data.packing is not supported: its image tokens"):
         SFTMethod(ad).compute_loss(packed, 1)
+
+
+@pytest.mark.parametrize("family", REFUSED_FAMILIES)
+def test_families_whose_attention_spans_the_row_refuse_packing(family):
+    from vlmalign.errors import ModelError
+    with pytest.raises(ModelError, match=f"{family}: data.packing is not supported"):
+        _tiny(family).check_packing()
