@@ -117,8 +117,16 @@ def cmd_validate(args) -> int:
             print(p.message)
         for p in report.warnings:
             print(f"warning: {p.message}")
+        if report.one_placeholder:
+            print(f"note: {_one_placeholder_note(report.one_placeholder)}")
         print(report.summary())
     return 0 if report.ok else 1
+
+
+def _one_placeholder_note(n: int) -> str:
+    return (f"{n} record{'s' if n != 1 else ''} wrote one <image> for all of their images "
+            "(Vision-LLM-Alignment's multi-image layout: \"image\": \"a.jpg,b.jpg\"); each such "
+            "placeholder stands for the record's images in order and is expanded to one per image")
 
 
 def _missing_image(err, root_given: bool) -> bool:
@@ -217,4 +225,5 @@ def cmd_stats(args) -> int:
     print(f"distinct images: {s['distinct_images']}")
     print(f"duplicate ids: {s['duplicate_ids']}")
     print(f"conversations ending with an unanswered user turn: {s['unanswered_last_turns']}")
+    print(f"records with one <image> for several images (expanded): {s['one_placeholder_records']}")
     return 0

@@ -1,6 +1,7 @@
 """Data files -> tokenized training examples, under a run's ``data`` section: the image root,
 the pixel budget, the record limit and the skip policy (``data.on_error``), with what was
-skipped counted and reported."""
+skipped counted and reported; records that wrote one ``<image>`` for several images are
+counted in the log."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ log = logging.getLogger(__name__)
 
 def data_root(data_cfg, file: str) -> str:
     return data_cfg.image_root or os.path.dirname(os.path.abspath(file))
+
+
+ONE_PLACEHOLDER = ("wrote one <image> for all of their images (Vision-LLM-Alignment's multi-image "
+                   "layout): each such placeholder was expanded to one per image, in order")
 
 
 def read_records(path: str, data_cfg, *, kind: str | None = None, limit: int | None = None):
@@ -35,6 +40,9 @@ def read_records(path: str, data_cfg, *, kind: str | None = None, limit: int | N
         recs.append(rec)
         if limit is not None and len(recs) >= limit:
             break
+    expanded = sum(1 for r in recs if r.one_placeholder_for)
+    if expanded:
+        log.info("%s: %d record%s %s", path, expanded, "s" if expanded != 1 else "", ONE_PLACEHOLDER)
     if kind is not None:
         from .kinds import conversion_notes
         for note in conversion_notes(recs, kind):

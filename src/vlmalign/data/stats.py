@@ -12,7 +12,10 @@ what they hold: those the reader rejects (left out of everything else) and, unle
 ``check_images=False``, those whose images are missing, corrupt, outside the root or over
 the pixel budget (still described: their texts are fine). ``first_problem`` names the first
 one. ``duplicate_ids`` counts records whose id an earlier record has;
-``unanswered_last_turns`` conversations that end with a user turn without answer.
+``unanswered_last_turns`` conversations that end with a user turn without answer;
+``one_placeholder_records`` records that wrote one ``<image>`` for several images
+(Vision-LLM-Alignment's multi-image layout, expanded by the llava reader: images per record
+counts every image).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def compute_stats(path: str | os.PathLike, image_root: str | os.PathLike | None 
     n_images, turns, chars, tokens = [], [], [], []
     distinct: set[str] = set()
     bad, first_problem, ids, duplicates, unanswered = set(), None, DuplicateIds(), 0, 0
+    one_placeholder = 0
     for index, rec, problems in check_records(path, image_root, format=format, kind=kind,
                                               check_images=check_images, max_pixels=max_pixels):
         if index is None:
@@ -73,6 +77,7 @@ def compute_stats(path: str | os.PathLike, image_root: str | os.PathLike | None 
             continue
         duplicates += ids.earlier(rec) is not None
         unanswered += unanswered_end(rec)
+        one_placeholder += bool(rec.one_placeholder_for)
         kinds[rec.kind] += 1
         imgs = list(rec.images) + list(getattr(rec, "rejected_images", None) or [])
         n_images.append(len(rec.images))
@@ -92,6 +97,7 @@ def compute_stats(path: str | os.PathLike, image_root: str | os.PathLike | None 
         "first_problem": first_problem,
         "duplicate_ids": duplicates,
         "unanswered_last_turns": unanswered,
+        "one_placeholder_records": one_placeholder,
         "kinds": dict(sorted(kinds.items())),
         "images_per_record": _summary(n_images),
         "turns": _summary(turns),

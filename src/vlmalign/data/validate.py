@@ -7,7 +7,9 @@ root, more pixels than ``max_pixels``; and, when a model adapter is given, wheth
 sequence fits ``max_length`` without cutting image tokens (``adapter.check_length``).
 :func:`validate_file` adds what needs the whole file: a file without records, a record id
 used before (a problem of the later record), and warnings for usable records worth a look
-(a conversation ending with an unanswered user turn).
+(a conversation ending with an unanswered user turn), and counts the records that wrote one
+``<image>`` for several images (the convention the llava reader expands, see
+:mod:`.readers.llava`).
 
 :func:`validate_file` reports every problem; :func:`load_records` is what training uses:
 the first bad record raises (``on_error="raise"``) or bad records are dropped, counted and
@@ -65,6 +67,8 @@ class ValidationReport:
     problems: list[Problem] = field(default_factory=list)
     # usable records worth a look (a conversation ending with an unanswered user turn)
     warnings: list[Problem] = field(default_factory=list)
+    # records whose one <image> stood for several images (expanded by the reader)
+    one_placeholder: int = 0
 
     @property
     def bad_indices(self) -> list[int]:
@@ -86,12 +90,15 @@ class ValidationReport:
         s = f"{self.records} records, {self.bad} bad"
         if self.warnings:
             s += f", {len(self.warnings)} with warnings"
+        if self.one_placeholder:
+            s += f", {self.one_placeholder} with one <image> for several images"
         if any(p.reason != NO_RECORDS for p in self.file_problems):
             s += " (the file could not be read completely)"
         return s
 
     def to_json(self) -> dict:
         return {"file": self.file, "records": self.records, "bad": self.bad, "ok": self.ok,
+                "one_placeholder": self.one_placeholder,
                 "problems": [p.to_json() for p in self.problems],
                 "warnings": [p.to_json() for p in self.warnings]}
 
@@ -220,6 +227,8 @@ def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None 
                                               max_length=max_length, max_pixels=max_pixels):
         if index is not None:
             report.records += 1
+        if rec is not None and rec.one_placeholder_for:
+            report.one_placeholder += 1
         first = ids.earlier(rec)
         if first is not None:
             problems = problems + [Problem(index, "id", f"duplicate id {rec.id!r} (also "
