@@ -1,7 +1,7 @@
 """SFT on tiny models over Vision-LLM-Alignment's multi-image layout (one ``<image>`` for a
 record's comma-separated images): the placeholder becomes one image block per image (LLaVA),
 both images are encoded and the step trains (LLaVA, and Llama 3.2 Vision, the family the
-layout was made for)."""
+layout was made for); a per-sample cap stops the run naming the record."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from PIL import Image
 
 from vlmalign.config import load_config
 from vlmalign.data.readers import read_file
+from vlmalign.errors import DataError
 from vlmalign.methods.sft import SFTConfig, train_sft
 from vlmalign.models import load_adapter, save_tiny
 
@@ -67,6 +68,14 @@ def test_one_placeholder_record_trains_with_both_images(setup, tmp_path):
     result, trained = train_sft(_cfg(root, data, tmp_path / "run"))
     assert result.step == 1
     assert trained.encoded_images >= 2  # both images of the record went through the tower
+
+
+def test_cap_stops_the_run_naming_the_record(setup, tmp_path):
+    root, data = setup
+    with pytest.raises(DataError) as e:
+        train_sft(_cfg(root, data, tmp_path / "capped", "data.max_images=1"))
+    assert (e.value.file, e.value.index, e.value.field) == (str(data), 0, "images")
+    assert "over the limit of 1 (max_images)" in e.value.reason
 
 
 def test_one_placeholder_record_trains_on_tiny_mllama(data, tmp_path):

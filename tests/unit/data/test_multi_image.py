@@ -2,7 +2,8 @@
 (``data/sft_samples_multi_image.json``): LLaVA records whose ``image`` is a comma-separated
 string of paths and whose conversation holds a single ``<image>`` for all of them. The llava
 reader expands that placeholder to one per image, in order, and says so (validate, stats, the
-training log); real mismatches stay refused."""
+training log); real mismatches stay refused. And the per-sample caps: ``max_images`` and
+``max_sample_pixels``, refused with the file, record and limit named, never dropped silently."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from data_helpers import draw
 
 from vlmalign.cli.main import main
 from vlmalign.config.sections import DataSection
-from vlmalign.data import compute_stats, validate_file
+from vlmalign.data import compute_stats, load_records, validate_file
 from vlmalign.data.loading import read_records
 from vlmalign.data.readers import read_file
 from vlmalign.data.schema import ImagePart, TextPart
@@ -142,3 +143,50 @@ def test_converted_file_has_one_placeholder_per_image(mimg, tmp_path, capsys):
     assert [[shape(m) for m in r.messages] for r in again] == \
         [[shape(m) for m in r.messages] for r in before]
 
+
+# --- the per-sample caps -------------------------------------------------------------------
+
+def test_max_images_refuses_naming_file_record_and_limit(mimg, capsys):
+    report = validate_file(mimg, max_images=1)
+    caps = [p for p in report.problems if p.field == "images"]
+    assert [p.index for p in caps] == [0, 1]
+    assert caps[0].message == (f"{mimg}: record 0: field 'images': 2 images in one sample, over "
+                               "the limit of 1 (max_images); split the record or raise the limit")
+    assert validate_file(mimg, max_images=2, check_images=False).bad == 2  # the ids only
+    assert main(["data", "validate", str(mimg), "--max-images", "1", "--no-images"]) == 1
+    assert "record 1: field 'images': 2 images in one sample" in capsys.readouterr().out
+    assert compute_stats(mimg, max_images=1)["bad_records"] == 2
+
+
+def test_max_sample_pixels_refuses_naming_the_budget(mimg, capsys):
+    # records 0 and 1 hold 2 x 32 x 32 = 2048 pixels, records 2 and 3 1024
+    assert not [p for p in validate_file(mimg, max_sample_pixels=2048).problems if p.field != "id"]
+    report = validate_file(mimg, max_sample_pixels=2047)
+    caps = [p for p in report.problems if p.field == "images"]
+    assert [p.index for p in caps] == [0, 1]
+    assert ("the sample's 2 images hold 2,048 pixels together (32x32 + 32x32), over the "
+            "per-sample budget of 2,047 (max_sample_pixels)") in caps[0].message
+    assert caps[0].message.startswith(f"{mimg}: record 0: field 'images': ")
+    assert main(["data", "stats", str(mimg), "--max-sample-pixels", "2047", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bad_records"] == 2
+    # the budget needs the image sizes
+    assert main(["data", "validate", str(mimg), "--max-sample-pixels", "5", "--no-images"]) == 2
+    assert "max_sample_pixels needs the images opened" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # out of the option's declared range
+        main(["data", "validate", str(mimg), "--max-images", "0"])
+    assert "--max-images: 0 is out of range (must be >= 1)" in capsys.readouterr().err
+
+
+def test_training_caps_raise_or_skip_never_silently(mimg, caplog):
+    with pytest.raises(DataError) as e:
+        read_records(str(mimg), DataSection(max_images=1))
+    assert (e.value.file, e.value.index, e.value.field) == (str(mimg), 0, "images")
+    assert "over the limit of 1 (max_images)" in e.value.reason
+    with pytest.raises(DataError, match="per-sample budget of 1,500"):
+        read_records(str(mimg), DataSection(max_sample_pixels=1500))
+    recs, rep = read_records(str(mimg), DataSection(max_sample_pixels=1500, on_error="skip"))
+    assert [r.index for r in recs] == [2, 3]
+    assert rep.count == 2 and "skipped 2 of 4 records" in rep.summary()
+    # load_records (the library's checked reading) takes the same caps
+    loaded = load_records(mimg, on_error="skip", max_images=1)
+    assert loaded.skipped == 2 and [r.index for r in loaded.records] == [2, 3]
