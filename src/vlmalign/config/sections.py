@@ -44,6 +44,11 @@ class DataSection:
     max_pixels: int | None = opt(8192 * 8192, "pixel budget per image: an image whose header declares more "
                                               "is refused (or skipped) before decoding; null: no budget "
                                               "besides PIL's own limit", ge=1)
+    max_images: int | None = opt(None, "images per sample: a record whose prompt holds more is refused (or "
+                                       "skipped), naming the record and the limit; null: no cap", ge=1)
+    max_sample_pixels: int | None = opt(None, "pixel budget per sample: a record whose images hold more pixels "
+                                              "together (width x height summed, from the headers) is refused "
+                                              "(or skipped); null: no budget", ge=1)
     max_train_samples: int | None = opt(None, "use only the first N training records (null: all)", ge=1)
     max_eval_samples: int | None = opt(None, "use only the first N evaluation records (null: all)", ge=1)
 
