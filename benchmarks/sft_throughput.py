@@ -1,10 +1,10 @@
 """SFT training throughput: vlmalign's SFT, unpacked and packed, against TRL 1.16's ``SFTTrainer``.
 
-Same LLaVA-architecture model (random init, saved once and loaded by every side; the model of
-``dpo_throughput.py``'s preset), same records, same batch size (samples per optimizer step),
-same optimizer (AdamW, same learning rate, constant schedule, no weight decay, clipping 1.0),
-same trainable parameters (projector + language model + output head; vision tower frozen),
-fp32 on CPU by default. Three sides, each in its own process, in one run:
+Same LLaVA-architecture model (random init, saved once and loaded by every side; the DPO
+benchmark's model of the preset, built by ``_harness.py``), same records, same batch size
+(samples per optimizer step), same optimizer (AdamW, same learning rate, constant schedule, no
+weight decay, clipping 1.0), same trainable parameters (projector + language model + output
+head; vision tower frozen), fp32 on CPU by default. Three sides, each in its own process, in one run:
 
 * ``ours``: ``train_sft`` with ``data.packing=false``: right-padded rows, one per sample;
 * ``packed``: ``train_sft`` with ``data.packing=true``: each micro-batch's samples packed into
@@ -32,24 +32,21 @@ See docs/BENCHMARKS.md for the measured numbers and how to read them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import dpo_throughput as common  # noqa: E402  (model builder and measuring helpers shared with the DPO benchmark)
+import _harness as harness  # noqa: E402  (model, measuring, TRL setup and process harness shared with dpo_throughput.py)
 
 SIDES = ("ours", "packed", "trl")
 LABELS = {"ours": "ours", "packed": "ours packed", "trl": "trl"}
 
-# Sequence shapes per preset (the model of dpo_throughput.PRESETS[preset]): prompt text tokens and
+# Sequence shapes per preset (the model of _harness.PRESETS[preset]): prompt text tokens and
 # answer tokens drawn uniformly from these ranges; a share ``long_share`` of the answers is long
 # (descriptions), the rest short (VQA words). ``max_length``: data.max_length of our sides (>= every
 # sample); ``pack_length``: the packed side's default budget, data.pack_length's own default (the
@@ -67,28 +64,14 @@ SHAPES: dict[str, dict] = {
 
 
 @dataclass
-class Spec:
+class Spec(harness.Spec):
     """Everything the sides must agree on (written to spec.json for the child processes)."""
 
-    preset: str = "cpu"
-    model_dir: str = ""
-    data_file: str = ""
-    work_dir: str = ""
-    device: str = "cpu"
-    dtype: str = "fp32"
     batch_size: int = 8
-    warmup: int = 2
     steps: int = 5
     lr: float = 2e-5
-    seed: int = 0
-    threads: int = 1
     max_length: int = 512
     pack_length: int = 1024
-    arch: dict = field(default_factory=dict)
-
-    @property
-    def total_steps(self) -> int:
-        return self.warmup + self.steps
 
     @property
     def samples(self) -> int:
@@ -122,8 +105,8 @@ def build_data(arch: dict, shapes: dict, model_dir: Path, out_dir: Path, n: int,
         lo, hi = shapes["long" if long else "short"]
         n_answer = int(rng.integers(lo, hi + 1))
         n_prompt = int(rng.integers(shapes["prompt"][0], shapes["prompt"][1] + 1))
-        question = common._fit(tok, _QUESTIONS[long], n_prompt).strip()
-        answer = common._fit(tok, caption(scene), n_answer, lead=" ").strip() or "red"
+        question = harness.fit_text(tok, _QUESTIONS[long], n_prompt).strip()
+        answer = harness.fit_text(tok, caption(scene), n_answer, lead=" ").strip() or "red"
         records.append({"id": f"sft-{i:05d}", "image": rel,
                         "conversations": [{"from": "human", "value": "<image>\n" + question},
                                           {"from": "gpt", "value": answer}]})
@@ -155,17 +138,11 @@ def sequence_stats(model_dir: str, data_file: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------ measuring
-class StepClock:
-    """End-of-step timestamps, CPU time, FLOPs of the first step, vision images and token slots
-    per step."""
+class StepClock(harness.StepClock):
+    """The shared step clock plus token slots, real tokens and rows of every micro-batch."""
 
-    def __init__(self, spec: Spec, vision):
-        self.spec, self.vision = spec, vision
-        self.ends: list[float] = []
-        self.cpu: list[float] = []
-        self.flops: int | None = None
-        self.flop_parts: dict = {}
-        self.images_at: dict[int, int] = {}
+    def __init__(self, spec: Spec, vision: harness.VisionCounter):
+        super().__init__(spec, vision, "sample")
         self.slots: list[int] = []     # per micro-batch: rows x row length
         self.tokens: list[int] = []    # per micro-batch: real tokens
         self.rows: list[int] = []
@@ -175,79 +152,26 @@ class StepClock:
         self.tokens.append(int(attention_mask.sum()))
         self.rows.append(int(input_ids.shape[0]))
 
-    def record_flops(self, mode) -> None:
-        self.flops = int(mode.get_total_flops())
-        self.flop_parts = common.flops_by_part(mode.get_flop_counts(), self.flops)
-
-    def step_done(self) -> None:
-        self.ends.append(time.perf_counter())
-        self.cpu.append(time.process_time())
-        self.images_at[len(self.ends)] = self.vision.images
-
     def summary(self) -> dict:
         s = self.spec
-        w, n = s.warmup, s.steps
-        window = self.ends[w + n - 1] - self.ends[w - 1]
-        samples = n * s.batch_size
         total = s.total_steps * s.batch_size
-        return {"samples_per_s": samples / window, "timed_s": window, "timed_samples": samples,
-                "cpu_s_per_sample": (self.cpu[w + n - 1] - self.cpu[w - 1]) / samples,
-                "step_s": [b - a for a, b in zip(self.ends[w - 1:], self.ends[w:])],
-                "vision_encodes_per_sample": (self.images_at[w + n] - self.images_at[w]) / samples,
-                "flops_per_sample": (self.flops or 0) / s.batch_size,
-                "flops_by_part_per_sample": {k: v / s.batch_size for k, v in self.flop_parts.items()},
+        return {**super().summary(),
                 "token_slots_per_sample": sum(self.slots) / total,
                 "real_tokens_per_sample": sum(self.tokens) / total,
                 "rows_per_step": sum(self.rows) / s.total_steps}
 
 
-def _setup_child(spec: Spec):
-    import torch
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    torch.manual_seed(spec.seed)
-    common._register_cpu_attention_flops()
-    from transformers.models.clip.modeling_clip import CLIPVisionModel
-    return common.VisionCounter(CLIPVisionModel)
-
-
 # ------------------------------------------------------------------------------------ our sides
-class OursClock:
-    """The engine callback that times our side's optimizer steps (the first under the FLOP
-    counter)."""
-
-    def __init__(self, spec: Spec, clock: StepClock):
-        self.spec, self.clock = spec, clock
-        self.marks: dict[str, float] = {"start": time.perf_counter()}
-
-    def wrap(self, engine, name: str, **info):
-        if name != "step":
-            return contextlib.nullcontext()
-        return self._step()
-
-    @contextlib.contextmanager
-    def _step(self):
-        clock = self.clock
-        if not clock.ends:
-            self.marks["first_step"] = time.perf_counter()
-            with common._flop_mode() as mode:
-                yield
-            clock.record_flops(mode)
-        else:
-            yield
-        clock.step_done()
-
-
 def run_ours(spec: Spec, packing: bool) -> dict:
     """vlmalign's ``train_sft``, with or without ``data.packing``."""
-    vision = _setup_child(spec)
-    base_mb = common._rss_mb()
+    vision = harness.setup_child(spec)
+    base_mb = harness.rss_mb()
     from vlmalign.config import load_config
     from vlmalign.data import batching
     from vlmalign.methods import sft
 
     clock = StepClock(spec, vision)
-    watch = OursClock(spec, clock)
+    watch = harness.EngineClock(spec, clock)
     collate = batching.SFTCollator.__call__
 
     def counted(self, examples):  # token slots and rows of every micro-batch the engine builds
@@ -270,11 +194,8 @@ def run_ours(spec: Spec, packing: bool) -> dict:
     ]
     cfg = load_config(sft.SFTConfig, None, overrides)
     result, adapter = sft.train_sft(cfg, callbacks=[watch])
-    out = clock.summary()
-    out.update({"peak_mem_mb": common._peak_mb(), "base_mem_mb": base_mb,
-                "setup_s": watch.marks["first_step"] - watch.marks["start"],
-                "final_loss": result.metrics.get("loss"), "trainable_params": common._trainable(adapter.model)})
-    return out
+    return harness.side_result(clock, base_mb, watch.marks["first_step"] - watch.marks["start"],
+                               result.metrics.get("loss"), adapter.model)
 
 
 # ------------------------------------------------------------------------------------ TRL side
@@ -297,115 +218,36 @@ def _trl_refuses_packing(model, processor, dataset, args_kw: dict) -> dict:
 def run_trl(spec: Spec) -> dict:
     """TRL 1.16 ``SFTTrainer`` on the same directory and records (prompt-completion format,
     completion-only loss, its vision collator)."""
-    vision = _setup_child(spec)
-    base_mb = common._rss_mb()
-    import torch
+    vision = harness.setup_child(spec)
+    base_mb = harness.rss_mb()
     import trl
-    from datasets import Dataset
-    from PIL import Image
-    from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     marks = {"start": time.perf_counter()}
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.dtype]
-    model = LlavaForConditionalGeneration.from_pretrained(spec.model_dir, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(spec.model_dir)
-    model.model.vision_tower.requires_grad_(False)
-
-    root = Path(spec.data_file).parent
-    rows = {"images": [], "prompt": [], "completion": []}
-    for r in json.loads(Path(spec.data_file).read_text())[: spec.samples]:
-        with Image.open(root / r["image"]) as im:
-            rows["images"].append([im.convert("RGB")])
-        question = r["conversations"][0]["value"].replace("<image>\n", "")
-        rows["prompt"].append([{"role": "user", "content": question}])
-        rows["completion"].append([{"role": "assistant", "content": r["conversations"][1]["value"]}])
-    dataset = Dataset.from_dict(rows)
+    model, processor = harness.trl_model(spec)
+    dataset = harness.trl_dataset(spec, spec.samples, lambda r: {
+        "prompt": [{"role": "user", "content": r["conversations"][0]["value"].replace("<image>\n", "")}],
+        "completion": [{"role": "assistant", "content": r["conversations"][1]["value"]}]})
     clock = StepClock(spec, vision)
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            clock.step_done()
-
-    args_kw = dict(
-        output_dir=f"{spec.work_dir}/run-trl", per_device_train_batch_size=spec.batch_size,
-        max_steps=spec.total_steps, learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, seed=spec.seed, report_to="none", save_strategy="no",
-        logging_steps=1, use_cpu=spec.device == "cpu", bf16=spec.dtype == "bf16", fp16=spec.dtype == "fp16",
-        dataloader_num_workers=0, max_length=None, disable_tqdm=True, activation_checkpointing=False,
-    )
+    args_kw = harness.trl_args(spec, activation_checkpointing=False)
     refusals = _trl_refuses_packing(model, processor, dataset, args_kw)
     trainer = SFTTrainer(model=model, args=SFTConfig(**args_kw), train_dataset=dataset, processing_class=processor,
-                         callbacks=[Clock()])
-    original = trainer.training_step
-
-    def training_step(model_, inputs, *a, **kw):
-        clock.record_batch(inputs["input_ids"], inputs["attention_mask"])
-        if not clock.ends and "first_step" not in marks:
-            marks["first_step"] = time.perf_counter()
-            with common._flop_mode() as mode:
-                out = original(model_, inputs, *a, **kw)
-            clock.record_flops(mode)
-            return out
-        return original(model_, inputs, *a, **kw)
-
-    trainer.training_step = training_step
+                         callbacks=[harness.trl_step_callback(clock)])
+    harness.time_trl_steps(trainer, clock, marks,
+                           lambda inputs: clock.record_batch(inputs["input_ids"], inputs["attention_mask"]))
     result = trainer.train()
-    out = clock.summary()
-    out.update({"peak_mem_mb": common._peak_mb(), "base_mem_mb": base_mb,
-                "setup_s": marks["first_step"] - marks["start"], "final_loss": result.training_loss,
-                "trainable_params": common._trainable(trainer.model), "trl_version": trl.__version__,
-                "trl_packing": refusals})
-    return out
+    return harness.side_result(clock, base_mb, marks["first_step"] - marks["start"], result.training_loss,
+                               trainer.model, trl_version=trl.__version__, trl_packing=refusals)
 
 
-# ------------------------------------------------------------------------------------ harness
-def _child(side: str, spec_path: str, out_path: str) -> int:
-    spec = Spec(**json.loads(Path(spec_path).read_text()))
-    res = run_trl(spec) if side == "trl" else run_ours(spec, packing=side == "packed")
-    if spec.device == "cuda":
-        import torch
-        res["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    Path(out_path).write_text(json.dumps(res, indent=1))
-    return 0
-
-
-def _run_side(side: str, spec_path: Path, work: Path, round_i: int, quiet: bool) -> dict:
-    out = work / f"result-{side}-{round_i}.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", WANDB_DISABLED="true")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", side, "--_spec", str(spec_path),
-           "--_out", str(out)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"{side} run {round_i} failed (exit {proc.returncode}); output above")
-    res = json.loads(out.read_text())
-    res["process_s"] = time.perf_counter() - t0
-    if not quiet:
-        print(f"  round {round_i} {LABELS[side]:11s}: {res['samples_per_s']:.3f} samples/s  "
-              f"peak {res['peak_mem_mb']:.0f} MB  ({res['process_s']:.0f} s in all)", flush=True)
-    return res
-
-
+# ------------------------------------------------------------------------------------ report
 def _aggregate(runs: list[dict]) -> dict:
     """Median throughput over rounds, max memory; per-sample counts from the rounds."""
-    agg = {k: statistics.median(r[k] for r in runs)
-           for k in ("samples_per_s", "cpu_s_per_sample", "vision_encodes_per_sample", "flops_per_sample",
-                     "token_slots_per_sample", "real_tokens_per_sample", "rows_per_step", "base_mem_mb", "setup_s")}
-    agg.update({"peak_mem_mb": max(r["peak_mem_mb"] for r in runs),
-                "rounds_samples_per_s": [r["samples_per_s"] for r in runs],
-                "step_s": [s for r in runs for s in r["step_s"]],
-                "trainable_params": runs[0]["trainable_params"], "final_loss": runs[-1]["final_loss"],
-                "flops_by_part_per_sample": runs[0]["flops_by_part_per_sample"]})
+    agg = harness.aggregate(runs, "sample", medians=("token_slots_per_sample", "real_tokens_per_sample",
+                                                     "rows_per_step"))
     for k in ("trl_version", "trl_packing"):
         if k in runs[0]:
             agg[k] = runs[0][k]
-    if "peak_gpu_mem_mb" in runs[0]:
-        agg["peak_gpu_mem_mb"] = max(r["peak_gpu_mem_mb"] for r in runs)
     return agg
 
 
@@ -436,8 +278,7 @@ def _table(report: dict, sides: list[str]) -> str:
         f"SFT throughput: vlmalign {' and '.join(LABELS[s] for s in cols if s != 'trl')}"
         + (f" vs TRL {trl.get('trl_version', '?')} SFTTrainer" if trl else "")
         + f"  (preset {m['preset']}, {m['dtype']} on {m['device']}, {m['threads']} threads)",
-        f"model   LLaVA-1.5 architecture, random init: LM {m['arch']['hidden']}x{m['arch']['layers']} layers, "
-        f"vision {m['arch']['vision_hidden']}x{m['arch']['vision_layers']}, vocab {m['vocab_size']}",
+        harness.model_line(m),
         f"tokens  per sample {seq['sample_tokens_mean']:.0f} on average ({seq['sample_tokens_min']}-"
         f"{seq['sample_tokens_max']}): image {seq['image_tokens']:.0f}, supervised "
         f"{seq['supervised_tokens_mean']:.0f}",
@@ -489,87 +330,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="samples per step (unset: the preset's)")
     p.add_argument("--pack-length", type=int, default=None,
                    help="the packed side's data.pack_length (unset: the preset's)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per run (the first counts FLOPs)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per run")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved runs per side (medians are reported)")
-    p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (constant) on every side")
+    harness.add_step_options(p, steps=5, rounds=2, lr=2e-5, who="every side")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per process (0: torch's default; unset: 1 on CPU, 0 on CUDA; see "
                         "dpo_throughput.py --help for why one on a shared CPU)")
-    p.add_argument("--sides", default="ours,packed,trl", help="comma list of sides to run")
-    p.add_argument("--work-dir", default=None,
-                   help="where the model, data and runs go (unset: a temp dir, removed at the end)")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the report here")
-    p.add_argument("--quiet", action="store_true", help="print only the table")
-    p.add_argument("--_child", help=argparse.SUPPRESS)
-    p.add_argument("--_spec", help=argparse.SUPPRESS)
-    p.add_argument("--_out", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
-        p.error("--warmup, --steps and --rounds must be at least 1")
-    return args
+    harness.add_run_options(p, SIDES)
+    return harness.parse(p, argv)
+
+
+def _run(side: str, spec: Spec) -> dict:
+    return run_trl(spec) if side == "trl" else run_ours(spec, packing=side == "packed")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args._child:
-        return _child(args._child, args._spec, args._out)
-    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    if set(sides) - set(SIDES) or not sides:
-        raise SystemExit(f"--sides: choose from {', '.join(SIDES)}")
-    arch = dict(common.PRESETS[args.preset])
+        return harness.child(Spec, _run, args._child, args._spec, args._out)
+    sides = harness.chosen_sides(args.sides, SIDES)
+    arch = dict(harness.PRESETS[args.preset])
     shapes = SHAPES[args.preset]
-    tmp = None
-    if args.work_dir:
-        work = Path(args.work_dir).resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="sft-bench-")
-        work = Path(tmp.name)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    import torch
-    spec = Spec(preset=args.preset, device=args.device, dtype=args.dtype,
-                batch_size=args.batch_size or shapes["batch_size"], warmup=args.warmup, steps=args.steps,
-                lr=args.lr, threads=args.threads if args.threads is not None else (1 if args.device == "cpu" else 0),
-                max_length=shapes["max_length"], pack_length=args.pack_length or shapes["pack_length"], arch=arch,
-                work_dir=str(work))
-    if spec.pack_length < spec.max_length:
-        raise SystemExit(f"--pack-length must be at least the preset's data.max_length ({spec.max_length})")
-    if not args.quiet:
-        print(f"building model and {spec.samples} samples in {work}", flush=True)
-    model_dir = common.build_model(arch, work / "model", dtype=args.dtype)
-    data_file = build_data(arch, shapes, model_dir, work / "data", spec.samples)
-    spec.model_dir, spec.data_file = str(model_dir), str(data_file)
-    spec_path = work / "spec.json"
-    spec_path.write_text(json.dumps(asdict(spec), indent=1))
-    seq = sequence_stats(str(model_dir), str(data_file))
-    if seq["sample_tokens_max"] > spec.max_length:
-        raise SystemExit(f"a sample has {seq['sample_tokens_max']} tokens, over data.max_length {spec.max_length}")
+    with harness.work_dir(args.work_dir, "sft-bench-") as work:
+        spec = Spec(preset=args.preset, device=args.device, dtype=args.dtype,
+                    batch_size=args.batch_size or shapes["batch_size"], warmup=args.warmup, steps=args.steps,
+                    lr=args.lr, threads=harness.threads(args), max_length=shapes["max_length"],
+                    pack_length=args.pack_length or shapes["pack_length"], arch=arch, work_dir=str(work))
+        if spec.pack_length < spec.max_length:
+            raise SystemExit(f"--pack-length must be at least the preset's data.max_length ({spec.max_length})")
+        if not args.quiet:
+            print(f"building model and {spec.samples} samples in {work}", flush=True)
+        model_dir = harness.build_model(arch, work / "model", dtype=args.dtype)
+        data_file = build_data(arch, shapes, model_dir, work / "data", spec.samples)
+        spec.model_dir, spec.data_file = str(model_dir), str(data_file)
+        seq = sequence_stats(str(model_dir), str(data_file))
+        if seq["sample_tokens_max"] > spec.max_length:
+            raise SystemExit(f"a sample has {seq['sample_tokens_max']} tokens, over data.max_length "
+                             f"{spec.max_length}")
 
-    runs: dict[str, list[dict]] = {s: [] for s in sides}
-    for r in range(args.rounds):
-        order = sides if r % 2 == 0 else list(reversed(sides))
-        for side in order:
-            runs[side].append(_run_side(side, spec_path, work, r, args.quiet))
-    report: dict = {s: _aggregate(runs[s]) for s in sides}
-    from transformers import AutoConfig
-    cfg = AutoConfig.from_pretrained(str(model_dir))
-    report["setup"] = {
-        "preset": args.preset, "device": args.device, "dtype": args.dtype,
-        "threads": spec.threads or torch.get_num_threads(), "arch": arch, "shapes": shapes,
-        "vocab_size": cfg.text_config.vocab_size, "seq": seq, "batch_size": spec.batch_size,
-        "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "lr": args.lr,
-        "max_length": spec.max_length, "pack_length": spec.pack_length,
-        "timing": "samples_per_s: timed samples over the wall time of the timed training steps",
-        "memory": "peak_mem_mb: ru_maxrss of the side's own process (includes imports: base_mem_mb)",
-        "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
-    }
-    report["ratios"] = ratios(report)
-    print(_table(report, sides))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-    if tmp is not None:
-        tmp.cleanup()
+        runs = harness.run_rounds(__file__, sides, spec, work, args.rounds, args.quiet,
+                                  {s: f"{LABELS[s]:11s}" for s in sides}, "sample")
+        report: dict = {s: _aggregate(runs[s]) for s in sides}
+        report["setup"] = harness.setup_report(
+            args, spec, seq, shapes=shapes, max_length=spec.max_length, pack_length=spec.pack_length,
+            timing="samples_per_s: timed samples over the wall time of the timed training steps")
+        report["ratios"] = ratios(report)
+        print(_table(report, sides))
+        harness.write_report(report, args.json)
     return 0
 
 
