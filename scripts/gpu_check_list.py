@@ -180,7 +180,7 @@ CHECKS: list[Check] = [
           _metrics("dpo_tiny_bf16"), needs=("data",), timeout=180),
     Check("grpo_tiny_bf16", "GRPO, tiny LLaVA, bf16 (HF rollouts)", _train("grpo", "grpo_tiny_bf16", *GRPO,
           "model.tiny=llava", *BF16), _metrics("grpo_tiny_bf16"), needs=("data",), timeout=180),
-    Check("model_05b", "build a ~0.47B random LLaVA (benchmarks/dpo_throughput.build_model, bf16)",
+    Check("model_05b", "build a ~0.47B random LLaVA (benchmarks/_harness.build_model, bf16)",
           _probe("build-05b"), _json_file("model_05b/gpu_check_model.json", ("parameters",)), timeout=300),
     Check("sft_05b_bf16", "SFT, 0.47B, bf16, gradient checkpointing", _train("sft", "sft_05b_bf16", *SFT, *BIG,
           "model.gradient_checkpointing=true"), _metrics("sft_05b_bf16"), needs=("data", "model_05b"), timeout=240),
@@ -223,7 +223,7 @@ CHECKS: list[Check] = [
 # ---------------------------------------------------------------------------------- probes
 def build_05b(out: Path) -> None:
     import importlib.util
-    spec = importlib.util.spec_from_file_location("dpo_throughput", ROOT / "benchmarks" / "dpo_throughput.py")
+    spec = importlib.util.spec_from_file_location("_harness", ROOT / "benchmarks" / "_harness.py")
     bench = sys.modules[spec.name] = importlib.util.module_from_spec(spec)   # its dataclasses look it up
     spec.loader.exec_module(bench)
     d = bench.build_model(ARCH_05B, out / "model_05b", dtype="bf16")
