@@ -169,6 +169,10 @@ class VLMAdapter:
     # positions or attention depend on the whole sequence (M-RoPE, prefix-LM), with the reason.
     prefix_sharing: ClassVar[bool] = True
     prefix_sharing_note: ClassVar[str] = ""
+    # The training stage the adapter serves: "pretrain" (projector pretraining, methods/sft.py's
+    # pretrain sets it) or "finetune" (everything else). Families whose inputs or frozen parts
+    # differ by stage read it (AlignGPT's alignment levels, aligngpt.py).
+    stage: str = "finetune"
 
     def __init__(self, model: nn.Module, processor: Any):
         self.model = model
@@ -238,6 +242,13 @@ class VLMAdapter:
         for g, params in self.param_groups().items():
             for _, p in params:
                 p.requires_grad_(flags[g])
+
+    def record_inputs(self, record: Record, *, stage: str) -> dict[str, int]:
+        """Extra per-record forward inputs read from the record's fields in ``stage`` (one integer
+        per name, batched to a (B,) tensor and passed to ``forward``; AlignGPT's pretraining
+        passes each record's ``similarity`` bucket as ``alignment_level``). Raise a DataError
+        naming the field where the record lacks it. Default: none."""
+        return {}
 
     def lora_target_modules(self, include_vision: bool = False, include_head: bool = False) -> list[str]:
         """Full names of the Linear layers LoRA should wrap: the language model's by default."""
