@@ -65,7 +65,7 @@ def build_adapter(model_cfg, *, seed: int = 0, lora_cfg=None):
         check_qlora(model_cfg, lora_cfg)
     if model_cfg.tiny:
         model, processor = build_tiny(model_cfg.tiny, seed=seed)
-        return adapter_for(model, processor)
+        return with_alignment_levels(adapter_for(model, processor), model_cfg, seed)
     kwargs = {}
     dtype = resolve_dtype(model_cfg.dtype)
     if lora_cfg is not None and lora_cfg.qlora:
@@ -81,7 +81,22 @@ def build_adapter(model_cfg, *, seed: int = 0, lora_cfg=None):
             bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
             llm_int8_skip_modules=[p.rstrip(".").split(".")[-1] for p in
                                    (*cls.vision_prefixes, *cls.projector_prefixes, *cls.head_prefixes)])
-    return load_adapter(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code, dtype=dtype, **kwargs)
+    adapter = load_adapter(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code, dtype=dtype, **kwargs)
+    return with_alignment_levels(adapter, model_cfg, seed)
+
+
+def with_alignment_levels(adapter, model_cfg, seed: int = 0):
+    """``model.alignment_levels`` N > 0: the adapter of the model with N AlignGPT alignment levels
+    added (models/aligngpt.py), unless the model has its own already."""
+    n = getattr(model_cfg, "alignment_levels", 0)
+    if not n or getattr(adapter.model.config, "alignment_levels", None):
+        return adapter
+    if n < 2:
+        raise ModelError(f"model.alignment_levels {n}: at least 2 (local levels + the global one), or 0 for off")
+    from ..models import adapter_for
+    from ..models.aligngpt import add_alignment_levels
+    model, processor = add_alignment_levels(adapter.model, adapter.processor, levels=n, seed=seed)
+    return adapter_for(model.to(adapter.device, next(adapter.model.parameters()).dtype), processor)
 
 
 def prepare_trainable(adapter, cfg):

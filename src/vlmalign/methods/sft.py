@@ -72,8 +72,10 @@ class SFTMethod:
         # rows): prompt and image positions never build full-vocabulary logits.
         sup = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)
         pos = torch.nonzero(sup).squeeze(-1)                 # (P,) positions t predicting t+1
+        extra = {k: v for k, v in t.items() if k not in ("input_ids", "attention_mask", "labels")}
         out = self.adapter.forward(t["input_ids"], t["attention_mask"], encoded=enc,
-                                   image_indices=batch.image_indices, logits_to_keep=pos, use_cache=False)
+                                   image_indices=batch.image_indices, logits_to_keep=pos, use_cache=False,
+                                   **extra)
         logits = out.logits                                    # (B, P, V): logit p predicts token p+1
         targets = labels[:, 1:][:, pos]                        # (B, P)
         loss, m = sft_loss(logits, targets, num_items)
@@ -129,10 +131,13 @@ def make_evaluator(adapter, cfg: SFTConfig, eval_examples, collate):
 def train_sft(cfg: SFTConfig, adapter=None, callbacks=()) -> tuple[TrainResult, object]:
     """Run SFT (or pretraining, with its config). Returns the result and the trained adapter."""
     adapter = start_run(cfg, adapter)
+    # the stage families may read (AlignGPT: the record's alignment bucket in pretraining, frozen
+    # indicators otherwise)
+    adapter.stage = "pretrain" if isinstance(cfg, PretrainConfig) else "finetune"
 
     def tok(rec, imgs):
         t = adapter.tokenize_record(rec, imgs, max_length=cfg.data.max_length)
-        return {"input_ids": t.input_ids, "labels": t.labels}
+        return {"input_ids": t.input_ids, "labels": t.labels, **adapter.record_inputs(rec, stage=adapter.stage)}
 
     examples, loader, eval_examples, eval_loader = load_splits(
         cfg.data, lambda path, limit: load_examples(path, cfg.data, adapter, tok, kind="conversation",
