@@ -99,9 +99,11 @@ def with_alignment_levels(adapter, model_cfg, seed: int = 0):
     return adapter_for(model.to(adapter.device, next(adapter.model.parameters()).dtype), processor)
 
 
-def prepare_trainable(adapter, cfg):
+def prepare_trainable(adapter, cfg, stage: str = "finetune"):
     """Every trainer's last step before the loop: returns ``(module to train, projector names,
-    vision names)``.
+    vision names)``. ``stage`` (``pretrain`` for projector pretraining, else ``finetune``)
+    becomes ``adapter.stage``, which families with stage rules read (AlignGPT freezes its
+    indicators in fine-tuning).
 
     LoRA on a model built in memory (no ``model.path``) first saves its base under
     ``train.output_dir/base_model`` so the adapter can be reloaded and exported; group parameter
@@ -112,6 +114,7 @@ def prepare_trainable(adapter, cfg):
     from ..engine.run_dir import claim_output_dir
     validate_config(cfg)
     claim_output_dir(cfg.train)  # refuse an earlier run's directory before writing anything into it
+    adapter.stage = stage
     if cfg.lora.enabled and not cfg.model.path:
         base = Path(cfg.train.output_dir) / "base_model"
         if cfg.train.overwrite or not (base / "config.json").exists():

@@ -132,18 +132,18 @@ def train_sft(cfg: SFTConfig, adapter=None, callbacks=()) -> tuple[TrainResult, 
     """Run SFT (or pretraining, with its config). Returns the result and the trained adapter."""
     adapter = start_run(cfg, adapter)
     # the stage families may read (AlignGPT: the record's alignment bucket in pretraining, frozen
-    # indicators otherwise)
-    adapter.stage = "pretrain" if isinstance(cfg, PretrainConfig) else "finetune"
+    # indicators in fine-tuning)
+    stage = "pretrain" if isinstance(cfg, PretrainConfig) else "finetune"
 
     def tok(rec, imgs):
         t = adapter.tokenize_record(rec, imgs, max_length=cfg.data.max_length)
-        return {"input_ids": t.input_ids, "labels": t.labels, **adapter.record_inputs(rec, stage=adapter.stage)}
+        return {"input_ids": t.input_ids, "labels": t.labels, **adapter.record_inputs(rec, stage=stage)}
 
     examples, loader, eval_examples, eval_loader = load_splits(
         cfg.data, lambda path, limit: load_examples(path, cfg.data, adapter, tok, kind="conversation",
                                                     limit=limit)[:2])
     collate = SFTCollator(loader, adapter.tokenizer.pad_token_id)
-    model, projector, vision = prepare_trainable(adapter, cfg)
+    model, projector, vision = prepare_trainable(adapter, cfg, stage)
     evaluate = None
     if eval_examples or cfg.eval.vqa_file or cfg.eval.pope_file:
         ecollate = SFTCollator(eval_loader, adapter.tokenizer.pad_token_id) if eval_examples else None

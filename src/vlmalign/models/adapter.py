@@ -169,10 +169,10 @@ class VLMAdapter:
     # positions or attention depend on the whole sequence (M-RoPE, prefix-LM), with the reason.
     prefix_sharing: ClassVar[bool] = True
     prefix_sharing_note: ClassVar[str] = ""
-    # The training stage the adapter serves: "pretrain" (projector pretraining, methods/sft.py's
-    # pretrain sets it) or "finetune" (everything else). Families whose inputs or frozen parts
-    # differ by stage read it (AlignGPT's alignment levels, aligngpt.py).
-    stage: str = "finetune"
+    # The training stage the adapter serves: None outside training, "pretrain" (projector
+    # pretraining) or "finetune" (every other method), set by methods/setup.prepare_trainable.
+    # Families whose inputs or frozen parts differ by stage read it (AlignGPT, aligngpt.py).
+    stage: str | None = None
 
     def __init__(self, model: nn.Module, processor: Any):
         self.model = model

@@ -274,7 +274,8 @@ def add_alignment_levels(model, processor, levels: int = 8, gate_hidden: int = 2
 class AlignGPTAdapter(LlavaAdapter):
     """LLaVA's layout with one ``<align>`` position per sequence. In pretraining each record's
     ``similarity`` (its alignment bucket, see ``vlmalign data align-levels``) goes to the model as
-    ``alignment_level``; in every other stage the gate mixes the indicators, which stay frozen."""
+    ``alignment_level``; in fine-tuning (every other method) the gate mixes the indicators, which
+    stay frozen; outside training (stage None) nothing is frozen by this class."""
 
     family = MODEL_TYPE
     model_types = (MODEL_TYPE,)
@@ -300,7 +301,7 @@ class AlignGPTAdapter(LlavaAdapter):
     def set_trainable(self, *, vision: bool, projector: bool, language: bool, head: bool | None = None):
         super().set_trainable(vision=vision, projector=projector, language=language, head=head)
         # AlignGPT: the indicators learn in pretraining only; fine-tuning trains the gate
-        if self.stage != "pretrain":
+        if self.stage == "finetune":
             self.model.model.alignment.indicators.requires_grad_(False)
 
 
