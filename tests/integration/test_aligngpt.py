@@ -115,6 +115,19 @@ def test_fine_tuning_trains_the_gate_and_keeps_the_indicators_frozen(world, tmp_
         assert not torch.equal(after[k], before[k]), f"{k} did not move"
 
 
+def test_lora_fine_tuning_keeps_the_indicators_frozen_in_peft_copies(world, tmp_path):
+    before = load_adapter(str(world / "model")).model.state_dict()
+    cfg = _cfg(world, tmp_path / "lora", SFTConfig, f"data.train_file={world / 'data' / 'vqa_train.json'}",
+               "lora.enabled=true")
+    _, adapter = train_sft(cfg)
+    copies = {n: p for n, p in adapter.model.named_parameters() if ".alignment.modules_to_save." in n}
+    assert copies, "the projector's alignment module is a PEFT modules_to_save copy"
+    for n, p in copies.items():
+        key = "model.alignment." + n.split(".modules_to_save.default.")[1]
+        assert p.requires_grad == (key != "model.alignment.indicators"), n
+        assert torch.equal(p.detach(), before[key]) == (key == "model.alignment.indicators"), n
+
+
 def test_save_and_reload_give_identical_logits(world, tmp_path):
     adapter = load_adapter(str(world / "model"))
     batch = _pretrain_batch(adapter, world)

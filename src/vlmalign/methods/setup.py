@@ -162,6 +162,11 @@ def configure_trainable(adapter, model_cfg, lora_cfg):
     for n, p in peft_model.base_model.model.named_parameters():
         if n in bare:
             p.requires_grad_(True)
+    # what the family keeps frozen stays frozen in PEFT's trainable copies (modules_to_save)
+    frozen = adapter.frozen_parameter_names()
+    for n, p in peft_model.base_model.model.named_parameters():
+        if n.replace(".modules_to_save.default.", ".").replace(".original_module.", ".") in frozen:
+            p.requires_grad_(False)
     return peft_model
 
 

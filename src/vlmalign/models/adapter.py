@@ -239,9 +239,16 @@ class VLMAdapter:
         """Freeze or unfreeze whole groups (head follows language unless given)."""
         flags = {"vision": vision, "projector": projector, "language": language,
                  "head": language if head is None else head}
+        frozen = self.frozen_parameter_names()
         for g, params in self.param_groups().items():
-            for _, p in params:
-                p.requires_grad_(flags[g])
+            for name, p in params:
+                p.requires_grad_(flags[g] and name not in frozen)
+
+    def frozen_parameter_names(self) -> set[str]:
+        """Parameters the family keeps frozen in the current ``stage`` whatever the groups say
+        (AlignGPT's indicators in fine-tuning); methods/setup.py keeps them frozen under LoRA too,
+        where PEFT copies the projector. Default: none."""
+        return set()
 
     def record_inputs(self, record: Record, *, stage: str) -> dict[str, int]:
         """Extra per-record forward inputs read from the record's fields in ``stage`` (one integer

@@ -298,11 +298,9 @@ class AlignGPTAdapter(LlavaAdapter):
                                self.record_field)
         return {"alignment_level": value}
 
-    def set_trainable(self, *, vision: bool, projector: bool, language: bool, head: bool | None = None):
-        super().set_trainable(vision=vision, projector=projector, language=language, head=head)
+    def frozen_parameter_names(self) -> set[str]:
         # AlignGPT: the indicators learn in pretraining only; fine-tuning trains the gate
-        if self.stage == "finetune":
-            self.model.model.alignment.indicators.requires_grad_(False)
+        return {"model.alignment.indicators"} if self.stage == "finetune" else set()
 
 
 @register_tiny(MODEL_TYPE)
