@@ -178,6 +178,25 @@ def test_missing_or_out_of_range_bucket_is_named(world, tmp_path):
     assert adapter.record_inputs(type("R", (), {"meta": {}})(), stage="finetune") == {}
 
 
+def test_train_pretrain_command_reads_the_buckets_and_names_a_bad_one(world, tmp_path):
+    from vlmalign.cli.main import main
+    common = [f"model.path={world / 'model'}", "data.max_length=256", "train.max_steps=1", "train.batch_size=4",
+              "train.progress=false"]
+    assert main(["train", "pretrain", *common, f"data.train_file={world / 'data' / 'captions_levels.json'}",
+                 f"train.output_dir={tmp_path / 'ok'}"]) == 0
+    recs = json.loads((world / "data" / "captions_levels.json").read_text())
+    del recs[2]["similarity"]
+    (world / "data" / "missing_cli.json").write_text(json.dumps(recs))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["train", "pretrain", *common, f"data.train_file={world / 'data' / 'missing_cli.json'}",
+                   f"train.output_dir={tmp_path / 'bad'}"])
+    assert rc != 0 and "missing_cli.json: record 2: field 'similarity': missing" in err.getvalue()
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+        main(["train", "pretrain", "--help"])
+    assert "alignment_levels" in out.getvalue()
+
+
 def _tiny_clip(path: Path) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
