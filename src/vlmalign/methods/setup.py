@@ -93,6 +93,10 @@ def with_alignment_levels(adapter, model_cfg, seed: int = 0):
         return adapter
     if n < 2:
         raise ModelError(f"model.alignment_levels {n}: at least 2 (local levels + the global one), or 0 for off")
+    if getattr(adapter.model, "is_quantized", False):
+        raise ModelError("model.alignment_levels cannot convert a quantized (QLoRA) model: add the levels first "
+                         "(vlmalign models compose --alignment-levels, or a pretraining run without QLoRA) and "
+                         "start from that directory")
     from ..models import adapter_for
     from ..models.aligngpt import add_alignment_levels
     model, processor = add_alignment_levels(adapter.model, adapter.processor, levels=n, seed=seed)
