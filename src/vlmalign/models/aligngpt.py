@@ -281,6 +281,10 @@ class AlignGPTAdapter(LlavaAdapter):
     model_types = (MODEL_TYPE,)
     projector_prefixes = ("model.multi_modal_projector.", "model.alignment.")
     record_field = "similarity"
+    # read by sequence packing where the engine has it (data.packing): a row holds one <align>
+    # position and one alignment level, so several samples cannot share a row
+    packing_refused = ("a row holds one <align> position and one alignment level (AlignGPT), so samples "
+                       "cannot be packed together")
 
     def record_inputs(self, record, *, stage: str) -> dict[str, int]:
         if stage != "pretrain":

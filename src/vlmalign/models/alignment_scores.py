@@ -90,7 +90,9 @@ def load_scorer(path: str):
 
     from .loading import read_config
     config = read_config(path)
-    if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or config.model_type.startswith("vlmalign_"):
+    from .aligngpt import MODEL_TYPE as ALIGNGPT
+    from .resampler import MODEL_TYPE as RESAMPLER
+    if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or config.model_type in (RESAMPLER, ALIGNGPT):
         return _VLM(path)
     return _DualEncoder(path)
 
