@@ -245,3 +245,9 @@ def test_align_levels_names_a_record_without_an_image(world, tmp_path):
     with pytest.raises(DataError) as e:
         align_levels(str(tmp_path / "noimg.json"), str(world / "model"), str(tmp_path / "o.json"), buckets=4)
     assert e.value.index == 1 and e.value.field == "image" and e.value.file.endswith("noimg.json")
+
+
+def test_sequence_packing_is_refused_by_name(world):
+    from vlmalign.errors import ModelError
+    with pytest.raises(ModelError, match="vlmalign_aligngpt: data.packing is not supported: a row holds one <align>"):
+        load_adapter(str(world / "model")).check_packing()

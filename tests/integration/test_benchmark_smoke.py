@@ -59,3 +59,37 @@ def test_smoke_run_writes_the_report(tmp_path):
     assert ours["trainable_params"] == trl["trainable_params"]
     assert trl["trl_mean_row_tokens"] == pytest.approx(rep["setup"]["seq"]["sequence_tokens"])
     assert "pairs/s, training steps" in proc.stdout
+
+
+SFT_SCRIPT = ROOT / "benchmarks" / "sft_throughput.py"
+SFT_KEYS = {"samples_per_s", "peak_mem_mb", "flops_per_sample", "token_slots_per_sample", "real_tokens_per_sample"}
+
+
+def test_sft_smoke_run_writes_the_report(tmp_path):
+    """benchmarks/sft_throughput.py: our SFT unpacked and packed and TRL's SFTTrainer, one step each."""
+    out = tmp_path / "report.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, str(SFT_SCRIPT), "--preset", "smoke", "--rounds", "1", "--warmup", "1",
+                           "--steps", "1", "--quiet", "--work-dir", str(tmp_path / "work"), "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rep = json.loads(out.read_text())
+    ours, packed, trl = rep["ours"], rep["packed"], rep["trl"]
+    for side in (ours, packed, trl):
+        assert SFT_KEYS <= set(side)
+        assert side["samples_per_s"] > 0 and side["flops_per_sample"] > 0
+        assert side["peak_mem_mb"] >= side["base_mem_mb"] > 0
+        assert side["vision_encodes_per_sample"] == 1.0
+    # the same samples and tokens on every side; packing computes fewer token slots in fewer rows
+    assert ours["real_tokens_per_sample"] == packed["real_tokens_per_sample"] == trl["real_tokens_per_sample"]
+    assert ours["token_slots_per_sample"] == trl["token_slots_per_sample"]
+    assert packed["rows_per_step"] < ours["rows_per_step"] == rep["setup"]["batch_size"]
+    assert ours["trainable_params"] == packed["trainable_params"] == trl["trainable_params"]
+    r = rep["ratios"]
+    assert r["packed_vs_ours"]["samples_per_s"] == pytest.approx(packed["samples_per_s"] / ours["samples_per_s"])
+    assert r["ours_vs_trl"]["peak_mem"] == pytest.approx(ours["peak_mem_mb"] / trl["peak_mem_mb"])
+    # TRL 1.16 refuses packing and padding-free training for vision data; the report says so
+    assert trl["trl_packing"]["packing"].startswith("refused")
+    assert trl["trl_packing"]["padding_free"].startswith("refused")
+    assert "samples/s, training steps" in proc.stdout

@@ -416,7 +416,16 @@ def _pixel_token_logps(adapter, batch) -> list[torch.Tensor]:
 
 
 def _expected_losses(d, batch, pol, ref):
-    """The loss functions of losses/preference.py applied to per-row log-probs, by hand."""
+    """The loss functions of losses/preference.py applied to per-row log-probs, by hand, plus
+    ``rpo_alpha`` times the chosen rows' per-token NLL."""
+    losses = _expected_preference_losses(d, batch, pol, ref)
+    if d.rpo_alpha:
+        chosen = pol[batch.row_names.index("chosen") * batch.size:][:batch.size]
+        losses = losses + d.rpo_alpha * torch.stack([-x.mean() for x in chosen])
+    return losses
+
+
+def _expected_preference_losses(d, batch, pol, ref):
     from vlmalign.losses.preference import (changed_token_weights, dpo_loss, mdpo_loss, orpo_loss,
                                             simpo_loss)
     B = batch.size
@@ -474,6 +483,23 @@ def test_each_loss_is_wired_to_its_function(world, loss):
     assert abs(float(sums["loss"]) - float(want.sum())) <= TOL * abs(float(want.sum()))
     value.backward()
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in ad.model.parameters())
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "token_weighted"])
+def test_rpo_adds_the_chosen_nll_to_each_loss(world, loss):
+    """dpo.rpo_alpha: the method's loss is its preference loss plus alpha x the chosen rows'
+    per-token NLL, from each row's own pixel forward; the nll is logged."""
+    settings = {**LOSS_SETTINGS.get(loss, {}), "rpo_alpha": 0.7}
+    ad, ref, cfg, batch, _, _ = _method_and_batch(loss=loss, data=world / "data" / "dpo_train.json", n=2, **settings)
+    _perturb_language(ad)
+    ad.model.eval()
+    value, sums = DPOMethod(ad, cfg.dpo, ref=Reference(ref, share_features=True)).compute_loss(batch, batch.size)
+    pol = _pixel_token_logps(ad, batch)
+    want = _expected_losses(cfg.dpo, batch, pol, _pixel_token_logps(ref, batch))
+    without = _expected_preference_losses(cfg.dpo, batch, pol, _pixel_token_logps(ref, batch))
+    assert float(want.mean() - without.mean()) > 0.01          # the term is not negligible here
+    assert abs(float(value) - float(want.mean())) <= TOL * abs(float(want.mean()))
+    assert float(sums["nll"]) == pytest.approx(float((want - without).sum()) / 0.7, rel=1e-4)
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl", "mllama"])
@@ -571,6 +597,8 @@ def test_bad_settings_are_refused(world, tmp_path):
         train_dpo(_cfg(world, tmp_path / "x", "dpo.loss=cdpo"))
     with pytest.raises(VlmalignError, match="label_smoothing applies to"):
         train_dpo(_cfg(world, tmp_path / "y", "dpo.loss=ipo", "dpo.label_smoothing=0.1"))
+    with pytest.raises(VlmalignError, match="rpo_alpha does not apply to dpo.loss=orpo"):
+        train_dpo(_cfg(world, tmp_path / "w", "dpo.loss=orpo", "dpo.rpo_alpha=1.0"))
     other = save_tiny("idefics3", str(tmp_path / "idefics3"))
     with pytest.raises(VlmalignError, match="the reference must be the policy's family"):
         train_dpo(_cfg(world, tmp_path / "z", f"ref.path={other}"))

@@ -4,8 +4,9 @@ expected launcher, and every nested DeepSpeed/FSDP key is an option accelerate k
 only checks top-level keys; a misspelt nested key would be silently ignored). The environment
 accelerate's launcher gives its processes tells the engine what it asked for (engine/scaling.py:
 sharding, offload), the multi-machine file yields the torchrun arguments it should, and on a
-machine without CUDA the configs that can run there launch two processes that train, while the
-sharded ones are refused with a clear message."""
+machine without CUDA the configs that can run there launch two processes that train (fsdp.yaml's
+launch on CPU processes: tests/integration/test_fsdp2.py), while DeepSpeed and CPU offload are
+refused with a clear message."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ PLANS = {
     "ddp.yaml": LaunchPlan(), "cpu2.yaml": LaunchPlan(), "multinode.yaml": LaunchPlan(),
     "zero2.yaml": LaunchPlan("deepspeed", 2), "zero3.yaml": LaunchPlan("deepspeed", 3),
     "zero3_offload.yaml": LaunchPlan("deepspeed", 3, offload_optimizer="cpu"),
-    "fsdp.yaml": LaunchPlan("fsdp"), "fsdp_offload.yaml": LaunchPlan("fsdp", None, "cpu", "cpu"),
+    "fsdp.yaml": LaunchPlan("fsdp", fsdp_version=2),
+    "fsdp_offload.yaml": LaunchPlan("fsdp", None, "cpu", "cpu", fsdp_version=2),
 }
 
 
@@ -97,10 +99,12 @@ def test_the_launch_environment_tells_the_engine_what_was_asked(name):
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_without_cuda_only_the_unsharded_configs_start(name):
+def test_without_cuda_the_configs_without_deepspeed_or_offload_start(name):
+    """DDP and FSDP (which the engine carries out with FSDP2, engine/sharding.py) start on CPU
+    processes; DeepSpeed and CPU offload need CUDA and are refused."""
     plan = launch_plan(_launch_env(name)[1])
     assert check_launch("adamw", cuda=True, plan=plan) == plan
-    if plan.sharding is None:
+    if plan.sharding is None or (plan.sharding == "fsdp" and not plan.offloads):
         assert check_launch("adamw", cuda=False, plan=plan) == plan
         return
     with pytest.raises(ScalingError, match="needs CUDA GPUs; this machine has none") as ei:
@@ -167,7 +171,7 @@ def test_a_cpu_launch_starts_two_processes_that_train(tmp_path, name, flags):
 
 @pytest.mark.slow
 def test_an_fsdp_launch_without_cuda_is_refused_before_training(tmp_path):
-    """accelerate itself would run FSDP on CPU processes as plain DDP; the engine refuses it."""
+    """FSDP's CPU offload needs CUDA: the engine refuses it on CPU processes before training."""
     r, out = _launch_tiny_sft(tmp_path, "fsdp_offload.yaml", "--num_processes", "2", port=29551)
     assert r.returncode != 0
     assert "launched for FSDP (ACCELERATE_USE_FSDP=true) with CPU offload, which needs CUDA GPUs" in r.stderr

@@ -7,11 +7,13 @@ import argparse
 import json
 from pathlib import Path
 
+from ..config.sections import DataSection
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.readers import FORMATS
 from ..data.schema import RECORD_KINDS
 from ..data.writers import WRITE_FORMATS
 from .args import positive_int
+from .args import config_flags
 
 FORMAT_HELP = (f"input format: auto (default: detect from the file), {', '.join(FORMATS)} "
                "(aliases: vlquery_json=llava, hf/parquet=trl, native=vlmalign)")
@@ -22,6 +24,8 @@ ROOT_HELP = ("folder that image paths are relative to; paths may not leave it "
 PIXELS_HELP = ("pixel budget: refuse images whose header declares more pixels, before "
                "decoding them (decompression bombs); 0: no budget besides PIL's own limit "
                "(default: %(default)s = 8192 x 8192)")
+# the per-sample caps: declared once, in the data section of training (data.max_images, ...)
+SAMPLE_CAPS = ("max_images", "max_sample_pixels")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -45,6 +49,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="sequence length limit for the --model check")
     p.add_argument("--no-images", action="store_true", help="skip opening the images")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=PIXELS_HELP)
+    config_flags(p, DataSection, SAMPLE_CAPS)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_validate)
 
@@ -77,6 +82,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-images", action="store_true",
                    help="do not open the images (bad records then count the reader's checks only)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=PIXELS_HELP)
+    config_flags(p, DataSection, SAMPLE_CAPS)
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.set_defaults(func=cmd_stats)
 
@@ -129,7 +135,8 @@ def cmd_validate(args) -> int:
 
     report = validate_file(args.file, args.image_root, format=args.format, kind=args.kind,
                            check_images=not args.no_images, adapter=adapter,
-                           max_length=args.max_length, max_pixels=args.max_pixels or None)
+                           max_length=args.max_length, max_pixels=args.max_pixels or None,
+                           max_images=args.max_images, max_sample_pixels=args.max_sample_pixels)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -137,8 +144,16 @@ def cmd_validate(args) -> int:
             print(p.message)
         for p in report.warnings:
             print(f"warning: {p.message}")
+        if report.one_placeholder:
+            print(f"note: {_one_placeholder_note(report.one_placeholder)}")
         print(report.summary())
     return 0 if report.ok else 1
+
+
+def _one_placeholder_note(n: int) -> str:
+    return (f"{n} record{'s' if n != 1 else ''} wrote one <image> for all of their images "
+            "(Vision-LLM-Alignment's multi-image layout: \"image\": \"a.jpg,b.jpg\"); each such "
+            "placeholder stands for the record's images in order and is expanded to one per image")
 
 
 def _missing_image(err, root_given: bool) -> bool:
@@ -212,7 +227,8 @@ def cmd_stats(args) -> int:
     tok = _tokenizer(args.model) if args.model else None
     s = compute_stats(args.file, args.image_root, format=args.format, kind=args.kind,
                       tokenizer=tok, check_images=not args.no_images,
-                      max_pixels=args.max_pixels or None)
+                      max_pixels=args.max_pixels or None, max_images=args.max_images,
+                      max_sample_pixels=args.max_sample_pixels)
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -237,6 +253,7 @@ def cmd_stats(args) -> int:
     print(f"distinct images: {s['distinct_images']}")
     print(f"duplicate ids: {s['duplicate_ids']}")
     print(f"conversations ending with an unanswered user turn: {s['unanswered_last_turns']}")
+    print(f"records with one <image> for several images (expanded): {s['one_placeholder_records']}")
     return 0
 
 

@@ -49,6 +49,11 @@ class DataSection:
     max_pixels: int | None = opt(8192 * 8192, "pixel budget per image: an image whose header declares more "
                                               "is refused (or skipped) before decoding; null: no budget "
                                               "besides PIL's own limit", ge=1)
+    max_images: int | None = opt(None, "images per sample: a record whose prompt holds more is refused (or "
+                                       "skipped), naming the record and the limit; null: no cap", ge=1)
+    max_sample_pixels: int | None = opt(None, "pixel budget per sample: a record whose images hold more pixels "
+                                              "together (width x height summed, from the headers) is refused "
+                                              "(or skipped); null: no budget", ge=1)
     max_train_samples: int | None = opt(None, "use only the first N training records (null: all)", ge=1)
     max_eval_samples: int | None = opt(None, "use only the first N evaluation records (null: all)", ge=1)
 
@@ -80,6 +85,11 @@ class TrainSection:
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", ge=1)
     precision: str = opt("auto", "auto (bf16 on GPU when supported, else fp32), fp32, bf16, fp16",
                          ("auto", "fp32", "bf16", "fp16"))
+    sharding: str = opt("none", "none: every process holds the whole model (DDP); fsdp2: the engine shards "
+                                "parameters, gradients and optimizer state over the processes with torch's "
+                                "FSDP2 (fully_shard), on CPU (gloo) or GPUs; an accelerate launch with an FSDP "
+                                "config asks for the same (the offline methods, not online RL)",
+                        ("none", "fsdp2"))
     log_every: int = opt(1, "log metrics every N optimizer steps", ge=1)
     eval_every: int = opt(0, "evaluate every N steps (0: only at the end)", ge=0)
     save_every: int = opt(0, "checkpoint every N steps (0: only at the end)", ge=0)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..constants import IGNORE_INDEX
-from ..errors import DataError
+from ..errors import DataError, LengthError
 from .images import DEFAULT_MAX_PIXELS, check_image_root, check_max_pixels, load_image
 from .schema import ImageRef
 
@@ -175,14 +175,83 @@ def unique_images(examples: Sequence[Example], loader: ImageLoader) -> tuple[lis
     return uniq, per_ex, prompts
 
 
-class SFTCollator:
-    """Rows ``input_ids`` + ``labels`` -> right-padded batch."""
+def pack_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """The indices of ``lengths`` grouped into rows whose lengths add up to at most ``budget``:
+    as few rows as best-fit decreasing needs (longest first, each into the fullest row it still
+    fits), and among layouts with that many rows the one whose longest row is shortest, since a
+    batch is as wide as its longest row (the rest is padding): the rows are balanced
+    longest-first (each sample into the emptiest row) where that stays within the budget. Within a
+    row the indices keep their given order. Every length must be <= ``budget``
+    (:func:`check_pack_budget` says which is not)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if order and lengths[order[0]] > budget:
+        raise ValueError(f"length {lengths[order[0]]} is over the pack budget {budget}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:  # best-fit decreasing: the fewest rows
+        fits = [r for r in range(len(rows)) if room[r] >= lengths[i]]
+        if fits:
+            r = min(fits, key=lambda r: (room[r], r))
+        else:
+            rows.append([])
+            room.append(budget)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    balanced: list[list[int]] = [[] for _ in rows]
+    load = [0] * len(rows)
+    for i in order:  # the same number of rows, balanced: a narrower batch when it fits the budget
+        r = min(range(len(rows)), key=lambda r: (load[r], r))
+        if load[r] + lengths[i] > budget:
+            break
+        balanced[r].append(i)
+        load[r] += lengths[i]
+    else:
+        if max(load, default=0) < budget - min(room, default=0):
+            rows = balanced
+    return [sorted(r) for r in rows]
 
-    def __init__(self, loader: ImageLoader, pad_id: int):
+
+def check_pack_budget(examples: Sequence[Example], budget: int, loader: ImageLoader | None = None) -> None:
+    """Refuse (LengthError naming the record) an example longer than the pack budget: a pack holds
+    whole samples, so such a sample could only be cut, and cutting it would drop image or
+    response tokens."""
+    for ex in examples:
+        n = len(ex.rows["input_ids"])
+        if n <= budget:
+            continue
+        what = f"{len(ex.images)} image(s)"
+        if loader is not None and ex.images:
+            what = f"images: {sum(loader.inputs(r).num_tokens for r in ex.images)} tokens for {what}"
+        rec = ex.record
+        raise LengthError(f"sample is {n} tokens ({what}), over the pack budget data.pack_length={budget}; "
+                          "a pack holds whole samples and never cuts one (image tokens included): raise "
+                          "data.pack_length or leave the sample out",
+                          file=getattr(rec, "source", None), index=getattr(rec, "index", None))
+
+
+class SFTCollator:
+    """Rows ``input_ids`` + ``labels`` -> right-padded batch.
+
+    With ``pack_length`` (SFT's ``data.packing``) the micro-batch's samples are packed into as
+    few rows as hold them within ``pack_length`` tokens each, as evenly as the budget allows
+    (:func:`pack_rows`), each sample whole: its image tokens are never split or dropped. The batch then carries
+    ``segment_ids`` (per token: 1, 2, ... for the row's samples in order, 0 on padding), from
+    which the model adapter restarts position ids per sample and keeps attention inside each
+    sample (``VLMAdapter.forward(segment_ids=...)``). The label of each sample's first token is
+    ignored, so the previous sample's last token never predicts it (it is never a target in an
+    unpacked row either): the supervised tokens, and so ``num_items``, are the unpacked batch's.
+    The same samples form the micro-batch either way; only their layout changes.
+    """
+
+    def __init__(self, loader: ImageLoader, pad_id: int, pack_length: int | None = None):
         self.loader = loader
         self.pad_id = pad_id
+        self.pack_length = pack_length
 
     def __call__(self, examples: Sequence[Example]) -> Batch:
+        if self.pack_length is not None:
+            return self._packed(examples)
         ids = [ex.rows["input_ids"] for ex in examples]
         labels = [ex.rows["labels"] for ex in examples]
         uniq, per_ex, prompts = unique_images(examples, self.loader)
@@ -196,3 +265,28 @@ class SFTCollator:
         for key in examples[0].rows.keys() - {"input_ids", "labels"}:
             tensors[key] = torch.tensor([ex.rows[key] for ex in examples], dtype=torch.long)
         return Batch(tensors, uniq, per_ex, len(examples), prompts)
+
+    def _packed(self, examples: Sequence[Example]) -> Batch:
+        check_pack_budget(examples, self.pack_length, self.loader)
+        uniq, per_ex, prompts = unique_images(examples, self.loader)
+        rows = pack_rows([len(ex.rows["input_ids"]) for ex in examples], self.pack_length)
+        ids, labels, segs, indices = [], [], [], []
+        for row in rows:
+            r_ids, r_labels, r_segs, r_idx = [], [], [], []
+            for k, i in enumerate(row, start=1):
+                ex = examples[i]
+                r_ids += ex.rows["input_ids"]
+                r_labels += [IGNORE_INDEX] + list(ex.rows["labels"][1:])
+                r_segs += [k] * len(ex.rows["input_ids"])
+                r_idx += per_ex[i]
+            ids.append(r_ids)
+            labels.append(r_labels)
+            segs.append(r_segs)
+            indices.append(r_idx)
+        tensors = {
+            "input_ids": pad(ids, self.pad_id),
+            "attention_mask": pad([[1] * len(s) for s in ids], 0),
+            "labels": pad(labels, IGNORE_INDEX),
+            "segment_ids": pad(segs, 0),
+        }
+        return Batch(tensors, uniq, indices, len(examples), prompts)

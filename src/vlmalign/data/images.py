@@ -1,7 +1,9 @@
 """Image loading: paths confined to an image root (:func:`resolve_image_path`), a pixel
 budget checked from the header before decoding (:data:`DEFAULT_MAX_PIXELS`), every mode as RGB
 (:mod:`.image_modes`), and a :class:`DataError` for every bad file -- PIL's own errors and
-decompression-bomb warnings never escape."""
+decompression-bomb warnings never escape. Per sample (all the images one sequence holds):
+:func:`check_sample_images`, a cap on the number of images (``max_images``) and on their
+pixels together (``max_sample_pixels``), both off by default."""
 
 from __future__ import annotations
 
@@ -117,13 +119,27 @@ def _decode(src, name: str, max_pixels: int | None) -> Image.Image:
         return to_rgb(img)
 
 
-def check_max_pixels(max_pixels: int | None) -> int | None:
-    """``max_pixels`` if it is a positive integer or None; else :class:`VlmalignError`."""
+def check_max_pixels(max_pixels: int | None, name: str = "max_pixels",
+                     unit: str = "pixels") -> int | None:
+    """``max_pixels`` if it is a positive integer or None; else :class:`VlmalignError`
+    (``name``/``unit``: the same check for the per-sample limits)."""
     if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
                                    or max_pixels <= 0):
-        raise VlmalignError(f"max_pixels must be a positive number of pixels or None (no "
-                            f"budget), got {max_pixels!r}")
+        raise VlmalignError(f"{name} must be a positive number of {unit} or None (no "
+                            f"limit), got {max_pixels!r}")
     return max_pixels
+
+
+def _source(ref: ImageRef, root: str | os.PathLike | None):
+    """What PIL opens for ``ref`` and the name errors give it (the path confined to ``root``)."""
+    if ref.data is not None:
+        return io.BytesIO(ref.data), "given as bytes"
+    full = resolve_image_path(ref.path, root)
+    if not full.exists():
+        raise DataError(f"image file not found: {ref.path!r} (looked for {str(full)!r})", field="image")
+    if not full.is_file():
+        raise DataError(f"image path is not a file: {str(full)!r}", field="image")
+    return full, repr(str(full))
 
 
 def load_image(ref: ImageRef, root: str | os.PathLike | None = None, *,
@@ -133,14 +149,42 @@ def load_image(ref: ImageRef, root: str | os.PathLike | None = None, *,
     whose header declares more than ``max_pixels`` pixels (None: no budget of ours, PIL's own
     limit of ``2 * PIL.Image.MAX_IMAGE_PIXELS`` still holds)."""
     check_max_pixels(max_pixels)
-    if ref.data is not None:
-        return _decode(io.BytesIO(ref.data), "given as bytes", max_pixels)
-    full = resolve_image_path(ref.path, root)
-    if not full.exists():
-        raise DataError(f"image file not found: {ref.path!r} (looked for {str(full)!r})", field="image")
-    if not full.is_file():
-        raise DataError(f"image path is not a file: {str(full)!r}", field="image")
-    return _decode(full, repr(str(full)), max_pixels)
+    src, name = _source(ref, root)
+    return _decode(src, name, max_pixels)
+
+
+def image_size(ref: ImageRef, root: str | os.PathLike | None = None, *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` from the image's header, nothing decoded; the same refusals as
+    :func:`load_image` for missing files, paths outside the root and the pixel budget (a
+    file whose pixel data is corrupt is only found when it is loaded)."""
+    check_max_pixels(max_pixels)
+    src, name = _source(ref, root)
+    with _pil_guard(name, max_pixels), Image.open(src) as img:
+        width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise _too_large(name, width * height, f"{width}x{height}", max_pixels)
+    return width, height
+
+
+def check_sample_images(sizes: list[tuple[int, int]], *, max_images: int | None = None,
+                        max_sample_pixels: int | None = None, field: str = "images") -> None:
+    """Refuse a sample (the images one sequence holds, ``sizes`` their ``(width, height)`` in
+    order) with more than ``max_images`` images or more than ``max_sample_pixels`` pixels
+    together, with a :class:`DataError` naming ``field`` and the limit (None: no limit). The
+    caller locates the error at its record; nothing is dropped here."""
+    check_max_pixels(max_images, "max_images", "images")
+    check_max_pixels(max_sample_pixels, "max_sample_pixels", "pixels")
+    if max_images is not None and len(sizes) > max_images:
+        raise DataError(f"{len(sizes)} images in one sample, over the limit of {max_images} "
+                        "(max_images); split the record or raise the limit", field=field)
+    total = sum(w * h for w, h in sizes)
+    if max_sample_pixels is not None and total > max_sample_pixels:
+        shown = " + ".join(f"{w}x{h}" for w, h in sizes[:8]) + (" + ..." if len(sizes) > 8 else "")
+        raise DataError(f"the sample's {len(sizes)} images hold {total:,} pixels together "
+                        f"({shown}), over the per-sample budget of {max_sample_pixels:,} "
+                        "(max_sample_pixels); resize them, split the record or raise the "
+                        "limit", field=field)
 
 
 def image_format(data: bytes) -> str | None:

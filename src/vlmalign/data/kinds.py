@@ -22,7 +22,8 @@ from .schema import (RECORD_KINDS, Conversation, Message, PreferencePair, Ranked
 
 
 def _common(rec: Record) -> dict:
-    return dict(source=rec.source, index=rec.index, id=rec.id, meta=dict(rec.meta), read_from=rec.kind)
+    return dict(source=rec.source, index=rec.index, id=rec.id, meta=dict(rec.meta), read_from=rec.kind,
+                one_placeholder_for=rec.one_placeholder_for)
 
 
 # what a conversion leaves out, said to the user when a method reads a file that way

@@ -8,7 +8,10 @@ list of parts without empty texts.
 
 Placing images: when a record has images but no placeholder anywhere, the LLaVA convention
 puts them at the start of the first user turn; when it has placeholders, their number must
-equal the number of images.
+equal the number of images. One exception, applied only where a reader knows the layout
+(:func:`expand_one_placeholder`): Vision-LLM-Alignment's multi-image SFT files write a single
+``<image>`` for all the images of a record (``"image": "a.jpg,b.jpg"``); that placeholder
+stands for the images in order, one after the other at its position.
 """
 
 from __future__ import annotations
@@ -77,6 +80,30 @@ def images_lead(parts: list[Part]) -> bool:
     return True
 
 
+def count_slots(turns: list[tuple[str, list[Segment]]]) -> int:
+    return sum(1 for _, segs in turns for s in segs if isinstance(s, Slot))
+
+
+def expand_one_placeholder(turns: list[tuple[str, list[Segment]]], n_images: int
+                           ) -> tuple[list[tuple[str, list[Segment]]], int | None]:
+    """The one-placeholder convention: a record with exactly one ``<image>`` slot and
+    ``n_images`` > 1 images gets ``n_images`` slots at that position (the images in order).
+
+    Returns the turns and the number of images the placeholder stood for (None: the turns
+    unchanged, because the record does not have exactly one slot and several images -- any
+    other mismatch stays an error of :func:`place_images`).
+    """
+    if n_images < 2 or count_slots(turns) != 1:
+        return turns, None
+    out = []
+    for role, segs in turns:
+        new: list[Segment] = []
+        for s in segs:
+            new.extend([Slot()] * n_images if isinstance(s, Slot) else [s])
+        out.append((role, new))
+    return out, n_images
+
+
 def place_images(turns: list[tuple[str, list[Segment]]], images: list[ImageRef],
                  error: Callable[[str], DataError]) -> list[Message]:
     """Build messages from ``(role, segments)`` turns, filling slots with ``images`` in order.
@@ -84,7 +111,7 @@ def place_images(turns: list[tuple[str, list[Segment]]], images: list[ImageRef],
     No slot but images: the images go to the start of the first user turn. Otherwise the
     number of slots must equal the number of images; ``error(reason)`` makes the exception.
     """
-    n_slots = sum(1 for _, segs in turns for s in segs if isinstance(s, Slot))
+    n_slots = count_slots(turns)
     if n_slots == 0 and images:
         first_user = next((i for i, (role, _) in enumerate(turns) if role == "user"), None)
         if first_user is None:

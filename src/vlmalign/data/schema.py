@@ -116,6 +116,10 @@ class _Record:
     meta: dict = field(default_factory=dict, kw_only=True)
     # the kind the file held when the record was read as another one (data.kinds.coerce)
     read_from: str | None = field(default=None, kw_only=True, compare=False, repr=False)
+    # the number of images one ``<image>`` placeholder stood for when the file wrote a single
+    # placeholder for all of the record's images (Vision-LLM-Alignment's multi-image SFT
+    # layout); the messages hold one image part per image. None: one placeholder per image
+    one_placeholder_for: int | None = field(default=None, kw_only=True, compare=False, repr=False)
 
     def error(self, reason: str, field: str | None = None) -> DataError:
         return DataError(reason, file=self.source, index=self.index, field=field)
@@ -163,7 +167,8 @@ class RankedList(_Record):
         for i in range(len(self.responses)):
             for j in range(i + 1, len(self.responses)):
                 out.append(PreferencePair(self.prompt, self.responses[i], self.responses[j],
-                                          source=self.source, index=self.index, id=self.id))
+                                          source=self.source, index=self.index, id=self.id,
+                                          one_placeholder_for=self.one_placeholder_for))
         return out
 
 

@@ -12,7 +12,11 @@ what they hold: those the reader rejects (left out of everything else) and, unle
 ``check_images=False``, those whose images are missing, corrupt, outside the root or over
 the pixel budget (still described: their texts are fine). ``first_problem`` names the first
 one. ``duplicate_ids`` counts records whose id an earlier record has;
-``unanswered_last_turns`` conversations that end with a user turn without answer.
+``unanswered_last_turns`` conversations that end with a user turn without answer;
+``one_placeholder_records`` records that wrote one ``<image>`` for several images
+(Vision-LLM-Alignment's multi-image layout, expanded by the llava reader: images per record
+counts every image). ``max_images`` / ``max_sample_pixels`` make records over those per-sample
+caps bad, as in validate.
 """
 
 from __future__ import annotations
@@ -56,14 +60,18 @@ def _image_key(ref, root) -> str:
 
 def compute_stats(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
                   format: str = "auto", kind: str | None = None, tokenizer: Any = None,
-                  check_images: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
+                  check_images: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  max_images: int | None = None, max_sample_pixels: int | None = None) -> dict:
     """Statistics of the file at ``path`` as a JSON-ready dict (see the module docstring)."""
     kinds: Counter = Counter()
     n_images, turns, chars, tokens = [], [], [], []
     distinct: set[str] = set()
     bad, first_problem, ids, duplicates, unanswered = set(), None, DuplicateIds(), 0, 0
+    one_placeholder = 0
     for index, rec, problems in check_records(path, image_root, format=format, kind=kind,
-                                              check_images=check_images, max_pixels=max_pixels):
+                                              check_images=check_images, max_pixels=max_pixels,
+                                              max_images=max_images,
+                                              max_sample_pixels=max_sample_pixels):
         if index is None:
             raise problems[0].error()
         if problems:
@@ -73,6 +81,7 @@ def compute_stats(path: str | os.PathLike, image_root: str | os.PathLike | None 
             continue
         duplicates += ids.earlier(rec) is not None
         unanswered += unanswered_end(rec)
+        one_placeholder += bool(rec.one_placeholder_for)
         kinds[rec.kind] += 1
         imgs = list(rec.images) + list(getattr(rec, "rejected_images", None) or [])
         n_images.append(len(rec.images))
@@ -92,6 +101,7 @@ def compute_stats(path: str | os.PathLike, image_root: str | os.PathLike | None 
         "first_problem": first_problem,
         "duplicate_ids": duplicates,
         "unanswered_last_turns": unanswered,
+        "one_placeholder_records": one_placeholder,
         "kinds": dict(sorted(kinds.items())),
         "images_per_record": _summary(n_images),
         "turns": _summary(turns),

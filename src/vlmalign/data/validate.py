@@ -3,11 +3,14 @@
 Per record: everything the reader checks (unknown role, empty or missing response,
 ``<image>`` count differing from the image count, malformed fields), then each image:
 missing or unreadable file, corrupt file (PIL cannot decode it), path escaping the image
-root, more pixels than ``max_pixels``; and, when a model adapter is given, whether the
-sequence fits ``max_length`` without cutting image tokens (``adapter.check_length``).
+root, more pixels than ``max_pixels``; per sample, more images than ``max_images`` or more
+pixels together than ``max_sample_pixels`` (both off by default); and, when a model adapter
+is given, whether the sequence fits ``max_length`` without cutting image tokens (``adapter.check_length``).
 :func:`validate_file` adds what needs the whole file: a file without records, a record id
 used before (a problem of the later record), and warnings for usable records worth a look
-(a conversation ending with an unanswered user turn).
+(a conversation ending with an unanswered user turn), and counts the records that wrote one
+``<image>`` for several images (the convention the llava reader expands, see
+:mod:`.readers.llava`).
 
 :func:`validate_file` reports every problem; :func:`load_records` is what training uses:
 the first bad record raises (``on_error="raise"``) or bad records are dropped, counted and
@@ -26,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, ModelError, VlmalignError
-from .images import DEFAULT_MAX_PIXELS, check_image_root, check_max_pixels, load_image
+from .images import (DEFAULT_MAX_PIXELS, check_image_root, check_max_pixels, check_sample_images,
+                     load_image)
 from .readers import NO_RECORDS, iter_records
 from .schema import UNANSWERED_END, ImageRef, Record, unanswered_end
 
@@ -65,6 +69,8 @@ class ValidationReport:
     problems: list[Problem] = field(default_factory=list)
     # usable records worth a look (a conversation ending with an unanswered user turn)
     warnings: list[Problem] = field(default_factory=list)
+    # records whose one <image> stood for several images (expanded by the reader)
+    one_placeholder: int = 0
 
     @property
     def bad_indices(self) -> list[int]:
@@ -86,12 +92,15 @@ class ValidationReport:
         s = f"{self.records} records, {self.bad} bad"
         if self.warnings:
             s += f", {len(self.warnings)} with warnings"
+        if self.one_placeholder:
+            s += f", {self.one_placeholder} with one <image> for several images"
         if any(p.reason != NO_RECORDS for p in self.file_problems):
             s += " (the file could not be read completely)"
         return s
 
     def to_json(self) -> dict:
         return {"file": self.file, "records": self.records, "bad": self.bad, "ok": self.ok,
+                "one_placeholder": self.one_placeholder,
                 "problems": [p.to_json() for p in self.problems],
                 "warnings": [p.to_json() for p in self.warnings]}
 
@@ -122,6 +131,7 @@ class _ImageChecker:
         self.keep = keep  # keep decoded images (needed for the length check)
         self.max_pixels = check_max_pixels(max_pixels)
         self.failures: dict[str, str] = {}
+        self.sizes: dict[str, tuple[int, int]] = {}  # (width, height) of the good ones
 
     def check(self, ref: ImageRef) -> tuple[Any, str | None]:
         key = ref.key()
@@ -132,6 +142,7 @@ class _ImageChecker:
         except DataError as e:
             self.failures[key] = e.reason
             return None, e.reason
+        self.sizes[key] = img.size
         return (img if self.keep else None), None
 
 
@@ -142,16 +153,45 @@ def _record_images(rec: Record) -> list[tuple[str, ImageRef]]:
     return out
 
 
+def _sample_problems(rec: Record, index: int, src: str, images: "_ImageChecker | None",
+                     max_images: int | None, max_sample_pixels: int | None) -> list[Problem]:
+    """The per-sample caps, for the prompt's images and the rejected side's (each one
+    sequence). The pixel budget needs every image of the sample opened (``images``; one that
+    failed is a problem of its own already); the count does not."""
+    out = []
+    for fname, refs in (("images", rec.images),
+                        ("rejected_images", getattr(rec, "rejected_images", None) or [])):
+        if not refs:
+            continue
+        try:
+            check_sample_images([(0, 0)] * len(refs), max_images=max_images, field=fname)
+            if (max_sample_pixels is not None and images is not None
+                    and all(r.key() in images.sizes for r in refs)):
+                check_sample_images([images.sizes[r.key()] for r in refs], field=fname,
+                                    max_sample_pixels=max_sample_pixels)
+        except DataError as e:
+            out.append(Problem(index, e.field, e.reason, src))
+    return out
+
+
 def check_records(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
                   format: str = "auto", kind: str | None = None, check_images: bool = True,
                   adapter: Any = None, max_length: int | None = None,
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, max_images: int | None = None,
+                  max_sample_pixels: int | None = None
                   ) -> Iterator[tuple[int | None, Record | None, list[Problem]]]:
     """Yield ``(index, record, problems)`` per record (record None: the reader refused it);
     a file-level failure is yielded last as ``(None, None, [problem])``. ``max_pixels``: the
-    pixel budget of :func:`.images.load_image`."""
+    pixel budget of :func:`.images.load_image`; ``max_images`` / ``max_sample_pixels``: the
+    per-sample caps of :func:`.images.check_sample_images` (the second needs the images
+    opened: refused with ``check_images=False`` and no adapter)."""
     if adapter is not None and not max_length:
         raise VlmalignError("a length check needs max_length")
+    check_max_pixels(max_images, "max_images", "images")
+    check_max_pixels(max_sample_pixels, "max_sample_pixels", "pixels")
+    if max_sample_pixels is not None and not check_images and adapter is None:
+        raise VlmalignError("max_sample_pixels needs the images opened (their sizes are read "
+                            "from them): drop --no-images or the per-sample budget")
     src = str(path)
     if check_images or adapter is not None:
         check_image_root(image_root)  # once, up front (the default root is the file's folder)
@@ -170,6 +210,8 @@ def check_records(path: str | os.PathLike, image_root: str | os.PathLike | None 
                         problems.append(Problem(index, fname, reason, src))
                     elif fname.startswith("images"):
                         pil.append(img)
+            opened = images if (check_images or adapter is not None) else None
+            problems += _sample_problems(rec, index, src, opened, max_images, max_sample_pixels)
             if adapter is not None and not problems:
                 try:
                     adapter.check_length(rec, pil, max_length)
@@ -203,7 +245,8 @@ class DuplicateIds:
 def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
                   format: str = "auto", kind: str | None = None, check_images: bool = True,
                   max_length: int | None = None, adapter: Any = None,
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ValidationReport:
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, max_images: int | None = None,
+                  max_sample_pixels: int | None = None) -> ValidationReport:
     """Check every record of ``path``; never stops at the first problem.
 
     A loaded model ``adapter`` (anything with ``check_length(record, images, max_length)``;
@@ -217,9 +260,13 @@ def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None 
     report, ids = ValidationReport(str(path)), DuplicateIds()
     for index, rec, problems in check_records(path, image_root, format=format, kind=kind,
                                               check_images=check_images, adapter=adapter,
-                                              max_length=max_length, max_pixels=max_pixels):
+                                              max_length=max_length, max_pixels=max_pixels,
+                                              max_images=max_images,
+                                              max_sample_pixels=max_sample_pixels):
         if index is not None:
             report.records += 1
+        if rec is not None and rec.one_placeholder_for:
+            report.one_placeholder += 1
         first = ids.earlier(rec)
         if first is not None:
             problems = problems + [Problem(index, "id", f"duplicate id {rec.id!r} (also "
@@ -235,7 +282,8 @@ def load_records(path: str | os.PathLike, image_root: str | os.PathLike | None =
                  on_error: str = "raise", *, format: str = "auto", kind: str | None = None,
                  check_images: bool = True, adapter: Any = None,
                  max_length: int | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedRecords:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, max_images: int | None = None,
+                 max_sample_pixels: int | None = None) -> LoadedRecords:
     """Records of ``path`` that pass :func:`validate_file`'s checks, for training.
 
     ``on_error="raise"``: the first bad record raises :class:`DataError` (same message as
@@ -248,7 +296,9 @@ def load_records(path: str | os.PathLike, image_root: str | os.PathLike | None =
     records, problems, total = [], [], 0
     for index, rec, probs in check_records(path, image_root, format=format, kind=kind,
                                            check_images=check_images, adapter=adapter,
-                                           max_length=max_length, max_pixels=max_pixels):
+                                           max_length=max_length, max_pixels=max_pixels,
+                                           max_images=max_images,
+                                           max_sample_pixels=max_sample_pixels):
         if index is None:
             raise probs[0].error()
         total += 1

@@ -93,7 +93,7 @@ def _write_checkpoint(tmp: Path, model, processor, trainer_state, step, extra_mo
     else:
         model.save_pretrained(tmp / "model", safe_serialization=True)
     if is_peft(model):
-        extra = peft_extra_params(model)
+        extra = peft_extra_params(model, state_dict)
         if extra:
             from safetensors.torch import save_file
             save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()},

@@ -72,6 +72,8 @@ class OnlineTrainer(Engine):
     """Runs ``method`` on ``records`` (RL prompts): see the module docstring for one step."""
 
     desc = "rl"
+    unshardable = ("online RL samples responses of different lengths on each process, and every process "
+                   "would have to run each forward of a sharded model")
 
     def __init__(self, *, cfg, method, adapter, model, records, loader, reward=None, reference=None,
                  eval_records=(), eval_loader=None, evaluate=None, projector_names=frozenset(),

@@ -1,18 +1,21 @@
 """Memory options that depend on the machine: the optimizer (``optim.name``: torch's AdamW or
-bitsandbytes' 8-bit AdamW) and what an ``accelerate launch`` asked for (DeepSpeed ZeRO, FSDP,
-their CPU offload), each refused with a clear message where it cannot run.
+bitsandbytes' 8-bit AdamW), sharding (``train.sharding``) and what an ``accelerate launch`` asked
+for (DeepSpeed ZeRO, FSDP, their CPU offload), each refused with a clear message where it cannot
+run.
 
 ``accelerate launch`` tells its processes what to build through environment variables
-(``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_USE_FSDP``, ``ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE``,
-``FSDP_OFFLOAD_PARAMS``); :func:`launch_plan` reads them. On a machine without CUDA the engine
-builds its Accelerator with ``cpu=True``, and accelerate then quietly ignores a DeepSpeed or FSDP
-request (FSDP becomes plain DDP over gloo), so such a launch is refused instead
-(:func:`check_launch`)."""
+(``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``,
+``ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE``, ``FSDP_OFFLOAD_PARAMS``, ...); :func:`launch_plan`
+reads them. An FSDP launch, like ``train.sharding=fsdp2``, is carried out by the engine itself
+with torch's FSDP2 (:mod:`.sharding`), on CPU processes as on GPUs: accelerate 1.16 would turn it
+into DDP over gloo on a machine without CUDA, and its own FSDP2 wrapping cannot run the image
+encoding outside the model's forward. DeepSpeed stays accelerate's and needs CUDA; FSDP's CPU
+offload needs CUDA too (:func:`check_launch`)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
@@ -22,6 +25,7 @@ from ..errors import VlmalignError
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 EIGHT_BIT = ("adamw_8bit", "paged_adamw_8bit")
 CPU_CONFIG = "configs/accelerate/cpu2.yaml"
+FSDP_CONFIG = "configs/accelerate/fsdp.yaml"
 
 
 class ScalingError(VlmalignError):
@@ -39,6 +43,9 @@ class LaunchPlan:
     zero_stage: int | None = None
     offload_optimizer: str = "none"       # DeepSpeed: none | cpu | nvme
     offload_params: str = "none"          # DeepSpeed: none | cpu | nvme; FSDP: cpu when fsdp_offload_params
+    fsdp_version: int | None = None       # FSDP: the config's fsdp_version (the engine runs 2)
+    activation_checkpointing: bool = False  # FSDP: fsdp_activation_checkpointing
+    source: str = "launch"                # "launch" (accelerate's environment) or "train.sharding"
 
     @property
     def offloads(self) -> bool:
@@ -54,8 +61,17 @@ def launch_plan(env: Mapping[str, str] | None = None) -> LaunchPlan:
                           env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none").lower())
     if _true(env.get("ACCELERATE_USE_FSDP")):
         off = "cpu" if _true(env.get("FSDP_OFFLOAD_PARAMS")) else "none"
-        return LaunchPlan("fsdp", offload_optimizer=off, offload_params=off)   # FSDP2 offloads both
+        ver = env.get("FSDP_VERSION", "1")   # accelerate's default is FSDP1
+        return LaunchPlan("fsdp", offload_optimizer=off, offload_params=off,   # FSDP2 offloads both
+                          fsdp_version=int(ver) if ver.isdigit() else None,
+                          activation_checkpointing=_true(env.get("FSDP_ACTIVATION_CHECKPOINTING")))
     return LaunchPlan()
+
+
+def engine_shards(train_cfg, env: Mapping[str, str] | None = None) -> bool:
+    """Whether the engine will shard this run with FSDP2 (``train.sharding=fsdp2`` or an FSDP
+    launch), for a method to refuse early what sharding does not run."""
+    return train_cfg.sharding == "fsdp2" or launch_plan(env).sharding == "fsdp"
 
 
 def check_optimizer(name: str, *, cuda: bool | None = None) -> None:
@@ -75,18 +91,45 @@ def check_optimizer(name: str, *, cuda: bool | None = None) -> None:
                            "; optim.name=adamw runs anywhere")
 
 
-def check_launch(optimizer: str, *, cuda: bool | None = None, plan: LaunchPlan | None = None) -> LaunchPlan:
-    """Refuse a launch this machine or these settings cannot run; returns the plan."""
+def check_launch(optimizer: str, *, sharding: str = "none", precision: str = "auto", cuda: bool | None = None,
+                 plan: LaunchPlan | None = None) -> LaunchPlan:
+    """Refuse a launch this machine or these settings cannot run; returns the plan, whose
+    ``sharding`` is ``"fsdp"`` where the engine shards with FSDP2 (``train.sharding=fsdp2`` or an
+    accelerate FSDP launch)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     plan = launch_plan() if plan is None else plan
-    what = {"deepspeed": "DeepSpeed ZeRO (ACCELERATE_USE_DEEPSPEED=true)",
-            "fsdp": "FSDP (ACCELERATE_USE_FSDP=true)"}.get(plan.sharding)
-    if what and not cuda:
+    if sharding == "fsdp2":
+        if plan.sharding == "deepspeed":
+            raise ScalingError("train.sharding=fsdp2 and a DeepSpeed launch (ACCELERATE_USE_DEEPSPEED=true) would "
+                               "both shard the model: launch without the DeepSpeed config, or set "
+                               "train.sharding=none")
+        if plan.sharding is None:
+            plan = replace(plan, sharding="fsdp", fsdp_version=2, source="train.sharding")
+    if plan.sharding == "deepspeed" and not cuda:
         off = " with CPU offload" if plan.offloads else ""
         raise ScalingError(
-            f"this process was launched for {what}{off}, which needs CUDA GPUs; this machine has none, and "
-            f"accelerate would quietly train without sharding on the CPU. For CPU processes launch with "
-            f"{CPU_CONFIG} (DDP over gloo); offload of optimizer state to the CPU is a GPU-machine option")
+            f"this process was launched for DeepSpeed ZeRO (ACCELERATE_USE_DEEPSPEED=true){off}, which needs CUDA "
+            f"GPUs; this machine has none, and accelerate would quietly train without sharding on the CPU. For "
+            f"CPU processes launch with {CPU_CONFIG} (DDP over gloo), and add train.sharding=fsdp2 to shard")
+    if plan.sharding == "fsdp":
+        what = "FSDP (ACCELERATE_USE_FSDP=true)" if plan.source == "launch" else "train.sharding=fsdp2"
+        if plan.offloads and not cuda:
+            raise ScalingError(
+                f"this process was launched for {what} with CPU offload, which needs CUDA GPUs; this machine has "
+                f"none (fsdp_offload_params keeps GPU training's parameters in CPU memory; here they are there "
+                f"already). To shard on CPU processes launch with {FSDP_CONFIG}, or add train.sharding=fsdp2 to "
+                f"a {CPU_CONFIG} launch")
+        if plan.fsdp_version != 2:
+            raise ScalingError(f"this process was launched for {what} with fsdp_version: {plan.fsdp_version}; the "
+                               f"engine shards with FSDP2 only (torch's fully_shard): set fsdp_version: 2 "
+                               f"({FSDP_CONFIG} does)")
+        if plan.activation_checkpointing:
+            raise ScalingError(f"this process was launched for {what} with fsdp_activation_checkpointing: true; "
+                               "the engine does not apply FSDP's activation checkpointing: set it to false and "
+                               "use model.gradient_checkpointing=true")
+        if precision == "fp16":
+            raise ScalingError("train.precision=fp16 with FSDP2 sharding: fp16's loss scaling has not been run "
+                               "on sharded gradients here; use train.precision=bf16 (GPUs) or fp32")
     if optimizer in EIGHT_BIT and plan.offload_optimizer != "none":
         where = ("DeepSpeed's optimizer offload replaces the optimizer with its own CPU Adam"
                  if plan.sharding == "deepspeed" else

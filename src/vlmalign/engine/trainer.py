@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -45,7 +46,8 @@ from .checkpoint import check_resume_layout, latest_checkpoint, load_trainer_sta
 from .callbacks import Callback, notify, phase
 from .loop import final_evaluation, run_steps
 from .run_dir import RunDir, claim_output_dir
-from .scaling import check_launch, make_optimizer
+from . import sharding
+from .scaling import ScalingError, check_launch, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +63,23 @@ class TrainResult:
     checkpoint: str | None
 
 
-def _accelerator(train_cfg):
+def _accelerator(train_cfg, *, engine_shards: bool = False):
+    """accelerate's Accelerator for the run. ``engine_shards``: the engine applies FSDP2 itself
+    (engine/sharding.py), so accelerate is built as for DDP (the processes, their process group,
+    precision), with an FSDP launch's ``ACCELERATE_USE_FSDP`` hidden from it while it is built."""
     from accelerate import Accelerator
     prec = train_cfg.precision
     if prec == "auto":
         prec = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[prec]
-    # cpu=True lets accelerate form a gloo process group when launched with several CPU processes
-    return Accelerator(mixed_precision=mp, log_with=train_cfg.report_to or None,
-                       project_dir=train_cfg.output_dir, cpu=not torch.cuda.is_available())
+    hidden = os.environ.pop("ACCELERATE_USE_FSDP", None) if engine_shards else None
+    try:
+        # cpu=True lets accelerate form a gloo process group when launched with several CPU processes
+        return Accelerator(mixed_precision=mp, log_with=train_cfg.report_to or None,
+                           project_dir=train_cfg.output_dir, cpu=not torch.cuda.is_available())
+    finally:
+        if hidden is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = hidden
 
 
 def base_param_name(n: str) -> str:
@@ -112,6 +122,8 @@ class Engine:
     prompt layout is written beside the weights for chat / generate."""
 
     desc = "train"
+    # why this strategy cannot run sharded (None: it can; engine/sharding.py)
+    unshardable: str | None = None
 
     def __init__(self, *, method, model, processor, train_cfg, optim_cfg, config=None, n_items: int,
                  per_step: int, updates_per_step: int = 1, extra_groups: Sequence = (),
@@ -129,20 +141,29 @@ class Engine:
         self.extra_modules = extra_modules or {}
         # a config's eval.tasks (benchmark evals on this model, eval/during_training.py) watch the run
         from ..eval.during_training import task_callbacks
-        self.callbacks = [*callbacks, *task_callbacks(config)]
+        self._task_evals = task_callbacks(config)
+        self.callbacks = [*callbacks, *self._task_evals]
         # where the training prompts put their images: written beside the weights for chat / generate
         self.prompt_layout = detect_layout(records)
         validate_config(config if config is not None else train_cfg)
         if not n_items:
             raise VlmalignError(empty_message)
         claim_output_dir(train_cfg)
-        self.launch = check_launch(optim_cfg.name)   # DeepSpeed / FSDP / offload: refused where they cannot run
-        self.acc = _accelerator(train_cfg)
+        # DeepSpeed / FSDP / offload: refused where they cannot run
+        self.launch = check_launch(optim_cfg.name, sharding=train_cfg.sharding, precision=train_cfg.precision)
+        self.sharded = self.launch.sharding == "fsdp"   # the engine shards with FSDP2 (engine/sharding.py)
+        if self.sharded:
+            self._check_shardable()
+        self.acc = _accelerator(train_cfg, engine_shards=self.sharded)
         self.run = RunDir(train_cfg.output_dir, main_process=self.acc.is_main_process)
         if config is not None:
             self.run.save_config(config)
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
+        if self.sharded and not torch.distributed.is_initialized():
+            log.info("FSDP2 sharding asked for, but this process was not launched with others (no process "
+                     "group): the model stays whole")
+            self.sharded = False
         per = per_step * self.world
         self.steps_per_epoch = math.ceil(n_items / per) if self.world == 1 else max(1, n_items // per)
         self.total_steps = self.tc.max_steps if self.tc.max_steps > 0 else \
@@ -151,6 +172,14 @@ class Engine:
         if not any(p.requires_grad for p in self.model.parameters()) and \
                 not any(p.requires_grad for g in extra_groups for p in g["params"]):
             raise VlmalignError("nothing to train: every parameter is frozen")
+        self._preloaded = None
+        if self.sharded:
+            # a resumed run's weights go in before sharding (the checkpoint holds full tensors);
+            # its optimizer state after it (resume())
+            if self.tc.resume:
+                self._preloaded = self._load_checkpoint_weights()
+            sharding.shard(self.model, [u for ad in self.adapters for u in ad.shard_units()],
+                           device_type=self.acc.device.type, offload=self.launch.offloads)
         groups = _param_groups(self.model, self.oc, projector_names or set(), vision_names or set())
         groups += extra_groups
         self.optimizer = make_optimizer(groups, self.oc)
@@ -159,12 +188,36 @@ class Engine:
         warm = self.oc.warmup_steps if self.oc.warmup_steps > 0 else int(self.oc.warmup_ratio * updates)
         name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[self.oc.schedule]
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=warm, num_training_steps=updates)
-        # model and optimizer are prepared together: DeepSpeed builds its engine and FSDP shards
-        # only then. The scheduler stays ours (accelerate's would step once per process).
-        self.runner, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        if self.sharded:
+            # sharded in place above: accelerate keeps the optimizer (precision), not the model (no DDP)
+            self.runner, self.optimizer = self.model, self.acc.prepare(self.optimizer)
+        else:
+            # model and optimizer are prepared together: DeepSpeed builds its engine only then.
+            # The scheduler stays ours (accelerate's would step once per process).
+            self.runner, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         for ad in self.adapters:
             ad.runner = self.runner
         self.step = 0
+
+    def _check_shardable(self) -> None:
+        """Refuse what FSDP2 sharding does not run: every process must take part in each forward
+        of the sharded model, with the same number of forwards."""
+        what = "train.sharding=fsdp2" if self.launch.source == "train.sharding" else "an FSDP launch"
+        if self.unshardable:
+            raise ScalingError(f"{what}: {self.unshardable}; use train.sharding=none (DDP)")
+        if self.extra_modules:
+            raise ScalingError(f"{what}: the modules trained beside the model ({', '.join(self.extra_modules)}) "
+                               "are not sharded; use train.sharding=none (DDP)")
+        if self._task_evals:
+            raise ScalingError(f"{what}: eval.tasks generates answers with the model, which sharding does not "
+                               "run; evaluate the saved checkpoint with `vlmalign eval` instead")
+
+    def _load_checkpoint_weights(self):
+        """The latest checkpoint's weights into the (not yet sharded) model: the path, or None."""
+        ck = latest_checkpoint(self.run.checkpoints)
+        if ck is not None:
+            load_weights_into(self.model, ck / "model")
+        return ck
 
     # ---------------------------------------------------------------- what a strategy supplies
     def train_step(self) -> dict:
@@ -186,6 +239,11 @@ class Engine:
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.acc.reduce(t, reduction="sum") if self.world > 1 else t
+
+    def any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process (every process must call it)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+        return self._reduce(t).item() > 0
 
     def _reduce_dict(self, sums: dict) -> dict:
         """Each value (a number or a 0-d tensor) summed over processes, in one collective."""
@@ -215,7 +273,12 @@ class Engine:
         self.acc.backward(loss * self.world)
 
     def no_sync(self, last: bool):
-        """No gradient all-reduce on a micro-batch that is not the last before an update."""
+        """No gradient all-reduce (sharded: reduce-scatter) on a micro-batch that is not the last
+        before an update: a context around the micro-batch's forward (DDP reads it there; FSDP2
+        at the backward that follows, so sharded the setting stays until the next micro-batch)."""
+        if self.sharded:
+            sharding.set_gradient_sync(self.runner, last)
+            return contextlib.nullcontext()
         return self.acc.no_sync(self.runner) if (not last and self.world > 1) else contextlib.nullcontext()
 
     def optimizer_step(self, *, update: bool = True) -> float | None:
@@ -237,7 +300,9 @@ class Engine:
     @contextlib.contextmanager
     def no_grad_pass(self):
         """Forwards without gradients on the plain module (no DDP collectives or buffer syncs, so
-        one process may run them alone), in eval mode and under the run's autocast."""
+        one process may run them alone; a module sharded with FSDP2 gathers its parameters in
+        each forward, so there every process must run them), in eval mode and under the run's
+        autocast."""
         plain = self.acc.unwrap_model(self.runner)
         for ad in self.adapters:
             ad.runner = plain
@@ -260,11 +325,19 @@ class Engine:
     def save(self) -> str | None:
         self.acc.wait_for_everyone()
         path = None
-        sharded = self.acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-        # sharded weights (ZeRO-3, FSDP) are gathered collectively, on every process
-        weights = self.acc.get_state_dict(self.runner) if sharded else None
+        optim = None
+        if self.sharded:
+            # FSDP2 shards, gathered collectively on every process into full CPU tensors
+            weights = sharding.full_model_state(self.runner)
+            optim = sharding.full_optimizer_state(self.runner, self.optimizer)
+        elif self.acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            # sharded weights (ZeRO-3) are gathered collectively, on every process
+            weights = self.acc.get_state_dict(self.runner)
+        else:
+            weights = None
         if self.acc.is_main_process:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            state = {"optimizer": optim if self.sharded else self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(),
                      "total_steps": self.total_steps, "layout": self.layout(),
                      "method": self.method.state_dict() if hasattr(self.method, "state_dict") else {}}
             path = str(save_checkpoint(self.run.checkpoints, self.step, self.acc.unwrap_model(self.runner),
@@ -281,12 +354,17 @@ class Engine:
             return False
         st = load_trainer_state(ck)
         check_resume_layout(st, self.layout(), ck)
-        load_weights_into(self.acc.unwrap_model(self.runner), ck / "model")
+        if self.sharded:
+            if ck != self._preloaded:   # the weights went in before sharding, from this checkpoint
+                raise VlmalignError(f"{ck}: a checkpoint appeared after the run started; start it again")
+            sharding.load_optimizer_state(self.runner, self.optimizer, st["optimizer"])
+        else:
+            load_weights_into(self.acc.unwrap_model(self.runner), ck / "model")
+            self.optimizer.load_state_dict(st["optimizer"])
         if self.extra_modules:
             from safetensors.torch import load_file
             for name, mod in self.extra_modules.items():
                 mod.load_state_dict(load_file(str(ck / f"{name}.safetensors")))
-        self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         if hasattr(self.method, "load_state_dict"):
             self.method.load_state_dict(st.get("method", {}))
@@ -385,7 +463,8 @@ class Trainer(Engine):
 
     def layout(self) -> dict:
         return {"train.batch_size": self.tc.batch_size, "train.grad_accum": self.tc.grad_accum,
-                "processes": self.world, "train.seed": self.tc.seed, "examples": len(self.examples)}
+                "processes": self.world, "train.seed": self.tc.seed, "examples": len(self.examples),
+                "sharding": "fsdp2" if self.sharded else "none"}   # the optimizer state's layout
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:

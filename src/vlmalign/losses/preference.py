@@ -341,6 +341,23 @@ def mdpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     return losses, stats
 
 
+def with_chosen_nll(losses: torch.Tensor, stats: dict, chosen_nll: torch.Tensor, alpha: float):
+    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"; the NLL term of the
+    Llama 3 report's DPO): a preference loss plus the chosen completion's negative log-likelihood,
+
+        L = L_pref + alpha * chosen_nll
+
+    ``losses``: (B,) the preference loss per pair; ``chosen_nll``: (B,) the chosen completion's NLL
+    as the caller normalises it (per token: minus the length-averaged log-prob). Returns
+    ``(losses, stats)`` with ``stats["nll"]`` added; ``alpha`` 0 returns ``losses`` unchanged.
+    """
+    _check_vectors(losses=losses, chosen_nll=chosen_nll)
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    stats = {**stats, "nll": chosen_nll.detach()}
+    return (losses + alpha * chosen_nll if alpha else losses), stats
+
+
 def preference_loss(name: str, **kw):
     """Dispatch a recipe's ``loss`` name to its function and call it with ``kw``:
 

@@ -26,7 +26,7 @@ from ..data.preference import CORRUPT_ROW, ROWS, Corruption, PreferenceCollator,
 from ..engine.trainer import TrainResult
 from ..errors import VlmalignError
 from ..losses.preference import REFERENCE_FREE_LOSSES, changed_token_weights, dpo_loss, mdpo_loss, \
-    orpo_loss, preference_loss, simpo_loss, token_weighted_logps
+    orpo_loss, preference_loss, simpo_loss, token_weighted_logps, with_chosen_nll
 from ..data.loading import load_examples, load_splits
 from .setup import start_run
 from .logps import Reference, completion_logps
@@ -49,6 +49,8 @@ class DPOSection:
                                   "false: summed")
     simpo_gamma: float = opt(0.5, "SimPO target reward margin", ge=0)
     orpo_lambda: float = opt(0.1, "ORPO weight of the odds-ratio term next to the chosen NLL", ge=0)
+    rpo_alpha: float = opt(0.0, "RPO: add this times the chosen completion's per-token NLL to the loss "
+                                "(0: off; not with orpo, which has its own)", ge=0)
     token_weight_gamma: float = opt(5.0, "token_weighted: weight of tokens where chosen and rejected differ", ge=0)
     token_weight_normalize: bool = opt(True, "token_weighted: divide by the summed weights (RLHF-V eq. 4)")
     mdpo_corruption: str = opt("crop", "mdpo: how the corrupted image is made (used where a record has no "
@@ -72,6 +74,9 @@ class DPOSection:
             raise VlmalignError("dpo.loss=cdpo needs dpo.label_smoothing in (0, 0.5]")
         if self.label_smoothing and self.loss not in ("sigmoid", "cdpo", "token_weighted"):
             raise VlmalignError(f"dpo.label_smoothing applies to sigmoid/cdpo/token_weighted, not {self.loss}")
+        if self.rpo_alpha and self.loss in ("orpo", "listwise"):
+            raise VlmalignError(f"dpo.rpo_alpha does not apply to dpo.loss={self.loss}"
+                                + (" (ORPO has its own NLL term)" if self.loss == "orpo" else ""))
 
 
 @dataclass
@@ -124,6 +129,13 @@ class DPOMethod(PreferenceMethod):
 
     # ----------------------------------------------------------------- the loss
     def losses(self, batch, q: dict, rq: dict | None):
+        losses, stats = self.preference_losses(batch, q, rq)
+        if not self.cfg.rpo_alpha:
+            return losses, stats
+        n = batch.tensors["completion_mask"].sum(1).to(q["chosen"].dtype)
+        return with_chosen_nll(losses, stats, -q["chosen"] / batch.group(n, "chosen"), self.cfg.rpo_alpha)
+
+    def preference_losses(self, batch, q: dict, rq: dict | None):
         d = self.cfg
         mask = batch.tensors["completion_mask"]
         n = mask.sum(1).to(q["chosen"].dtype)

@@ -13,7 +13,8 @@ Two ways to compute the same numbers for a :class:`~vlmalign.data.preference.Pre
 
 Prefix sharing is used only where it is exact: the adapter allows it (``prefix_sharing``: not
 for M-RoPE or prefix-LM families), the model returns a plain dynamic key/value cache (no sliding
-window layers) and activation checkpointing is off. Otherwise the unshared path runs and the
+window layers), activation checkpointing is off, and, for forwards with gradients, the model is
+not sharded with FSDP2. Otherwise the unshared path runs and the
 reason is logged once.
 """
 
@@ -25,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from ..engine.sharding import is_sharded
 from ..losses.logps import token_logps
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,10 @@ def prefix_sharing_problem(adapter) -> str | None:
         on = getattr(model, "is_gradient_checkpointing", False)
     if on:
         return "activation checkpointing is on (the model returns no key/value cache in training)"
+    if torch.is_grad_enabled() and is_sharded(adapter.runner):
+        # the prompt's keys and values reach the loss through the cache, around the layers' outputs,
+        # on which FSDP2's backward hooks gather the parameters again: backward would find them freed
+        return "the model is sharded with FSDP2 (gradients through the key/value cache pass FSDP's backward hooks)"
     return None
 
 

@@ -165,10 +165,29 @@ class RefLogpsCache:
 
 
 def load_or_compute(cache: RefLogpsCache, n: int, compute: Callable[[], dict[str, torch.Tensor]], *,
-                    main_process: bool = True, barrier: Callable[[], None] | None = None) -> dict:
+                    main_process: bool = True, barrier: Callable[[], None] | None = None,
+                    any_process: Callable[[bool], bool] | None = None) -> dict:
     """The cached values, computing and storing them first when the key is new. With several
-    processes only the main one computes; the others wait at ``barrier`` and then read."""
+    processes only the main one computes; the others wait at ``barrier`` and then read. With
+    ``any_process`` (a sharded model, whose forwards need every process; it tells whether a
+    condition holds on any process) every process computes when any lacks the values, and the
+    main one stores them."""
     values = cache.load(n)
+    if any_process is not None:
+        if any_process(values is None):
+            t0 = time.time()
+            values = compute()
+            if main_process:
+                cache.save(values, n)
+                COUNTERS["computed"] += 1
+                log.info("reference log-probs: computed for %d pairs in %.1fs on every process, cached in %s", n,
+                         time.time() - t0, cache.dir)
+        else:
+            COUNTERS["loaded"] += 1
+            log.info("reference log-probs: loaded %d pairs from %s", n, cache.dir)
+        if barrier is not None:
+            barrier()
+        return values
     if values is None:
         if main_process:
             t0 = time.time()

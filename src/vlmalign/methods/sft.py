@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import opt, section, with_defaults
+from ..config import ConfigError, opt, section, with_defaults
 from ..config.sections import DataSection, LoraSection, ModelSection, OptimSection, TrainSection
-from ..data.batching import IGNORE_INDEX, SFTCollator
+from ..data.batching import IGNORE_INDEX, SFTCollator, check_pack_budget
+from ..engine.scaling import ScalingError, engine_shards
 from ..engine.trainer import Trainer, TrainResult
 from ..losses.sft import sft_loss
 from ..data.loading import load_examples, load_splits
@@ -32,10 +33,33 @@ class EvalSection(EvalTasksSection):
 
 
 @dataclass
+class SFTData(DataSection):
+    """The shared data options plus sequence packing (SFT and pretraining only)."""
+    packing: bool = opt(False, "pack each micro-batch's samples into as few rows of at most data.pack_length "
+                               "tokens as hold them, whole (images never split), with positions restarting "
+                               "and attention kept inside each sample: less padding, same loss and gradients")
+    pack_length: int | None = opt(None, "with data.packing: tokens per packed row (null: data.max_length); "
+                                        "at least data.max_length, so every sample fits a row", ge=1)
+
+    def check(self) -> None:
+        if self.packing and self.pack_length is not None and self.pack_length < self.max_length:
+            raise ConfigError(f"data.pack_length ({self.pack_length}) is below data.max_length ({self.max_length}): "
+                              "a sample of up to max_length tokens would not fit a packed row, and a pack never "
+                              "cuts a sample; raise data.pack_length or lower data.max_length")
+
+    @property
+    def pack_budget(self) -> int | None:
+        """Tokens per packed row, or None without packing."""
+        if not self.packing:
+            return None
+        return self.pack_length if self.pack_length is not None else self.max_length
+
+
+@dataclass
 class SFTConfig:
     model: ModelSection = section(ModelSection, "model to start from and which parts to train")
     lora: LoraSection = section(LoraSection, "LoRA / QLoRA")
-    data: DataSection = section(DataSection, "training and evaluation data")
+    data: SFTData = section(SFTData, "training and evaluation data, sequence packing")
     optim: OptimSection = section(OptimSection, "optimizer and learning-rate schedule")
     train: TrainSection = section(TrainSection, "loop, batch sizes, precision, checkpoints")
     eval: EvalSection = section(EvalSection, "generation-based evaluation (vqa_file, pope_file) and benchmark "
@@ -72,6 +96,9 @@ class SFTMethod:
         # rows): prompt and image positions never build full-vocabulary logits.
         sup = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)
         pos = torch.nonzero(sup).squeeze(-1)                 # (P,) positions t predicting t+1
+        # per-record forward inputs the collator added (AlignGPT's alignment_level; packed rows'
+        # segment_ids, from which the adapter restarts positions per sample and keeps attention
+        # inside each one)
         extra = {k: v for k, v in t.items() if k not in ("input_ids", "attention_mask", "labels")}
         out = self.adapter.forward(t["input_ids"], t["attention_mask"], encoded=enc,
                                    image_indices=batch.image_indices, logits_to_keep=pos, use_cache=False,
@@ -134,6 +161,13 @@ def train_sft(cfg: SFTConfig, adapter=None, callbacks=()) -> tuple[TrainResult, 
     # the stage families may read (AlignGPT: the record's alignment bucket in pretraining, frozen
     # indicators in fine-tuning)
     stage = "pretrain" if isinstance(cfg, PretrainConfig) else "finetune"
+    if (cfg.eval.vqa_file or cfg.eval.pope_file) and engine_shards(cfg.train):
+        raise ScalingError("eval.vqa_file / eval.pope_file generate answers with the model, which FSDP2 sharding "
+                           "(train.sharding=fsdp2 or an FSDP launch) does not run; evaluate the saved checkpoint "
+                           "with `vlmalign eval` instead")
+    budget = cfg.data.pack_budget
+    if budget is not None:
+        adapter.check_packing()
 
     def tok(rec, imgs):
         t = adapter.tokenize_record(rec, imgs, max_length=cfg.data.max_length)
@@ -142,11 +176,16 @@ def train_sft(cfg: SFTConfig, adapter=None, callbacks=()) -> tuple[TrainResult, 
     examples, loader, eval_examples, eval_loader = load_splits(
         cfg.data, lambda path, limit: load_examples(path, cfg.data, adapter, tok, kind="conversation",
                                                     limit=limit)[:2])
-    collate = SFTCollator(loader, adapter.tokenizer.pad_token_id)
+    if budget is not None:  # every sample must fit a row whole: refused now, not at its step
+        check_pack_budget(examples, budget, loader)
+        if eval_examples:
+            check_pack_budget(eval_examples, budget, eval_loader)
+    collate = SFTCollator(loader, adapter.tokenizer.pad_token_id, pack_length=budget)
     model, projector, vision = prepare_trainable(adapter, cfg, stage)
     evaluate = None
     if eval_examples or cfg.eval.vqa_file or cfg.eval.pope_file:
-        ecollate = SFTCollator(eval_loader, adapter.tokenizer.pad_token_id) if eval_examples else None
+        ecollate = (SFTCollator(eval_loader, adapter.tokenizer.pad_token_id, pack_length=budget)
+                    if eval_examples else None)
         evaluate = make_evaluator(adapter, cfg, eval_examples, ecollate)
     trainer = Trainer(method=SFTMethod(adapter), model=model, processor=adapter.processor, examples=examples,
                       collate=collate, train_cfg=cfg.train, optim_cfg=cfg.optim, config=cfg, evaluate=evaluate,

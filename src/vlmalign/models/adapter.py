@@ -22,6 +22,10 @@ talk to this interface:
 * ``position_ids(input_ids, attention_mask, encoded=..., image_indices=...)``: the position
   ids ``generate`` uses for (left-)padded rows, so a training forward can score a sampled
   sequence at the positions it was sampled at.
+* ``forward(..., segment_ids=...)``: packed rows (several samples in one row, SFT's
+  ``data.packing``): ``packed_inputs`` restarts the position ids at every sample (Qwen2-VL's
+  M-RoPE ids computed per sample) and keeps attention inside each sample, either through
+  transformers' own handling of restarting position ids or a block-diagonal 4-D mask.
 
 Tokenization works in three steps. (1) The processor's chat template renders the messages to
 text (each image becomes one placeholder token). (2) The tokenizer encodes that text with
@@ -128,6 +132,56 @@ def to_hf_messages(messages: Sequence[Message]) -> list[dict]:
     return out
 
 
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T) positions counted from 0 again wherever the segment id changes (the
+    padding after a row's last sample counts as one more segment, so it starts at 0 too)."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    start = torch.ones_like(segment_ids, dtype=torch.bool)
+    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
+
+
+def block_diagonal_mask(segment_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, 1, T, T) causal attention inside each segment only: boolean (True: attend) when
+    ``dtype`` is None, else additive (0 or the dtype's minimum) for eager attention. Padding
+    (segment 0) attends to earlier padding only, so no query row is fully masked."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    allowed = allowed[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
+
+
+def segment_spans(segment_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every sample (segment id > 0) of packed rows, row by row in order."""
+    spans = []
+    for r, row in enumerate(segment_ids.tolist()):
+        start = 0
+        for t in range(1, len(row) + 1):
+            if t == len(row) or row[t] != row[start]:
+                if row[start] > 0:
+                    spans.append((r, start, t))
+                start = t
+    return spans
+
+
+def unpack_segments(values: torch.Tensor, spans: Sequence[tuple[int, int, int]], fill=0):
+    """The samples of packed rows ``values`` (B, T) as right-padded rows (S, Lmax) with their
+    (S, Lmax) mask: what the samples would be in an unpacked batch."""
+    L = max((b - a for _, a, b in spans), default=0)
+    out = values.new_full((len(spans), L), fill)
+    mask = torch.zeros(len(spans), L, dtype=torch.long, device=values.device)
+    for s, (r, a, b) in enumerate(spans):
+        out[s, : b - a] = values[r, a:b]
+        mask[s, : b - a] = 1
+    return out, mask
+
+
 class _Memo:
     """A bounded memo (oldest entry evicted first) for pure functions of hashable keys."""
 
@@ -169,6 +223,16 @@ class VLMAdapter:
     # positions or attention depend on the whole sequence (M-RoPE, prefix-LM), with the reason.
     prefix_sharing: ClassVar[bool] = True
     prefix_sharing_note: ClassVar[str] = ""
+    # Sequence packing (``forward(segment_ids=...)``, SFT's ``data.packing``). None: supported;
+    # otherwise why this family cannot hold several samples in one row (the run is refused with it).
+    packing_refused: ClassVar[str | None] = None
+    # How a packed row's samples are kept from attending to each other:
+    # "position_ids": position ids restart at every sample and no 2-D mask is passed; transformers
+    #   (5.25) then builds the block-diagonal causal mask itself for sdpa / eager / flex
+    #   (masking_utils.find_packed_sequence_indices) and flash-attention runs its varlen kernel;
+    # "mask": a block-diagonal causal 4-D mask built here (block_diagonal_mask), which
+    #   transformers passes through untouched (never with flash-attention, which takes no 4-D mask).
+    packing_attention: ClassVar[str] = "position_ids"
     # The training stage the adapter serves: None outside training, "pretrain" (projector
     # pretraining) or "finetune" (every other method), set by methods/setup.prepare_trainable.
     # Families whose inputs or frozen parts differ by stage read it (AlignGPT, aligngpt.py).
@@ -267,6 +331,36 @@ class VLMAdapter:
             if g == "language" or (g == "vision" and include_vision) or (g == "head" and include_head):
                 out.append(name)
         return out
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards as units of their own (``engine/sharding.py``; the trained
+        module itself is the root unit around them):
+
+        * every layer the model declares unsplittable (transformers' ``_no_split_modules``:
+          decoder layers, vision-encoder layers, patch embeddings);
+        * the modules ``encode_images`` runs outside the model's forward: the vision tower and
+          projector (``vision_prefixes`` / ``projector_prefixes`` naming a module), so the
+          encoding gathers their parameters itself. A tower that is a transformers model is
+          taken by its children: transformers finds which outputs a model records (the hidden
+          states the projector reads) by the model's class, and sharding replaces the class.
+        """
+        from transformers import PreTrainedModel
+        names = set()
+        for m in self.model.modules():
+            names.update(getattr(m, "_no_split_modules", None) or ())
+        units = [m for m in self.model.modules() if type(m).__name__ in names]
+        covered = {id(p) for u in units for p in u.parameters()}
+        for prefix in (*self.vision_prefixes, *self.projector_prefixes):
+            try:
+                mod = self.model.get_submodule(prefix.rstrip("."))
+            except AttributeError:
+                continue   # a bare parameter (e.g. an image_newline): it stays in the root unit
+            parts = list(mod.children()) if isinstance(mod, PreTrainedModel) else [mod]
+            for part in parts:
+                if any(id(p) not in covered for p in part.parameters()):
+                    units.append(part)
+                    covered.update(id(p) for p in part.parameters())
+        return units
 
     @classmethod
     def load_processor(cls, path: str, *, trust_remote_code: bool = False):
@@ -377,17 +471,64 @@ class VLMAdapter:
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 encoded: EncodedImages | None = None, image_indices: Sequence[Sequence[int]] = (),
-                pixel_inputs: dict[str, torch.Tensor] | None = None, **kwargs):
+                pixel_inputs: dict[str, torch.Tensor] | None = None,
+                segment_ids: torch.Tensor | None = None, **kwargs):
         """Model forward on token ids with already-encoded images.
 
         ``image_indices[b]`` lists, in order, which of ``encoded``'s images row ``b``'s
         placeholders use (rows may share images). ``pixel_inputs`` instead runs the model's
-        own image path (used to prove equivalence).
+        own image path (used to prove equivalence). ``segment_ids`` (B, T) marks packed rows:
+        1, 2, ... per sample in row order, 0 on padding (``data.batching.SFTCollator``); the
+        position ids and attention then come from :meth:`packed_inputs`, so each sample sees
+        exactly what it would see alone in a row.
         """
         flat = [i for row in image_indices for i in row]
         mm = dict(pixel_inputs) if pixel_inputs is not None else self.mm_kwargs(encoded, flat)
         mm.update(self._extra_forward_kwargs(input_ids, attention_mask, mm))
+        if segment_ids is not None:
+            packed = self.packed_inputs(input_ids, segment_ids, mm)
+            attention_mask = packed.pop("attention_mask")
+            mm.update(packed)
+            # a training layout: with a cache transformers skips its packed-sequence detection
+            kwargs["use_cache"] = False
         return self.runner(input_ids=input_ids, attention_mask=attention_mask, **mm, **kwargs)
+
+    # ------------------------------------------------------------------ packing
+    def check_packing(self) -> None:
+        """Raise ModelError where this family cannot pack several samples into one row."""
+        if self.packing_refused:
+            raise ModelError(f"{self.family}: data.packing is not supported: {self.packing_refused}")
+
+    def packed_inputs(self, input_ids: torch.Tensor, segment_ids: torch.Tensor, mm: dict[str, Any], *,
+                      attention: str | None = None) -> dict[str, Any]:
+        """Forward kwargs for packed rows: ``position_ids`` restarting at every sample and the
+        ``attention_mask`` that keeps each sample's attention inside it (None on the
+        "position_ids" path, a 4-D block-diagonal mask on the "mask" path; ``attention``
+        overrides the family's ``packing_attention``). Families add what their forward derives
+        from the whole row (Qwen2-VL: M-RoPE ids; PaliGemma: prefix-LM token types)."""
+        self.check_packing()
+        mode = attention or self.packing_attention
+        if mode not in ("position_ids", "mask"):
+            raise ValueError(f"packing attention {mode!r}: expected 'position_ids' or 'mask'")
+        impl = self._attn_implementation()
+        if "flash" in impl:  # flash kernels take no 4-D mask; they run varlen from the position ids
+            mode = "position_ids"
+        out: dict[str, Any] = {"position_ids": self._packed_position_ids(input_ids, segment_ids, mm)}
+        if mode == "mask":
+            dtype = None if impl != "eager" else next(self.model.parameters()).dtype
+            out["attention_mask"] = block_diagonal_mask(segment_ids, dtype)
+        else:
+            out["attention_mask"] = None
+        return out
+
+    def _attn_implementation(self) -> str:
+        cfg = self.model.config
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return str(getattr(text, "_attn_implementation", None) or getattr(cfg, "_attn_implementation", "") or "")
+
+    def _packed_position_ids(self, input_ids, segment_ids, mm) -> torch.Tensor:
+        """(B, T) position ids of packed rows: 0, 1, ... from each sample's first token."""
+        return segment_positions(segment_ids)
 
     def _extra_forward_kwargs(self, input_ids, attention_mask, mm) -> dict:
         """Family kwargs derived from the ids for a forward or generate with ``mm`` (e.g.

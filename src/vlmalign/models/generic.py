@@ -13,6 +13,8 @@ from .adapter import VLMAdapter
 
 class GenericAdapter(VLMAdapter):
     family = "generic"
+    # an unknown model may not read packed position ids; a 4-D mask it cannot take fails loudly
+    packing_attention = "mask"
 
     def __init__(self, model, processor):
         token = getattr(processor, "image_token", None)

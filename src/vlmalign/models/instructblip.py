@@ -81,6 +81,9 @@ INSTRUCTBLIP_CHAT_TEMPLATE = (
 class InstructBlipAdapter(VLMAdapter):
     family = "instructblip"
     model_types = ("instructblip",)
+    # the model turns a missing attention mask into a 2-D one of ones, which switches off
+    # transformers' packed-sequence detection: packed rows get our 4-D block-diagonal mask
+    packing_attention = "mask"
     placeholder_token = "<image>"
     vision_prefixes = ("vision_model.",)
     projector_prefixes = ("qformer.", "query_tokens", "language_projection.")

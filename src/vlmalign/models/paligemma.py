@@ -45,7 +45,8 @@ import torch
 
 from ..data.schema import ImagePart, Message
 from ..errors import DataError, ModelError
-from .adapter import IGNORE_INDEX, EncodedImages, ImageInputs, Tokenized, VLMAdapter
+from .adapter import (IGNORE_INDEX, EncodedImages, ImageInputs, Tokenized, VLMAdapter, segment_spans,
+                      unpack_segments)
 from .registry import register, register_tiny
 from .tiny_tokenizer import build_tiny_tokenizer
 
@@ -232,6 +233,25 @@ class PaliGemmaAdapter(VLMAdapter):
             pixel_inputs = {**pixel_inputs, "token_type_ids": token_type_ids}
         return super().forward(input_ids, attention_mask, encoded=encoded, image_indices=image_indices,
                                pixel_inputs=pixel_inputs, **kwargs)
+
+    def packed_inputs(self, input_ids, segment_ids, mm, *, attention=None) -> dict[str, Any]:
+        """Packed rows: positions 1, 2, ... from each sample's first token (PaliGemma counts from
+        1) and each sample's own prefix-LM token types. Attention stays transformers' (restarting
+        positions): its mask ORs the bidirectional prefix block into the causal one, then keeps
+        both inside each sample; a 4-D mask of ours would lose the prefix block."""
+        if (attention or self.packing_attention) != "position_ids":
+            raise ValueError("paligemma packs through position ids only (its prefix-LM mask is transformers')")
+        out = super().packed_inputs(input_ids, segment_ids, mm, attention="position_ids")
+        out["position_ids"] = out["position_ids"] + 1
+        # derived per sample from its ids (a row-level split would end at the first sample's prefix)
+        spans = segment_spans(segment_ids)
+        ids, mask = unpack_segments(input_ids, spans, fill=self.tokenizer.pad_token_id)
+        per = self.token_type_ids(ids, mask)
+        types = torch.zeros_like(input_ids)
+        for s, (r, a, b) in enumerate(spans):
+            types[r, a:b] = per[s, : b - a]
+        out["token_type_ids"] = types
+        return out
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  encoded: EncodedImages | None = None, image_indices: Sequence[Sequence[int]] = (),

@@ -23,13 +23,15 @@ def is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def peft_extra_params(model) -> dict:
+def peft_extra_params(model, state_dict: dict | None = None) -> dict:
     """Trainable parameters of a PEFT model that its adapter file does not hold (bare
-    parameters such as LLaVA-Next's image_newline), by their name in the base model."""
+    parameters such as LLaVA-Next's image_newline), by their name in the base model; their
+    values from ``state_dict`` (the PEFT model's full state dict, e.g. gathered from shards)
+    when given."""
     out = {}
     for n, p in model.base_model.model.named_parameters():
         if p.requires_grad and "lora_" not in n and "modules_to_save" not in n and "original_module" not in n:
-            out[n] = p
+            out[n] = p if state_dict is None else state_dict["base_model.model." + n]
     return out
 
 

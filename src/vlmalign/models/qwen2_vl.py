@@ -12,6 +12,10 @@ Quirks handled here:
   the grid rows of the images it hands over (in placeholder order) and
   ``_extra_forward_kwargs`` derives ``mm_token_type_ids`` from the ids. Padded positions are
   skipped by the model's ``get_rope_index`` through ``attention_mask`` (left or right padding).
+* Packed rows (``data.packing``): the M-RoPE ids are computed per sample (the model's
+  ``get_rope_index`` on the samples laid out as an unpacked batch, then put back in place) and
+  handed over as transformers' packed layout ``(4, B, T)``: the text positions (restarting at
+  every sample, from which transformers builds the block-diagonal mask) then t / h / w.
 * ``get_image_features(...).pooler_output`` is already a tuple of per-image
   ``(num_tokens_i, hidden)`` tensors (merged, projected): the base ``_encode`` uses it as is.
 * The stock processors require a video processor, which needs torchvision. The tiny builders
@@ -30,7 +34,8 @@ from typing import Any, Sequence
 import torch
 from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 
-from .adapter import EncodedImages, ImageInputs, VLMAdapter, saved_chat_template
+from .adapter import (EncodedImages, ImageInputs, VLMAdapter, saved_chat_template, segment_positions,
+                      segment_spans, unpack_segments)
 from .image_only import ImageOnlyMixin
 from .registry import register, register_tiny
 from .tiny_tokenizer import build_tiny_tokenizer
@@ -147,6 +152,22 @@ class Qwen2VLAdapter(VLMAdapter):
         if self.video_token_id is not None:
             types = types + 2 * (input_ids == self.video_token_id).int()
         return {"mm_token_type_ids": types}
+
+    def _packed_position_ids(self, input_ids, segment_ids, mm) -> torch.Tensor:
+        """(4, B, T): text positions restarting per sample, then each sample's own M-RoPE
+        (t, h, w) ids, exactly those it gets alone in an unpacked row."""
+        text = segment_positions(segment_ids)
+        rope = text.unsqueeze(0).expand(3, -1, -1).clone()
+        if "image_grid_thw" in mm:
+            spans = segment_spans(segment_ids)
+            ids, mask = unpack_segments(input_ids, spans)
+            types = self._extra_forward_kwargs(ids, mask, mm)["mm_token_type_ids"] * mask
+            # the grid rows are in placeholder order over the packed rows, which is the samples' order
+            pos, _ = self.model.model.get_rope_index(ids, types, image_grid_thw=mm["image_grid_thw"],
+                                                     attention_mask=mask)
+            for s, (r, a, b) in enumerate(spans):
+                rope[:, r, a:b] = pos[:, s, : b - a].to(rope.device)
+        return torch.cat([text.unsqueeze(0), rope], dim=0)
 
 
 @register

@@ -176,7 +176,7 @@ class ScalarModel(nn.Module):
         self.base.save_pretrained(out, safe_serialization=True, **base_kw)
         if _is_peft(self.base):
             from .peft import EXTRA_PARAMS, peft_extra_params
-            extra = peft_extra_params(self.base)
+            extra = peft_extra_params(self.base, base_kw.get("state_dict"))
             if extra:
                 save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(out / EXTRA_PARAMS))
         save_file({k: v.detach().float().contiguous().cpu() for k, v in head_sd.items()}, str(out / HEAD_WEIGHTS))

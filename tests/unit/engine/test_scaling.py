@@ -90,6 +90,40 @@ def test_the_plan_is_read_from_accelerates_variables():
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
            "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "CPU"}
     assert launch_plan(env) == LaunchPlan("deepspeed", 2, "cpu", "none")
-    assert launch_plan({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "false"}) == LaunchPlan("fsdp")
+    # accelerate's own default is FSDP1 when the launch names no version
+    assert launch_plan({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "false"}) == \
+        LaunchPlan("fsdp", fsdp_version=1)
+    assert launch_plan({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+                        "FSDP_ACTIVATION_CHECKPOINTING": "true"}) == \
+        LaunchPlan("fsdp", fsdp_version=2, activation_checkpointing=True)
     # an unsharded launch on a CPU machine passes, whatever the optimizer (check_optimizer refuses that)
     assert check_launch("adamw_8bit", cuda=False, plan=LaunchPlan()) == LaunchPlan()
+
+
+def test_train_sharding_is_declared_and_asks_the_engine_to_shard():
+    from vlmalign.config.sections import TrainSection
+    assert TrainSection().sharding == "none"
+    assert load_config(SFTConfig, None, ["train.sharding=fsdp2"]).train.sharding == "fsdp2"
+    with pytest.raises(ConfigError, match="fsdp2"):
+        validate_config(load_config(SFTConfig, None, ["train.sharding=fsdp"]))
+    plan = check_launch("adamw", sharding="fsdp2", cuda=False, plan=LaunchPlan())
+    assert (plan.sharding, plan.fsdp_version, plan.source) == ("fsdp", 2, "train.sharding")
+    assert check_launch("adamw", sharding="none", cuda=False, plan=LaunchPlan()) == LaunchPlan()
+
+
+def test_what_the_engines_fsdp2_does_not_run_is_refused():
+    fsdp2 = LaunchPlan("fsdp", fsdp_version=2)
+    assert check_launch("adamw", cuda=False, plan=fsdp2) == fsdp2          # FSDP on CPU processes runs
+    with pytest.raises(ScalingError, match="fsdp_version: 1; the engine shards with FSDP2 only"):
+        check_launch("adamw", cuda=True, plan=LaunchPlan("fsdp", fsdp_version=1))
+    with pytest.raises(ScalingError, match="fsdp_activation_checkpointing: true; .*model.gradient_checkpointing"):
+        check_launch("adamw", cuda=True, plan=LaunchPlan("fsdp", fsdp_version=2, activation_checkpointing=True))
+    with pytest.raises(ScalingError, match="train.precision=fp16 with FSDP2"):
+        check_launch("adamw", sharding="fsdp2", precision="fp16", cuda=True, plan=LaunchPlan())
+    with pytest.raises(ScalingError, match="train.sharding=fsdp2 and a DeepSpeed launch"):
+        check_launch("adamw", sharding="fsdp2", cuda=True, plan=LaunchPlan("deepspeed", 3))
+    offload = LaunchPlan("fsdp", None, "cpu", "cpu", fsdp_version=2)
+    assert check_launch("adamw", cuda=True, plan=offload) == offload      # CPU offload: a GPU-machine option
+    with pytest.raises(ScalingError, match="with CPU offload, which needs CUDA GPUs; this machine has none") as ei:
+        check_launch("adamw", cuda=False, plan=offload)
+    assert "configs/accelerate/fsdp.yaml" in str(ei.value)

@@ -357,3 +357,22 @@ def test_preference_loss_dispatch():
         preference_loss("cdpo", **pair)
     with pytest.raises(ValueError, match="loss_type"):
         preference_loss("ipo", loss_type="sigmoid", **pair)
+
+
+def test_rpo_adds_alpha_times_the_chosen_nll_hand_computed():
+    from vlmalign.losses.preference import with_chosen_nll
+    c, r, rc, rr = t(-1.0, grad=True), t(-2.0), t(-1.5), t(-1.5)
+    base, st = dpo_loss(c, r, rc, rr, beta=0.5)
+    # DPO: -log sig(0.5 * ((-1 + 1.5) - (-2 + 1.5))) = -log sig(0.5) = 0.474077
+    nll = -c / 4.0                                         # 4 chosen tokens: per-token NLL 0.25
+    losses, st2 = with_chosen_nll(base, st, nll, alpha=2.0)
+    assert base.item() == pytest.approx(math.log(1 + math.exp(-0.5)), abs=1e-6)
+    assert losses.item() == pytest.approx(0.474077 + 2.0 * 0.25, abs=1e-5)
+    assert st2["nll"].item() == pytest.approx(0.25) and "nll" not in st
+    losses.sum().backward()
+    # d/dc = -0.5 (1 - sig(0.5)) + 2.0 * (-1/4) = -0.5 * 0.377541 - 0.5
+    assert c.grad.item() == pytest.approx(-0.5 * (1 - 1 / (1 + math.exp(-0.5))) - 0.5, abs=1e-6)
+    same, _ = with_chosen_nll(base, st, nll, alpha=0.0)
+    assert same is base
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        with_chosen_nll(base, st, nll, alpha=-1.0)

@@ -12,7 +12,14 @@ One record::
   ``role``/``content`` keys are accepted in place of ``from``/``value``.
 * ``<image>`` may appear anywhere in a user turn; images take those positions in order.
   Images without any placeholder go to the start of the first user turn (LLaVA convention);
-  otherwise the placeholder count must equal the image count.
+  otherwise the placeholder count must equal the image count -- with one exception, the
+  layout of Vision-LLM-Alignment's multi-image SFT file (``sft_samples_multi_image.json``,
+  made for Llama-3.2-Vision): ``"image"`` is a comma-separated string of several paths and
+  the record has exactly one ``<image>``, which stands for all of them, in order. That
+  placeholder becomes one image part per image at its position, and the record says so
+  (``record.one_placeholder_for`` = the image count; ``data validate`` and ``data stats``
+  count such records, training logs the count). Anything else (two placeholders for three
+  images, one placeholder for a JSON list of images) is still refused.
 * Ranked variant: the last ``gpt`` value is a list of responses, best first ->
   :class:`RankedList` (optional top-level ``"scores"`` list, one per response).
 * Other top-level keys go to ``record.meta``.
@@ -22,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..placeholders import Segment, place_images, split_text
+from ..placeholders import Segment, expand_one_placeholder, place_images, split_text
 from ..schema import Conversation, RankedList, Record
 from ._common import (Ctx, id_of, image_list, meta_of, response_of, role_of, text_of, type_name,
                       unanswered)
@@ -82,16 +89,19 @@ def parse(obj: Mapping, ctx: Ctx) -> Record:
                 raise ctx.error("missing text", f"{f}.{vk}")
             turns.append((role, split_text(text_of(value, ctx, f"{f}.{vk}"))))
 
+    one_for = None
+    if isinstance(obj.get(image_key), str):  # "a.jpg,b.jpg": the layout that writes one <image>
+        turns, one_for = expand_one_placeholder(turns, len(images))
     messages = place_images(turns, images, lambda r: ctx.error(r, image_key))
     for i, m in enumerate(messages):
         if not m.content:
             raise ctx.error("empty turn", f"conversations[{i}]")
     rid = id_of(obj, "id")
     if ranked is None:
-        return Conversation(messages, id=rid, meta=meta_of(obj, KNOWN))
+        return Conversation(messages, id=rid, meta=meta_of(obj, KNOWN), one_placeholder_for=one_for)
     scores = obj.get("scores")
     if scores is not None and (not isinstance(scores, list) or not all(
             isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)):
         raise ctx.error("expected a list of numbers", "scores")
     return RankedList(messages, ranked, scores=[float(s) for s in scores] if scores else None,
-                      id=rid, meta=meta_of(obj, KNOWN | {"scores"}))
+                      id=rid, meta=meta_of(obj, KNOWN | {"scores"}), one_placeholder_for=one_for)

@@ -1,0 +1,116 @@
+"""FSDP2 in the engine (``train.sharding=fsdp2``, or an ``accelerate launch`` with an FSDP config):
+torch's ``fully_shard`` applied by the engine itself, on CPU processes (gloo) as on GPUs (NCCL).
+
+Why the engine shards and not accelerate: accelerate 1.16 builds FSDP only for GPU-like process
+groups (``AcceleratorState`` turns a CPU launch into ``MULTI_CPU``: DDP over gloo), and its
+FSDP2 wrapping (``fsdp2_prepare_model``) leaves the vision tower's norms in the root unit, so the
+image encoding, which runs outside the model's forward (encoded once per step, see
+``models/adapter.py``), meets sharded parameters and fails (``aten.native_layer_norm.default got
+mixed torch.Tensor and DTensor``; seen with accelerate's FSDP2 forced onto CPU processes). Here
+the units are chosen so that every module called on its own is one (:func:`shard`):
+
+* the family adapter's ``shard_units()``: the layers transformers lists as unsplittable
+  (decoder and vision-encoder layers) and the modules ``encode_images`` calls outside the
+  forward (vision tower, projector);
+* the trained module itself as the root (embeddings, LM head, norms, a reward head, ...).
+
+Every unit reshards after each forward, so outside a forward the module holds only its shards.
+The root is initialised before the first encoding (FSDP2 takes the first module that runs as the
+root otherwise). Checkpoints hold full tensors gathered collectively (:func:`full_model_state`,
+:func:`full_optimizer_state`): a sharded run writes the same model directory as an unsharded
+one, and a resumed run loads the weights before sharding and the optimizer state after it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _depth_first_order(root: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
+    """``units`` that lie inside ``root`` (each once), deepest first: fully_shard runs bottom-up,
+    so a unit's parameters are those no unit below it took."""
+    names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
+    seen, out = set(), []
+    for m in units:
+        if m is root or id(m) not in names or id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+    return sorted(out, key=lambda m: -names[id(m)].count("."))
+
+
+def shard(root: nn.Module, units: list[nn.Module], *, device_type: str, offload: bool = False) -> nn.Module:
+    """Apply FSDP2 to ``units`` (deepest first) and then to ``root`` over all processes of the
+    default process group; returns ``root`` (changed in place: its parameters become DTensor
+    shards, so build the optimizer afterwards)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    kw = dict(mesh=mesh, reshard_after_forward=True,
+              offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+    ordered = _depth_first_order(root, units)
+    for m in ordered:
+        fully_shard(m, **kw)
+    fully_shard(root, **kw)
+    # FSDP2 picks as root the first of its modules to run a forward; the image encoding runs
+    # the vision tower's units before the model's forward, so the root is initialised here.
+    # (A private call: torch 2.13 offers no public one; tests/integration/test_fsdp2.py runs it.)
+    root._get_fsdp_state()._lazy_init()
+    n = dist.get_world_size()
+    log.info("FSDP2: %d units + the root over %d process%s (%s)", len(ordered), n, "es" if n > 1 else "", device_type)
+    return root
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
+def set_gradient_sync(root: nn.Module, enabled: bool) -> None:
+    """Whether the next backward reduce-scatters the gradients (``enabled``) or keeps them
+    unsharded and accumulated on each process (a micro-batch that is not the last before an
+    update). FSDP2 reads this when the backward runs, so it is set before the micro-batch and
+    stays set through its backward."""
+    root.set_requires_gradient_sync(enabled)
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_model_state(root: nn.Module) -> dict[str, torch.Tensor]:
+    """The root's full state dict as CPU tensors on the main process ({} on the others); every
+    process must call it (the shards are all-gathered)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(root, options=_options(cpu_offload=True))
+
+
+def full_optimizer_state(root: nn.Module, optimizer) -> dict:
+    """The optimizer's full state (keyed by parameter name) on the main process ({} elsewhere);
+    collective like :func:`full_model_state`."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    return get_optimizer_state_dict(root, _plain(optimizer), options=_options(cpu_offload=True))
+
+
+def load_optimizer_state(root: nn.Module, optimizer, state: dict) -> None:
+    """Load a state written by :func:`full_optimizer_state` (every process passes the whole
+    state; each keeps its shards). Not strict: a trainable parameter that never had a gradient
+    (e.g. a norm after the layer the projector reads) has no Adam state, as in torch's own
+    ``Optimizer.state_dict``."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    set_optimizer_state_dict(root, _plain(optimizer), optim_state_dict=state, options=_options(strict=False))
+
+
+def _plain(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer

@@ -1,0 +1,201 @@
+"""FSDP2 sharding (``train.sharding=fsdp2``: engine/sharding.py) on two CPU processes over gloo,
+against one unsharded process with the same global batch, on the tiny random-init LLaVA.
+
+One torchrun launch (``fsdp_worker.py``) trains every run of :data:`RUNS` in turn, sharded, and
+then starts :data:`KILLED` (the first run's settings), which is SIGKILLed (launcher and both
+processes) after its first checkpoint and resumed by an ``accelerate launch`` with
+``configs/accelerate/fsdp.yaml`` (the FSDP launch a GPU machine uses, here on CPU processes).
+
+Adam's eps is 1e-4 in every run: with the default 1e-8, an entry whose gradient is ~0 (a reward
+head's bias: only score differences matter; patch-embedding weights on flat image regions) gets
+an update of about lr whose sign follows the rounding of that ~0, so the sharded and unsharded
+weights drifted apart by up to 4.5e-5 (1e-3 for the bias) in 3 steps while every loss agreed to
+6e-7 (measured). With eps 1e-4 such entries move in proportion to their gradient, and the weights
+compare what sharding computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlmalign.config import load_config
+from vlmalign.methods.registry import get
+from vlmalign.engine.scaling import ScalingError
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+# name -> (method, training file, options, per-process batch size); one process: twice the batch
+RUNS = {
+    "sft-full-vision": ("sft", "vqa_train.json", ["model.train_vision=true", "train.save_every=1",
+                                                  "train.keep_last=10"], 2),
+    "sft-lora-accum": ("sft", "vqa_train.json", ["lora.enabled=true", "lora.r=4", "train.grad_accum=2"], 1),
+    "rm-lora-vision": ("rm", "dpo_train.json", ["lora.enabled=true", "lora.r=4", "model.train_vision=true"], 2),
+    "dpo-full": ("dpo", "dpo_train.json", [], 2),
+    "dpo-lora-vision-cached": ("dpo", "dpo_train.json", ["lora.enabled=true", "lora.r=4", "model.train_vision=true",
+                                                         "dpo.precompute_ref_logps=true"], 2),
+}
+KILLED = "sft-killed"
+
+
+def _options(world: Path, name: str, out: Path, processes: int) -> list[str]:
+    method, data, extra, bs = RUNS[name]
+    opts = [f"model.path={world / 'model'}", f"data.train_file={world / 'data' / data}", "data.max_length=256",
+            "train.max_steps=3", "train.progress=false", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.eps=1e-4",
+            f"train.batch_size={bs * (2 // processes)}", f"train.output_dir={out}", *extra]
+    if method == "dpo":
+        opts.append(f"dpo.ref_cache_dir={out.parent / (out.name + '-ref-cache')}")
+    return opts
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
+
+
+@pytest.fixture(scope="module")
+def sharded(shapes_llava, tmp_path_factory):
+    """The runs' directory after the launch: RUNS trained, KILLED killed after its step-1."""
+    root = tmp_path_factory.mktemp("fsdp2")
+    spec = [{"method": RUNS[n][0], "overrides": [*_options(shapes_llava, n, root / n, 2), "train.sharding=fsdp2"]}
+            for n in RUNS]
+    spec.append({"method": "sft", "overrides": [*_options(shapes_llava, "sft-full-vision", root / KILLED, 2),
+                                                "train.sharding=fsdp2"]})
+    (root / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    log = root / "launch.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", "29571", str(WORKER), str(root / "spec.json")],
+                                env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not (root / KILLED / "checkpoints" / "step-1").exists():
+            assert proc.poll() is None, f"the launch ended before {KILLED} could be killed:\n{_tail(log)}"
+            assert time.time() < deadline, _tail(log)
+            time.sleep(0.05)
+    finally:
+        # the launcher and both processes (torchrun starts each in a session of its own) at once,
+        # as when the machine is lost
+        try:
+            procs = [proc, *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
+                p.send_signal(signal.SIGKILL)
+        proc.wait()
+        psutil.wait_procs(procs[1:], timeout=30)
+    return root
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(x)["train/loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _reloaded(model_dir: Path) -> dict:
+    """A checkpoint's ``model/`` loaded with plain transformers (LoRA: its adapter through PEFT
+    over the base it names), as a state dict; a reward model's head read from its file."""
+    from transformers import LlavaForConditionalGeneration
+    if (model_dir / "adapter_config.json").exists():
+        from peft import PeftModel
+        base = json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), str(model_dir))
+    else:
+        assert json.loads((model_dir / "config.json").read_text())["architectures"] == \
+            ["LlavaForConditionalGeneration"]
+        model = LlavaForConditionalGeneration.from_pretrained(str(model_dir))
+    sd = dict(model.state_dict())
+    if (model_dir / "scalar_head.safetensors").exists():
+        sd.update({f"head.{k}": v for k, v in load_file(str(model_dir / "scalar_head.safetensors")).items()})
+    return sd
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_sharded_processes_match_one(sharded, shapes_llava, tmp_path, name):
+    two = sharded / name
+    for rank in (0, 1):
+        assert (two / f"done-rank{rank}").exists(), _tail(sharded / "launch.log")
+    method = get(RUNS[name][0])
+    one = tmp_path / "one"
+    method.train(load_config(method.config, None, _options(shapes_llava, name, one, 1)))
+    la, lb = _losses(one), _losses(two)
+    assert len(la) == len(lb) == 3
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5, (la, lb)
+    wa, wb = (_reloaded(d / "checkpoints" / "step-3" / "model") for d in (one, two))
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    assert worst <= 1e-5, worst
+    for rank in (0, 1):
+        rows = [json.loads(x) for x in (two / f"encodes-rank{rank}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3]
+        for r in rows:
+            # really sharded: each process holds about half of every parameter
+            assert r["sharded"] and r["local_numel"] <= 0.55 * r["full_numel"], r
+            # one encoder call per micro-batch, over that micro-batch's unique images
+            assert r["encode_calls"] == r["unique_images"] and all(n >= 1 for n in r["unique_images"]), r
+
+
+@pytest.mark.slow
+def test_a_sigkilled_sharded_run_resumes_through_an_fsdp_launch(sharded, shapes_llava):
+    killed, full = sharded / KILLED, sharded / "sft-full-vision"
+    done = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert "step-1" in done and "step-3" not in done
+    for d in done:   # written atomically: every step-N is whole
+        ck = killed / "checkpoints" / d
+        assert (ck / "trainer_state.pt").exists() and (ck / "model" / "model.safetensors").exists()
+    # the optimizer state was gathered: full tensors by parameter name, for every parameter
+    from transformers import LlavaForConditionalGeneration
+    st = torch.load(killed / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=True)
+    params = dict(LlavaForConditionalGeneration.from_pretrained(str(shapes_llava / "model")).named_parameters())
+    # every parameter that got a gradient (not the tower's post_layernorm: LLaVA reads the layer before)
+    assert {k for k in params if "post_layernorm" not in k} == set(st["optimizer"]["state"])
+    for k, v in st["optimizer"]["state"].items():
+        assert v["exp_avg"].shape == v["exp_avg_sq"].shape == params[k].shape, k
+    assert st["layout"]["sharding"] == "fsdp2" and st["layout"]["processes"] == 2
+    opts = [o for o in _options(shapes_llava, "sft-full-vision", killed, 2)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                        str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
+                        "--main_process_port", "29573", "-m", "vlmalign", "train", "sft", *opts, "train.resume=true"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = r.stdout + r.stderr
+    assert "FSDP2:" in out and "units + the root over 2 processes (cpu)" in out   # sharded by the engine
+    assert f"resumed from {killed / 'checkpoints' / done[-1]}" in out
+    wa, wb = (load_file(str(d / "checkpoints" / "step-3" / "model" / "model.safetensors")) for d in (full, killed))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max().item() <= 1e-6, k
+    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]   # the killed run's step 1, then steps 2 and 3 once each
+
+
+def test_what_sharding_does_not_run_is_refused_before_training(shapes_llava, tmp_path):
+    from vlmalign.methods.grpo import GRPOConfig
+    from vlmalign.methods.sft import SFTConfig
+    w = shapes_llava
+    base = [f"model.path={w / 'model'}", "train.progress=false", "train.max_steps=1", "train.sharding=fsdp2"]
+    cfg = load_config(SFTConfig, None, [*base, f"data.train_file={w / 'data' / 'vqa_train.json'}",
+                                        f"eval.vqa_file={w / 'data' / 'vqa_eval.json'}",
+                                        f"train.output_dir={tmp_path / 'sft'}"])
+    with pytest.raises(ScalingError, match="eval.vqa_file / eval.pope_file generate answers"):
+        get("sft").train(cfg)
+    cfg = load_config(GRPOConfig, None, [*base, f"data.train_file={w / 'data' / 'rl_train.json'}",
+                                         f"train.output_dir={tmp_path / 'grpo'}",
+                                         "reward=[{type: function, name: format, args: {pattern: '[0-9]'}}]"])
+    with pytest.raises(ScalingError, match="train.sharding=fsdp2: online RL samples responses"):
+        get("grpo").train(cfg)
+    assert not (tmp_path / "grpo" / "metrics.jsonl").exists()
