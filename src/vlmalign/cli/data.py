@@ -12,6 +12,7 @@ from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.readers import FORMATS
 from ..data.schema import RECORD_KINDS
 from ..data.writers import WRITE_FORMATS
+from .args import positive_int
 from .args import config_flags
 
 FORMAT_HELP = (f"input format: auto (default: detect from the file), {', '.join(FORMATS)} "
@@ -84,6 +85,25 @@ def register(subparsers) -> argparse.ArgumentParser:
     config_flags(p, DataSection, SAMPLE_CAPS)
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("align-levels", help="write AlignGPT alignment buckets (image-text similarity "
+                                            "quantiles) into a LLaVA file",
+                       description="Score each record's image-text similarity with --scorer and write the "
+                                   "file again with 'similarity' (its quantile bucket over the file, an "
+                                   "integer 0..N-1, higher = better aligned) and 'similarity_score' (the "
+                                   "cosine) added to every record: the input of AlignGPT pretraining "
+                                   "(model.alignment_levels, docs/MODELS.md).")
+    p.add_argument("file", help="LLaVA data file (.json or .jsonl)")
+    p.add_argument("--scorer", required=True, metavar="DIR",
+                   help="CLIP-like dual encoder directory (AutoModel with get_image_features / "
+                        "get_text_features, its image processor and tokenizer), or a VLM directory "
+                        "(mean projected image tokens vs mean text embeddings)")
+    p.add_argument("--buckets", type=positive_int, default=8,
+                   help="number of alignment levels N (the model's alignment_levels)")
+    p.add_argument("--out", required=True, metavar="FILE2", help="output file (.json or .jsonl)")
+    p.add_argument("--image-root", help=ROOT_HELP)
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=PIXELS_HELP)
+    p.set_defaults(func=cmd_align_levels)
 
     try:  # `data synth` lives with the synthetic data sets
         from .synth import register as register_synth
@@ -234,4 +254,16 @@ def cmd_stats(args) -> int:
     print(f"duplicate ids: {s['duplicate_ids']}")
     print(f"conversations ending with an unanswered user turn: {s['unanswered_last_turns']}")
     print(f"records with one <image> for several images (expanded): {s['one_placeholder_records']}")
+    return 0
+
+
+def cmd_align_levels(args) -> int:
+    from ..models.alignment_scores import align_levels
+    from .args import refuse_output_over_input
+
+    refuse_output_over_input(args.out, args.file)
+    rep = align_levels(args.file, args.scorer, args.out, buckets=args.buckets, image_root=args.image_root,
+                       max_pixels=args.max_pixels or None)
+    print(f"wrote {rep.records} records with their alignment bucket (0..{rep.buckets - 1}; records per bucket: "
+          f"{', '.join(map(str, rep.counts))}) to {rep.out}")
     return 0

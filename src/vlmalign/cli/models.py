@@ -7,7 +7,7 @@ import json
 from .args import config_flags, nonneg_int, positive_float
 
 COMPOSE_FLAGS = ("projector", "vision_feature_layer", "select_strategy", "num_query_tokens", "resampler_layers",
-                 "image_size", "seed")
+                 "image_size", "seed", "alignment_levels")
 
 
 def register(sub) -> None:

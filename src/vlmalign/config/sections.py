@@ -18,6 +18,11 @@ class ModelSection:
     train_projector: bool = opt(True, "train the projector")
     train_language: bool = opt(True, "train the language model (and output head)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    alignment_levels: int = opt(0, "AlignGPT alignment levels: give a LLaVA or composed model N indicator "
+                                   "embeddings (N-1 local levels + 1 global) and a gate before training (0: "
+                                   "off; a model that has them keeps its own). Pretraining then needs each "
+                                   "record's integer similarity bucket 0..N-1 (vlmalign data align-levels); "
+                                   "the indicators stay frozen outside pretraining (docs/MODELS.md)", ge=0)
 
 
 @dataclass

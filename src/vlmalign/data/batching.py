@@ -261,6 +261,9 @@ class SFTCollator:
             "attention_mask": pad([[1] * len(s) for s in ids], 0),
             "labels": pad(labels, IGNORE_INDEX),
         }
+        # per-record forward inputs (one integer each, e.g. AlignGPT's alignment_level)
+        for key in examples[0].rows.keys() - {"input_ids", "labels"}:
+            tensors[key] = torch.tensor([ex.rows[key] for ex in examples], dtype=torch.long)
         return Batch(tensors, uniq, per_ex, len(examples), prompts)
 
     def _packed(self, examples: Sequence[Example]) -> Batch:

@@ -65,7 +65,7 @@ def build_adapter(model_cfg, *, seed: int = 0, lora_cfg=None):
         check_qlora(model_cfg, lora_cfg)
     if model_cfg.tiny:
         model, processor = build_tiny(model_cfg.tiny, seed=seed)
-        return adapter_for(model, processor)
+        return with_alignment_levels(adapter_for(model, processor), model_cfg, seed)
     kwargs = {}
     dtype = resolve_dtype(model_cfg.dtype)
     if lora_cfg is not None and lora_cfg.qlora:
@@ -81,12 +81,33 @@ def build_adapter(model_cfg, *, seed: int = 0, lora_cfg=None):
             bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
             llm_int8_skip_modules=[p.rstrip(".").split(".")[-1] for p in
                                    (*cls.vision_prefixes, *cls.projector_prefixes, *cls.head_prefixes)])
-    return load_adapter(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code, dtype=dtype, **kwargs)
+    adapter = load_adapter(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code, dtype=dtype, **kwargs)
+    return with_alignment_levels(adapter, model_cfg, seed)
 
 
-def prepare_trainable(adapter, cfg):
+def with_alignment_levels(adapter, model_cfg, seed: int = 0):
+    """``model.alignment_levels`` N > 0: the adapter of the model with N AlignGPT alignment levels
+    added (models/aligngpt.py), unless the model has its own already."""
+    n = getattr(model_cfg, "alignment_levels", 0)
+    if not n or getattr(adapter.model.config, "alignment_levels", None):
+        return adapter
+    if n < 2:
+        raise ModelError(f"model.alignment_levels {n}: at least 2 (local levels + the global one), or 0 for off")
+    if getattr(adapter.model, "is_quantized", False):
+        raise ModelError("model.alignment_levels cannot convert a quantized (QLoRA) model: add the levels first "
+                         "(vlmalign models compose --alignment-levels, or a pretraining run without QLoRA) and "
+                         "start from that directory")
+    from ..models import adapter_for
+    from ..models.aligngpt import add_alignment_levels
+    model, processor = add_alignment_levels(adapter.model, adapter.processor, levels=n, seed=seed)
+    return adapter_for(model.to(adapter.device, next(adapter.model.parameters()).dtype), processor)
+
+
+def prepare_trainable(adapter, cfg, stage: str = "finetune"):
     """Every trainer's last step before the loop: returns ``(module to train, projector names,
-    vision names)``.
+    vision names)``. ``stage`` (``pretrain`` for projector pretraining, else ``finetune``)
+    becomes ``adapter.stage``, which families with stage rules read (AlignGPT freezes its
+    indicators in fine-tuning).
 
     LoRA on a model built in memory (no ``model.path``) first saves its base under
     ``train.output_dir/base_model`` so the adapter can be reloaded and exported; group parameter
@@ -97,6 +118,7 @@ def prepare_trainable(adapter, cfg):
     from ..engine.run_dir import claim_output_dir
     validate_config(cfg)
     claim_output_dir(cfg.train)  # refuse an earlier run's directory before writing anything into it
+    adapter.stage = stage
     if cfg.lora.enabled and not cfg.model.path:
         base = Path(cfg.train.output_dir) / "base_model"
         if cfg.train.overwrite or not (base / "config.json").exists():
@@ -144,6 +166,11 @@ def configure_trainable(adapter, model_cfg, lora_cfg):
     for n, p in peft_model.base_model.model.named_parameters():
         if n in bare:
             p.requires_grad_(True)
+    # what the family keeps frozen stays frozen in PEFT's trainable copies (modules_to_save)
+    frozen = adapter.frozen_parameter_names()
+    for n, p in peft_model.base_model.model.named_parameters():
+        if n.replace(".modules_to_save.default.", ".").replace(".original_module.", ".") in frozen:
+            p.requires_grad_(False)
     return peft_model
 
 

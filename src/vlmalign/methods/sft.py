@@ -96,12 +96,13 @@ class SFTMethod:
         # rows): prompt and image positions never build full-vocabulary logits.
         sup = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)
         pos = torch.nonzero(sup).squeeze(-1)                 # (P,) positions t predicting t+1
-        # packed rows (data.packing) carry segment_ids: the adapter restarts positions per sample
-        # and keeps attention inside each one
-        packed = {"segment_ids": t["segment_ids"]} if "segment_ids" in t else {}
+        # per-record forward inputs the collator added (AlignGPT's alignment_level; packed rows'
+        # segment_ids, from which the adapter restarts positions per sample and keeps attention
+        # inside each one)
+        extra = {k: v for k, v in t.items() if k not in ("input_ids", "attention_mask", "labels")}
         out = self.adapter.forward(t["input_ids"], t["attention_mask"], encoded=enc,
                                    image_indices=batch.image_indices, logits_to_keep=pos, use_cache=False,
-                                   **packed)
+                                   **extra)
         logits = out.logits                                    # (B, P, V): logit p predicts token p+1
         targets = labels[:, 1:][:, pos]                        # (B, P)
         loss, m = sft_loss(logits, targets, num_items)
@@ -157,6 +158,9 @@ def make_evaluator(adapter, cfg: SFTConfig, eval_examples, collate):
 def train_sft(cfg: SFTConfig, adapter=None, callbacks=()) -> tuple[TrainResult, object]:
     """Run SFT (or pretraining, with its config). Returns the result and the trained adapter."""
     adapter = start_run(cfg, adapter)
+    # the stage families may read (AlignGPT: the record's alignment bucket in pretraining, frozen
+    # indicators in fine-tuning)
+    stage = "pretrain" if isinstance(cfg, PretrainConfig) else "finetune"
     if (cfg.eval.vqa_file or cfg.eval.pope_file) and engine_shards(cfg.train):
         raise ScalingError("eval.vqa_file / eval.pope_file generate answers with the model, which FSDP2 sharding "
                            "(train.sharding=fsdp2 or an FSDP launch) does not run; evaluate the saved checkpoint "
@@ -167,7 +171,7 @@ def train_sft(cfg: SFTConfig, adapter=None, callbacks=()) -> tuple[TrainResult, 
 
     def tok(rec, imgs):
         t = adapter.tokenize_record(rec, imgs, max_length=cfg.data.max_length)
-        return {"input_ids": t.input_ids, "labels": t.labels}
+        return {"input_ids": t.input_ids, "labels": t.labels, **adapter.record_inputs(rec, stage=stage)}
 
     examples, loader, eval_examples, eval_loader = load_splits(
         cfg.data, lambda path, limit: load_examples(path, cfg.data, adapter, tok, kind="conversation",
@@ -177,7 +181,7 @@ def train_sft(cfg: SFTConfig, adapter=None, callbacks=()) -> tuple[TrainResult, 
         if eval_examples:
             check_pack_budget(eval_examples, budget, eval_loader)
     collate = SFTCollator(loader, adapter.tokenizer.pad_token_id, pack_length=budget)
-    model, projector, vision = prepare_trainable(adapter, cfg)
+    model, projector, vision = prepare_trainable(adapter, cfg, stage)
     evaluate = None
     if eval_examples or cfg.eval.vqa_file or cfg.eval.pope_file:
         ecollate = (SFTCollator(eval_loader, adapter.tokenizer.pad_token_id, pack_length=budget)

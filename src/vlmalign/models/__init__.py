@@ -29,9 +29,10 @@ def _register_auto_classes() -> None:
     """Our own model classes (the EfficientNet-lite tower, the resampler VLM) with transformers'
     Auto classes, so ``from_pretrained`` loads a composed directory offline, without remote code
     (models/compose.py, docs/MODELS.md "Composing a model")."""
-    from . import efficientnet_lite, resampler
+    from . import aligngpt, efficientnet_lite, resampler
     efficientnet_lite.register()
     resampler.register()
+    aligngpt.register_auto()
 
 
 _register_auto_classes()

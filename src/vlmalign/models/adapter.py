@@ -233,6 +233,10 @@ class VLMAdapter:
     # "mask": a block-diagonal causal 4-D mask built here (block_diagonal_mask), which
     #   transformers passes through untouched (never with flash-attention, which takes no 4-D mask).
     packing_attention: ClassVar[str] = "position_ids"
+    # The training stage the adapter serves: None outside training, "pretrain" (projector
+    # pretraining) or "finetune" (every other method), set by methods/setup.prepare_trainable.
+    # Families whose inputs or frozen parts differ by stage read it (AlignGPT, aligngpt.py).
+    stage: str | None = None
 
     def __init__(self, model: nn.Module, processor: Any):
         self.model = model
@@ -299,9 +303,23 @@ class VLMAdapter:
         """Freeze or unfreeze whole groups (head follows language unless given)."""
         flags = {"vision": vision, "projector": projector, "language": language,
                  "head": language if head is None else head}
+        frozen = self.frozen_parameter_names()
         for g, params in self.param_groups().items():
-            for _, p in params:
-                p.requires_grad_(flags[g])
+            for name, p in params:
+                p.requires_grad_(flags[g] and name not in frozen)
+
+    def frozen_parameter_names(self) -> set[str]:
+        """Parameters the family keeps frozen in the current ``stage`` whatever the groups say
+        (AlignGPT's indicators in fine-tuning); methods/setup.py keeps them frozen under LoRA too,
+        where PEFT copies the projector. Default: none."""
+        return set()
+
+    def record_inputs(self, record: Record, *, stage: str) -> dict[str, int]:
+        """Extra per-record forward inputs read from the record's fields in ``stage`` (one integer
+        per name, batched to a (B,) tensor and passed to ``forward``; AlignGPT's pretraining
+        passes each record's ``similarity`` bucket as ``alignment_level``). Raise a DataError
+        naming the field where the record lacks it. Default: none."""
+        return {}
 
     def lora_target_modules(self, include_vision: bool = False, include_head: bool = False) -> list[str]:
         """Full names of the Linear layers LoRA should wrap: the language model's by default."""

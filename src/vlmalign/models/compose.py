@@ -11,6 +11,8 @@ The result is a normal Hugging Face directory (safetensors, processor, chat temp
   matrix). ``multimodal_projector_bias`` stays on (LLaVA's).
 * ``perceiver`` / ``qformer``: our ``vlmalign_resampler`` class (models/resampler.py), registered
   with the Auto classes when ``vlmalign.models`` is imported.
+* ``alignment_levels`` N > 0 (any projector): our ``vlmalign_aligngpt`` class (models/aligngpt.py,
+  AlignGPT's indicator embeddings and gate), registered the same way.
 
 Vision: a directory of a transformers vision model (its config, or the ``vision_config`` of a
 dual encoder such as CLIP / SigLIP, with an image processor), or ``efficientnet-lite0`` (the
@@ -96,6 +98,9 @@ class ComposeOptions:
     image_size: int | None = opt(None, "input image size in pixels (default: the tower's); only towers without "
                                        "fixed position embeddings (DINOv2, EfficientNet-lite) take another", ge=1)
     seed: int = opt(0, "seed of the projector's initialisation", ge=0)
+    alignment_levels: int = opt(0, "AlignGPT alignment levels: N indicator embeddings (N-1 local levels + 1 "
+                                   "global) and a gate, saved as vlmalign's registered vlmalign_aligngpt class "
+                                   "(0: off; docs/MODELS.md)", ge=0)
 
 
 def _check_options(opts: ComposeOptions) -> None:
@@ -104,6 +109,8 @@ def _check_options(opts: ComposeOptions) -> None:
         validate_config(opts)
     except ConfigError as e:
         raise ModelError(f"compose: {e}") from None
+    if opts.alignment_levels == 1:
+        raise ModelError("compose: --alignment-levels 1: at least 2 (local levels + the global one), or 0 for off")
 
 
 # ---------------------------------------------------------------------------------------- parts
@@ -350,6 +357,9 @@ def compose_model(tower, image_processor, lm, tokenizer, opts: ComposeOptions | 
         processor = VlmalignResamplerProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                                num_query_tokens=opts.num_query_tokens, chat_template=template,
                                                image_token=IMAGE_TOKEN)
+    if opts.alignment_levels:
+        from .aligngpt import add_alignment_levels
+        model, processor = add_alignment_levels(model, processor, levels=opts.alignment_levels, seed=opts.seed)
     return model, processor
 
 

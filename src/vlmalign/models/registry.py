@@ -4,7 +4,7 @@ from __future__ import annotations
 
 _ADAPTERS: dict[str, type] = {}
 _TINY_BUILDERS: dict[str, callable] = {}
-_FAMILY_MODULES = ("llava", "llava_next", "qwen2_vl", "idefics3", "paligemma", "instructblip", "gemma3", "qwen3_vl", "internvl", "mllama", "compose")
+_FAMILY_MODULES = ("llava", "llava_next", "qwen2_vl", "idefics3", "paligemma", "instructblip", "gemma3", "qwen3_vl", "internvl", "mllama", "compose", "aligngpt")
 _loaded = False
 
 
