@@ -88,11 +88,11 @@ def _pairs(run: Path, out: Path, sft: Path, rm: Path, how: str, seed: int) -> Pa
 
 
 def _kto_file(run: Path, out: Path, split: str) -> Path:
-    """The hallucination pairs unpaired (KTO): each pair's faithful description desirable, its
-    hallucinated one undesirable, on the same prompt and image."""
+    """The DPO stage's pairs unpaired (KTO): each pair's chosen answer (the faithful description,
+    the right existence answer) desirable, its rejected one undesirable, on the same prompt and image."""
     path = out / f"kto_{split}.jsonl"
     with open(path, "w") as f:
-        for r in json.loads((run / "data" / f"hallucination_{split}.json").read_text()):
+        for r in json.loads((run / "data" / f"hallucination_qa_{split}.json").read_text()):
             for text, label in ((r["chosen"], True), (r["rejected"], False)):
                 f.write(json.dumps({"prompt": r["prompt"], "completion": text, "label": label,
                                     "images": [r["image"]]}) + "\n")
