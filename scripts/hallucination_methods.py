@@ -12,7 +12,7 @@ steps and pairs: none was tuned for its loss). Each row is measured by the same 
 (held-out VQA, POPE, MMBench, CHAIR of greedy descriptions). Writes ``methods.json`` (every run)
 and ``methods.md`` (mean and range over seeds per row).
 
-Rows: dpo ipo cdpo kto orpo simpo token_weighted mdpo (pairs from the data); dpo_onpolicy_verifier,
+Rows: dpo dpo_no_rpo ipo cdpo kto orpo simpo token_weighted mdpo (pairs from the data); dpo_onpolicy_verifier,
 dpo_onpolicy_rm (the SFT model's own sampled descriptions, labelled by the verifier or the reward
 model); self_critique (the model judges its own samples in both orders); best_of_n_rm (4 samples,
 the reward model picks; an inference-time method: only CHAIR is measured); grpo_verifier,
@@ -33,8 +33,11 @@ from vlmalign.quickstart.plan import stage_config
 from vlmalign.quickstart.report import load_report
 from vlmalign.quickstart.run import task_metrics
 
-DPO_LOSSES = {"dpo": [], "ipo": ["dpo.loss=ipo"], "cdpo": ["dpo.loss=cdpo", "dpo.label_smoothing=0.1"],
-              "orpo": ["dpo.loss=orpo"], "simpo": ["dpo.loss=simpo", "dpo.beta=2.0"],
+# every row keeps the dpo recipe's RPO term (dpo.rpo_alpha) but ORPO, which has its own NLL term;
+# dpo_no_rpo is the quickstart's DPO without it
+DPO_LOSSES = {"dpo": [], "dpo_no_rpo": ["dpo.rpo_alpha=0"], "ipo": ["dpo.loss=ipo"],
+              "cdpo": ["dpo.loss=cdpo", "dpo.label_smoothing=0.1"],
+              "orpo": ["dpo.loss=orpo", "dpo.rpo_alpha=0"], "simpo": ["dpo.loss=simpo", "dpo.beta=2.0"],
               "token_weighted": ["dpo.loss=token_weighted"], "mdpo": ["dpo.loss=mdpo"]}
 ONLINE = ("grpo_verifier", "grpo_rm", "ppo_verifier", "ppo_rm")
 ROWS = (*DPO_LOSSES, "kto", "dpo_onpolicy_verifier", "dpo_onpolicy_rm", "self_critique", "best_of_n_rm", *ONLINE)
