@@ -44,7 +44,9 @@ ROWS = (*DPO_LOSSES, "kto", "dpo_onpolicy_verifier", "dpo_onpolicy_rm", "self_cr
 METRICS = ("chair_i", "chair_s", "pope_f1", "pope_yes_ratio", "vqa_accuracy", "seconds")
 RL_STEPS = 60
 STEPS: int | None = None
-LIMIT = 600    # --steps: every trained row's step count (a quick look; default: the recipes')
+LIMIT = 600
+# --steps: the step count of every preference row (DPO family, on-policy pairs, KTO; default: the
+# dpo recipe's, KTO 150); the RL rows run RL_STEPS
 
 
 def _override(cfg, items):
@@ -58,13 +60,15 @@ def _models(run: Path) -> tuple[Path, Path]:
             latest_checkpoint(run / "rm" / "checkpoints") / "model")
 
 
-def _train(method: str, cfg, sft: Path) -> dict:
+def _train(method: str, cfg, sft: Path, steps: int | None = None) -> dict:
+    """Train ``method`` from ``sft``; ``steps``: another step count than the config's (with what
+    follows it, :func:`follow_steps`)."""
     from vlmalign.methods.registry import get
     cfg.model.path, cfg.model.tiny = str(sft), None
     cfg.train.overwrite, cfg.train.progress = True, False
-    if STEPS is not None:
+    if steps is not None:
         from vlmalign.quickstart.plan import follow_steps
-        follow_steps(cfg, method, STEPS)
+        follow_steps(cfg, method, steps)
     result, _ = get(method).train(cfg)
     return task_metrics(result.metrics, cfg.eval.tasks)
 
@@ -161,7 +165,7 @@ def run_row(row: str, run: Path, out: Path, seed: int) -> dict:
             how = {"dpo_onpolicy_verifier": "verifier", "dpo_onpolicy_rm": "rm", "self_critique": "self"}[row]
             items += [f"data.train_file={_pairs(run, out, sft, rm, how, seed)}", "data.max_train_samples=null",
                       f"data.image_root={run / 'data'}", "dpo.ref_cache_dir=null"]
-        return _train("dpo", _override(cfg, items), sft)
+        return _train("dpo", _override(cfg, items), sft, STEPS)
     if row == "kto":
         cfg = stage_config("kto", run, seed=seed)
         cfg.eval.tasks = copy.deepcopy(stage_config("dpo", run).eval.tasks)
@@ -169,7 +173,7 @@ def run_row(row: str, run: Path, out: Path, seed: int) -> dict:
                               f"data.eval_file={_kto_file(run, out, 'eval')}", f"data.image_root={run / 'data'}",
                               "train.max_steps=150",
                               f"train.output_dir={out / row}"])
-        return _train("kto", cfg, sft)
+        return _train("kto", cfg, sft, STEPS)
     if row == "best_of_n_rm":
         return _best_of_n(run, out, sft, rm, seed)
     if row in ONLINE:
@@ -214,7 +218,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
     ap.add_argument("--extra-seeds", type=int, default=1, help="runs whose SFT model the other rows train on")
-    ap.add_argument("--steps", type=int, help="train every row this many steps (a quick look; default: the recipes')")
+    ap.add_argument("--steps", type=int, help="train every preference row (DPO family, on-policy and self-critique pairs, KTO) this many "
+                         "steps (default: the dpo recipe's; KTO 150); the RL rows run %d" % RL_STEPS)
     ap.add_argument("--limit", type=int, default=600, help="training images whose descriptions the on-policy and "
                                                            "self-critique rows sample")
     args = ap.parse_args()
