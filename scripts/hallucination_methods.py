@@ -46,7 +46,7 @@ RL_STEPS = 60
 STEPS: int | None = None
 LIMIT = 600
 # --steps: the step count of every preference row (DPO family, on-policy pairs, KTO; default: the
-# dpo recipe's, KTO 150); the RL rows run RL_STEPS
+# dpo recipe's, KTO 150); --rl-steps: the RL rows' (RL_STEPS)
 
 
 def _override(cfg, items):
@@ -219,12 +219,13 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
     ap.add_argument("--extra-seeds", type=int, default=1, help="runs whose SFT model the other rows train on")
     ap.add_argument("--steps", type=int, help="train every preference row (DPO family, on-policy and self-critique pairs, KTO) this many "
-                         "steps (default: the dpo recipe's; KTO 150); the RL rows run %d" % RL_STEPS)
+                         "steps (default: the dpo recipe's; KTO 150)")
+    ap.add_argument("--rl-steps", type=int, default=RL_STEPS, help="steps of the GRPO and PPO rows")
     ap.add_argument("--limit", type=int, default=600, help="training images whose descriptions the on-policy and "
                                                            "self-critique rows sample")
     args = ap.parse_args()
-    global STEPS, LIMIT
-    STEPS, LIMIT = args.steps, args.limit
+    global STEPS, LIMIT, RL_STEPS
+    STEPS, LIMIT, RL_STEPS = args.steps, args.limit, args.rl_steps
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "methods.json"

@@ -23,7 +23,7 @@ def test_routes_run_and_are_recorded(tmp_path):
                    rm_steps=2, dpo_steps=2, rl_steps=1, quiet=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "hallucination_methods.py"), "--runs", str(qs),
-                        "--out", str(tmp_path / "m"), "--steps", "1", "--limit", "4",
+                        "--out", str(tmp_path / "m"), "--steps", "1", "--rl-steps", "1", "--limit", "4",
                         "--rows", "ipo,kto,best_of_n_rm,ppo_rm"], env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = {r["row"]: r for r in json.loads((tmp_path / "m" / "methods.json").read_text())}
