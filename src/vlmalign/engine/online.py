@@ -49,6 +49,7 @@ import time
 import torch
 
 from ..data.loading import data_root
+from ..errors import VlmalignError
 from ..losses.rl import entropy_from_logits
 from ..models.loading import resolve_dtype
 from ..rewards import RewardInput, build_reward
@@ -117,14 +118,58 @@ class OnlineTrainer(Engine):
             build_reward(cfg.reward, image_root=eroot, **kw)
 
     # ------------------------------------------------------------------ helpers
-    def _prompts(self, step: int) -> list:
+    def _prompts(self, step: int) -> tuple[list, list[int]]:
+        """This process's prompts of ``step`` and their places in the step's global list (the
+        step's ``prompts_per_step * processes`` prompts, dealt out round-robin: prompt ``i`` of
+        process ``r`` is place ``i * processes + r``; every prompt's k samples stay on one process)."""
         epoch, j = divmod(step, self.steps_per_epoch)
         order = self._order(epoch, len(self.records))
         per = self.cfg.rollout.prompts_per_step * self.world
-        return [self.records[i] for i in order[j * per:(j + 1) * per][self.rank::self.world]]
+        places = list(range(per))[self.rank::self.world]
+        chunk = order[j * per:(j + 1) * per]
+        places = [p for p in places if p < len(chunk)]
+        return [self.records[chunk[p]] for p in places], places
 
     def seed_for(self, step: int, salt: int = 0) -> int:
         return ((self.cfg.train.seed * 1_000_003 + step) * 1_009 + self.rank) * 7 + salt
+
+    def row_seeds(self, step: int, places: list[int]) -> list[int]:
+        """One sampling seed per row: a function of (train.seed, step, the prompt's place in the
+        step, the sample's index), not of the process, so a prompt's k samples are the same
+        tokens whichever process draws them and however many processes there are."""
+        k = self.cfg.rollout.k
+        base = (self.cfg.train.seed * 1_000_003 + step) * 1_000_033
+        return [((base + p) * 1_009 + s) * 7 + 3 for p in places for s in range(k)]
+
+    @property
+    def process_sum(self):
+        """A function summing a tensor over processes (the all-reduce every process must join), or
+        None in one process: for advantage statistics that span the whole step's batch (PPO's
+        whitening, REINFORCE++'s global normalisation)."""
+        return self._reduce if self.world > 1 else None
+
+    def average_gradients(self, params) -> None:
+        """Average the gradients of ``params`` over processes, as DDP does for the policy: for a
+        module trained beside the policy with its own optimizer (PPO's critic). Its losses went
+        through :meth:`backward` (scaled by the process count), so the average is the sum of
+        every process's share of the one-process gradient. Every process must call it."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        grads = [p.grad for p in params if p.grad is not None]
+        flags = torch.tensor([float(len(grads))], device=self.acc.device)
+        if self._reduce(flags).item() != len(grads) * self.world:
+            raise VlmalignError("the processes hold gradients for different critic parameters; cannot average")
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        off = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[off:off + n].view_as(g).to(g.dtype))
+            off += n
 
     def policy_features(self, mb):
         """Image features for a forward of sub-batch ``mb``: the sampling-time ones when the
@@ -169,9 +214,10 @@ class OnlineTrainer(Engine):
         cfg, ad, method = self.cfg, self.adapter, self.method
         self._grad_norm = None
         t0 = time.time()
-        batch = rollout(ad, self._prompts(self.step), self.loader, self.sampling, cfg.rollout.k,
+        prompts, places = self._prompts(self.step)
+        batch = rollout(ad, prompts, self.loader, self.sampling, cfg.rollout.k,
                         seed=self.seed_for(self.step), batch_size=cfg.rollout.generation_batch_size,
-                        max_prompt_length=self.max_prompt_length)
+                        max_prompt_length=self.max_prompt_length, row_seeds=self.row_seeds(self.step, places))
         t_roll = time.time() - t0
         lengths, fin = batch.response_lengths.tolist(), batch.finished.tolist()
         inputs = [RewardInput.from_record(batch.records[g], text, finished=bool(f), response_tokens=int(n))
