@@ -9,7 +9,7 @@ differences left are float summation orders (other padding widths and batch shap
 two processes). Adam's eps is 1e-4, as in test_fsdp2.py: with 1e-8 an entry whose gradient is
 ~0 moves by about lr in the direction its rounding picks.
 
-Launches: 2 per method (one process, two processes), 2 optimizer steps each.
+Launches: 2 per case (one process, two processes), 2 optimizer steps each.
 """
 
 from __future__ import annotations
