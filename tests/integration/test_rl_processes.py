@@ -27,14 +27,17 @@ from safetensors.torch import load_file
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 
 DIGIT = "reward=[{type: function, name: format, args: {pattern: '[0-9]', mode: search}}]"
-PORTS = {"grpo": 29541, "reinforce_pp": 29542, "ppo": 29543}
+PORTS = {"grpo": 29541, "reinforce_pp": 29542, "ppo": 29543, "grpo_fsdp2": 29544}
 # per process: 2 prompts x k=4; one process: 4 prompts x k=4 (the same 4 prompts each step)
 RUNS = {
-    "grpo": ("grpo", []),
+    "grpo": ("grpo", ["EVAL"]),
     "reinforce_pp": ("grpo", ["grpo.estimator=reinforce_pp", "kl.placement=reward", "kl.coef=0.05"]),
     # PPO: 2 epochs over the rollout, one minibatch each (minibatch_size 0: all rows of a process),
     # the first step a critic warm-up (policy unchanged, DDP gets zero policy gradients)
     "ppo": ("ppo", ["update.epochs=2", "value.lr=1e-3", "value.warmup_iterations=1"]),
+    # FSDP2: the policy sharded over the two processes (synced generation, the held-out
+    # evaluation on both); the one-process run stays whole
+    "grpo_fsdp2": ("grpo", ["train.sharding=fsdp2", "EVAL"]),
 }
 
 
@@ -49,7 +52,7 @@ def _common(world, method, extra):
     return ["train", method, "model.tiny=llava", f"data.train_file={world / 'data' / 'rl_train.json'}",
             "data.max_length=256", "train.max_steps=2", "train.progress=false", "train.save_every=0",
             "rollout.k=4", "rollout.max_new_tokens=6", "train.batch_size=4", "optim.lr=1e-3", "optim.eps=1e-4",
-            DIGIT, *extra]
+            DIGIT, *(f"data.eval_file={world / 'data' / 'rl_eval.json'}" if e == "EVAL" else e for e in extra)]
 
 
 def _rows(out: Path) -> list[dict]:
@@ -57,7 +60,11 @@ def _rows(out: Path) -> list[dict]:
 
 
 def _weights(out: Path, step: int) -> dict:
-    return load_file(str(out / "checkpoints" / f"step-{step}" / "model" / "model.safetensors"))
+    """The checkpoint's model loaded with plain transformers, as a state dict (a sharded run's
+    file names its tensors as the engine's full state dict does: compare what loads)."""
+    from transformers import LlavaForConditionalGeneration
+    model = LlavaForConditionalGeneration.from_pretrained(str(out / "checkpoints" / f"step-{step}" / "model"))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.slow
@@ -75,6 +82,8 @@ def test_two_processes_match_one(world, tmp_path, name):
                         "rollout.prompts_per_step=2", f"train.output_dir={two}"],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    if "train.sharding=fsdp2" in extra:
+        assert "FSDP2: " in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]   # the engine sharded the policy
     ra, rb = _rows(one), _rows(two)
     assert len(ra) == len(rb) == 2
     loss_diff = max(abs(a["train/loss"] - b["train/loss"]) for a, b in zip(ra, rb))
@@ -85,7 +94,14 @@ def test_two_processes_match_one(world, tmp_path, name):
         for key in ("train/loss", "train/policy_loss", "train/value_loss", "train/kl", "train/advantage_abs"):
             if key in a:
                 assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    if "EVAL" in extra:   # greedy held-out answers: the same at step 0 and at the end
+        ea = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines() if "eval/reward" in x]
+        eb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines() if "eval/reward" in x]
+        assert len(ea) == len(eb) == 2
+        for a, b in zip(ea, eb):
+            assert a["eval/reward"] == b["eval/reward"] and abs(a["eval/kl"] - b["eval/kl"]) <= 1e-5, (a, b)
     wa, wb = _weights(one, 2), _weights(two, 2)
+    assert wa.keys() == wb.keys()
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     print(f"{name}: rewards {[a['train/reward'] for a in ra]}, max |loss diff| {loss_diff:.2e}, "
           f"max |weight diff| {worst:.2e}")

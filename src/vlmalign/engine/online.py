@@ -73,8 +73,12 @@ class OnlineTrainer(Engine):
     """Runs ``method`` on ``records`` (RL prompts): see the module docstring for one step."""
 
     desc = "rl"
-    unshardable = ("online RL samples responses of different lengths on each process, and every process "
-                   "would have to run each forward of a sharded model")
+    # FSDP2 (train.sharding=fsdp2): every process runs the same forwards. Each samples the same
+    # number of prompts (whole steps), generation is synced (a process whose rows have stopped
+    # runs forwards until every process's have: HF's synced_gpus), the no-grad forwards and the
+    # updates go over the same number of rows, the output head's parameters are gathered for
+    # the entropy, and the held-out evaluation runs on every process. PPO's critic, a module
+    # trained beside the sharded one, is refused by the engine (extra modules).
 
     def __init__(self, *, cfg, method, adapter, model, records, loader, reward=None, reference=None,
                  eval_records=(), eval_loader=None, evaluate=None, projector_names=frozenset(),
@@ -193,6 +197,23 @@ class OnlineTrainer(Engine):
             enc = policy_encoded if (ref.share_features and policy_encoded is not None) else None
             return sequence_logprobs(ref.adapter, mb, encoded=enc)
 
+    def head_gathered(self):
+        """A context in which the output head can be called outside the model's forward: under
+        FSDP2 the root unit's parameters (head, embeddings, final norm) are gathered, then
+        resharded (every process must enter it); otherwise nothing."""
+        import contextlib
+        if not self.sharded:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def gathered():
+            self.runner.unshard()
+            try:
+                yield
+            finally:
+                self.runner.reshard()
+        return gathered()
+
     @staticmethod
     def head_logits(adapter, hidden, temperature: float = 1.0) -> torch.Tensor:
         """Full-vocabulary fp32 logits (..., V) from final hidden states (the output head's input;
@@ -217,7 +238,8 @@ class OnlineTrainer(Engine):
         prompts, places = self._prompts(self.step)
         batch = rollout(ad, prompts, self.loader, self.sampling, cfg.rollout.k,
                         seed=self.seed_for(self.step), batch_size=cfg.rollout.generation_batch_size,
-                        max_prompt_length=self.max_prompt_length, row_seeds=self.row_seeds(self.step, places))
+                        max_prompt_length=self.max_prompt_length, row_seeds=self.row_seeds(self.step, places),
+                        synced=self.sharded)
         t_roll = time.time() - t0
         lengths, fin = batch.response_lengths.tolist(), batch.finished.tolist()
         inputs = [RewardInput.from_record(batch.records[g], text, finished=bool(f), response_tokens=int(n))
@@ -289,7 +311,8 @@ class OnlineTrainer(Engine):
                         loss, st = method.loss(self, mb, d, lp, hidden, num_items)
                     self.backward(loss)
                     ntok = float(mb.response_mask.sum())
-                    st["entropy"] = self.entropy(ad, hidden.detach(), mb.response_mask, batch.temperature)
+                    with self.head_gathered():
+                        st["entropy"] = self.entropy(ad, hidden.detach(), mb.response_mask, batch.temperature)
                     del hidden
                     # losses are already divided by the minibatch's global item count: they add up
                     # over micro-batches and processes; the other stats are token means

@@ -301,7 +301,7 @@ def _prompt_of(rec, i: int):
 def rollout(adapter, records: Sequence, loader: ImageLoader, cfg: SamplingConfig | None = None,
             k: int | None = None, *, seed: int | None = None, batch_size: int | None = None,
             max_prompt_length: int | None = None, backend: str = "hf", vllm_engine=None,
-            row_seeds: Sequence[int] | None = None) -> RolloutBatch:
+            row_seeds: Sequence[int] | None = None, synced: bool = False) -> RolloutBatch:
     """Sample ``k`` responses (default ``cfg.num_samples``) for each record's prompt.
 
     ``records``: RL prompts (or any record with a ``prompt``, or plain message lists).
@@ -313,7 +313,10 @@ def rollout(adapter, records: Sequence, loader: ImageLoader, cfg: SamplingConfig
     ``i*k .. i*k+k-1``); each row then draws from its own generator, so its tokens do not depend
     on which other rows share the batch (the online loop seeds by the prompt's place in the
     step, so a prompt's samples are the same whichever process draws them). ``seed`` is then
-    only recorded. HF backend only.
+    only recorded. HF backend only. ``synced``: HF's ``synced_gpus``: a process whose rows have
+    all stopped keeps running forwards until every process's have (a model sharded with FSDP2
+    needs every process in each forward); every process must then call with the same number
+    of generate calls.
     """
     cfg = cfg or SamplingConfig()
     k = cfg.num_samples if k is None else int(k)
@@ -367,7 +370,7 @@ def rollout(adapter, records: Sequence, loader: ImageLoader, cfg: SamplingConfig
             enc = adapter.encode_images(uniq, prompts=uprompts) if uniq else None
             per = (batch_size or len(records)) * k
             parts = [_generate_rows(adapter, items[s:s + per], per_row[s:s + per], enc, cfg, generator,
-                                    stops, pad_id, None if row_gens is None else row_gens[s:s + per])
+                                    stops, pad_id, None if row_gens is None else row_gens[s:s + per], synced)
                      for s in range(0, len(items), per)]
     finally:
         if was_training:
@@ -426,7 +429,8 @@ def response_stop_mask(seq: torch.Tensor, stops: Sequence[int]) -> tuple[torch.T
     return mask, finished
 
 
-def _generate_rows(adapter, items, per_row, enc, cfg, generator, stops, pad_id, row_generators=None):
+def _generate_rows(adapter, items, per_row, enc, cfg, generator, stops, pad_id, row_generators=None,
+                   synced: bool = False):
     """One HF ``generate`` call over ``items`` (already k-expanded); ``row_generators``: one per row."""
     dev = adapter.device
     ids = pad([it.rows["input_ids"] for it in items], pad_id, side="left").to(dev)
@@ -436,7 +440,8 @@ def _generate_rows(adapter, items, per_row, enc, cfg, generator, stops, pad_id, 
     with _plain_generation_configs(adapter.model, stops, pad_id):
         out = adapter.generate(ids, mask, encoded=enc, image_indices=per_row, max_new_tokens=cfg.max_new_tokens,
                                do_sample=False, use_cache=True, eos_token_id=list(stops), pad_token_id=pad_id,
-                               logits_processor=LogitsProcessorList([sampler]))
+                               logits_processor=LogitsProcessorList([sampler]),
+                               **({"synced_gpus": True} if synced else {}))
     seq = adapter.new_tokens(out, ids)
     n = seq.shape[1]
     if n == 0 or len(sampler.tokens) < n:
