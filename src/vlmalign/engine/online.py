@@ -4,8 +4,11 @@ One step, per process (docs/RL.md, "GRPO / RLOO"):
 
 1. ``rollout.prompts_per_step`` prompts (a seeded permutation of the prompt file per epoch) ->
    :func:`~vlmalign.rollout.rollout`: ``rollout.k`` samples each, every unique image encoded ONCE;
-   the sampling seed is a function of (train.seed, step, rank), so a resumed run samples the
-   same tokens.
+   each row samples from its own generator, seeded by (train.seed, step, the prompt's place in
+   the step, the sample's index), so a resumed run samples the same tokens and a prompt's
+   samples do not depend on which process draws them (two processes equal one:
+   tests/integration/test_rl_processes.py). A prompt's k samples stay on one process; the
+   batch-wide advantage statistics sum over processes (``process_sum``).
 2. Rewards: the recipe's sources (``reward:``, :func:`~vlmalign.rewards.build_reward`) on
    every response.
 3. No-grad forwards: the reference's log-probs (KL) and, where the updates leave the rollout
