@@ -198,6 +198,7 @@ def test_what_sharding_does_not_run_is_refused_before_training(shapes_llava, tmp
     cfg = load_config(PPOConfig, None, [*base, f"data.train_file={w / 'data' / 'rl_train.json'}",
                                         f"train.output_dir={tmp_path / 'ppo'}",
                                         "reward=[{type: function, name: format, args: {pattern: '[0-9]'}}]"])
-    with pytest.raises(ScalingError, match=r"train.sharding=fsdp2: the modules trained beside the model \(value_model\)"):
+    with pytest.raises(ScalingError,
+                       match=r"train.sharding=fsdp2: the modules trained beside the model \(value_model\)"):
         get("ppo").train(cfg)
     assert not (tmp_path / "ppo" / "metrics.jsonl").exists()
