@@ -250,6 +250,26 @@ def test_seed_determinism_without_touching_the_global_rng(fam, data):
     assert d.seed == e.seed and torch.equal(d.response_ids, e.response_ids)
 
 
+def test_row_seeds_make_a_rows_tokens_independent_of_its_batch(fam, data):
+    """One generator per row (the online loop's sampling under several processes): a prompt's
+    samples are the same drawn alone, beside other (longer, left-padding) prompts, or in
+    another order."""
+    name, ad, loader = fam
+    recs = [data[1][0], data[1][2], _long_prompt(data[1])]
+    seeds = {id(r): [100 + 10 * i + j for j in range(2)] for i, r in enumerate(recs)}
+    full = rollout(ad, recs, loader, SAMPLE, k=2, row_seeds=[s for r in recs for s in seeds[id(r)]])
+    for order in ([recs[1]], [recs[2], recs[1]]):
+        part = rollout(ad, order, loader, SAMPLE, k=2, row_seeds=[s for r in order for s in seeds[id(r)]])
+        pos = order.index(recs[1])
+        a, b = full.select([2, 3]), part.select([2 * pos, 2 * pos + 1])
+        T = min(a.response_ids.shape[1], b.response_ids.shape[1])
+        assert torch.equal(a.response_mask.sum(1), b.response_mask.sum(1))
+        assert torch.equal(a.response_ids[:, :T][a.response_mask[:, :T]], b.response_ids[:, :T][b.response_mask[:, :T]])
+        assert a.texts == b.texts
+    with pytest.raises(RolloutError, match="row_seeds"):
+        rollout(ad, recs, loader, SAMPLE, k=2, row_seeds=[1, 2])
+
+
 # ---------------------------------------------------------------------- training side
 def test_gradients_hidden_states_and_sub_batches(data):
     root, recs = data

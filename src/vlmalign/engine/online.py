@@ -4,8 +4,11 @@ One step, per process (docs/RL.md, "GRPO / RLOO"):
 
 1. ``rollout.prompts_per_step`` prompts (a seeded permutation of the prompt file per epoch) ->
    :func:`~vlmalign.rollout.rollout`: ``rollout.k`` samples each, every unique image encoded ONCE;
-   the sampling seed is a function of (train.seed, step, rank), so a resumed run samples the
-   same tokens.
+   each row samples from its own generator, seeded by (train.seed, step, the prompt's place in
+   the step, the sample's index), so a resumed run samples the same tokens and a prompt's
+   samples do not depend on which process draws them (two processes equal one:
+   tests/integration/test_rl_processes.py). A prompt's k samples stay on one process; the
+   batch-wide advantage statistics sum over processes (``process_sum``).
 2. Rewards: the recipe's sources (``reward:``, :func:`~vlmalign.rewards.build_reward`) on
    every response.
 3. No-grad forwards: the reference's log-probs (KL) and, where the updates leave the rollout
@@ -49,6 +52,7 @@ import time
 import torch
 
 from ..data.loading import data_root
+from ..errors import VlmalignError
 from ..losses.rl import entropy_from_logits
 from ..models.loading import resolve_dtype
 from ..rewards import RewardInput, build_reward
@@ -72,8 +76,12 @@ class OnlineTrainer(Engine):
     """Runs ``method`` on ``records`` (RL prompts): see the module docstring for one step."""
 
     desc = "rl"
-    unshardable = ("online RL samples responses of different lengths on each process, and every process "
-                   "would have to run each forward of a sharded model")
+    # FSDP2 (train.sharding=fsdp2): every process runs the same forwards. Each samples the same
+    # number of prompts (whole steps), generation is synced (a process whose rows have stopped
+    # runs forwards until every process's have: HF's synced_gpus), the no-grad forwards and the
+    # updates go over the same number of rows, the output head's parameters are gathered for
+    # the entropy, and the held-out evaluation runs on every process. PPO's critic, a module
+    # trained beside the sharded one, is refused by the engine (extra modules).
 
     def __init__(self, *, cfg, method, adapter, model, records, loader, reward=None, reference=None,
                  eval_records=(), eval_loader=None, evaluate=None, projector_names=frozenset(),
@@ -117,14 +125,58 @@ class OnlineTrainer(Engine):
             build_reward(cfg.reward, image_root=eroot, **kw)
 
     # ------------------------------------------------------------------ helpers
-    def _prompts(self, step: int) -> list:
+    def _prompts(self, step: int) -> tuple[list, list[int]]:
+        """This process's prompts of ``step`` and their places in the step's global list (the
+        step's ``prompts_per_step * processes`` prompts, dealt out round-robin: prompt ``i`` of
+        process ``r`` is place ``i * processes + r``; every prompt's k samples stay on one process)."""
         epoch, j = divmod(step, self.steps_per_epoch)
         order = self._order(epoch, len(self.records))
         per = self.cfg.rollout.prompts_per_step * self.world
-        return [self.records[i] for i in order[j * per:(j + 1) * per][self.rank::self.world]]
+        places = list(range(per))[self.rank::self.world]
+        chunk = order[j * per:(j + 1) * per]
+        places = [p for p in places if p < len(chunk)]
+        return [self.records[chunk[p]] for p in places], places
 
     def seed_for(self, step: int, salt: int = 0) -> int:
         return ((self.cfg.train.seed * 1_000_003 + step) * 1_009 + self.rank) * 7 + salt
+
+    def row_seeds(self, step: int, places: list[int]) -> list[int]:
+        """One sampling seed per row: a function of (train.seed, step, the prompt's place in the
+        step, the sample's index), not of the process, so a prompt's k samples are the same
+        tokens whichever process draws them and however many processes there are."""
+        k = self.cfg.rollout.k
+        base = (self.cfg.train.seed * 1_000_003 + step) * 1_000_033
+        return [((base + p) * 1_009 + s) * 7 + 3 for p in places for s in range(k)]
+
+    @property
+    def process_sum(self):
+        """A function summing a tensor over processes (the all-reduce every process must join), or
+        None in one process: for advantage statistics that span the whole step's batch (PPO's
+        whitening, REINFORCE++'s global normalisation)."""
+        return self._reduce if self.world > 1 else None
+
+    def average_gradients(self, params) -> None:
+        """Average the gradients of ``params`` over processes, as DDP does for the policy: for a
+        module trained beside the policy with its own optimizer (PPO's critic). Its losses went
+        through :meth:`backward` (scaled by the process count), so the average is the sum of
+        every process's share of the one-process gradient. Every process must call it."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        grads = [p.grad for p in params if p.grad is not None]
+        flags = torch.tensor([float(len(grads))], device=self.acc.device)
+        if self._reduce(flags).item() != len(grads) * self.world:
+            raise VlmalignError("the processes hold gradients for different critic parameters; cannot average")
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        off = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[off:off + n].view_as(g).to(g.dtype))
+            off += n
 
     def policy_features(self, mb):
         """Image features for a forward of sub-batch ``mb``: the sampling-time ones when the
@@ -148,6 +200,23 @@ class OnlineTrainer(Engine):
             enc = policy_encoded if (ref.share_features and policy_encoded is not None) else None
             return sequence_logprobs(ref.adapter, mb, encoded=enc)
 
+    def head_gathered(self):
+        """A context in which the output head can be called outside the model's forward: under
+        FSDP2 the root unit's parameters (head, embeddings, final norm) are gathered, then
+        resharded (every process must enter it); otherwise nothing."""
+        import contextlib
+        if not self.sharded:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def gathered():
+            self.runner.unshard()
+            try:
+                yield
+            finally:
+                self.runner.reshard()
+        return gathered()
+
     @staticmethod
     def head_logits(adapter, hidden, temperature: float = 1.0) -> torch.Tensor:
         """Full-vocabulary fp32 logits (..., V) from final hidden states (the output head's input;
@@ -169,9 +238,11 @@ class OnlineTrainer(Engine):
         cfg, ad, method = self.cfg, self.adapter, self.method
         self._grad_norm = None
         t0 = time.time()
-        batch = rollout(ad, self._prompts(self.step), self.loader, self.sampling, cfg.rollout.k,
+        prompts, places = self._prompts(self.step)
+        batch = rollout(ad, prompts, self.loader, self.sampling, cfg.rollout.k,
                         seed=self.seed_for(self.step), batch_size=cfg.rollout.generation_batch_size,
-                        max_prompt_length=self.max_prompt_length)
+                        max_prompt_length=self.max_prompt_length, row_seeds=self.row_seeds(self.step, places),
+                        synced=self.sharded)
         t_roll = time.time() - t0
         lengths, fin = batch.response_lengths.tolist(), batch.finished.tolist()
         inputs = [RewardInput.from_record(batch.records[g], text, finished=bool(f), response_tokens=int(n))
@@ -243,7 +314,8 @@ class OnlineTrainer(Engine):
                         loss, st = method.loss(self, mb, d, lp, hidden, num_items)
                     self.backward(loss)
                     ntok = float(mb.response_mask.sum())
-                    st["entropy"] = self.entropy(ad, hidden.detach(), mb.response_mask, batch.temperature)
+                    with self.head_gathered():
+                        st["entropy"] = self.entropy(ad, hidden.detach(), mb.response_mask, batch.temperature)
                     del hidden
                     # losses are already divided by the minibatch's global item count: they add up
                     # over micro-batches and processes; the other stats are token means

@@ -106,7 +106,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+                  eps: float = 1e-8, reduce=None) -> torch.Tensor:
     """Whitening over the valid elements of the whole tensor (PPO advantage normalisation):
 
         y = (x - mean) / sqrt(var + eps)          (shift_mean=True)
@@ -115,9 +115,20 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     ``var`` is the UNBIASED variance (n - 1 in the denominator), the convention of ``torch.std``
     and of most PPO code; with thousands of tokens the choice does not matter, with a handful it
     is documented here so tests can pin it. Padded positions come out as 0. The statistics are
-    those of this tensor: to whiten over several processes, gather first.
+    those of this tensor, or, with ``reduce`` (a function that sums a tensor over processes,
+    e.g. the engine's all-reduce), those of the valid elements of every process's tensor: the
+    count, the sum and then the squared deviations from the global mean are summed over
+    processes, so several processes whiten as one process holding all their rows would.
     """
     m = _as_mask(mask, x)
+    if reduce is not None:
+        n = reduce(m.sum().to(x.dtype).reshape(1))[0]
+        if float(n) < 2:
+            raise ValueError(f"masked_whiten needs at least 2 valid elements over all processes, got {int(n)}")
+        mean = reduce(_zero(x, m).sum().reshape(1))[0] / n
+        var = reduce(_zero((x - mean) ** 2, m).sum().reshape(1))[0] / (n - 1)
+        y = (x - mean) * torch.rsqrt(var + eps)
+        return _zero(y if shift_mean else y + mean, m)
     mean = masked_mean(x, m)
     var = masked_var(x, m, unbiased=True)
     y = (x - mean) * torch.rsqrt(var + eps)
@@ -271,7 +282,7 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-                            eps: float = 1e-8) -> torch.Tensor:
+                            eps: float = 1e-8, reduce=None) -> torch.Tensor:
     """REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large
     Language Models"): the return-to-go of token rewards, whitened over the GLOBAL batch (every
     valid token of every prompt), no critic and no per-prompt baseline:
@@ -281,7 +292,8 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: fl
     rewards: (B, T) token rewards, usually from :func:`kl_in_reward` (score at the last token,
     -beta * KL per token); or (B,) per-sequence rewards (e.g. group-mean-subtracted scores:
     "REINFORCE++-baseline"), which are spread over each row's valid tokens first. The mean and
-    (unbiased) variance are those of this tensor; over several processes, gather first.
+    (unbiased) variance are those of this tensor; over several processes pass ``reduce`` (see
+    :func:`masked_whiten`): the statistics are then those of every process's tokens.
     """
     if torch.is_tensor(rewards) and rewards.dim() == 1:
         returns = expand_to_tokens(rewards, mask)
@@ -289,7 +301,7 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: fl
     else:
         m = _check_tokens(mask, rewards=rewards)
         returns = discounted_returns(rewards, m, gamma)
-    return masked_whiten(returns, m, shift_mean=True, eps=eps)
+    return masked_whiten(returns, m, shift_mean=True, eps=eps, reduce=reduce)
 
 
 # ----------------------------------------------------------------------------- KL

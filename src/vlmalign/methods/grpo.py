@@ -75,7 +75,9 @@ class GRPOMethod:
             old = data.get("old_logprobs", batch.logprobs)
             token_rewards = kl_in_reward(scores, old, data["ref_logprobs"], mask, kl.coef, kl.estimator)
         if self.estimator == "reinforce_pp":
-            adv = reinforce_pp_advantages(token_rewards if token_rewards is not None else scores, mask)
+            # normalised over the whole step's tokens: every process's (loop.process_sum)
+            adv = reinforce_pp_advantages(token_rewards if token_rewards is not None else scores, mask,
+                                          reduce=getattr(loop, "process_sum", None))
         else:
             # with the KL in the reward, a response's reward is score - coef * (its summed KL)
             seq = token_rewards.sum(1) if token_rewards is not None else scores

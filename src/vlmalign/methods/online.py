@@ -173,6 +173,11 @@ def _kl_rows(tr, mb) -> tuple[float, int] | None:
         enc = mb.encoded if (ref.share_features and tr.encoder_frozen) else None
         rlp, rh = sequence_logprobs(ref.adapter, mb, encoded=enc, temperature=1.0, return_hidden=True)
     tol = 1e-3 if h.dtype == torch.float32 else 5e-2
+    with tr.head_gathered():     # FSDP2: the output heads' parameters gathered (every process)
+        return _kl_sum(tr, ref, mask, mb, lp, h, rlp, rh, tol)
+
+
+def _kl_sum(tr, ref, mask, mb, lp, h, rlp, rh, tol):
     total = 0.0
     for r in range(mask.shape[0]):
         m, ids = mask[r], mb.response_ids[r][mask[r]]
@@ -193,6 +198,11 @@ def evaluate(tr, step: int) -> dict:
     along those responses, ``sum_v p(v) (log p(v) - log q(v))`` averaged over response tokens
     (the distance this stage has moved from its reference)."""
     out = {}
+    if getattr(tr, "sharded", False):
+        # FSDP2: every process must run each forward; each runs the whole evaluation (the same
+        # prompts, greedy) and the main process's numbers are kept
+        out = _evaluate(tr)
+        return out if tr.acc.is_main_process else {}
     if tr.acc.is_main_process:
         out = _evaluate(tr)
     tr.acc.wait_for_everyone()
@@ -209,7 +219,7 @@ def _evaluate(tr) -> dict:
     with tr.no_grad_pass():
         for s in range(0, len(tr.eval_records), chunk):
             b = rollout(ad, tr.eval_records[s:s + chunk], tr.eval_loader, greedy, 1, seed=0,
-                        max_prompt_length=tr.max_prompt_length)
+                        max_prompt_length=tr.max_prompt_length, synced=getattr(tr, "sharded", False))
             lengths, fin = b.response_lengths.tolist(), b.finished.tolist()
             inputs = [RewardInput.from_record(b.records[g], t, finished=bool(f), response_tokens=int(m))
                       for g, t, f, m in zip(b.group_ids.tolist(), b.texts, fin, lengths)]

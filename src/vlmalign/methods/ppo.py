@@ -114,6 +114,8 @@ class PPOMethod:
     def optimizer_step(self, loop) -> None:
         """After each minibatch (the loop has stepped, or skipped, the policy): step the critic."""
         params = list(self._view.parameters())
+        # several processes: the critic's gradients averaged over them, as DDP does for the policy
+        loop.average_gradients(params)
         mg = self.cfg.value.max_grad_norm
         if mg and mg > 0:
             gn = torch.nn.utils.clip_grad_norm_(params, mg)
@@ -134,9 +136,6 @@ class PPOMethod:
     def rollout_extras(self, loop, batch) -> dict:
         """(no grad, run by the loop before the updates) the critic's values of the rollout.
         The critic's image features are the rollout's own, or its own encoding, once."""
-        if loop.world > 1:
-            raise VlmalignError("PPO runs in one process for now: the critic is not wrapped for distributed "
-                                "training, so its gradients would not be averaged across processes")
         if getattr(loop.acc, "scaler", None) is not None:
             raise VlmalignError("PPO does not support train.precision=fp16 (the critic's optimizer would see "
                                 "loss-scaled gradients); use bf16 or fp32")
@@ -156,7 +155,8 @@ class PPOMethod:
         ref = data.get("ref_logprobs", old)                # no reference: no KL
         coef = kl.coef if kl.placement == "reward" else 0.0
         out = ppo_advantages(scores, old, ref, data["values"], mask, kl_coef=coef, kl_kind=kl.estimator,
-                             gamma=p.gamma, lam=p.lam, whiten=p.whiten_advantages)
+                             gamma=p.gamma, lam=p.lam, whiten=p.whiten_advantages,
+                             reduce=getattr(loop, "process_sum", None))   # whitened over every process's tokens
         data["advantages"], data["returns"] = out["advantages"], out["returns"]
         stats = {"score": float(scores.mean()), "kl_rollout": float(sequence_kl(old, ref, mask).mean()),
                  "value_mean": float(masked_mean(data["values"], mask)),
@@ -178,6 +178,9 @@ class PPOMethod:
                                           num_items=num_items, norm_len=c.rollout.max_new_tokens)
             loss = loss + ploss
             stats.update(pst)
+        elif loop.world > 1:
+            # DDP waits for a gradient of every policy parameter its forward used: zero ones
+            loss = loss + 0.0 * logprobs.sum()
         return loss, stats
 
 

@@ -153,7 +153,8 @@ def shape_scores(scores: torch.Tensor, finished: torch.Tensor, lengths: torch.Te
 @torch.no_grad()
 def ppo_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                    values: torch.Tensor, mask: torch.Tensor, *, kl_coef: float, kl_kind: str = "k1",
-                   gamma: float = 1.0, lam: float = 0.95, whiten: bool = True) -> dict[str, torch.Tensor]:
+                   gamma: float = 1.0, lam: float = 0.95, whiten: bool = True,
+                   reduce=None) -> dict[str, torch.Tensor]:
     """PPO advantages for a rollout (Ouyang et al. 2022, InstructGPT; Ziegler et al. 2019):
 
         r_t = -kl_coef * kl_t + [t == last valid] * score          (kl_in_reward)
@@ -162,12 +163,15 @@ def ppo_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
 
     scores (B,); logprobs (the rollout policy's), ref_logprobs, values, mask (B, T) right-padded.
     Returns detached tensors: ``advantages``, ``returns``, ``rewards`` (B, T), 0 on padding.
-    Whitening needs two valid tokens at least; with fewer it is skipped.
+    Whitening needs two valid tokens at least; with fewer it is skipped. ``reduce`` (a sum over
+    processes): whiten over every process's tokens (:func:`~vlmalign.losses.rl.masked_whiten`).
     """
     rewards = kl_in_reward(scores, logprobs, ref_logprobs, mask, kl_coef, kl_kind)
     adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
-    if whiten and int(mask.bool().sum()) >= 2:
-        adv = masked_whiten(adv, mask)
+    n = mask.bool().sum().float().reshape(1)
+    n = float((reduce(n) if reduce is not None else n)[0])
+    if whiten and n >= 2:
+        adv = masked_whiten(adv, mask, reduce=reduce)
     return {"advantages": adv, "returns": ret, "rewards": rewards}
 
 

@@ -198,7 +198,9 @@ class _Sampler:
     that are 0 on the drawn token and -inf elsewhere, so the greedy search HF runs picks it.
     """
 
-    def __init__(self, cfg: SamplingConfig, generator: torch.Generator | None, banned: Sequence[int] = ()):
+    def __init__(self, cfg: SamplingConfig, generator: torch.Generator | None, banned: Sequence[int] = (),
+                 row_generators: Sequence[torch.Generator] | None = None):
+        self.row_generators = list(row_generators) if row_generators is not None else None
         self.banned = sorted(set(int(b) for b in banned))
         self.greedy = not (cfg.temperature and cfg.temperature > 0)
         self.temperature = 1.0 if self.greedy else float(cfg.temperature)
@@ -223,7 +225,12 @@ class _Sampler:
             slp = torch.zeros(tok.shape, dtype=torch.float32, device=z.device)
         else:
             logq = torch.log_softmax(filter_logits(zs, self.top_k, self.top_p), dim=-1)
-            tok = torch.multinomial(logq.exp(), 1, generator=self.generator).squeeze(1)
+            probs = logq.exp()
+            if self.row_generators is not None:   # one stream per row: a row's draws ignore the others
+                tok = torch.cat([torch.multinomial(probs[r:r + 1], 1, generator=g).squeeze(1)
+                                 for r, g in enumerate(self.row_generators)])
+            else:
+                tok = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
             slp = logq.gather(1, tok[:, None]).squeeze(1)
         self.tokens.append(tok)
         self.logprobs.append(logp.gather(1, tok[:, None]).squeeze(1))
@@ -293,7 +300,8 @@ def _prompt_of(rec, i: int):
 
 def rollout(adapter, records: Sequence, loader: ImageLoader, cfg: SamplingConfig | None = None,
             k: int | None = None, *, seed: int | None = None, batch_size: int | None = None,
-            max_prompt_length: int | None = None, backend: str = "hf", vllm_engine=None) -> RolloutBatch:
+            max_prompt_length: int | None = None, backend: str = "hf", vllm_engine=None,
+            row_seeds: Sequence[int] | None = None, synced: bool = False) -> RolloutBatch:
     """Sample ``k`` responses (default ``cfg.num_samples``) for each record's prompt.
 
     ``records``: RL prompts (or any record with a ``prompt``, or plain message lists).
@@ -301,6 +309,14 @@ def rollout(adapter, records: Sequence, loader: ImageLoader, cfg: SamplingConfig
     encoded once for the whole call. ``max_prompt_length``: raise ``LengthError`` naming the
     record for longer prompts (never truncated). ``backend="vllm"`` samples with a vLLM engine
     you pass as ``vllm_engine`` (see :func:`_vllm_rollout`); it needs vllm and CUDA.
+    ``row_seeds``: one seed per sampled row (``len(records) * k``, the rows of record i at
+    ``i*k .. i*k+k-1``); each row then draws from its own generator, so its tokens do not depend
+    on which other rows share the batch (the online loop seeds by the prompt's place in the
+    step, so a prompt's samples are the same whichever process draws them). ``seed`` is then
+    only recorded. HF backend only. ``synced``: HF's ``synced_gpus``: a process whose rows have
+    all stopped keeps running forwards until every process's have (a model sharded with FSDP2
+    needs every process in each forward); every process must then call with the same number
+    of generate calls.
     """
     cfg = cfg or SamplingConfig()
     k = cfg.num_samples if k is None else int(k)
@@ -320,7 +336,11 @@ def rollout(adapter, records: Sequence, loader: ImageLoader, cfg: SamplingConfig
         raise RolloutError("rollout() got no records")
     if seed is None:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    if row_seeds is not None and len(row_seeds) != len(records) * k:
+        raise RolloutError(f"row_seeds: {len(row_seeds)} seeds for {len(records)} prompts x k={k} rows")
     if backend == "vllm":
+        if row_seeds is not None:
+            raise RolloutError("row_seeds (one generator per row) is for the hf backend; vllm seeds per request")
         return _vllm_rollout(adapter, list(records), loader, cfg, k, seed=seed, engine=vllm_engine,
                              max_prompt_length=max_prompt_length)
 
@@ -340,6 +360,8 @@ def rollout(adapter, records: Sequence, loader: ImageLoader, cfg: SamplingConfig
         raise RolloutError(f"{adapter.family}: the model has no EOS / stop token ids; responses could not stop")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
     generator = torch.Generator(device=dev).manual_seed(seed)
+    row_gens = None if row_seeds is None else \
+        [torch.Generator(device=dev).manual_seed(int(x) % (2 ** 63)) for x in row_seeds]
 
     was_training = model.training
     model.eval()
@@ -348,7 +370,7 @@ def rollout(adapter, records: Sequence, loader: ImageLoader, cfg: SamplingConfig
             enc = adapter.encode_images(uniq, prompts=uprompts) if uniq else None
             per = (batch_size or len(records)) * k
             parts = [_generate_rows(adapter, items[s:s + per], per_row[s:s + per], enc, cfg, generator,
-                                    stops, pad_id)
+                                    stops, pad_id, None if row_gens is None else row_gens[s:s + per], synced)
                      for s in range(0, len(items), per)]
     finally:
         if was_training:
@@ -407,17 +429,19 @@ def response_stop_mask(seq: torch.Tensor, stops: Sequence[int]) -> tuple[torch.T
     return mask, finished
 
 
-def _generate_rows(adapter, items, per_row, enc, cfg, generator, stops, pad_id):
-    """One HF ``generate`` call over ``items`` (already k-expanded)."""
+def _generate_rows(adapter, items, per_row, enc, cfg, generator, stops, pad_id, row_generators=None,
+                   synced: bool = False):
+    """One HF ``generate`` call over ``items`` (already k-expanded); ``row_generators``: one per row."""
     dev = adapter.device
     ids = pad([it.rows["input_ids"] for it in items], pad_id, side="left").to(dev)
     mask = pad([[1] * len(it.rows["input_ids"]) for it in items], 0, side="left").to(dev)
-    sampler = _Sampler(cfg, generator, banned_token_ids(adapter))
+    sampler = _Sampler(cfg, generator, banned_token_ids(adapter), row_generators)
     from transformers import LogitsProcessorList
     with _plain_generation_configs(adapter.model, stops, pad_id):
         out = adapter.generate(ids, mask, encoded=enc, image_indices=per_row, max_new_tokens=cfg.max_new_tokens,
                                do_sample=False, use_cache=True, eos_token_id=list(stops), pad_token_id=pad_id,
-                               logits_processor=LogitsProcessorList([sampler]))
+                               logits_processor=LogitsProcessorList([sampler]),
+                               **({"synced_gpus": True} if synced else {}))
     seq = adapter.new_tokens(out, ids)
     n = seq.shape[1]
     if n == 0 or len(sampler.tokens) < n:

@@ -346,3 +346,48 @@ def test_entropy_gradient_stays_finite_with_banned_tokens():
 def test_package_reexports():
     import vlmalign.losses as L
     assert L.gae is gae and L.policy_loss_clipped is policy_loss_clipped and L.RunningMoments is RunningMoments
+
+
+def _two_process_sum():
+    """A sum over two 'processes' (threads) that meet at each call, as an all-reduce does."""
+    import threading
+    barrier, slots = threading.Barrier(2), [None, None]
+
+    def make(rank):
+        def reduce(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            out = slots[0] + slots[1]
+            barrier.wait()
+            return out
+        return reduce
+    return make(0), make(1)
+
+
+def test_whitening_over_processes_equals_whitening_the_whole_batch():
+    """masked_whiten / reinforce_pp_advantages with ``reduce``: each process's rows whitened with
+    the statistics of every process's tokens, as one process holding all rows would."""
+    import threading
+    from vlmalign.losses.rl import masked_whiten, reinforce_pp_advantages
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g)
+    lengths = torch.tensor([5, 2, 4, 1, 3, 5])
+    mask = torch.arange(5)[None, :] < lengths[:, None]      # right-padded responses
+    whole = {"w": masked_whiten(x, mask), "pp": reinforce_pp_advantages(x, mask)}
+    halves = [(x[:2], mask[:2]), (x[2:], mask[2:])]     # unequal shares: 2 rows and 4 rows
+    out = [{}, {}]
+    reducers = _two_process_sum()
+
+    def run(rank):
+        xs, ms = halves[rank]
+        out[rank]["w"] = masked_whiten(xs, ms, reduce=reducers[rank])
+        out[rank]["pp"] = reinforce_pp_advantages(xs, ms, reduce=reducers[rank])
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key in ("w", "pp"):
+        assert torch.allclose(torch.cat([out[0][key], out[1][key]]), whole[key], atol=1e-6)
+        # whitening each half on its own would not
+        assert not torch.allclose(masked_whiten(*halves[0]), whole["w"][:2], atol=1e-3)

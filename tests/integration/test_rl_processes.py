@@ -1,0 +1,115 @@
+"""Online RL on two CPU processes (DDP over gloo, ``torch.distributed.run``) against one process
+with the same global step, on the tiny random-init LLaVA: GRPO (and REINFORCE++, whose
+advantages are normalised over the whole step's tokens) and PPO (whose critic's gradients are
+averaged over the processes and whose advantages are whitened over every process's tokens).
+
+Each prompt's k samples are drawn on one process from generators seeded by the prompt's place
+in the step (``OnlineTrainer.row_seeds``), so the two layouts sample the same tokens; the only
+differences left are float summation orders (other padding widths and batch shapes, sums over
+two processes). Adam's eps is 1e-4, as in test_fsdp2.py: with 1e-8 an entry whose gradient is
+~0 moves by about lr in the direction its rounding picks.
+
+Launches: 2 per case (one process, two processes), 2 optimizer steps each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
+
+DIGIT = "reward=[{type: function, name: format, args: {pattern: '[0-9]', mode: search}}]"
+PORTS = {"grpo": 29541, "reinforce_pp": 29542, "ppo": 29543, "grpo_fsdp2": 29544}
+# per process: 2 prompts x k=4; one process: 4 prompts x k=4 (the same 4 prompts each step)
+RUNS = {
+    "grpo": ("grpo", ["EVAL"]),
+    "reinforce_pp": ("grpo", ["grpo.estimator=reinforce_pp", "kl.placement=reward", "kl.coef=0.05"]),
+    # PPO: 2 epochs over the rollout, one minibatch each (minibatch_size 0: all rows of a process),
+    # the first step a critic warm-up (policy unchanged, DDP gets zero policy gradients)
+    "ppo": ("ppo", ["update.epochs=2", "value.lr=1e-3", "value.warmup_iterations=1"]),
+    # FSDP2: the policy sharded over the two processes (synced generation, the held-out
+    # evaluation on both); the one-process run stays whole
+    "grpo_fsdp2": ("grpo", ["train.sharding=fsdp2", "EVAL"]),
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl2")
+    generate_shapesworld(root / "data", ShapesConfig(seed=1, train_images=8, eval_images=2))
+    return root
+
+
+def _common(world, method, extra):
+    return ["train", method, "model.tiny=llava", f"data.train_file={world / 'data' / 'rl_train.json'}",
+            "data.max_length=256", "train.max_steps=2", "train.progress=false", "train.save_every=0",
+            "rollout.k=4", "rollout.max_new_tokens=6", "train.batch_size=4", "optim.lr=1e-3", "optim.eps=1e-4",
+            DIGIT, *(f"data.eval_file={world / 'data' / 'rl_eval.json'}" if e == "EVAL" else e for e in extra)]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+
+
+def _weights(out: Path, step: int) -> dict:
+    """The checkpoint's model loaded with plain transformers, as a state dict (a sharded run's
+    file names its tensors as the engine's full state dict does: compare what loads)."""
+    from transformers import LlavaForConditionalGeneration
+    model = LlavaForConditionalGeneration.from_pretrained(str(out / "checkpoints" / f"step-{step}" / "model"))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_processes_match_one(world, tmp_path, name):
+    method, extra = RUNS[name]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "vlmalign", *_common(world, method, extra),
+                        "rollout.prompts_per_step=4", f"train.output_dir={one}"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(PORTS[name]), "-m", "vlmalign", *_common(world, method, extra),
+                        "rollout.prompts_per_step=2", f"train.output_dir={two}"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    if "train.sharding=fsdp2" in extra:
+        assert "FSDP2: " in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]   # the engine sharded the policy
+    ra, rb = _rows(one), _rows(two)
+    assert len(ra) == len(rb) == 2
+    loss_diff = max(abs(a["train/loss"] - b["train/loss"]) for a, b in zip(ra, rb))
+    for a, b in zip(ra, rb):
+        # the same samples: the same rewards and lengths, exactly
+        for key in ("train/reward", "train/response_length", "train/finished"):
+            assert a[key] == pytest.approx(b[key], abs=1e-9), (key, a, b)
+        for key in ("train/loss", "train/policy_loss", "train/value_loss", "train/kl", "train/advantage_abs"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    if "EVAL" in extra:   # greedy held-out answers: the same at step 0 and at the end
+        ea = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines() if "eval/reward" in x]
+        eb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines() if "eval/reward" in x]
+        assert len(ea) == len(eb) == 2
+        for a, b in zip(ea, eb):
+            assert a["eval/reward"] == b["eval/reward"] and abs(a["eval/kl"] - b["eval/kl"]) <= 1e-5, (a, b)
+    wa, wb = _weights(one, 2), _weights(two, 2)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    print(f"{name}: rewards {[a['train/reward'] for a in ra]}, max |loss diff| {loss_diff:.2e}, "
+          f"max |weight diff| {worst:.2e}")
+    assert worst <= 1e-5, worst
+    if method == "ppo":   # the critic trained in step too
+        ca = load_file(str(one / "checkpoints" / "step-2" / "value_model.safetensors"))
+        cb = load_file(str(two / "checkpoints" / "step-2" / "value_model.safetensors"))
+        assert ca.keys() == cb.keys() and ca
+        cworst = max((ca[k] - cb[k]).abs().max().item() for k in ca)
+        print(f"{name}: max |critic weight diff| {cworst:.2e}")
+        assert cworst <= 1e-5, cworst
