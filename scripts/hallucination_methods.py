@@ -213,6 +213,7 @@ def summarise(results: list[dict]) -> str:
 
 
 def main() -> None:
+    global STEPS, LIMIT, RL_STEPS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", required=True, help="quickstart output dirs (one per seed)")
     ap.add_argument("--out", required=True)
@@ -224,7 +225,6 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=600, help="training images whose descriptions the on-policy and "
                                                            "self-critique rows sample")
     args = ap.parse_args()
-    global STEPS, LIMIT, RL_STEPS
     STEPS, LIMIT, RL_STEPS = args.steps, args.limit, args.rl_steps
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
