@@ -105,7 +105,7 @@ def check_launch(optimizer: str, *, sharding: str = "none", precision: str = "au
                                "train.sharding=none")
         if plan.sharding is None:
             plan = replace(plan, sharding="fsdp", fsdp_version=2, source="train.sharding")
-    if plan.sharding == "deepspeed" and not cuda:
+    if plan.sharding == "deepspeed" and not cuda and not deepspeed_cpu():
         off = " with CPU offload" if plan.offloads else ""
         raise ScalingError(
             f"this process was launched for DeepSpeed ZeRO (ACCELERATE_USE_DEEPSPEED=true){off}, which needs CUDA "
@@ -139,6 +139,20 @@ def check_launch(optimizer: str, *, sharding: str = "none", precision: str = "au
                            f"({where}); use optim.name=adamw with an offload config, or a config without offload "
                            f"with optim.name={optimizer}")
     return plan
+
+
+def deepspeed_cpu(env: Mapping[str, str] | None = None) -> bool:
+    """Whether DeepSpeed was told to run on CPU processes (``DS_ACCELERATOR=cpu``; its CPU
+    accelerator then talks over gloo, or oneCCL where oneccl_bindings_for_pytorch is installed)."""
+    env = os.environ if env is None else env
+    return env.get("DS_ACCELERATOR", "").strip().lower() == "cpu"
+
+
+def deepspeed_backend() -> str:
+    """The process-group backend DeepSpeed's accelerator talks over (its CPU accelerator: ``ccl``
+    where oneccl_bindings_for_pytorch is installed, else ``gloo``)."""
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().communication_backend_name()
 
 
 def make_optimizer(params, optim_cfg, *, lr: float | None = None, weight_decay: float | None = None):
