@@ -383,6 +383,12 @@ class Engine:
         if ck is None:
             log.info("no checkpoint in %s: starting from scratch", self.run.checkpoints)
             return False
+        if self.deepspeed:
+            raise ScalingError(
+                f"train.resume=true under DeepSpeed: {ck} holds the full weights but only process 0's "
+                f"partition of DeepSpeed's optimizer state, which the other processes cannot take up; resuming "
+                f"a ZeRO run is not supported yet. Start from its weights instead: model.path={ck / 'model'} "
+                f"(a LoRA checkpoint: `vlmalign export` it first) in a new output_dir")
         st = load_trainer_state(ck)
         check_resume_layout(st, self.layout(), ck)
         if self.sharded:
