@@ -163,10 +163,11 @@ def load_weights_into(model, model_dir: Path) -> None:
         raise VlmalignError(f"{model_dir}: no .safetensors weights")
     dtype = next(model.parameters()).dtype
     loaded = type(model).from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
-    src = loaded.state_dict()
     # ZeRO-3 shards are gathered whole (every process takes part), written on process 0 (every
-    # process reads the same files) and partitioned again
-    with gathered(list(model.parameters()), modifier_rank=0):
+    # process reads the same files) and partitioned again; under accelerate's zero3_init_flag the
+    # loaded copy is partitioned too
+    with gathered(list(loaded.parameters())), gathered(list(model.parameters()), modifier_rank=0):
+        src = loaded.state_dict()
         dst = model.state_dict()
         if src.keys() != dst.keys():
             raise VlmalignError(f"{model_dir}: weights do not match the model "
