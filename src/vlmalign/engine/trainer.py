@@ -209,6 +209,10 @@ class Engine:
             self.runner, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         for ad in self.adapters:
             ad.runner = self.runner
+        # every process must run each forward of the trained model together: FSDP2 shards, or
+        # ZeRO-3's partitioned parameters (gathered collectively in each forward)
+        self.collective_forwards = self.sharded or (
+            self.deepspeed and self.acc.state.deepspeed_plugin.zero_stage == 3)
         self.step = 0
 
     def _configure_deepspeed(self) -> None:
