@@ -161,7 +161,11 @@ def deepspeed_cpu(env: Mapping[str, str] | None = None) -> bool:
 def deepspeed_backend() -> str:
     """The process-group backend DeepSpeed's accelerator talks over (its CPU accelerator: ``ccl``
     where oneccl_bindings_for_pytorch is installed, else ``gloo``)."""
-    from deepspeed.accelerator import get_accelerator
+    try:
+        from deepspeed.accelerator import get_accelerator
+    except ImportError as e:
+        raise ScalingError(f"this process was launched for DeepSpeed ZeRO, but deepspeed cannot be imported ({e}): "
+                           "pip install 'vlmalign[deepspeed]'") from e
     return get_accelerator().communication_backend_name()
 
 
