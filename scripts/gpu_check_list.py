@@ -140,13 +140,49 @@ def _sharded(config: str):
     return ("--config_file", f"configs/accelerate/{config}", "--num_processes", "{gpus}")
 
 
-def _launch(config: str):
-    """accelerate launch flags for ``config`` with one process per GPU present (formatted per run)."""
+def _launch(config: str, method: str = "sft"):
+    """``vlmalign train METHOD`` (sft or dpo) of the 0.47B model, launched with ``config`` and one
+    process per GPU present (formatted per run), into OUT/runs/CONFIG_METHOD."""
     def commands(ctx: Context, py: str) -> list[list[str]]:
-        name = config.replace(".yaml", "") + "_sft"
+        name = config.replace(".yaml", "") + "_" + method
         flags = tuple(s.format(gpus=ctx.gpus) for s in _sharded(config))
-        return _train("sft", name, *SFT, *BIG, launch=flags)(ctx, py)
+        return _train(method, name, *(SFT if method == "sft" else DPO), *BIG, launch=flags)(ctx, py)
     return commands
+
+
+def _saved(name: str):
+    """Verify: 2 steps with finite losses (:func:`_metrics`), and the final checkpoint reloads as
+    full weights: every tensor of the 0.47B model, with its full shape (not a ZeRO-3 shard), finite,
+    and moved by training. Reports the largest change from the starting weights."""
+    metrics = _metrics(name)
+
+    def verify(ctx: Context) -> dict:
+        out = metrics(ctx)
+        import torch
+        from safetensors.torch import load_file
+
+        def load(d: Path) -> dict:
+            sd = {}
+            for f in sorted(d.glob("*.safetensors")):
+                sd.update(load_file(str(f)))
+            if not sd:
+                raise ValueError(f"{d}: no safetensors weights")
+            return sd
+        start, saved = load(_model(ctx)), load(ctx.out / "runs" / name / "checkpoints" / "step-2" / "model")
+        if saved.keys() != start.keys():
+            raise ValueError(f"saved keys differ from the model's: missing {sorted(start.keys() - saved.keys())[:5]}, "
+                             f"unexpected {sorted(saved.keys() - start.keys())[:5]}")
+        bad = [k for k in start if saved[k].shape != start[k].shape]
+        if bad:
+            raise ValueError(f"{len(bad)} saved tensors have other shapes than the model's (ZeRO-3 shards?): "
+                             f"{bad[0]} {tuple(saved[bad[0]].shape)} vs {tuple(start[bad[0]].shape)}")
+        if not all(torch.isfinite(v.float()).all() for v in saved.values()):
+            raise ValueError("non-finite saved weights")
+        moved = max(float((saved[k].float() - start[k].float()).abs().max()) for k in start)
+        if not moved > 0:
+            raise ValueError("the saved weights equal the starting ones: training changed nothing")
+        return {**out, "tensors": len(saved), "max_weight_change": moved}
+    return verify
 
 
 def _bench(ctx: Context, py: str) -> list[list[str]]:
@@ -207,8 +243,15 @@ CHECKS: list[Check] = [
           _metrics("fsdp_sft"), needs=("data", "model_05b"), timeout=300),
     Check("fsdp2_offload_sft", "FSDP2 with CPU offload (fsdp_offload.yaml), 0.47B", _launch("fsdp_offload.yaml"),
           _metrics("fsdp_offload_sft"), needs=("data", "model_05b"), timeout=300),
-    Check("zero3_sft", "DeepSpeed ZeRO-3 (zero3.yaml), one process per GPU, 0.47B", _launch("zero3.yaml"),
-          _metrics("zero3_sft"), packages=DS, needs=("data", "model_05b"), timeout=420),
+    Check("zero2_sft", "DeepSpeed ZeRO-2 (zero2.yaml) SFT, one process per GPU, 0.47B; the checkpoint reloads whole",
+          _launch("zero2.yaml"), _saved("zero2_sft"), packages=DS, needs=("data", "model_05b"), timeout=420),
+    Check("zero2_dpo", "DeepSpeed ZeRO-2 (zero2.yaml) DPO (frozen copy as reference), 0.47B; reloads whole",
+          _launch("zero2.yaml", "dpo"), _saved("zero2_dpo"), packages=DS, needs=("data", "model_05b"), timeout=420),
+    Check("zero3_sft", "DeepSpeed ZeRO-3 (zero3.yaml) SFT, one process per GPU, 0.47B; the gathered checkpoint "
+          "reloads whole", _launch("zero3.yaml"), _saved("zero3_sft"), packages=DS, needs=("data", "model_05b"),
+          timeout=420),
+    Check("zero3_dpo", "DeepSpeed ZeRO-3 (zero3.yaml) DPO (frozen copy as reference), 0.47B; reloads whole",
+          _launch("zero3.yaml", "dpo"), _saved("zero3_dpo"), packages=DS, needs=("data", "model_05b"), timeout=420),
     Check("zero3_offload_sft", "ZeRO-3 with optimizer offload to CPU (zero3_offload.yaml), 0.47B",
           _launch("zero3_offload.yaml"), _metrics("zero3_offload_sft"), packages=DS, needs=("data", "model_05b"),
           timeout=420),

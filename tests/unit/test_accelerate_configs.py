@@ -101,15 +101,26 @@ def test_the_launch_environment_tells_the_engine_what_was_asked(name):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_without_cuda_the_configs_without_deepspeed_or_offload_start(name):
     """DDP and FSDP (which the engine carries out with FSDP2, engine/sharding.py) start on CPU
-    processes; DeepSpeed and CPU offload need CUDA and are refused."""
+    processes; DeepSpeed does with DS_ACCELERATOR=cpu (its CPU accelerator) and is refused
+    without it; CPU offload needs CUDA and is refused."""
     plan = launch_plan(_launch_env(name)[1])
     assert check_launch("adamw", cuda=True, plan=plan) == plan
     if plan.sharding is None or (plan.sharding == "fsdp" and not plan.offloads):
         assert check_launch("adamw", cuda=False, plan=plan) == plan
         return
-    with pytest.raises(ScalingError, match="needs CUDA GPUs; this machine has none") as ei:
-        check_launch("adamw", cuda=False, plan=plan)
-    assert "cpu2.yaml" in str(ei.value) and ("CPU offload" in str(ei.value)) == plan.offloads
+    if plan.offloads:
+        for ds_cpu in (False, True):
+            with pytest.raises(ScalingError, match="with CPU offload, which needs CUDA GPUs; this machine has "
+                                                   "none") as ei:
+                check_launch("adamw", cuda=False, plan=plan, ds_cpu=ds_cpu)
+            assert "cpu2.yaml" in str(ei.value)
+        return
+    assert plan.sharding == "deepspeed"
+    with pytest.raises(ScalingError, match="needs CUDA GPUs or DeepSpeed's CPU accelerator; this machine has no "
+                                           "GPU and DS_ACCELERATOR is not cpu") as ei:
+        check_launch("adamw", cuda=False, plan=plan, ds_cpu=False)
+    assert "DS_ACCELERATOR=cpu" in str(ei.value) and "cpu2.yaml" in str(ei.value)
+    assert check_launch("adamw", cuda=False, plan=plan, ds_cpu=True) == plan
 
 
 @pytest.mark.parametrize("name", ["zero3_offload.yaml", "fsdp_offload.yaml"])

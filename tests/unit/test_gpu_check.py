@@ -98,7 +98,7 @@ def test_every_training_check_sets_options_its_method_has(tmp_path):
             if "accelerate.commands.launch" in argv:   # one process per GPU present
                 assert argv[argv.index("--num_processes") + 1] == "2", shlex.join(argv)
                 assert (ROOT / argv[argv.index("--config_file") + 1]).is_file()
-    assert seen == 14   # 7 bf16/fp32 runs, 8-bit AdamW, 2 QLoRA, 4 sharded launches
+    assert seen == 17   # 7 bf16/fp32 runs, 8-bit AdamW, 2 QLoRA, 7 sharded launches (FSDP2 x2, ZeRO x5)
 
 
 def test_cpu_smoke_runs_the_cpu_checks_and_skips_the_rest(tmp_path):
@@ -111,3 +111,27 @@ def test_cpu_smoke_runs_the_cpu_checks_and_skips_the_rest(tmp_path):
     gpu = [c.name for c in checks.CHECKS if c.needs_cuda]
     assert len(gpu) == len(checks.CHECKS) - 2
     assert all(status[n]["reason"] == "skipped: no CUDA (--cpu-smoke)" for n in gpu)
+
+
+def test_a_zero_checks_checkpoint_must_reload_whole_and_trained(tmp_path):
+    """The ZeRO checks' verify: a checkpoint of ZeRO-3 shards (empty tensors), or one training did
+    not change, fails; full, finite, moved weights pass."""
+    import torch
+    from safetensors.torch import save_file
+    ctx = checks.Context(tmp_path, cuda=True, gpu_names=["X"], mode="full")
+    (tmp_path / "model_05b").mkdir()
+    save_file({"a": torch.zeros(2, 3), "b": torch.zeros(4)}, str(tmp_path / "model_05b" / "model.safetensors"))
+    run = tmp_path / "runs" / "zero3_sft"
+    ck = run / "checkpoints" / "step-2" / "model"
+    ck.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 1.0, "time": 0.1}) + "\n"
+                                               for s in (1, 2)))
+    verify = checks._saved("zero3_sft")
+    for weights, error in (({"a": torch.empty(0), "b": torch.zeros(4)}, "other shapes than the model's"),
+                           ({"a": torch.zeros(2, 3), "b": torch.zeros(4)}, "training changed nothing"),
+                           ({"a": torch.zeros(2, 3)}, "saved keys differ")):
+        save_file(weights, str(ck / "model.safetensors"))
+        with pytest.raises(ValueError, match=error):
+            verify(ctx)
+    save_file({"a": torch.zeros(2, 3), "b": torch.full((4,), 0.5)}, str(ck / "model.safetensors"))
+    assert verify(ctx) == {"loss": 1.0, "time_s": 0.1, "tensors": 2, "max_weight_change": 0.5}

@@ -21,6 +21,7 @@ from ..errors import VlmalignError
 from ..files import atomic_dir
 from ..models.peft import EXTRA_PARAMS, is_peft, load_peft_extra, peft_extra_params
 from ..models.prompt_layout import write_layout
+from ..models.zero import gathered
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -152,7 +153,8 @@ def load_weights_into(model, model_dir: Path) -> None:
         f = model_dir / "adapter_model.safetensors"
         if not f.exists():
             raise VlmalignError(f"{model_dir}: no adapter_model.safetensors to resume LoRA from")
-        res = set_peft_model_state_dict(model, load_file(str(f)))
+        with gathered(list(model.parameters()), modifier_rank=0):   # ZeRO-3 shards (models/zero.py)
+            res = set_peft_model_state_dict(model, load_file(str(f)))
         if getattr(res, "unexpected_keys", None):
             raise VlmalignError(f"{model_dir}: unexpected adapter keys {res.unexpected_keys[:5]}")
         load_peft_extra(model, model_dir)
@@ -161,15 +163,19 @@ def load_weights_into(model, model_dir: Path) -> None:
         raise VlmalignError(f"{model_dir}: no .safetensors weights")
     dtype = next(model.parameters()).dtype
     loaded = type(model).from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
-    src = loaded.state_dict()
-    dst = model.state_dict()
-    if src.keys() != dst.keys():
-        raise VlmalignError(f"{model_dir}: weights do not match the model "
-                            f"(missing {sorted(dst.keys() - src.keys())[:5]}, "
-                            f"unexpected {sorted(src.keys() - dst.keys())[:5]})")
-    with torch.no_grad():
-        for k, v in dst.items():
-            v.copy_(src[k])
+    # ZeRO-3 shards are gathered whole (every process takes part), written on process 0 (every
+    # process reads the same files) and partitioned again; under accelerate's zero3_init_flag the
+    # loaded copy is partitioned too
+    with gathered(list(loaded.parameters())), gathered(list(model.parameters()), modifier_rank=0):
+        src = loaded.state_dict()
+        dst = model.state_dict()
+        if src.keys() != dst.keys():
+            raise VlmalignError(f"{model_dir}: weights do not match the model "
+                                f"(missing {sorted(dst.keys() - src.keys())[:5]}, "
+                                f"unexpected {sorted(src.keys() - dst.keys())[:5]})")
+        with torch.no_grad():
+            for k, v in dst.items():
+                v.copy_(src[k])
     del loaded
 
 

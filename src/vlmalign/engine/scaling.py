@@ -9,8 +9,10 @@ run.
 reads them. An FSDP launch, like ``train.sharding=fsdp2``, is carried out by the engine itself
 with torch's FSDP2 (:mod:`.sharding`), on CPU processes as on GPUs: accelerate 1.16 would turn it
 into DDP over gloo on a machine without CUDA, and its own FSDP2 wrapping cannot run the image
-encoding outside the model's forward. DeepSpeed stays accelerate's and needs CUDA; FSDP's CPU
-offload needs CUDA too (:func:`check_launch`)."""
+encoding outside the model's forward. DeepSpeed stays accelerate's: on GPUs, or on CPU processes
+with ``DS_ACCELERATOR=cpu`` (DeepSpeed's CPU accelerator over gloo; the engine then builds
+accelerate for DeepSpeed rather than for CPU). CPU offload (DeepSpeed's or FSDP's) needs CUDA
+(:func:`check_launch`)."""
 
 from __future__ import annotations
 
@@ -92,11 +94,13 @@ def check_optimizer(name: str, *, cuda: bool | None = None) -> None:
 
 
 def check_launch(optimizer: str, *, sharding: str = "none", precision: str = "auto", cuda: bool | None = None,
-                 plan: LaunchPlan | None = None) -> LaunchPlan:
+                 plan: LaunchPlan | None = None, ds_cpu: bool | None = None) -> LaunchPlan:
     """Refuse a launch this machine or these settings cannot run; returns the plan, whose
     ``sharding`` is ``"fsdp"`` where the engine shards with FSDP2 (``train.sharding=fsdp2`` or an
-    accelerate FSDP launch)."""
+    accelerate FSDP launch). ``ds_cpu``: DeepSpeed was told to run on CPU processes
+    (``DS_ACCELERATOR=cpu``, :func:`deepspeed_cpu`)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    ds_cpu = deepspeed_cpu() if ds_cpu is None else ds_cpu
     plan = launch_plan() if plan is None else plan
     if sharding == "fsdp2":
         if plan.sharding == "deepspeed":
@@ -105,12 +109,18 @@ def check_launch(optimizer: str, *, sharding: str = "none", precision: str = "au
                                "train.sharding=none")
         if plan.sharding is None:
             plan = replace(plan, sharding="fsdp", fsdp_version=2, source="train.sharding")
-    if plan.sharding == "deepspeed" and not cuda:
-        off = " with CPU offload" if plan.offloads else ""
+    if plan.sharding == "deepspeed" and not cuda and plan.offloads:
         raise ScalingError(
-            f"this process was launched for DeepSpeed ZeRO (ACCELERATE_USE_DEEPSPEED=true){off}, which needs CUDA "
-            f"GPUs; this machine has none, and accelerate would quietly train without sharding on the CPU. For "
-            f"CPU processes launch with {CPU_CONFIG} (DDP over gloo), and add train.sharding=fsdp2 to shard")
+            "this process was launched for DeepSpeed ZeRO (ACCELERATE_USE_DEEPSPEED=true) with CPU offload, which "
+            "needs CUDA GPUs; this machine has none (the offload moves GPU training's state to CPU memory, where it "
+            f"is already here). On CPU processes launch configs/accelerate/zero2.yaml or zero3.yaml with "
+            f"DS_ACCELERATOR=cpu, or {CPU_CONFIG} with train.sharding=fsdp2")
+    if plan.sharding == "deepspeed" and not cuda and not ds_cpu:
+        raise ScalingError(
+            "this process was launched for DeepSpeed ZeRO (ACCELERATE_USE_DEEPSPEED=true), which needs CUDA GPUs "
+            "or DeepSpeed's CPU accelerator; this machine has no GPU and DS_ACCELERATOR is not cpu, and accelerate "
+            "would quietly train without sharding. Launch again with DS_ACCELERATOR=cpu in the environment (ZeRO "
+            f"over gloo on the CPU processes), or use {CPU_CONFIG} (DDP) with train.sharding=fsdp2 to shard")
     if plan.sharding == "fsdp":
         what = "FSDP (ACCELERATE_USE_FSDP=true)" if plan.source == "launch" else "train.sharding=fsdp2"
         if plan.offloads and not cuda:
@@ -139,6 +149,24 @@ def check_launch(optimizer: str, *, sharding: str = "none", precision: str = "au
                            f"({where}); use optim.name=adamw with an offload config, or a config without offload "
                            f"with optim.name={optimizer}")
     return plan
+
+
+def deepspeed_cpu(env: Mapping[str, str] | None = None) -> bool:
+    """Whether DeepSpeed was told to run on CPU processes (``DS_ACCELERATOR=cpu``; its CPU
+    accelerator then talks over gloo, or oneCCL where oneccl_bindings_for_pytorch is installed)."""
+    env = os.environ if env is None else env
+    return env.get("DS_ACCELERATOR", "").strip().lower() == "cpu"
+
+
+def deepspeed_backend() -> str:
+    """The process-group backend DeepSpeed's accelerator talks over (its CPU accelerator: ``ccl``
+    where oneccl_bindings_for_pytorch is installed, else ``gloo``)."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+    except ImportError as e:
+        raise ScalingError(f"this process was launched for DeepSpeed ZeRO, but deepspeed cannot be imported ({e}): "
+                           "pip install 'vlmalign[deepspeed]'") from e
+    return get_accelerator().communication_backend_name()
 
 
 def make_optimizer(params, optim_cfg, *, lr: float | None = None, weight_decay: float | None = None):

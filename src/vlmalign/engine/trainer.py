@@ -47,7 +47,7 @@ from .callbacks import Callback, notify, phase
 from .loop import final_evaluation, run_steps
 from .run_dir import RunDir, claim_output_dir
 from . import sharding
-from .scaling import ScalingError, check_launch, make_optimizer
+from .scaling import ScalingError, check_launch, deepspeed_backend, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class TrainResult:
     checkpoint: str | None
 
 
-def _accelerator(train_cfg, *, engine_shards: bool = False):
+def _accelerator(train_cfg, *, engine_shards: bool = False, deepspeed: bool = False):
     """accelerate's Accelerator for the run. ``engine_shards``: the engine applies FSDP2 itself
     (engine/sharding.py), so accelerate is built as for DDP (the processes, their process group,
     precision), with an FSDP launch's ``ACCELERATE_USE_FSDP`` hidden from it while it is built."""
@@ -73,10 +73,19 @@ def _accelerator(train_cfg, *, engine_shards: bool = False):
         prec = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[prec]
     hidden = os.environ.pop("ACCELERATE_USE_FSDP", None) if engine_shards else None
+    cpu = not torch.cuda.is_available()
+    kw = {}
+    if cpu and deepspeed:
+        # DeepSpeed on CPU processes (DS_ACCELERATOR=cpu, engine/scaling.py): accelerate builds its
+        # DeepSpeed state only without cpu=True, and then forms no process group unless told the
+        # backend (it finds no CUDA backend, and would run every process as its own rank 0)
+        from accelerate.utils import InitProcessGroupKwargs
+        kw["kwargs_handlers"] = [InitProcessGroupKwargs(backend=deepspeed_backend())]
+        cpu = False
     try:
         # cpu=True lets accelerate form a gloo process group when launched with several CPU processes
         return Accelerator(mixed_precision=mp, log_with=train_cfg.report_to or None,
-                           project_dir=train_cfg.output_dir, cpu=not torch.cuda.is_available())
+                           project_dir=train_cfg.output_dir, cpu=cpu, **kw)
     finally:
         if hidden is not None:
             os.environ["ACCELERATE_USE_FSDP"] = hidden
@@ -154,10 +163,11 @@ class Engine:
         self.sharded = self.launch.sharding == "fsdp"   # the engine shards with FSDP2 (engine/sharding.py)
         if self.sharded:
             self._check_shardable()
-        self.acc = _accelerator(train_cfg, engine_shards=self.sharded)
+        self.acc = _accelerator(train_cfg, engine_shards=self.sharded, deepspeed=self.launch.sharding == "deepspeed")
         self.run = RunDir(train_cfg.output_dir, main_process=self.acc.is_main_process)
         if config is not None:
             self.run.save_config(config)
+        self.deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
         if self.sharded and not torch.distributed.is_initialized():
@@ -192,12 +202,33 @@ class Engine:
             # sharded in place above: accelerate keeps the optimizer (precision), not the model (no DDP)
             self.runner, self.optimizer = self.model, self.acc.prepare(self.optimizer)
         else:
+            if self.deepspeed:
+                self._configure_deepspeed()
             # model and optimizer are prepared together: DeepSpeed builds its engine only then.
             # The scheduler stays ours (accelerate's would step once per process).
             self.runner, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         for ad in self.adapters:
             ad.runner = self.runner
+        # every process must run each forward of the trained model together: FSDP2 shards, or
+        # ZeRO-3's partitioned parameters (gathered collectively in each forward)
+        self.collective_forwards = self.sharded or (
+            self.deepspeed and self.acc.state.deepspeed_plugin.zero_stage == 3)
         self.step = 0
+
+    def _configure_deepspeed(self) -> None:
+        """The run's settings into accelerate's DeepSpeed config before ``prepare`` builds the
+        DeepSpeed engine. The engine feeds its own micro-batches (no dataloader is prepared), so
+        ``train_micro_batch_size_per_gpu`` comes from ``train.batch_size``. DeepSpeed's own
+        accumulation stays at 1: the engine divides every micro-batch's loss by the step's global
+        item count itself (DeepSpeed would divide again by its ``gradient_accumulation_steps``),
+        and marks the last micro-batch of a step as the accumulation boundary (:meth:`no_sync`),
+        where accelerate runs DeepSpeed's step. Clipping is DeepSpeed's (``gradient_clipping``:
+        ``optim.max_grad_norm``)."""
+        ds = self.acc.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = self.tc.batch_size
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_batch_size"] = self.tc.batch_size * self.world
+        ds["gradient_clipping"] = float(self.oc.max_grad_norm or 0.0)
 
     def _check_shardable(self) -> None:
         """Refuse what FSDP2 sharding does not run: every process must take part in each forward
@@ -279,6 +310,10 @@ class Engine:
         if self.sharded:
             sharding.set_gradient_sync(self.runner, last)
             return contextlib.nullcontext()
+        if self.deepspeed:
+            # accelerate's backward runs DeepSpeed's step (reduce, clip, update) where gradients sync
+            self.acc.gradient_state._set_sync_gradients(last)
+            return contextlib.nullcontext()
         return self.acc.no_sync(self.runner) if (not last and self.world > 1) else contextlib.nullcontext()
 
     def optimizer_step(self, *, update: bool = True) -> float | None:
@@ -352,6 +387,12 @@ class Engine:
         if ck is None:
             log.info("no checkpoint in %s: starting from scratch", self.run.checkpoints)
             return False
+        if self.deepspeed:
+            raise ScalingError(
+                f"train.resume=true under DeepSpeed: {ck} holds the full weights but only process 0's "
+                f"partition of DeepSpeed's optimizer state, which the other processes cannot take up; resuming "
+                f"a ZeRO run is not supported yet. Start from its weights instead: model.path={ck / 'model'} "
+                f"(a LoRA checkpoint: `vlmalign export` it first) in a new output_dir")
         st = load_trainer_state(ck)
         check_resume_layout(st, self.layout(), ck)
         if self.sharded:

@@ -141,11 +141,11 @@ def _precomputed(cfg, d, method, examples, collate, data_file, ref_fp, adapter, 
 
     def compute():
         # on the plain module: the main process may compute while the others wait at the barrier
-        # (sharded: every process computes, each forward needs them all)
+        # (sharded or ZeRO-3: every process computes, each forward needs them all)
         with trainer.phase("reference_precompute", examples=len(examples)), trainer.no_grad_pass():
             return ref_cache.compute_values(method, examples, collate, cfg.train.batch_size, trainer.acc.device)
 
     values = ref_cache.load_or_compute(cache, len(examples), compute, main_process=trainer.acc.is_main_process,
                                        barrier=trainer.acc.wait_for_everyone,
-                                       any_process=trainer.any_process if trainer.sharded else None)
+                                       any_process=trainer.any_process if trainer.collective_forwards else None)
     return {k: v.to(trainer.acc.device) for k, v in values.items()}

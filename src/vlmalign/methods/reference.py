@@ -23,6 +23,7 @@ from ..config import opt, section
 from ..config.sections import DataSection, FrozenEncoderModel, LoraSection, OptimSection, TrainSection
 from ..errors import ModelError, VlmalignError
 from ..eval.during_training import EvalTasksSection
+from ..models.zero import any_partitioned, gathered
 from .logps import Reference
 
 
@@ -65,9 +66,12 @@ def same_encoder(policy, ref, model_cfg, lora_cfg) -> bool:
     pg, rg = policy.param_groups(), ref.param_groups()
     for g in ("vision", "projector"):
         a, b = dict(pg[g]), dict(rg[g])
-        if a.keys() != b.keys() or any(a[k].shape != b[k].shape or not torch.equal(a[k], b[k].to(a[k].device))
-                                       for k in a):
+        if a.keys() != b.keys():
             return False
+        # ZeRO-3 shards are empty tensors: compare the full ones (every process takes part)
+        with gathered([*a.values(), *b.values()]):
+            if any(a[k].shape != b[k].shape or not torch.equal(a[k], b[k].to(a[k].device)) for k in a):
+                return False
     return True
 
 
@@ -76,6 +80,10 @@ def starting_copy(adapter, cfg):
     is the LoRA-disabled policy or ``ref.path``. Take it before the policy's first update."""
     if cfg.ref.path or cfg.lora.enabled:
         return None
+    if any_partitioned(adapter.model):
+        raise ModelError("the policy's parameters are ZeRO-3 shards (built under deepspeed.zero.Init) before "
+                         "the reference copy was taken: take the copy before DeepSpeed partitions the model, "
+                         "or set ref.path")
     return type(adapter)(copy.deepcopy(adapter.model), adapter.processor)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError, VlmalignError
+from .zero import gathered
 
 # the trained parameters of a PEFT model that its adapter file does not hold, saved beside it
 EXTRA_PARAMS = "extra_params.safetensors"
@@ -42,10 +43,13 @@ def load_peft_extra(model, model_dir: Path) -> None:
         return
     from safetensors.torch import load_file
     params = dict(model.base_model.model.named_parameters())
-    with torch.no_grad():
-        for k, v in load_file(str(f)).items():
-            if k not in params:
-                raise VlmalignError(f"{f}: parameter {k} is not in the model")
+    values = load_file(str(f))
+    unknown = [k for k in values if k not in params]
+    if unknown:
+        raise VlmalignError(f"{f}: parameter {unknown[0]} is not in the model")
+    # ZeRO-3 shards: written whole on process 0 (every process loads the same file) and partitioned again
+    with gathered([params[k] for k in values], modifier_rank=0), torch.no_grad():
+        for k, v in values.items():
             params[k].copy_(v)
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from .zero import any_partitioned, full_shape, gathered
 
 HEAD_WEIGHTS = "scalar_head.safetensors"
 HEAD_CONFIG = "scalar_head.json"
@@ -81,7 +82,7 @@ def final_hidden_state(output) -> torch.Tensor:
 def text_hidden_size(model: nn.Module) -> int:
     """Width of the language model's hidden state (its input embedding width)."""
     emb = model.get_input_embeddings()
-    return int(emb.weight.shape[1])
+    return int(full_shape(emb.weight)[1])   # a ZeRO-3 shard is empty: its full shape is ds_shape
 
 
 @dataclass
@@ -168,6 +169,10 @@ class ScalarModel(nn.Module):
         from safetensors.torch import save_file
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        if state_dict is None and any_partitioned(self):
+            # ZeRO-3 shards: the full weights, gathered with every process taking part
+            with gathered(list(self.parameters())):
+                state_dict = {k: v.detach().clone() for k, v in self.state_dict().items()}
         head_sd = {k: v for k, v in self.head.state_dict().items()}
         base_kw = {}
         if state_dict is not None:

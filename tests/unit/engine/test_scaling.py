@@ -127,3 +127,17 @@ def test_what_the_engines_fsdp2_does_not_run_is_refused():
     with pytest.raises(ScalingError, match="with CPU offload, which needs CUDA GPUs; this machine has none") as ei:
         check_launch("adamw", cuda=False, plan=offload)
     assert "configs/accelerate/fsdp.yaml" in str(ei.value)
+
+
+def test_deepspeed_on_cpu_is_asked_for_by_ds_accelerator_and_needs_deepspeed(monkeypatch):
+    from vlmalign.engine.scaling import deepspeed_backend, deepspeed_cpu
+    assert deepspeed_cpu({"DS_ACCELERATOR": "cpu"}) and deepspeed_cpu({"DS_ACCELERATOR": " CPU "})
+    assert not deepspeed_cpu({}) and not deepspeed_cpu({"DS_ACCELERATOR": "cuda"})
+    z3 = LaunchPlan("deepspeed", 3)
+    assert check_launch("adamw", cuda=False, plan=z3, ds_cpu=True) == z3
+    with pytest.raises(ScalingError, match="DS_ACCELERATOR is not cpu"):
+        check_launch("adamw", cuda=False, plan=z3, ds_cpu=False)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    monkeypatch.setitem(sys.modules, "deepspeed.accelerator", None)
+    with pytest.raises(ScalingError, match=r"deepspeed cannot be imported .*vlmalign\[deepspeed\]"):
+        deepspeed_backend()
