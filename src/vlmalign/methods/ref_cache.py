@@ -173,29 +173,27 @@ def load_or_compute(cache: RefLogpsCache, n: int, compute: Callable[[], dict[str
     condition holds on any process) every process computes when any lacks the values, and the
     main one stores them."""
     values = cache.load(n)
-    if any_process is not None:
-        if any_process(values is None):
-            t0 = time.time()
-            values = compute()
-            if main_process:
-                cache.save(values, n)
-                COUNTERS["computed"] += 1
-                log.info("reference log-probs: computed for %d pairs in %.1fs on every process, cached in %s", n,
-                         time.time() - t0, cache.dir)
-        else:
-            COUNTERS["loaded"] += 1
-            log.info("reference log-probs: loaded %d pairs from %s", n, cache.dir)
-        if barrier is not None:
-            barrier()
-        return values
-    if values is None:
+
+    def computed(where: str) -> dict:
+        t0 = time.time()
+        out = compute()
         if main_process:
-            t0 = time.time()
-            values = compute()
-            cache.save(values, n)
+            cache.save(out, n)
             COUNTERS["computed"] += 1
-            log.info("reference log-probs: computed for %d pairs in %.1fs, cached in %s", n, time.time() - t0,
-                     cache.dir)
+            log.info("reference log-probs: computed for %d pairs in %.1fs%s, cached in %s", n, time.time() - t0,
+                     where, cache.dir)
+        return out
+
+    def loaded() -> dict:
+        COUNTERS["loaded"] += 1
+        log.info("reference log-probs: loaded %d pairs from %s", n, cache.dir)
+        return values
+
+    if any_process is not None:   # every process computes when any lacks the values
+        values = computed(" on every process") if any_process(values is None) else loaded()
+    elif values is None:          # the main process computes, the others read what it stored
+        if main_process:
+            values = computed("")
         if barrier is not None:
             barrier()
         if not main_process:
@@ -203,11 +201,11 @@ def load_or_compute(cache: RefLogpsCache, n: int, compute: Callable[[], dict[str
             if values is None:
                 raise RuntimeError(f"{cache.dir}: the main process did not store the reference log-probs "
                                    "(is ref_cache_dir on a file system every process sees?)")
+        return values
     else:
-        COUNTERS["loaded"] += 1
-        log.info("reference log-probs: loaded %d pairs from %s", n, cache.dir)
-        if barrier is not None:
-            barrier()
+        values = loaded()
+    if barrier is not None:
+        barrier()
     return values
 
 
