@@ -95,9 +95,22 @@ def full_model_state(root: nn.Module) -> dict[str, torch.Tensor]:
 
 def full_optimizer_state(root: nn.Module, optimizer) -> dict:
     """The optimizer's full state (keyed by parameter name) on the main process ({} elsewhere);
-    collective like :func:`full_model_state`."""
+    collective like :func:`full_model_state`.
+
+    An optimizer that has not stepped yet (the policy's during PPO's critic warm-up) keeps no
+    state: torch fills an empty one with a step on zero gradients before reading it (Adam: step
+    count 1, zero moments), which would change the next real update (its bias correction) and
+    be saved; that filling is undone here and the state written empty, as the optimizer's own
+    ``state_dict`` would be (tests/integration/test_rl_processes.py, ``ppo_fsdp2``)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    return get_optimizer_state_dict(root, _plain(optimizer), options=_options(cpu_offload=True))
+    opt = _plain(optimizer)
+    fresh = not opt.state
+    state = get_optimizer_state_dict(root, opt, options=_options(cpu_offload=True))
+    if fresh:
+        opt.state.clear()
+        if state:
+            state["state"] = {}
+    return state
 
 
 def load_optimizer_state(root: nn.Module, optimizer, state: dict) -> None:
@@ -106,7 +119,10 @@ def load_optimizer_state(root: nn.Module, optimizer, state: dict) -> None:
     (e.g. a norm after the layer the projector reads) has no Adam state, as in torch's own
     ``Optimizer.state_dict``."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-    set_optimizer_state_dict(root, _plain(optimizer), optim_state_dict=state, options=_options(strict=False))
+    opt = _plain(optimizer)
+    set_optimizer_state_dict(root, opt, optim_state_dict=state, options=_options(strict=False))
+    if not state.get("state"):   # written before the first step: the filling torch did is undone
+        opt.state.clear()
 
 
 def _plain(optimizer):
