@@ -14,6 +14,9 @@ the units are chosen so that every module called on its own is one (:func:`shard
   forward (vision tower, projector);
 * the trained module itself as the root (embeddings, LM head, norms, a reward head, ...).
 
+A module trained beside the model (PPO's critic: a method's ``shard_modules``) is sharded the
+same way, on the same mesh, as a root of its own.
+
 Every unit reshards after each forward, so outside a forward the module holds only its shards.
 The root is initialised before the first encoding (FSDP2 takes the first module that runs as the
 root otherwise). Checkpoints hold full tensors gathered collectively (:func:`full_model_state`,
@@ -44,15 +47,23 @@ def _depth_first_order(root: nn.Module, units: list[nn.Module]) -> list[nn.Modul
     return sorted(out, key=lambda m: -names[id(m)].count("."))
 
 
-def shard(root: nn.Module, units: list[nn.Module], *, device_type: str, offload: bool = False) -> nn.Module:
-    """Apply FSDP2 to ``units`` (deepest first) and then to ``root`` over all processes of the
-    default process group; returns ``root`` (changed in place: its parameters become DTensor
-    shards, so build the optimizer afterwards)."""
+def device_mesh(device_type: str):
+    """The 1-d mesh over every process of the default process group."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device_type, (dist.get_world_size(),))
+
+
+def shard(root: nn.Module, units: list[nn.Module], *, device_type: str, offload: bool = False,
+          mesh=None) -> nn.Module:
+    """Apply FSDP2 to ``units`` (deepest first) and then to ``root`` over all processes of the
+    default process group (``mesh``: the :func:`device_mesh` to use, so that several roots share
+    one; default: a new one); returns ``root`` (changed in place: its parameters become DTensor
+    shards, so build the optimizer afterwards)."""
+    import torch.distributed as dist
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mesh = mesh if mesh is not None else device_mesh(device_type)
     kw = dict(mesh=mesh, reshard_after_forward=True,
               offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     ordered = _depth_first_order(root, units)
@@ -88,7 +99,8 @@ def _options(**kw):
 
 def full_model_state(root: nn.Module) -> dict[str, torch.Tensor]:
     """The root's full state dict as CPU tensors on the main process ({} on the others); every
-    process must call it (the shards are all-gathered)."""
+    process must call it (the shards are all-gathered). ``root`` may also be a plain module that
+    holds sharded parameters (PPO's view of its critic's trainable ones)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     return get_model_state_dict(root, options=_options(cpu_offload=True))
 
