@@ -1,7 +1,10 @@
 """Online RL on two CPU processes (DDP over gloo, ``torch.distributed.run``) against one process
 with the same global step, on the tiny random-init LLaVA: GRPO (and REINFORCE++, whose
 advantages are normalised over the whole step's tokens) and PPO (whose critic's gradients are
-averaged over the processes and whose advantages are whitened over every process's tokens).
+averaged over the processes and whose advantages are whitened over every process's tokens);
+GRPO and PPO also sharded with FSDP2 (``train.sharding=fsdp2``: PPO's critic sharded beside the
+policy), where the sharded PPO run is also resumed from its step-1 checkpoint and must end where
+it ended.
 
 Each prompt's k samples are drawn on one process from generators seeded by the prompt's place
 in the step (``OnlineTrainer.row_seeds``), so the two layouts sample the same tokens; the only
@@ -9,7 +12,8 @@ differences left are float summation orders (other padding widths and batch shap
 two processes). Adam's eps is 1e-4, as in test_fsdp2.py: with 1e-8 an entry whose gradient is
 ~0 moves by about lr in the direction its rounding picks.
 
-Launches: 2 per case (one process, two processes), 2 optimizer steps each.
+Launches: 2 per case (one process, two processes), 2 optimizer steps each; ``ppo_fsdp2`` a
+third (the resume, 1 step).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from safetensors.torch import load_file
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 
 DIGIT = "reward=[{type: function, name: format, args: {pattern: '[0-9]', mode: search}}]"
-PORTS = {"grpo": 29541, "reinforce_pp": 29542, "ppo": 29543, "grpo_fsdp2": 29544}
+PORTS = {"grpo": 29541, "reinforce_pp": 29542, "ppo": 29543, "grpo_fsdp2": 29544, "ppo_fsdp2": 29545,
+         "ppo_fsdp2_resume": 29546}
 # per process: 2 prompts x k=4; one process: 4 prompts x k=4 (the same 4 prompts each step)
 RUNS = {
     "grpo": ("grpo", ["EVAL"]),
@@ -38,6 +43,13 @@ RUNS = {
     # FSDP2: the policy sharded over the two processes (synced generation, the held-out
     # evaluation on both); the one-process run stays whole
     "grpo_fsdp2": ("grpo", ["train.sharding=fsdp2", "EVAL"]),
+    # PPO sharded: the policy and the critic (a root of its own on the same mesh), both
+    # reduce-scattered by FSDP2; the checkpoints hold both gathered whole, the critic's optimizer
+    # state included (written at each step here: the resume below starts from step-1; and the
+    # step-1 save, in the warm-up, gathers the policy's optimizer before its first update, which
+    # torch's gathering used to fill with a zero-gradient step that changed step 2's update)
+    "ppo_fsdp2": ("ppo", ["update.epochs=2", "value.lr=1e-3", "value.warmup_iterations=1", "train.sharding=fsdp2",
+                          "train.save_every=1"]),
 }
 
 
@@ -46,6 +58,13 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl2")
     generate_shapesworld(root / "data", ShapesConfig(seed=1, train_images=8, eval_images=2))
     return root
+
+
+def _launch2(world, method, extra, out, port, env):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), "-m", "vlmalign", *_common(world, method, extra),
+                           "rollout.prompts_per_step=2", f"train.output_dir={out}"],
+                          env=env, capture_output=True, text=True)
 
 
 def _common(world, method, extra):
@@ -77,10 +96,7 @@ def test_two_processes_match_one(world, tmp_path, name):
                         "rollout.prompts_per_step=4", f"train.output_dir={one}"],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(PORTS[name]), "-m", "vlmalign", *_common(world, method, extra),
-                        "rollout.prompts_per_step=2", f"train.output_dir={two}"],
-                       env=env, capture_output=True, text=True)
+    r = _launch2(world, method, extra, two, PORTS[name], env)
     assert r.returncode == 0, r.stderr[-3000:]
     if "train.sharding=fsdp2" in extra:
         assert "FSDP2: " in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]   # the engine sharded the policy
@@ -113,3 +129,40 @@ def test_two_processes_match_one(world, tmp_path, name):
         cworst = max((ca[k] - cb[k]).abs().max().item() for k in ca)
         print(f"{name}: max |critic weight diff| {cworst:.2e}")
         assert cworst <= 1e-5, cworst
+    if name == "ppo_fsdp2":
+        _check_sharded_ppo_resumes(world, extra, one, two, tmp_path / "resumed", env)
+
+
+def _check_sharded_ppo_resumes(world, extra, one, two, resumed, env):
+    """The sharded run's step-1 checkpoint holds the critic whole (the one-process run's names and
+    shapes) and its optimizer state gathered by parameter name; resumed from it (two processes,
+    sharded again), the run ends with the uninterrupted run's policy, critic and critic optimizer."""
+    ck1 = two / "checkpoints" / "step-1"
+    full = load_file(str(one / "checkpoints" / "step-2" / "value_model.safetensors"))
+    c1 = load_file(str(ck1 / "value_model.safetensors"))
+    assert {k: v.shape for k, v in c1.items()} == {k: v.shape for k, v in full.items()}
+    st = torch.load(ck1 / "trainer_state.pt", weights_only=True)
+    assert st["layout"]["sharding"] == "fsdp2" and st["layout"]["processes"] == 2
+    copt = st["method"]["critic_optimizer"]["state"]
+    assert len(copt) == len(full)   # every trainable critic parameter, by name, whole
+    for k, v in copt.items():
+        assert v["exp_avg"].shape == full[k.replace(".", "__")].shape, k
+    # the run as a SIGKILL after step-1 leaves it: step-2 and its metrics not written yet
+    import shutil
+    shutil.copytree(two, resumed, ignore=shutil.ignore_patterns("step-2"))
+    r = _launch2(world, "ppo", [*extra, "train.resume=true"], resumed, PORTS["ppo_fsdp2_resume"], env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {resumed / 'checkpoints' / 'step-1'}" in r.stdout + r.stderr
+    assert [x["step"] for x in _rows(resumed)] == [1, 2]
+    a, b = _rows(two)[1], _rows(resumed)[1]
+    wa, wb = _weights(two, 2), _weights(resumed, 2)
+    ca, cb = (load_file(str(d / "checkpoints" / "step-2" / "value_model.safetensors")) for d in (two, resumed))
+    oa, ob = (torch.load(d / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=True)["method"]
+              ["critic_optimizer"]["state"] for d in (two, resumed))
+    assert wa.keys() == wb.keys() and ca.keys() == cb.keys() and oa.keys() == ob.keys()
+    diffs = {"loss": abs(a["train/loss"] - b["train/loss"]),
+             "policy": max((wa[k] - wb[k]).abs().max().item() for k in wa),
+             "critic": max((ca[k] - cb[k]).abs().max().item() for k in ca),
+             "critic exp_avg_sq": max((oa[k]["exp_avg_sq"] - ob[k]["exp_avg_sq"]).abs().max().item() for k in oa)}
+    print("ppo_fsdp2 resumed from step-1 vs uninterrupted:", {k: f"{v:.1e}" for k, v in diffs.items()})
+    assert max(diffs.values()) <= 1e-6, diffs

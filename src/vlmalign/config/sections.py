@@ -88,7 +88,7 @@ class TrainSection:
     sharding: str = opt("none", "none: every process holds the whole model (DDP); fsdp2: the engine shards "
                                 "parameters, gradients and optimizer state over the processes with torch's "
                                 "FSDP2 (fully_shard), on CPU (gloo) or GPUs; an accelerate launch with an FSDP "
-                                "config asks for the same (the offline methods, not online RL)",
+                                "config asks for the same (offline methods, GRPO, and PPO with its critic)",
                         ("none", "fsdp2"))
     log_every: int = opt(1, "log metrics every N optimizer steps", ge=1)
     eval_every: int = opt(0, "evaluate every N steps (0: only at the end)", ge=0)

@@ -66,16 +66,20 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, processor, trainer_state: dict, *,
-                    keep_last: int = 2, extra_modules: dict | None = None, state_dict: dict | None = None,
-                    prompt_layout: dict | None = None) -> Path:
+                    keep_last: int = 2, extra_modules: dict | None = None, extra_states: dict | None = None,
+                    state_dict: dict | None = None, prompt_layout: dict | None = None) -> Path:
     """Write ``step-N`` atomically; prune to the newest ``keep_last``. A write that fails (a
     full disk, most often) removes its partial copy, keeps every earlier checkpoint and says why.
-    ``prompt_layout`` (where the training prompts put their images) goes into the model folder."""
+    ``prompt_layout`` (where the training prompts put their images) goes into the model folder.
+    ``extra_modules`` are written as ``NAME.safetensors`` (their state dicts, or ``extra_states``:
+    the states to write in their place, e.g. gathered from shards)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step}"
     try:
         with atomic_dir(final) as tmp:   # written into .tmp-step-N, renamed when whole
-            _write_checkpoint(tmp, model, processor, trainer_state, step, extra_modules, state_dict)
+            extra = extra_states if extra_states is not None else \
+                {name: mod.state_dict() for name, mod in (extra_modules or {}).items()}
+            _write_checkpoint(tmp, model, processor, trainer_state, step, extra, state_dict)
             write_layout(tmp / "model", prompt_layout)
     except (OSError, RuntimeError) as e:
         raise CheckpointWriteError(_write_failure(ckpt_dir, step, e)) from e
@@ -88,7 +92,7 @@ class CheckpointWriteError(VlmalignError):
     pass
 
 
-def _write_checkpoint(tmp: Path, model, processor, trainer_state, step, extra_modules, state_dict) -> None:
+def _write_checkpoint(tmp: Path, model, processor, trainer_state, step, extra_states, state_dict) -> None:
     if state_dict is not None:
         model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
     else:
@@ -101,10 +105,9 @@ def _write_checkpoint(tmp: Path, model, processor, trainer_state, step, extra_mo
                       str(tmp / "model" / EXTRA_PARAMS))
     if processor is not None:
         processor.save_pretrained(tmp / "model")
-    for name, mod in (extra_modules or {}).items():
+    for name, sd in extra_states.items():
         from safetensors.torch import save_file as save_tensors
-        save_tensors({k: v.detach().contiguous().cpu() for k, v in mod.state_dict().items()},
-                     str(tmp / f"{name}.safetensors"))
+        save_tensors({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
     torch.save({**trainer_state, "rng": rng_state(), "step": step}, tmp / "trainer_state.pt")
 
 

@@ -35,7 +35,10 @@ A method object provides ``agg`` (the loss aggregation, for item counts), ``adva
 * ``rollout_extras(loop, batch) -> dict`` of per-row tensors computed without grad after the
   rollout (e.g. values);
 * ``extra_modules() -> dict`` of modules moved to the device and checkpointed next to the policy
-  (``NAME.safetensors``, reloaded on resume), e.g. a value model;
+  (``NAME.safetensors``, reloaded on resume), e.g. a value model; under FSDP2 a method with
+  extra modules must provide ``shard_modules(shard)``: it shards the modules it trains with
+  ``shard(root, units)`` (the engine's, the policy's mesh) and rebuilds its optimizer and extra
+  modules on the sharded parameters;
 * ``optimizer_groups() -> list`` of parameter groups added to the policy's optimizer (their own
   ``lr`` allowed), or ``optimizer_step(loop)`` called after each policy optimizer step (a method
   with its own optimizer: it clips, steps and zeroes it there);
@@ -80,8 +83,9 @@ class OnlineTrainer(Engine):
     # number of prompts (whole steps), generation is synced (a process whose rows have stopped
     # runs forwards until every process's have: HF's synced_gpus), the no-grad forwards and the
     # updates go over the same number of rows, the output head's parameters are gathered for
-    # the entropy, and the held-out evaluation runs on every process. PPO's critic, a module
-    # trained beside the sharded one, is refused by the engine (extra modules).
+    # the entropy, and the held-out evaluation runs on every process. PPO's critic, trained
+    # beside the policy, is sharded too (its own root on the policy's mesh: method.shard_modules),
+    # and its forwards run on every process alike (values at rollout time, one per micro-batch).
 
     def __init__(self, *, cfg, method, adapter, model, records, loader, reward=None, reference=None,
                  eval_records=(), eval_loader=None, evaluate=None, projector_names=frozenset(),
@@ -113,8 +117,9 @@ class OnlineTrainer(Engine):
                                                                            cfg.update.old_logprobs)
         self.encoder_frozen = not (cfg.model.train_vision or cfg.model.train_projector or
                                    (cfg.lora.enabled and cfg.lora.include_vision))
-        for mod in extra.values():
-            mod.to(self.acc.device)
+        if not self.sharded:   # sharded: FSDP2 put them on the device
+            for mod in extra.values():
+                mod.to(self.acc.device)
         if reference is not None and reference.adapter is not adapter:
             reference.adapter.model.to(self.acc.device)
         root = data_root(cfg.data, cfg.data.train_file)
@@ -159,8 +164,10 @@ class OnlineTrainer(Engine):
         """Average the gradients of ``params`` over processes, as DDP does for the policy: for a
         module trained beside the policy with its own optimizer (PPO's critic). Its losses went
         through :meth:`backward` (scaled by the process count), so the average is the sum of
-        every process's share of the one-process gradient. Every process must call it."""
-        if self.world == 1:
+        every process's share of the one-process gradient. Every process must call it. Under
+        FSDP2 (``sharded``) the module is sharded too, and its backward has already reduced its
+        gradients over processes (averaged, like the policy's): nothing to do."""
+        if self.world == 1 or self.sharded:
             return
         import torch.distributed as dist
         grads = [p.grad for p in params if p.grad is not None]
@@ -347,7 +354,8 @@ class OnlineTrainer(Engine):
         """The settings that fix which prompts and samples each step draws: a resumed run keeps them."""
         ro = self.cfg.rollout
         return {"rollout.prompts_per_step": ro.prompts_per_step, "rollout.k": ro.k, "processes": self.world,
-                "train.seed": self.cfg.train.seed, "prompts": len(self.records)}
+                "train.seed": self.cfg.train.seed, "prompts": len(self.records),
+                "sharding": "fsdp2" if self.sharded else "none"}   # the optimizer states' layout
 
     def postfix(self, metrics: dict) -> dict:
         return {"reward": f"{metrics['reward']:.3f}", "kl": f"{metrics.get('kl', float('nan')):.4f}"}

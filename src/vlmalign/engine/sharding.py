@@ -14,6 +14,9 @@ the units are chosen so that every module called on its own is one (:func:`shard
   forward (vision tower, projector);
 * the trained module itself as the root (embeddings, LM head, norms, a reward head, ...).
 
+A module trained beside the model (PPO's critic: a method's ``shard_modules``) is sharded the
+same way, on the same mesh, as a root of its own.
+
 Every unit reshards after each forward, so outside a forward the module holds only its shards.
 The root is initialised before the first encoding (FSDP2 takes the first module that runs as the
 root otherwise). Checkpoints hold full tensors gathered collectively (:func:`full_model_state`,
@@ -44,15 +47,23 @@ def _depth_first_order(root: nn.Module, units: list[nn.Module]) -> list[nn.Modul
     return sorted(out, key=lambda m: -names[id(m)].count("."))
 
 
-def shard(root: nn.Module, units: list[nn.Module], *, device_type: str, offload: bool = False) -> nn.Module:
-    """Apply FSDP2 to ``units`` (deepest first) and then to ``root`` over all processes of the
-    default process group; returns ``root`` (changed in place: its parameters become DTensor
-    shards, so build the optimizer afterwards)."""
+def device_mesh(device_type: str):
+    """The 1-d mesh over every process of the default process group."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device_type, (dist.get_world_size(),))
+
+
+def shard(root: nn.Module, units: list[nn.Module], *, device_type: str, offload: bool = False,
+          mesh=None) -> nn.Module:
+    """Apply FSDP2 to ``units`` (deepest first) and then to ``root`` over all processes of the
+    default process group (``mesh``: the :func:`device_mesh` to use, so that several roots share
+    one; default: a new one); returns ``root`` (changed in place: its parameters become DTensor
+    shards, so build the optimizer afterwards)."""
+    import torch.distributed as dist
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mesh = mesh if mesh is not None else device_mesh(device_type)
     kw = dict(mesh=mesh, reshard_after_forward=True,
               offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     ordered = _depth_first_order(root, units)
@@ -88,16 +99,30 @@ def _options(**kw):
 
 def full_model_state(root: nn.Module) -> dict[str, torch.Tensor]:
     """The root's full state dict as CPU tensors on the main process ({} on the others); every
-    process must call it (the shards are all-gathered)."""
+    process must call it (the shards are all-gathered). ``root`` may also be a plain module that
+    holds sharded parameters (PPO's view of its critic's trainable ones)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     return get_model_state_dict(root, options=_options(cpu_offload=True))
 
 
 def full_optimizer_state(root: nn.Module, optimizer) -> dict:
     """The optimizer's full state (keyed by parameter name) on the main process ({} elsewhere);
-    collective like :func:`full_model_state`."""
+    collective like :func:`full_model_state`.
+
+    An optimizer that has not stepped yet (the policy's during PPO's critic warm-up) keeps no
+    state: torch fills an empty one with a step on zero gradients before reading it (Adam: step
+    count 1, zero moments), which would change the next real update (its bias correction) and
+    be saved; that filling is undone here and the state written empty, as the optimizer's own
+    ``state_dict`` would be (tests/integration/test_rl_processes.py, ``ppo_fsdp2``)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    return get_optimizer_state_dict(root, _plain(optimizer), options=_options(cpu_offload=True))
+    opt = _plain(optimizer)
+    fresh = not opt.state
+    state = get_optimizer_state_dict(root, opt, options=_options(cpu_offload=True))
+    if fresh:
+        opt.state.clear()
+        if state:
+            state["state"] = {}
+    return state
 
 
 def load_optimizer_state(root: nn.Module, optimizer, state: dict) -> None:
@@ -106,7 +131,10 @@ def load_optimizer_state(root: nn.Module, optimizer, state: dict) -> None:
     (e.g. a norm after the layer the projector reads) has no Adam state, as in torch's own
     ``Optimizer.state_dict``."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-    set_optimizer_state_dict(root, _plain(optimizer), optim_state_dict=state, options=_options(strict=False))
+    opt = _plain(optimizer)
+    set_optimizer_state_dict(root, opt, optim_state_dict=state, options=_options(strict=False))
+    if not state.get("state"):   # written before the first step: the filling torch did is undone
+        opt.state.clear()
 
 
 def _plain(optimizer):

@@ -127,8 +127,9 @@ class Engine:
     ``per_step``: how many of them one optimizer step consumes per process; ``updates_per_step``:
     optimizer updates per step (the schedule's length is steps x updates); ``extra_groups``:
     further optimizer parameter groups; ``extra_modules``: modules checkpointed beside the model
-    (``NAME.safetensors``) and reloaded on resume; ``records``: the training records, whose
-    prompt layout is written beside the weights for chat / generate."""
+    (``NAME.safetensors``) and reloaded on resume (under FSDP2 the method shards what holds them:
+    ``method.shard_modules(shard)``, :meth:`_shard_extra`); ``records``: the training records,
+    whose prompt layout is written beside the weights for chat / generate."""
 
     desc = "train"
     # why this strategy cannot run sharded (None: it can; engine/sharding.py)
@@ -183,13 +184,19 @@ class Engine:
                 not any(p.requires_grad for g in extra_groups for p in g["params"]):
             raise VlmalignError("nothing to train: every parameter is frozen")
         self._preloaded = None
+        self.extra_roots: list = []   # the modules sharded beside the model (_shard_extra)
         if self.sharded:
-            # a resumed run's weights go in before sharding (the checkpoint holds full tensors);
-            # its optimizer state after it (resume())
+            # a resumed run's weights (the model's and the extra modules') go in before sharding
+            # (the checkpoint holds full tensors); its optimizer state after it (resume())
             if self.tc.resume:
                 self._preloaded = self._load_checkpoint_weights()
+            self.mesh = sharding.device_mesh(self.acc.device.type)
             sharding.shard(self.model, [u for ad in self.adapters for u in ad.shard_units()],
-                           device_type=self.acc.device.type, offload=self.launch.offloads)
+                           device_type=self.acc.device.type, offload=self.launch.offloads, mesh=self.mesh)
+            if self.extra_modules:
+                # the method shards the modules it trains beside the model and rebuilds what holds
+                # their parameters (its optimizer, the checkpointed views) on the shards
+                self.method.shard_modules(self._shard_extra)
         groups = _param_groups(self.model, self.oc, projector_names or set(), vision_names or set())
         groups += extra_groups
         self.optimizer = make_optimizer(groups, self.oc)
@@ -236,19 +243,34 @@ class Engine:
         what = "train.sharding=fsdp2" if self.launch.source == "train.sharding" else "an FSDP launch"
         if self.unshardable:
             raise ScalingError(f"{what}: {self.unshardable}; use train.sharding=none (DDP)")
-        if self.extra_modules:
+        if self.extra_modules and not hasattr(self.method, "shard_modules"):
             raise ScalingError(f"{what}: the modules trained beside the model ({', '.join(self.extra_modules)}) "
                                "are not sharded; use train.sharding=none (DDP)")
         if self._task_evals:
             raise ScalingError(f"{what}: eval.tasks generates answers with the model, which sharding does not "
                                "run; evaluate the saved checkpoint with `vlmalign eval` instead")
 
+    def _shard_extra(self, root, units):
+        """FSDP2 for a module trained beside the model (``method.shard_modules`` calls it): the
+        model's mesh and offload; ``root`` is then a sharded root of its own, whose gradient
+        reduction follows the model's (:meth:`no_sync`). Returns ``root``."""
+        sharding.shard(root, units, device_type=self.acc.device.type, offload=self.launch.offloads, mesh=self.mesh)
+        self.extra_roots.append(root)
+        return root
+
     def _load_checkpoint_weights(self):
-        """The latest checkpoint's weights into the (not yet sharded) model: the path, or None."""
+        """The latest checkpoint's weights into the (not yet sharded) model and extra modules:
+        the path, or None."""
         ck = latest_checkpoint(self.run.checkpoints)
         if ck is not None:
             load_weights_into(self.model, ck / "model")
+            self._load_extra_modules(ck)
         return ck
+
+    def _load_extra_modules(self, ck) -> None:
+        from safetensors.torch import load_file
+        for name, mod in self.extra_modules.items():
+            mod.load_state_dict(load_file(str(ck / f"{name}.safetensors")))
 
     # ---------------------------------------------------------------- what a strategy supplies
     def train_step(self) -> dict:
@@ -308,7 +330,8 @@ class Engine:
         before an update: a context around the micro-batch's forward (DDP reads it there; FSDP2
         at the backward that follows, so sharded the setting stays until the next micro-batch)."""
         if self.sharded:
-            sharding.set_gradient_sync(self.runner, last)
+            for root in (self.runner, *self.extra_roots):
+                sharding.set_gradient_sync(root, last)
             return contextlib.nullcontext()
         if self.deepspeed:
             # accelerate's backward runs DeepSpeed's step (reduce, clip, update) where gradients sync
@@ -360,24 +383,26 @@ class Engine:
     def save(self) -> str | None:
         self.acc.wait_for_everyone()
         path = None
-        optim = None
+        optim = extra = None
         if self.sharded:
             # FSDP2 shards, gathered collectively on every process into full CPU tensors
             weights = sharding.full_model_state(self.runner)
             optim = sharding.full_optimizer_state(self.runner, self.optimizer)
+            extra = {name: sharding.full_model_state(mod) for name, mod in self.extra_modules.items()}
         elif self.acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
             # sharded weights (ZeRO-3) are gathered collectively, on every process
             weights = self.acc.get_state_dict(self.runner)
         else:
             weights = None
+        # on every process: a method whose modules are sharded gathers their state collectively
+        method_state = self.method.state_dict() if hasattr(self.method, "state_dict") else {}
         if self.acc.is_main_process:
             state = {"optimizer": optim if self.sharded else self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(),
-                     "total_steps": self.total_steps, "layout": self.layout(),
-                     "method": self.method.state_dict() if hasattr(self.method, "state_dict") else {}}
+                     "total_steps": self.total_steps, "layout": self.layout(), "method": method_state}
             path = str(save_checkpoint(self.run.checkpoints, self.step, self.acc.unwrap_model(self.runner),
                                        self.processor, state, keep_last=self.tc.keep_last,
-                                       extra_modules=self.extra_modules, state_dict=weights,
+                                       extra_modules=self.extra_modules, extra_states=extra, state_dict=weights,
                                        prompt_layout=self.prompt_layout))
         self.acc.wait_for_everyone()
         return path
@@ -402,10 +427,8 @@ class Engine:
         else:
             load_weights_into(self.acc.unwrap_model(self.runner), ck / "model")
             self.optimizer.load_state_dict(st["optimizer"])
-        if self.extra_modules:
-            from safetensors.torch import load_file
-            for name, mod in self.extra_modules.items():
-                mod.load_state_dict(load_file(str(ck / f"{name}.safetensors")))
+        if self.extra_modules and not self.sharded:   # sharded: they went in before sharding
+            self._load_extra_modules(ck)
         self.scheduler.load_state_dict(st["scheduler"])
         if hasattr(self.method, "load_state_dict"):
             self.method.load_state_dict(st.get("method", {}))

@@ -11,7 +11,8 @@ last token (InstructGPT, Ouyang et al. 2022; Ziegler et al. 2019), whitened; the
 and the clipped value loss. Policy and critic share no parameters and have an optimizer each
 (learning rate, weight decay and gradient clipping of their own), so one backward of the sum of
 both losses gives each its own gradient. During the first ``value.warmup_iterations`` steps
-only the critic learns.
+only the critic learns. Under FSDP2 (``train.sharding=fsdp2``) the critic is sharded like the
+policy, on the same mesh (:meth:`PPOMethod.shard_modules`), and its optimizer works on its shards.
 
 The loop (rollout, rewards, reference, minibatch epochs, checkpoints, evaluation) is
 :mod:`.online`; this module supplies its hooks. docs/RL.md ("PPO") lists settings and metrics.
@@ -77,6 +78,10 @@ class _Trainable(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
+        self.take(model)
+
+    def take(self, model: torch.nn.Module) -> None:
+        """(Re)register ``model``'s trainable parameters (after sharding: its new DTensor ones)."""
         for n, p in model.named_parameters():
             if p.requires_grad:
                 self.register_parameter(n.replace(".", "__"), p)
@@ -98,14 +103,29 @@ class PPOMethod:
         self.share = shares_policy_features(adapter, self.value_model, cfg.model, cfg.lora)
         self._view = _Trainable(self.value_model)
         # the critic's own optimizer: its learning rate and gradient clipping apart from the policy's
-        self.critic_optimizer = make_optimizer(list(self._view.parameters()), cfg.optim, lr=cfg.value.lr,
-                                               weight_decay=cfg.value.weight_decay)
+        self.critic_optimizer = self._make_optimizer()
         self._critic_batch = None
         self.critic_grad_norm = None
+        self.sharded = False
+
+    def _make_optimizer(self):
+        return make_optimizer(list(self._view.parameters()), self.cfg.optim, lr=self.cfg.value.lr,
+                              weight_decay=self.cfg.value.weight_decay)
 
     # ------------------------------------------------------------------ loop hooks
     def extra_modules(self) -> dict:
         return {"value_model": self._view}
+
+    def shard_modules(self, shard) -> None:
+        """(FSDP2, called by the engine after it sharded the policy) the critic sharded with
+        ``shard(root, units)``: its family adapter's units, the critic itself the root; then its
+        view and optimizer rebuilt on the sharded parameters (built before any step: no state to
+        carry over). Its gradients are then reduced by FSDP2, its checkpointed weights and
+        optimizer state gathered whole (:meth:`state_dict`)."""
+        shard(self.value_model, self.value_model.adapter.shard_units())
+        self._view.take(self.value_model)
+        self.critic_optimizer = self._make_optimizer()
+        self.sharded = True
 
     def update_policy(self, loop) -> bool:
         """False during the critic warm-up: the loop then skips the policy's optimizer step."""
@@ -126,12 +146,21 @@ class PPOMethod:
         self.critic_optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
+        """The critic optimizer's state; sharded, its full state by parameter name (gathered:
+        every process must call it)."""
+        if self.sharded:
+            from ..engine import sharding
+            return {"critic_optimizer": sharding.full_optimizer_state(self.value_model, self.critic_optimizer)}
         return {"critic_optimizer": self.critic_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if "critic_optimizer" not in state:
             raise VlmalignError("the checkpoint holds no critic optimizer state (not a PPO run?)")
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        if self.sharded:   # every process passes the full state; each keeps its shards
+            from ..engine import sharding
+            sharding.load_optimizer_state(self.value_model, self.critic_optimizer, state["critic_optimizer"])
+        else:
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
     def rollout_extras(self, loop, batch) -> dict:
         """(no grad, run by the loop before the updates) the critic's values of the rollout.
@@ -140,7 +169,8 @@ class PPOMethod:
             raise VlmalignError("PPO does not support train.precision=fp16 (the critic's optimizer would see "
                                 "loss-scaled gradients); use bf16 or fp32")
         vm = self.value_model
-        vm.to(loop.acc.device)
+        if not self.sharded:   # sharded: FSDP2 keeps it on the device
+            vm.to(loop.acc.device)
         vm.eval()
         self._critic_batch = replace(batch, encoded=critic_features(vm, batch, self.share))
         values = loop.chunked(lambda mb: sequence_values(vm, mb, encoded=mb.encoded), self._critic_batch)

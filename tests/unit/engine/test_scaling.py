@@ -141,3 +141,20 @@ def test_deepspeed_on_cpu_is_asked_for_by_ds_accelerator_and_needs_deepspeed(mon
     monkeypatch.setitem(sys.modules, "deepspeed.accelerator", None)
     with pytest.raises(ScalingError, match=r"deepspeed cannot be imported .*vlmalign\[deepspeed\]"):
         deepspeed_backend()
+
+
+def test_fsdp2_refuses_modules_trained_beside_the_model_unless_the_method_shards_them():
+    """PPO's critic (an extra module) runs sharded because its method has ``shard_modules``
+    (tests/integration/test_rl_processes.py, ``ppo_fsdp2``); a method without it is refused."""
+    from vlmalign.engine.trainer import Engine
+
+    def engine(method):
+        e = Engine.__new__(Engine)
+        e.launch = LaunchPlan("fsdp", fsdp_version=2, source="train.sharding")
+        e.method, e.extra_modules, e._task_evals = method, {"value_model": torch.nn.Linear(2, 1)}, []
+        return e
+
+    with pytest.raises(ScalingError, match=r"train.sharding=fsdp2: the modules trained beside the model "
+                                           r"\(value_model\) are not sharded"):
+        engine(types.SimpleNamespace())._check_shardable()
+    engine(types.SimpleNamespace(shard_modules=lambda shard: None))._check_shardable()
