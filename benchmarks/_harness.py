@@ -203,6 +203,37 @@ class VisionCounter:
         cls.forward = forward
 
 
+class CallTimer:
+    """Wall time spent inside named methods, by wrapping them on their class (every instance):
+    e.g. ``generate``, ``Tensor.backward``, the optimizer's ``step``. ``totals`` add up over the
+    run (a call inside another timed call counts in both); ``mark()`` snapshots them, so a window's
+    share is the difference of two marks."""
+
+    def __init__(self, targets: dict):
+        self.totals = {name: 0.0 for name in targets}
+        self.calls = {name: 0 for name in targets}
+        for name, (cls, attr) in targets.items():
+            self._wrap(name, cls, attr)
+
+    def _wrap(self, name: str, cls, attr: str) -> None:
+        original = getattr(cls, attr)
+        timer = self
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                timer.totals[name] += time.perf_counter() - t0
+                timer.calls[name] += 1
+
+        timed.__wrapped__ = original
+        setattr(cls, attr, timed)
+
+    def mark(self) -> dict:
+        return dict(self.totals)
+
+
 class StepClock:
     """End-of-step timestamps and CPU time, FLOPs of the first step, vision images per window.
     ``unit`` names what a batch holds ("pair", "sample"): the summary's keys are per unit."""
