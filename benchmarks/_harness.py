@@ -204,14 +204,14 @@ class VisionCounter:
 
 
 class CallTimer:
-    """Wall time spent inside named methods, by wrapping them on their class (every instance):
-    e.g. ``generate``, ``Tensor.backward``, the optimizer's ``step``. ``totals`` add up over the
-    run (a call inside another timed call counts in both); ``mark()`` snapshots them, so a window's
-    share is the difference of two marks."""
+    """Wall and CPU time (this process, all threads) spent inside named methods, by wrapping them
+    on their class (every instance): e.g. ``generate``, ``Tensor.backward``, the optimizer's
+    ``step``. Totals add up over the run (a call inside another timed call counts in both);
+    ``mark()`` snapshots them, so a window's share is the difference of two marks."""
 
     def __init__(self, targets: dict):
-        self.totals = {name: 0.0 for name in targets}
-        self.calls = {name: 0 for name in targets}
+        self.wall = {name: 0.0 for name in targets}
+        self.cpu = {name: 0.0 for name in targets}
         for name, (cls, attr) in targets.items():
             self._wrap(name, cls, attr)
 
@@ -220,18 +220,19 @@ class CallTimer:
         timer = self
 
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return original(*args, **kwargs)
             finally:
-                timer.totals[name] += time.perf_counter() - t0
-                timer.calls[name] += 1
+                timer.wall[name] += time.perf_counter() - t0
+                timer.cpu[name] += time.process_time() - c0
 
         timed.__wrapped__ = original
         setattr(cls, attr, timed)
 
     def mark(self) -> dict:
-        return dict(self.totals)
+        """``{"wall": {name: s}, "cpu": {name: s}}`` so far, plus the clocks' own totals (``_all``)."""
+        return {"wall": {**self.wall, "_all": time.perf_counter()}, "cpu": {**self.cpu, "_all": time.process_time()}}
 
 
 class StepClock:

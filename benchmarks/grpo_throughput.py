@@ -31,8 +31,9 @@ the order. In each process: load model and data the way that trainer does, run `
 steps`` optimizer steps; the timed window is the wall time from the end of the last warm-up step
 to the end of the last step (generation, rewards, forwards, backward, optimizer: everything). In
 that window: vision-tower images (the tower class's ``forward`` wrapped), and where the time
-went (``generate``, ``Tensor.backward`` and the optimizer's ``step`` wrapped; the rest,
-``other``, is mostly the training forward, plus rewards and bookkeeping). Peak memory is
+went, in wall and CPU time (``generate``, ``Tensor.backward`` and the optimizer's ``step``
+wrapped; the rest, ``other``, is mostly the training forward, plus rewards and bookkeeping; the
+vision tower's ``forward``, which runs inside generate and the forward, is timed apart). Peak memory is
 ``getrusage(RUSAGE_SELF).ru_maxrss`` (plus torch's max allocated on CUDA).
 
     .venv/bin/python benchmarks/grpo_throughput.py --json grpo.json          # CPU, ~4 min on 2 shared cores
@@ -147,6 +148,10 @@ def reward_of(text: str) -> float:
 
 
 # ------------------------------------------------------------------------------------ measuring
+# timed parts that run inside the others (the vision tower runs in generate and in the training forward)
+NESTED = ("vision_tower",)
+
+
 class Clock(harness.StepClock):
     """The harness's step clock plus where each step's time went (a :class:`harness.CallTimer`)
     and the completion lengths each side reports."""
@@ -154,8 +159,10 @@ class Clock(harness.StepClock):
     def __init__(self, spec: Spec, vision: harness.VisionCounter, model_cls):
         super().__init__(spec, vision, "sample")
         import torch
+        from transformers.models.clip.modeling_clip import CLIPVisionModel
         self.timer = harness.CallTimer({"generate": (model_cls, "generate"), "backward": (torch.Tensor, "backward"),
-                                        "optimizer": (torch.optim.AdamW, "step")})
+                                        "optimizer": (torch.optim.AdamW, "step"),
+                                        "vision_tower": (CLIPVisionModel, "forward")})
         self.time_at: dict[int, dict] = {0: self.timer.mark()}
         self.completion_tokens: list[float] = []
         self.prompt_tokens: list[float] = []
@@ -169,9 +176,11 @@ class Clock(harness.StepClock):
         s = self.spec
         units = s.steps * s.batch_size
         a, b = self.time_at[s.warmup], self.time_at[s.total_steps]
-        parts = {k: (b[k] - a[k]) / units for k in a}
-        parts["other"] = out["timed_s"] / units - sum(parts.values())
-        out["seconds_per_sample"] = parts
+        for kind in ("wall", "cpu"):   # seconds per sample in each part; other = the step's rest
+            parts = {k: (b[kind][k] - a[kind][k]) / units for k in a[kind]}
+            total = parts.pop("_all")
+            parts["other"] = total - sum(v for k, v in parts.items() if k not in NESTED)
+            out[f"{kind}_s_per_sample_by_part"] = parts
         out["completion_tokens"] = statistics.mean(self.completion_tokens) if self.completion_tokens else None
         out["prompt_tokens"] = statistics.mean(self.prompt_tokens) if self.prompt_tokens else None
         return out
@@ -328,8 +337,9 @@ def _aggregate(runs: list[dict]) -> dict:
     agg = harness.aggregate(runs, "sample")
     for k in ("flops_per_sample", "flops_by_part_per_sample"):
         agg.pop(k, None)   # not counted here (FlopCounterMode over a KV-cached generate is mostly its overhead)
-    agg["seconds_per_sample"] = {k: statistics.median(r["seconds_per_sample"][k] for r in runs)
-                                 for k in runs[0]["seconds_per_sample"]}
+    for kind in ("wall", "cpu"):
+        key = f"{kind}_s_per_sample_by_part"
+        agg[key] = {k: statistics.median(r[key][k] for r in runs) for k in runs[0][key]}
     for k in ("completion_tokens", "prompt_tokens", "trl_version"):
         if runs[0].get(k) is not None:
             agg[k] = runs[0][k]
@@ -344,6 +354,10 @@ def ratios(o: dict, t: dict) -> dict:
     if "peak_gpu_mem_mb" in o and "peak_gpu_mem_mb" in t:
         out["peak_gpu_mem"] = o["peak_gpu_mem_mb"] / t["peak_gpu_mem_mb"]
     return out
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else ""
 
 
 def _table(report: dict) -> str:
@@ -375,10 +389,15 @@ def _table(report: dict) -> str:
         lines.append(row("peak GPU MB", o["peak_gpu_mem_mb"], t["peak_gpu_mem_mb"], "{:.0f}",
                          ratio=f"{r['peak_gpu_mem']:.2f}x"))
     lines += [
-        row("CPU s/sample (all threads)", o["cpu_s_per_sample"], t["cpu_s_per_sample"], "{:.3f}"),
-        "ms/sample, by part of the step:",
-        *[row(f"  {k}", o["seconds_per_sample"][k] * 1e3, t["seconds_per_sample"][k] * 1e3, "{:.1f}")
-          for k in ("generate", "backward", "optimizer", "other")],
+        row("CPU s/sample (all threads)", o["cpu_s_per_sample"], t["cpu_s_per_sample"], "{:.3f}",
+            ratio=_ratio(o["cpu_s_per_sample"], t["cpu_s_per_sample"])),
+        *[line for kind in ("wall", "cpu") for line in (
+            f"{kind} ms/sample, by part of the step:",
+            *[row(f"  {k}", o[f"{kind}_s_per_sample_by_part"][k] * 1e3, t[f"{kind}_s_per_sample_by_part"][k] * 1e3,
+                  "{:.1f}", ratio=_ratio(o[f"{kind}_s_per_sample_by_part"][k], t[f"{kind}_s_per_sample_by_part"][k]))
+              for k in ("generate", "backward", "optimizer", "other")],
+            row("  vision tower forward (inside the above)", o[f"{kind}_s_per_sample_by_part"]["vision_tower"] * 1e3,
+                t[f"{kind}_s_per_sample_by_part"]["vision_tower"] * 1e3, "{:.1f}"))],
         row("trainable parameters (M)", o["trainable_params"] / 1e6, t["trainable_params"] / 1e6, "{:.2f}"),
         row("setup s (load, data, trainer)", o["setup_s"], t["setup_s"], "{:.1f}"),
         "",
