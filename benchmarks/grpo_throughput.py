@@ -219,7 +219,7 @@ def _fixed_length_sampling() -> None:
     """Never sample a stop token (as the sampler never samples the image placeholder): every
     response runs to ``rollout.max_new_tokens``, as TRL's with ``min_new_tokens`` set."""
     import importlib
-    ro = importlib.import_module("vlmalign.rollout.rollout")   # the module (the package exports a function of that name)
+    ro = importlib.import_module("vlmalign.rollout.rollout")   # the module (the package exports a function so named)
 
     banned = ro.banned_token_ids
 

@@ -1,6 +1,6 @@
 """Keeps benchmarks/dpo_throughput.py (and sft_throughput.py, grpo_throughput.py) from rotting: its
-whole code path (model and data build, one process per side, FLOP counting, vision-encode counting, report) on the smallest preset with
-one warm-up and one timed step per side. Nothing here is timed: only counts and the report's
+whole code path (model and data build, one process per side, FLOP counting, vision-encode
+counting, report) on the smallest preset with one warm-up and one timed step per side. Nothing here is timed: only counts and the report's
 arithmetic are checked."""
 
 from __future__ import annotations
