@@ -1,10 +1,9 @@
 """What the training-throughput benchmarks (dpo_throughput.py, sft_throughput.py,
 grpo_throughput.py) share: the random-init LLaVA model they train, the measuring tools each
 side's process uses (FLOP counter, vision-tower counter, step clock, call timer, memory), the TRL
-setup common to the trainers, and
-the harness that runs every side in its own process for interleaved rounds and aggregates the
-results. What a benchmark measures beyond that (its data, its sides, its table) stays in its
-script.
+setup common to the trainers, and the harness that runs every side in its own process for
+interleaved rounds and aggregates the results. What a benchmark measures beyond that (its data,
+its sides, its table) stays in its script.
 
 The scripts import this module by file name (``import _harness``) with their own folder put on
 ``sys.path``, so it works for ``python benchmarks/X.py`` and for loading a script by path.
