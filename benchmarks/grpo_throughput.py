@@ -36,7 +36,7 @@ wrapped; the rest, ``other``, is mostly the training forward, plus rewards and b
 vision tower's ``forward``, which runs inside generate and the forward, is timed apart). Peak memory is
 ``getrusage(RUSAGE_SELF).ru_maxrss`` (plus torch's max allocated on CUDA).
 
-    .venv/bin/python benchmarks/grpo_throughput.py --json grpo.json          # CPU, ~4 min on 2 shared cores
+    .venv/bin/python benchmarks/grpo_throughput.py --json grpo.json          # CPU, ~5 min on 2 shared cores
     .venv/bin/python benchmarks/grpo_throughput.py --preset smoke --rounds 1 --warmup 1 --steps 1
     python benchmarks/grpo_throughput.py --preset gpu --json gpu.json        # CUDA (not run by us yet)
 
