@@ -46,6 +46,7 @@ See docs/BENCHMARKS.md for the measured numbers and how to read them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -202,8 +203,6 @@ class OursClock:
         self.marks: dict[str, float] = {"start": time.perf_counter()}
 
     def wrap(self, engine, name: str, **info):
-        import contextlib
-
         @contextlib.contextmanager
         def step():
             self.marks.setdefault("first_step", time.perf_counter())
