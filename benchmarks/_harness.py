@@ -1,9 +1,9 @@
-"""What the training-throughput benchmarks (dpo_throughput.py, sft_throughput.py) share: the
-random-init LLaVA model they both train, the measuring tools each side's process uses (FLOP
-counter, vision-tower counter, step clock, memory), the TRL setup common to both trainers, and
-the harness that runs every side in its own process for interleaved rounds and aggregates the
-results. What a benchmark measures beyond that (its data, its sides, its table) stays in its
-script.
+"""What the training-throughput benchmarks (dpo_throughput.py, sft_throughput.py,
+grpo_throughput.py) share: the random-init LLaVA model they train, the measuring tools each
+side's process uses (FLOP counter, vision-tower counter, step clock, call timer, memory), the TRL
+setup common to the trainers, and the harness that runs every side in its own process for
+interleaved rounds and aggregates the results. What a benchmark measures beyond that (its data,
+its sides, its table) stays in its script.
 
 The scripts import this module by file name (``import _harness``) with their own folder put on
 ``sys.path``, so it works for ``python benchmarks/X.py`` and for loading a script by path.
@@ -201,6 +201,38 @@ class VisionCounter:
             return original(module, pixel_values, *args, **kwargs)
 
         cls.forward = forward
+
+
+class CallTimer:
+    """Wall and CPU time (this process, all threads) spent inside named methods, by wrapping them
+    on their class (every instance): e.g. ``generate``, ``Tensor.backward``, the optimizer's
+    ``step``. Totals add up over the run (a call inside another timed call counts in both);
+    ``mark()`` snapshots them, so a window's share is the difference of two marks."""
+
+    def __init__(self, targets: dict):
+        self.wall = {name: 0.0 for name in targets}
+        self.cpu = {name: 0.0 for name in targets}
+        for name, (cls, attr) in targets.items():
+            self._wrap(name, cls, attr)
+
+    def _wrap(self, name: str, cls, attr: str) -> None:
+        original = getattr(cls, attr)
+        timer = self
+
+        def timed(*args, **kwargs):
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                timer.wall[name] += time.perf_counter() - t0
+                timer.cpu[name] += time.process_time() - c0
+
+        timed.__wrapped__ = original
+        setattr(cls, attr, timed)
+
+    def mark(self) -> dict:
+        """``{"wall": {name: s}, "cpu": {name: s}}`` so far, plus the clocks' own totals (``_all``)."""
+        return {"wall": {**self.wall, "_all": time.perf_counter()}, "cpu": {**self.cpu, "_all": time.process_time()}}
 
 
 class StepClock:

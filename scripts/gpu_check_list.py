@@ -199,6 +199,19 @@ def _bench_verify(ctx: Context) -> dict:
     return out
 
 
+def _grpo_bench(ctx: Context, py: str) -> list[list[str]]:
+    return [[py, "benchmarks/grpo_throughput.py", "--preset", "gpu", "--rounds", "1", "--warmup", "1", "--steps", "2",
+             "--quiet", "--work-dir", str(ctx.out / "grpo_bench"), "--json", str(ctx.out / "grpo_bench.json")]]
+
+
+def _grpo_bench_verify(ctx: Context) -> dict:
+    rep = json.loads((ctx.out / "grpo_bench.json").read_text())
+    out = {f"{side}_{k}": rep[side][k] for side in ("ours", "trl")
+           for k in ("samples_per_s", "vision_encodes_per_sample", "peak_gpu_mem_mb") if k in rep[side]}
+    out.update({f"ratio_{k}": v for k, v in rep["ratios"].items()})
+    return out
+
+
 def _data_cmd(ctx: Context, py: str) -> list[list[str]]:
     return [[py, "-m", "vlmalign", "data", "synth", "shapes", "--out", str(_data(ctx)), "--train", "16", "--eval", "4",
              "--image-position", "after", "--max-turns", "1"]]
@@ -260,6 +273,9 @@ CHECKS: list[Check] = [
           packages=(("vllm", "vllm"),), needs=("data", "model_05b"), timeout=600, venv="vllm", install_repo=True),
     Check("dpo_bench_7b", "benchmarks/dpo_throughput.py GPU preset (LLaVA-1.5-7B shapes, bf16, LoRA): MFU",
           _bench, _bench_verify, timeout=600),
+    Check("grpo_bench_7b", "benchmarks/grpo_throughput.py GPU preset (LLaVA-1.5-7B shapes, bf16, LoRA; 4 prompts x 8 "
+          "samples of 128 tokens): samples/s, vision encodes/sample, peak GPU memory, ours / TRL GRPOTrainer",
+          _grpo_bench, _grpo_bench_verify, timeout=900),
 ]
 
 

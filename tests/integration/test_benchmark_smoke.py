@@ -1,6 +1,6 @@
-"""Keeps benchmarks/dpo_throughput.py from rotting: its whole code path (model and data build,
-one process per side, FLOP counting, vision-encode counting, report) on the smallest preset with
-one warm-up and one timed step per side. Nothing here is timed: only counts and the report's
+"""Keeps benchmarks/dpo_throughput.py (and sft_throughput.py, grpo_throughput.py) from rotting: its
+whole code path (model and data build, one process per side, FLOP counting, vision-encode
+counting, report) on the smallest preset with one warm-up and one timed step per side. Nothing here is timed: only counts and the report's
 arithmetic are checked."""
 
 from __future__ import annotations
@@ -93,3 +93,39 @@ def test_sft_smoke_run_writes_the_report(tmp_path):
     assert trl["trl_packing"]["packing"].startswith("refused")
     assert trl["trl_packing"]["padding_free"].startswith("refused")
     assert "samples/s, training steps" in proc.stdout
+
+
+GRPO_SCRIPT = ROOT / "benchmarks" / "grpo_throughput.py"
+GRPO_KEYS = {"samples_per_s", "vision_encodes_per_sample", "peak_mem_mb", "cpu_s_per_sample",
+             "wall_s_per_sample_by_part", "cpu_s_per_sample_by_part"}
+
+
+def test_grpo_smoke_run_writes_the_report(tmp_path):
+    """benchmarks/grpo_throughput.py: our GRPO and TRL's GRPOTrainer, 2 prompts x 2 samples of 3
+    tokens, one warm-up and one timed step each."""
+    out = tmp_path / "report.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, str(GRPO_SCRIPT), "--preset", "smoke", "--rounds", "1", "--warmup", "1",
+                           "--steps", "1", "--max-new-tokens", "3", "--quiet", "--work-dir", str(tmp_path / "work"),
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rep = json.loads(out.read_text())
+    ours, trl = rep["ours"], rep["trl"]
+    for side in (ours, trl):
+        assert GRPO_KEYS <= set(side)
+        assert side["samples_per_s"] > 0 and side["peak_mem_mb"] >= side["base_mem_mb"] > 0
+        assert side["wall_s_per_sample_by_part"]["generate"] > 0 and side["cpu_s_per_sample_by_part"]["backward"] > 0
+        # the completion length is fixed on both sides (each side checks every completion)
+        assert side["completion_tokens"] == 3
+    # TRL encodes every completion's image in generation and again in the training forward; ours
+    # once per prompt group (k = 2)
+    assert trl["vision_encodes_per_sample"] == 2.0
+    assert ours["vision_encodes_per_sample"] == 0.5
+    # the same prompts (tokens) and trainable parameters
+    assert trl["prompt_tokens"] == pytest.approx(rep["setup"]["seq"]["prompt_tokens"])
+    assert ours["trainable_params"] == trl["trainable_params"]
+    r = rep["ratios"]
+    assert r["samples_per_s"] == pytest.approx(ours["samples_per_s"] / trl["samples_per_s"])
+    assert r["peak_mem"] == pytest.approx(ours["peak_mem_mb"] / trl["peak_mem_mb"])
+    assert "samples/s" in proc.stdout and "vision encodes/sample" in proc.stdout
