@@ -300,6 +300,51 @@ def test_gradients_hidden_states_and_sub_batches(data):
     assert sub.texts == [b.texts[1], b.texts[4]]
 
 
+@pytest.mark.parametrize("family", ["llava", "internvl", "idefics3"])
+def test_prefix_shared_logprobs_equal_whole_rows(data, family):
+    """update.prefix_sharing: each group's prompt runs once (counted) and log-probs, hidden states
+    and gradients equal the whole-row forward's, with left-padded prompts of different lengths."""
+    root, recs = data
+    model, processor = build_tiny(family)
+    model.eval()
+    ad = adapter_for(model, processor)
+    assert ad.prefix_sharing_problem() is None
+    b = rollout(ad, [recs[0], _long_prompt(recs), recs[2]], ad_loader := ImageLoader(ad, root), SAMPLE, k=3, seed=5)
+    assert ad_loader and b.num_rows == 9 and int(b.prompt_mask.sum(1).min()) < b.prompt_length   # left-padded
+    w = torch.randn(b.response_ids.shape, generator=torch.Generator().manual_seed(0))
+
+    def run(batch, share):
+        model.zero_grad()
+        rows = []
+        real = ad.forward
+        ad.forward = lambda ids, *a, **k: rows.append(ids.shape[0]) or real(ids, *a, **k)
+        try:
+            lp, h = sequence_logprobs(ad, batch, with_grad=True, return_hidden=True, share_prefix=share)
+        finally:
+            del ad.forward
+        ((lp * w[:len(lp), :lp.shape[1]]).sum() + h.pow(2).mean()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return lp.detach(), h.detach(), grads, rows
+
+    # the whole batch, and a sub-batch that splits groups (as micro-batches of 5 rows do)
+    for batch, prompts in ((b, 3), (b.select([0, 1, 3, 4, 8]), 3)):
+        lp0, h0, g0, rows0 = run(batch, False)
+        lp1, h1, g1, rows1 = run(batch, True)
+        R = batch.num_rows
+        assert rows0 == [R] and rows1 == [prompts, R]     # each prompt once, then every row's continuation
+        assert _masked_close(lp1, lp0, batch.response_mask, 1e-5)
+        assert (h1 - h0)[batch.response_mask].abs().max() <= 1e-5
+        assert g0.keys() == g1.keys() and len(g0) > 5
+        for n in g0:
+            scale = g0[n].abs().max().item()
+            assert (g1[n] - g0[n]).abs().max().item() <= 1e-5 * max(scale, 1e-3), (n, scale)
+    lp0 = run(b, False)[0]
+    # a batch that cannot share (here: rows of one group with different prompts) falls back
+    bad = b.select(range(9))
+    bad.group_ids = torch.zeros(9, dtype=torch.long)
+    assert _masked_close(sequence_logprobs(ad, bad, encoded=b.encoded, share_prefix=True), lp0, b.response_mask, 1e-5)
+
+
 def test_values_for_a_value_head(data):
     root, recs = data
     policy = adapter_for(*build_tiny("llava"))

@@ -117,6 +117,9 @@ class OnlineTrainer(Engine):
                                                                            cfg.update.old_logprobs)
         self.encoder_frozen = not (cfg.model.train_vision or cfg.model.train_projector or
                                    (cfg.lora.enabled and cfg.lora.include_vision))
+        self.share_prefix = self._can_share_prefix(adapter, "policy")
+        self.ref_share_prefix = reference is not None and (
+            self.share_prefix if reference.adapter is adapter else self._can_share_prefix(reference.adapter, "reference"))
         if not self.sharded:   # sharded: FSDP2 put them on the device
             for mod in extra.values():
                 mod.to(self.acc.device)
@@ -130,6 +133,18 @@ class OnlineTrainer(Engine):
             build_reward(cfg.reward, image_root=eroot, **kw)
 
     # ------------------------------------------------------------------ helpers
+    def _can_share_prefix(self, adapter, who: str) -> bool:
+        """Whether ``update.prefix_sharing`` runs each group's prompt once in ``adapter``'s
+        log-prob forwards (the reason it does not is logged once)."""
+        if not self.cfg.update.prefix_sharing:
+            return False
+        why = adapter.prefix_sharing_problem()
+        if why is None and self.sharded:
+            why = "the model is sharded with FSDP2 (gradients through the key/value cache pass FSDP's backward hooks)"
+        if why is not None:
+            log.warning("update.prefix_sharing: the %s's forwards run whole rows: %s", who, why)
+        return why is None
+
     def _prompts(self, step: int) -> tuple[list, list[int]]:
         """This process's prompts of ``step`` and their places in the step's global list (the
         step's ``prompts_per_step * processes`` prompts, dealt out round-robin: prompt ``i`` of
@@ -205,7 +220,7 @@ class OnlineTrainer(Engine):
         ref = self.reference
         with ref.context():
             enc = policy_encoded if (ref.share_features and policy_encoded is not None) else None
-            return sequence_logprobs(ref.adapter, mb, encoded=enc)
+            return sequence_logprobs(ref.adapter, mb, encoded=enc, share_prefix=self.ref_share_prefix)
 
     def head_gathered(self):
         """A context in which the output head can be called outside the model's forward: under
@@ -260,7 +275,8 @@ class OnlineTrainer(Engine):
         with self.no_grad_pass():
             if self.old_mode == "recompute":
                 data["old_logprobs"] = self.chunked(
-                    lambda mb: sequence_logprobs(ad, mb, encoded=self.policy_features(mb)), batch)
+                    lambda mb: sequence_logprobs(ad, mb, encoded=self.policy_features(mb),
+                                                 share_prefix=self.share_prefix), batch)
             elif self.old_mode == "sampling":
                 data["old_logprobs"] = batch.logprobs
             if self.reference is not None:
@@ -317,7 +333,7 @@ class OnlineTrainer(Engine):
                     d = _rows(data, mrows, mb.response_ids.shape[1])
                     with self.no_sync(i == len(micro) - 1), self.acc.autocast():
                         lp, hidden = sequence_logprobs(ad, mb, encoded=self.policy_features(mb), with_grad=True,
-                                                       return_hidden=True)
+                                                       return_hidden=True, share_prefix=self.share_prefix)
                         loss, st = method.loss(self, mb, d, lp, hidden, num_items)
                     self.backward(loss)
                     ntok = float(mb.response_mask.sum())

@@ -28,6 +28,7 @@ import torch
 
 from ..engine.sharding import is_sharded
 from ..losses.logps import token_logps
+from ..models.adapter import is_dynamic_cache
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -41,20 +42,12 @@ def _note(msg: str) -> None:
 
 def prefix_sharing_problem(adapter) -> str | None:
     """Why prefix sharing cannot be used with this adapter/model (None: it can)."""
-    if not getattr(adapter, "prefix_sharing", False):
-        return (f"{adapter.family}: prefix sharing is not exact for this family "
-                f"({getattr(adapter, 'prefix_sharing_note', 'not supported')})")
-    model = adapter.model
-    on = getattr(model, "is_activation_checkpointing", None)   # transformers >= 5.x name
-    if on is None:
-        on = getattr(model, "is_gradient_checkpointing", False)
-    if on:
-        return "activation checkpointing is on (the model returns no key/value cache in training)"
-    if torch.is_grad_enabled() and is_sharded(adapter.runner):
+    why = adapter.prefix_sharing_problem()
+    if why is None and torch.is_grad_enabled() and is_sharded(adapter.runner):
         # the prompt's keys and values reach the loss through the cache, around the layers' outputs,
         # on which FSDP2's backward hooks gather the parameters again: backward would find them freed
         return "the model is sharded with FSDP2 (gradients through the key/value cache pass FSDP's backward hooks)"
-    return None
+    return why
 
 
 def unshared_logps(adapter, batch, encoded) -> torch.Tensor:
@@ -80,14 +73,6 @@ def unshared_logps(adapter, batch, encoded) -> torch.Tensor:
     return lp.masked_fill(~cmask, 0.0)
 
 
-def _dynamic_cache(cache) -> bool:
-    """True for a cache whose every layer is a plain growing key/value store."""
-    layers = getattr(cache, "layers", None)
-    if layers is None or not hasattr(cache, "batch_select_indices"):
-        return False
-    return all(type(layer).__name__ == "DynamicLayer" for layer in layers)
-
-
 class _Fallback(Exception):
     pass
 
@@ -111,7 +96,7 @@ def shared_logps(adapter, batch, encoded) -> torch.Tensor:
     out = adapter.forward(prefix, pmask, encoded=encoded, image_indices=batch.image_indices,
                           use_cache=True, logits_to_keep=1)
     cache = adapter.kv_cache(out)
-    if cache is None or not _dynamic_cache(cache):
+    if cache is None or not is_dynamic_cache(cache):
         raise _Fallback(f"the model returned no plain dynamic key/value cache ({type(cache).__name__})")
     cache.batch_select_indices(rp)                                # (P, ...) -> (R, ...), differentiable
     cont = torch.cat([last[rp].unsqueeze(1), comp[:, :-1]], dim=1)                    # (R, Lc)

@@ -58,6 +58,10 @@ class UpdateSection:
                                     "recompute: always that forward; sampling: the log-probs recorded while "
                                     "sampling (no forward)", ("auto", "recompute", "sampling"))
     disable_dropout: bool = opt(True, "turn dropout off in policy and reference, so log-probs are not noise")
+    prefix_sharing: bool = opt(True, "run each prompt (its image tokens included) once per group in the log-prob "
+                                     "forwards (update, old and reference log-probs) and continue its key/value "
+                                     "cache for the group's k responses; exact, and off by itself where the family "
+                                     "or setup does not allow it (M-RoPE, prefix-LM, activation checkpointing, FSDP2)")
 
 
 def policy_objective(logprobs, data, mask, *, update: UpdateSection, kl: KLSection, agg: str, num_items,

@@ -182,6 +182,15 @@ def unpack_segments(values: torch.Tensor, spans: Sequence[tuple[int, int, int]],
     return out, mask
 
 
+def is_dynamic_cache(cache) -> bool:
+    """True for a key/value cache whose every layer is a plain growing store (one that rows can be
+    indexed out of and continued; not sliding-window or static layers)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or not hasattr(cache, "batch_select_indices"):
+        return False
+    return all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
 class _Memo:
     """A bounded memo (oldest entry evicted first) for pure functions of hashable keys."""
 
@@ -564,6 +573,21 @@ class VLMAdapter:
     def kv_cache(self, output):
         """The key/value cache a ``forward(..., use_cache=True)`` returned (None if none)."""
         return getattr(output, "cache", None)
+
+    def prefix_sharing_problem(self) -> str | None:
+        """Why a prompt's key/value cache cannot be continued exactly for several completions with
+        this model as it is set up (None: it can): the family's positions or attention depend on
+        the whole sequence, or activation checkpointing is on (no cache in training). Callers add
+        what they know beyond the model (FSDP2 sharding with gradients)."""
+        if not self.prefix_sharing:
+            return (f"{self.family}: prefix sharing is not exact for this family "
+                    f"({self.prefix_sharing_note or 'not supported'})")
+        on = getattr(self.model, "is_activation_checkpointing", None)   # transformers >= 5.x name
+        if on is None:
+            on = getattr(self.model, "is_gradient_checkpointing", False)
+        if on:
+            return "activation checkpointing is on (the model returns no key/value cache in training)"
+        return None
 
     def stop_token_ids(self) -> list[int]:
         """Ids that end a generated answer: the generation config's EOS ids and the tokenizer's."""

@@ -66,6 +66,7 @@ import torch
 from ..data.batching import Example, ImageLoader, image_prompts, pad, unique_images
 from ..errors import DataError, VlmalignError
 from ..losses.logps import token_logps
+from ..models.adapter import is_dynamic_cache
 from .generate import SamplingConfig
 
 BACKENDS = ("hf", "vllm")
@@ -476,8 +477,81 @@ def _response_forward(adapter, batch: RolloutBatch, encoded, *, hidden: bool, ke
                            logits_to_keep=T + 1 if keep is None else keep, **kw)
 
 
+class _NotShared(Exception):
+    """This batch cannot share its prompts' forward (the unshared forward runs instead)."""
+
+
+_noted: set[str] = set()
+
+
+def _shared_response_forward(adapter, batch: RolloutBatch, encoded, *, hidden: bool):
+    """:func:`_response_forward`'s numbers with each prompt run once for its group's rows.
+
+    The distinct prompts of the batch (one per group id) run without their last token; their
+    key/value cache is indexed out to the rows that continue them, and each row runs ``[last
+    prompt token] + response[:-1]`` on top at the positions the whole row would give them.
+    Gradients flow through the cache. Rows are left-padded, so the last prompt token sits in the
+    last prompt column of every row. Returns an output whose ``logits`` (R, T, V) predict the
+    response tokens (and whose hidden states are those positions'); raises :class:`_NotShared`
+    where this batch does not allow it."""
+    ids, mask = batch.prompt_ids, batch.prompt_mask
+    R, Lp = ids.shape
+    T = batch.response_ids.shape[1]
+    if Lp < 2 or not bool(mask[:, -1].all()) or int(mask.sum(1).min()) < 2:
+        raise _NotShared("a prompt has fewer than 2 tokens")
+    last = ids[:, -1]
+    if adapter.image_token_id is not None and bool((last == adapter.image_token_id).any()):
+        raise _NotShared("a prompt ends with an image token")
+    pos = adapter.position_ids(batch.input_ids, batch.attention_mask, encoded=encoded,
+                               image_indices=batch.image_indices)
+    if pos is None or pos.dim() != 2:
+        raise _NotShared("the model takes no 1-D position ids")
+    groups = batch.group_ids.tolist()
+    first = {}
+    for r, g in enumerate(groups):
+        first.setdefault(g, r)
+    rep = list(first.values())                                         # one row per distinct prompt
+    dev = ids.device
+    row_prompt = torch.as_tensor([list(first).index(g) for g in groups], device=dev)   # (R,) -> rep index
+    rep_t = torch.as_tensor(rep, device=dev)
+    if not torch.equal(ids[rep_t][row_prompt], ids):
+        raise _NotShared("rows of one group hold different prompts")
+    out = adapter.forward(ids[rep_t, :-1], mask[rep_t, :-1], encoded=encoded,
+                          image_indices=[batch.image_indices[r] for r in rep],
+                          position_ids=pos[rep_t, :Lp - 1], use_cache=True, logits_to_keep=1)
+    cache = adapter.kv_cache(out)
+    if cache is None or not is_dynamic_cache(cache):
+        raise _NotShared(f"the model returned no plain dynamic key/value cache ({type(cache).__name__})")
+    cache.batch_select_indices(row_prompt)                              # (P, ...) -> (R, ...), differentiable
+    cont = torch.cat([last.unsqueeze(1), batch.response_ids[:, :-1]], dim=1)          # (R, T)
+    full_mask = torch.cat([mask, batch.response_mask[:, :-1].long()], dim=1)          # (R, Lp - 1 + 1 + T - 1)
+    kw = {"output_hidden_states": True} if hidden else {}
+    return adapter.forward(cont, full_mask, cache=cache, position_ids=pos[:, Lp - 1:Lp - 1 + T],
+                           use_cache=True, **kw)
+
+
+def _logits_and_hidden(adapter, batch: RolloutBatch, enc, *, hidden: bool, share_prefix: bool):
+    """(R, T, V) logits predicting the response tokens and, with ``hidden``, the (R, T, H) final
+    hidden states there; from the prefix-shared forward where asked and possible."""
+    from ..models.scalar_head import final_hidden_state
+    T = batch.response_ids.shape[1]
+    if share_prefix:
+        try:
+            out = _shared_response_forward(adapter, batch, enc, hidden=hidden)
+            return out.logits, (final_hidden_state(out) if hidden else None)
+        except _NotShared as e:
+            msg = f"prefix sharing skipped for a batch: {e}; using the unshared forward"
+            if msg not in _noted:
+                _noted.add(msg)
+                import logging
+                logging.getLogger(__name__).warning(msg)
+    out = _response_forward(adapter, batch, enc, hidden=hidden)
+    return out.logits[:, :-1], (final_hidden_state(out)[:, -(T + 1):-1] if hidden else None)
+
+
 def sequence_logprobs(adapter, batch: RolloutBatch, encoded=None, with_grad: bool = False, *,
-                      temperature: float | None = None, return_hidden: bool = False):
+                      temperature: float | None = None, return_hidden: bool = False,
+                      share_prefix: bool = False):
     """Per-token log-probs (R, T) of the batch's response tokens under ``adapter``'s model.
 
     A training-style forward over ``batch.input_ids`` (left-padded prompt + right-padded
@@ -487,25 +561,22 @@ def sequence_logprobs(adapter, batch: RolloutBatch, encoded=None, with_grad: boo
     ``batch.encoded`` when the vision tower and projector are frozen); None encodes the batch's
     unique images once with this adapter (under grad when ``with_grad``). ``return_hidden``:
     also return the final hidden states (R, T, H) at the positions that predict each response
-    token (the input of a value head).
+    token (the input of a value head). ``share_prefix``: run each group's prompt once and
+    continue its key/value cache for the group's rows (:func:`_shared_response_forward`; the
+    caller checks that the model allows it, ``adapter.prefix_sharing_problem()``); a batch that
+    cannot falls back to the whole-row forward, logged once per reason.
     """
-    from ..models.scalar_head import final_hidden_state
     t = batch.temperature if temperature is None else float(temperature)
     if t <= 0:
         raise RolloutError(f"temperature for log-probs must be > 0, got {t}")
     ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
     with ctx:
         enc = batch.encode(adapter) if encoded is None else encoded
-        out = _response_forward(adapter, batch, enc, hidden=return_hidden)
-        logits = out.logits[:, :-1]                                         # (R, T, V)
+        logits, h = _logits_and_hidden(adapter, batch, enc, hidden=return_hidden, share_prefix=share_prefix)
         if t != 1.0:
             logits = logits / t
         lp = token_logps(logits, batch.response_ids).masked_fill(~batch.response_mask, 0.0)
-        if not return_hidden:
-            return lp
-        h = final_hidden_state(out)                                         # (R, L, H)
-        T = batch.response_ids.shape[1]
-        return lp, h[:, -(T + 1):-1]
+        return (lp, h) if return_hidden else lp
 
 
 def sequence_values(value_model, batch: RolloutBatch, encoded=None, with_grad: bool = False) -> torch.Tensor:
