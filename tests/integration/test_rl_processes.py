@@ -4,7 +4,8 @@ advantages are normalised over the whole step's tokens) and PPO (whose critic's 
 averaged over the processes and whose advantages are whitened over every process's tokens);
 GRPO and PPO also sharded with FSDP2 (``train.sharding=fsdp2``: PPO's critic sharded beside the
 policy), where the sharded PPO run is also resumed from its step-1 checkpoint and must end where
-it ended.
+it ended; and GRPO and PPO sharded with a LoRA policy (PPO's critic LoRA too), whose FSDP2 root
+unit is the model inside the PEFT wrapper, so that sampling (``generate``) gathers it.
 
 Each prompt's k samples are drawn on one process from generators seeded by the prompt's place
 in the step (``OnlineTrainer.row_seeds``), so the two layouts sample the same tokens; the only
@@ -32,7 +33,7 @@ from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 
 DIGIT = "reward=[{type: function, name: format, args: {pattern: '[0-9]', mode: search}}]"
 PORTS = {"grpo": 29541, "reinforce_pp": 29542, "ppo": 29543, "grpo_fsdp2": 29544, "ppo_fsdp2": 29545,
-         "ppo_fsdp2_resume": 29546}
+         "ppo_fsdp2_resume": 29546, "grpo_lora_fsdp2": 29547, "ppo_lora_fsdp2": 29548}
 # per process: 2 prompts x k=4; one process: 4 prompts x k=4 (the same 4 prompts each step)
 RUNS = {
     "grpo": ("grpo", ["EVAL"]),
@@ -50,6 +51,11 @@ RUNS = {
     # torch's gathering used to fill with a zero-gradient step that changed step 2's update)
     "ppo_fsdp2": ("ppo", ["update.epochs=2", "value.lr=1e-3", "value.warmup_iterations=1", "train.sharding=fsdp2",
                           "train.save_every=1"]),
+    # a LoRA policy sharded: the root unit is the model inside the PEFT wrapper, whose forward
+    # generate calls (engine/sharding.py); the reference is the policy with its adapters off
+    "grpo_lora_fsdp2": ("grpo", ["lora.enabled=true", "lora.r=4", "train.sharding=fsdp2", "EVAL"]),
+    "ppo_lora_fsdp2": ("ppo", ["lora.enabled=true", "lora.r=4", "update.epochs=2", "value.lr=1e-3",
+                               "train.sharding=fsdp2"]),
 }
 
 
@@ -80,9 +86,17 @@ def _rows(out: Path) -> list[dict]:
 
 def _weights(out: Path, step: int) -> dict:
     """The checkpoint's model loaded with plain transformers, as a state dict (a sharded run's
-    file names its tensors as the engine's full state dict does: compare what loads)."""
+    file names its tensors as the engine's full state dict does: compare what loads; a LoRA
+    checkpoint's adapter loaded through PEFT over the base it names)."""
     from transformers import LlavaForConditionalGeneration
-    model = LlavaForConditionalGeneration.from_pretrained(str(out / "checkpoints" / f"step-{step}" / "model"))
+    d = out / "checkpoints" / f"step-{step}" / "model"
+    if (d / "adapter_config.json").exists():
+        from peft import PeftModel
+        base = json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), str(d))
+        assert any("lora_" in k for k in model.state_dict())
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(str(d))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -122,6 +136,15 @@ def test_two_processes_match_one(world, tmp_path, name):
     print(f"{name}: rewards {[a['train/reward'] for a in ra]}, max |loss diff| {loss_diff:.2e}, "
           f"max |weight diff| {worst:.2e}")
     assert worst <= 1e-5, worst
+    if "lora.enabled=true" in extra:
+        # the adapters trained (their B factors start at zero), far beyond the difference; the
+        # adapter names the base model's own class, not FSDP2's subclass of it
+        moved = max(wb[k].abs().max().item() for k in wb if "lora_B" in k)
+        print(f"{name}: max |lora_B| {moved:.2e}")
+        assert moved >= 1e-4 and moved >= 1e3 * worst, (moved, worst)
+        maps = [json.loads((d / "checkpoints" / "step-2" / "model" / "adapter_config.json").read_text())
+                ["auto_mapping"] for d in (one, two)]
+        assert maps[0] == maps[1] and maps[0]["base_model_class"] == "LlavaForConditionalGeneration", maps
     if method == "ppo":   # the critic trained in step too
         ca = load_file(str(one / "checkpoints" / "step-2" / "value_model.safetensors"))
         cb = load_file(str(two / "checkpoints" / "step-2" / "value_model.safetensors"))

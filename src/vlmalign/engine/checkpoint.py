@@ -19,7 +19,7 @@ import torch
 
 from ..errors import VlmalignError
 from ..files import atomic_dir
-from ..models.peft import EXTRA_PARAMS, is_peft, load_peft_extra, peft_extra_params
+from ..models.peft import EXTRA_PARAMS, is_peft, load_peft_extra, own_base_class, peft_extra_params
 from ..models.prompt_layout import write_layout
 from ..models.zero import gathered
 
@@ -93,10 +93,11 @@ class CheckpointWriteError(VlmalignError):
 
 
 def _write_checkpoint(tmp: Path, model, processor, trainer_state, step, extra_states, state_dict) -> None:
-    if state_dict is not None:
-        model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
-    else:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+    with own_base_class(model):   # a LoRA model sharded with FSDP2: its base's own class recorded
+        if state_dict is not None:
+            model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
+        else:
+            model.save_pretrained(tmp / "model", safe_serialization=True)
     if is_peft(model):
         extra = peft_extra_params(model, state_dict)
         if extra:

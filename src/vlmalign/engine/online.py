@@ -60,6 +60,7 @@ from ..losses.rl import entropy_from_logits
 from ..models.loading import resolve_dtype
 from ..rewards import RewardInput, build_reward
 from ..rollout import SamplingConfig, rollout, sequence_logprobs
+from .sharding import root_gathered
 from .trainer import Engine
 
 log = logging.getLogger(__name__)
@@ -227,17 +228,7 @@ class OnlineTrainer(Engine):
         FSDP2 the root unit's parameters (head, embeddings, final norm) are gathered, then
         resharded (every process must enter it); otherwise nothing."""
         import contextlib
-        if not self.sharded:
-            return contextlib.nullcontext()
-
-        @contextlib.contextmanager
-        def gathered():
-            self.runner.unshard()
-            try:
-                yield
-            finally:
-                self.runner.reshard()
-        return gathered()
+        return root_gathered(self.runner) if self.sharded else contextlib.nullcontext()
 
     @staticmethod
     def head_logits(adapter, hidden, temperature: float = 1.0) -> torch.Tensor:

@@ -12,7 +12,15 @@ the units are chosen so that every module called on its own is one (:func:`shard
 * the family adapter's ``shard_units()``: the layers transformers lists as unsplittable
   (decoder and vision-encoder layers) and the modules ``encode_images`` calls outside the
   forward (vision tower, projector);
-* the trained module itself as the root (embeddings, LM head, norms, a reward head, ...).
+* the trained module itself as the root (embeddings, LM head, norms, a reward head, ...); for a
+  LoRA (PEFT) model, the transformers model inside the PEFT wrapper
+  (:func:`~vlmalign.models.peft.forward_root`). FSDP2 gathers a unit's parameters when the
+  unit's own forward is called; the wrapper's forward and ``generate`` both call the inner
+  model's (``generate`` once per token), so training, the no-grad forwards and sampling all
+  gather the root unit per forward, as for a model without LoRA. Sharding the wrapper instead
+  left the root unit sharded in ``generate`` (which never calls the wrapper's forward:
+  ``aten.embedding.default got mixed torch.Tensor and DTensor``). :func:`fsdp_root` finds
+  that unit from the trained module (gradient sync, :func:`root_gathered`).
 
 A module trained beside the model (PPO's critic: a method's ``shard_modules``) is sharded the
 same way, on the same mesh, as a root of its own.
@@ -26,10 +34,13 @@ one, and a resumed run loads the weights before sharding and the optimizer state
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 from torch import nn
+
+from ..errors import VlmalignError
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +74,42 @@ def shard(root: nn.Module, units: list[nn.Module], *, device_type: str, offload:
     import torch.distributed as dist
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    from ..models.peft import forward_root
+
     mesh = mesh if mesh is not None else device_mesh(device_type)
     kw = dict(mesh=mesh, reshard_after_forward=True,
               offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
-    ordered = _depth_first_order(root, units)
+    # the root unit: the module whose own forward every call of ``root`` runs (a PEFT wrapper's
+    # inner model); it must hold every parameter, or some would stay unsharded
+    top = forward_root(root)
+    if top is not root and {id(p) for p in top.parameters()} != {id(p) for p in root.parameters()}:
+        raise VlmalignError(f"FSDP2: {type(root).__name__} holds parameters outside the model it wraps "
+                            f"({type(top).__name__}); cannot shard it")
+    ordered = _depth_first_order(top, units)
     for m in ordered:
         fully_shard(m, **kw)
-    fully_shard(root, **kw)
+    fully_shard(top, **kw)
     # FSDP2 picks as root the first of its modules to run a forward; the image encoding runs
     # the vision tower's units before the model's forward, so the root is initialised here.
     # (A private call: torch 2.13 offers no public one; tests/integration/test_fsdp2.py runs it.)
-    root._get_fsdp_state()._lazy_init()
+    top._get_fsdp_state()._lazy_init()
     n = dist.get_world_size()
     log.info("FSDP2: %d units + the root over %d process%s (%s)", len(ordered), n, "es" if n > 1 else "", device_type)
     return root
 
 
-def is_sharded(module: nn.Module) -> bool:
+def fsdp_root(module: nn.Module):
+    """The FSDP2 root unit :func:`shard` made of ``module`` (``module`` itself, or the model
+    inside its PEFT wrapper), or None where ``module`` is not sharded."""
     from torch.distributed.fsdp import FSDPModule
-    return isinstance(module, FSDPModule)
+
+    from ..models.peft import forward_root
+    top = forward_root(module)
+    return top if isinstance(top, FSDPModule) else None
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return fsdp_root(module) is not None
 
 
 def set_gradient_sync(root: nn.Module, enabled: bool) -> None:
@@ -89,7 +117,20 @@ def set_gradient_sync(root: nn.Module, enabled: bool) -> None:
     unsharded and accumulated on each process (a micro-batch that is not the last before an
     update). FSDP2 reads this when the backward runs, so it is set before the micro-batch and
     stays set through its backward."""
-    root.set_requires_gradient_sync(enabled)
+    fsdp_root(root).set_requires_gradient_sync(enabled)
+
+
+@contextlib.contextmanager
+def root_gathered(module: nn.Module):
+    """A context in which the root unit's parameters of a sharded ``module`` (embeddings,
+    output head, final norm) are gathered, for calling them outside the model's forward; then
+    resharded. Every process must enter it."""
+    root = fsdp_root(module)
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
 
 
 def _options(**kw):

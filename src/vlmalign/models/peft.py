@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,38 @@ def is_peft(model) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(model, PeftModel)
+
+
+def forward_root(model):
+    """The module whose own forward every forward and ``generate`` of ``model`` runs: the
+    transformers model inside a PEFT wrapper (``PeftModel.forward`` calls it, and
+    ``PeftModel.generate`` calls its ``generate``, whose steps call it; the wrapper holds no
+    parameters of its own), else ``model``. FSDP2 shards it as the root unit
+    (engine/sharding.py): its parameters are gathered only when its own forward runs."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+@contextlib.contextmanager
+def own_base_class(model):
+    """A context for saving a PEFT model whose base model is sharded with FSDP2: PEFT records
+    the base model's class in adapter_config.json (``auto_mapping``, read by AutoPeftModel),
+    and FSDP2 replaced that class with a subclass of its own (``FSDPLlavaForConditionalGeneration``
+    of ``torch.distributed.fsdp``); inside, PEFT sees the model's own class. Nothing changes
+    for any other model (transformers drops the prefix from a sharded model's config itself)."""
+    if not is_peft(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    cls = type(model.get_base_model())
+    if not issubclass(cls, FSDPModule):
+        yield
+        return
+    own = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    model._get_base_model_class = lambda is_prompt_tuning=False: own   # shadows PEFT's method
+    try:
+        yield
+    finally:
+        del model._get_base_model_class
 
 
 def peft_extra_params(model, state_dict: dict | None = None) -> dict:
