@@ -97,7 +97,7 @@ def test_sft_step_trains_the_projector_and_language_model(tiny, shapes_llava, tm
     model move, the vision tower stays frozen (SFT's defaults)."""
     name, ad, path = tiny
     base = {k: v.clone() for k, v in ad.model.state_dict().items()}
-    trained, row = _run("sft", path, shapes_llava / "data", tmp_path / "sft",
+    trained, row = _run("sft", path, tmp_path / "sft",
                         f"data.train_file={shapes_llava / 'data' / 'vqa_train.json'}", "train.batch_size=2")
     assert row["train/loss"] > 0
     after = trained.model.state_dict()

@@ -2,10 +2,14 @@
 
 Each family gets: build, save/reload (plain transformers and our loader), chat template with
 image placeholders, token ids equal to the processor's, loss only on assistant turns, generation,
-and logits from precomputed image features equal to logits from pixel values.
+and logits from precomputed image features equal to logits from pixel values; then one step of
+LoRA SFT and one of GRPO through the methods' own code (test_compose.py and test_generic.py run
+these tests on composed models and on the generic fallback).
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -254,7 +258,9 @@ def test_text_only_record_and_mixed_batch(tiny):
 LETTER_E = "reward=[{type: function, name: format, args: {pattern: e, mode: search}}]"
 
 
-def _run(method: str, path, data, out, *sets):
+def _run(method: str, path, out, *sets):
+    """One run of ``method`` from the model at ``path``: the trained adapter and the first logged
+    training row."""
     from vlmalign.config import load_config
     from vlmalign.methods.registry import get
     from vlmalign.methods.setup import build_adapter
@@ -263,7 +269,6 @@ def _run(method: str, path, data, out, *sets):
         "train.progress=false", "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant", *sets])
     adapter = build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
     get(method).train(cfg, adapter)   # trains adapter.model in place (wrapped by PEFT under LoRA)
-    import json
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return adapter, next(r for r in rows if any(k.startswith("train/") for k in r))
 
@@ -275,7 +280,7 @@ def test_lora_sft_step_trains_the_adapters_and_keeps_the_base(tiny, shapes_llava
     image_newline) may change besides the adapters."""
     family, ad, path = tiny
     base = {k: v.clone() for k, v in ad.model.state_dict().items()}
-    trained, row = _run("sft", path, shapes_llava / "data", tmp_path / "lora",
+    trained, row = _run("sft", path, tmp_path / "lora",
                         f"data.train_file={shapes_llava / 'data' / 'vqa_train.json'}", "train.batch_size=2",
                         "lora.enabled=true", "lora.r=4")
     assert row["train/loss"] > 0
@@ -302,7 +307,7 @@ def test_grpo_step_samples_rollouts_and_updates_the_policy(tiny, shapes_llava, t
     and the language model moves; vision tower and projector stay frozen (GRPO's defaults)."""
     family, ad, path = tiny
     base = {k: v.clone() for k, v in ad.model.state_dict().items()}
-    trained, row = _run("grpo", path, shapes_llava / "data", tmp_path / "grpo",
+    trained, row = _run("grpo", path, tmp_path / "grpo",
                         f"data.train_file={shapes_llava / 'data' / 'rl_train.json'}", "rollout.prompts_per_step=2",
                         "rollout.k=4", "rollout.max_new_tokens=4", "train.batch_size=8", LETTER_E)
     assert 0 < row["train/response_length"] <= 4
