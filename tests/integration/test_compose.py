@@ -22,8 +22,10 @@ from vlmalign.models.compose import ComposeOptions, compose, tiny_chatml_llm
 from vlmalign.models.llava import tiny_clip_image_processor
 
 # the family contract, run here on composed models through this module's ``tiny`` fixture
-from test_families import (test_chat_template_renders_placeholders, test_generation_runs,  # noqa: F401
-                           test_length_limit_never_cuts_image_tokens, test_loss_only_on_assistant_turns,
+from test_families import (_run, test_chat_template_renders_placeholders, test_generation_runs,  # noqa: F401
+                           test_grpo_step_samples_rollouts_and_updates_the_policy,
+                           test_length_limit_never_cuts_image_tokens,
+                           test_lora_sft_step_trains_the_adapters_and_keeps_the_base, test_loss_only_on_assistant_turns,
                            test_one_encoding_serves_many_rows, test_param_groups_and_lora_targets,
                            test_precomputed_features_equal_pixel_values, test_reload_with_plain_transformers_and_loader,
                            test_text_only_record_and_mixed_batch, test_token_ids_match_processor)
@@ -88,6 +90,21 @@ def tiny(request, parts, tmp_path_factory):
     ad = load_adapter(str(out))
     ad.model.eval()
     return f"{vision}+{llm}+{projector}", ad, out
+
+
+def test_sft_step_trains_the_projector_and_language_model(tiny, shapes_llava, tmp_path):
+    """One `train sft` step on each composed model (every projector kind): projector and language
+    model move, the vision tower stays frozen (SFT's defaults)."""
+    name, ad, path = tiny
+    base = {k: v.clone() for k, v in ad.model.state_dict().items()}
+    trained, row = _run("sft", path, tmp_path / "sft",
+                        f"data.train_file={shapes_llava / 'data' / 'vqa_train.json'}", "train.batch_size=2")
+    assert row["train/loss"] > 0
+    after = trained.model.state_dict()
+    groups = trained.param_groups()
+    assert all(torch.equal(after[n], base[n]) for n, _ in groups["vision"]), name
+    for g in ("projector", "language"):
+        assert any(not torch.equal(after[n], base[n]) for n, _ in groups[g]), f"{name}: {g} did not move"
 
 
 def test_composed_parts_hold_the_sources_weights(parts, tmp_path):

@@ -21,10 +21,13 @@ from vlmalign.config import load_config
 from vlmalign.data.preference import PreferenceCollator
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 from vlmalign.methods import reference as reference_module
+from vlmalign.methods import logps as logps_module
 from vlmalign.methods import ref_cache
 from vlmalign.methods.dpo import DPOConfig, DPOMethod, corruption_of, load_pairs, train_dpo
 from vlmalign.methods.logps import Reference, completion_logps, shared_logps, unshared_logps
 from vlmalign.models import adapter_for, build_tiny, load_adapter, save_tiny
+
+from tiny_kinds import build_kind
 
 TOL = 1e-5
 
@@ -51,11 +54,12 @@ def _rows(run: Path) -> list[dict]:
 
 
 def _method_and_batch(family="llava", n=4, loss="sigmoid", data=None, seed=0, **dpo):
-    """A policy adapter (fp32, train mode), a frozen copy as reference and one collated batch."""
-    model, proc = build_tiny(family, seed=seed)
+    """A policy adapter (fp32, train mode), a frozen copy as reference and one collated batch.
+    ``family``: any kind tiny_kinds.build_kind builds (composed projectors, ``generic``)."""
+    model, proc = build_kind(family, seed=seed)
     model.float().train()
     ad = adapter_for(model, proc)
-    ref_model, _ = build_tiny(family, seed=seed)
+    ref_model, _ = build_kind(family, seed=seed)
     ref = adapter_for(ref_model.float().eval(), proc)
     cfg = DPOConfig()
     cfg.data.train_file = str(data)
@@ -309,7 +313,9 @@ def test_precomputed_values_equal_the_live_reference(world):
 
 
 # ----------------------------------------------------------------------------- prefix sharing
-@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3", "instructblip", "internvl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3", "instructblip", "internvl", "smolvlm",
+                                    "vlmalign_aligngpt", "vlmalign_resampler", "vlmalign_resampler:qformer",
+                                    "vlmalign_resampler:linear", "vlmalign_resampler:mlp2x_gelu", "generic"])
 def test_prefix_sharing_equals_unshared_loss_and_gradients(world, family):
     ad, ref, cfg, batch, _, _ = _method_and_batch(family, data=world / "data" / "dpo_train.json", n=4)
     ad.model.eval()   # InstructBLIP's Q-Former has dropout: compare without it
@@ -323,6 +329,7 @@ def test_prefix_sharing_equals_unshared_loss_and_gradients(world, family):
         results[share] = _loss_and_grads(m, batch)
     (l0, s0, g0), (l1, s1, g1) = results[False], results[True]
     assert abs(float(l0) - math.log(2)) > 1e-3
+    assert not logps_module._warned, logps_module._warned       # the shared path ran, no fallback
     assert abs(float(l1 - l0)) <= TOL * abs(float(l0))
     for k in ("chosen_reward", "rejected_reward", "logps_chosen"):
         assert abs(float(s1[k] - s0[k])) <= TOL * max(1.0, abs(float(s0[k]))), k
@@ -343,7 +350,7 @@ def test_shared_and_unshared_token_logps_agree_and_differ_from_a_wrong_cache(wor
     assert not torch.allclose(a, c, atol=1e-3)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "paligemma", "gemma3", "qwen3_vl", "mllama"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "paligemma", "gemma3", "qwen3_vl", "mllama"])
 def test_prefix_sharing_falls_back_where_not_exact(world, family, caplog):
     ad, ref, cfg, batch, _, _ = _method_and_batch(family, data=world / "data" / "dpo_train.json", n=4)
     ad.model.eval()
@@ -502,11 +509,14 @@ def test_rpo_adds_the_chosen_nll_to_each_loss(world, loss):
     assert float(sums["nll"]) == pytest.approx(float((want - without).sum()) / 0.7, rel=1e-4)
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl", "mllama"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl", "mllama", "qwen2_5_vl", "smolvlm", "paligemma",
+                                    "vlmalign_aligngpt", "vlmalign_resampler", "vlmalign_resampler:qformer",
+                                    "vlmalign_resampler:linear", "vlmalign_resampler:mlp2x_gelu", "generic"])
 def test_dpo_step_equals_the_pixel_path(world, family):
-    """One DPO step on a family with bidirectional image blocks / M-RoPE variants: images encoded
-    once for chosen, rejected and the reference; the loss equals the one from each row's own
-    pixel forward; the step has gradients."""
+    """One DPO step on a family with bidirectional image blocks / M-RoPE variants (and on the
+    families and composed kinds no other encode-once DPO test covers): images encoded once for
+    chosen, rejected and the reference; the loss equals the one from each row's own pixel
+    forward; the step has gradients."""
     ad, ref, cfg, batch, _, _ = _method_and_batch(family, data=world / "data" / "dpo_train.json", n=2)
     _perturb_language(ad)
     ad.model.eval()

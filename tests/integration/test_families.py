@@ -2,10 +2,14 @@
 
 Each family gets: build, save/reload (plain transformers and our loader), chat template with
 image placeholders, token ids equal to the processor's, loss only on assistant turns, generation,
-and logits from precomputed image features equal to logits from pixel values.
+and logits from precomputed image features equal to logits from pixel values; then one step of
+LoRA SFT and one of GRPO through the methods' own code (test_compose.py and test_generic.py run
+these tests on composed models and on the generic fallback).
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -243,3 +247,75 @@ def test_text_only_record_and_mixed_batch(tiny):
         alone = ad.forward(torch.tensor([rows[0]]), torch.ones(1, len(rows[0]), dtype=torch.long),
                            encoded=None, image_indices=[[]]).logits
     assert (both[0, : len(rows[0])] - alone[0]).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- training steps
+# one step of a real method run (the config, the engine, the method's own code) on the saved
+# tiny model: LoRA through SFT, and GRPO with rollouts. test_compose.py runs both on its composed
+# models too. Reward 1 when the response holds the letter e: about half of a random tiny model's
+# samples do (PaliGemma's often hold only <loc> tokens, which decode to nothing), so a group's
+# rewards differ and the step has a gradient.
+LETTER_E = "reward=[{type: function, name: format, args: {pattern: e, mode: search}}]"
+
+
+def _run(method: str, path, out, *sets):
+    """One run of ``method`` from the model at ``path``: the trained adapter and the first logged
+    training row."""
+    from vlmalign.config import load_config
+    from vlmalign.methods.registry import get
+    from vlmalign.methods.setup import build_adapter
+    cfg = load_config(get(method).config, None, [
+        f"model.path={path}", "data.max_length=512", f"train.output_dir={out}", "train.max_steps=1",
+        "train.progress=false", "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant", *sets])
+    adapter = build_adapter(cfg.model, seed=cfg.train.seed, lora_cfg=cfg.lora)
+    get(method).train(cfg, adapter)   # trains adapter.model in place (wrapped by PEFT under LoRA)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return adapter, next(r for r in rows if any(k.startswith("train/") for k in r))
+
+
+def test_lora_sft_step_trains_the_adapters_and_keeps_the_base(tiny, shapes_llava, tmp_path):
+    """``lora.enabled=true`` with the family's default targets: LoRA B matrices (zero at the start)
+    move in the language model; every base weight stays as saved; only PEFT's trainable copies
+    of the projector (``modules_to_save``) and bare projector parameters (LLaVA-Next's
+    image_newline) may change besides the adapters."""
+    family, ad, path = tiny
+    base = {k: v.clone() for k, v in ad.model.state_dict().items()}
+    trained, row = _run("sft", path, tmp_path / "lora",
+                        f"data.train_file={shapes_llava / 'data' / 'vqa_train.json'}", "train.batch_size=2",
+                        "lora.enabled=true", "lora.r=4")
+    assert row["train/loss"] > 0
+    inner = trained.model     # PEFT injected its layers into the adapter's model in place
+    moved_b = [n for n, p in inner.named_parameters() if "lora_B" in n and float(p.detach().abs().sum()) > 0]
+    assert moved_b, f"{family}: no LoRA B matrix moved"
+    language = {n.rsplit(".", 1)[0] for n, _ in ad.param_groups()["language"]}
+    assert any(n.split(".lora_B.")[0] in language for n in moved_b), moved_b[:3]
+    checked = 0
+    for n, p in inner.named_parameters():
+        if "lora_" in n or ".modules_to_save." in n:
+            continue
+        key = n.replace(".base_layer.", ".").replace(".original_module.", ".")
+        if p.requires_grad:     # a bare trained parameter (saved in extra_params.safetensors)
+            assert key in {k for k, _ in ad.param_groups()["projector"]}, f"{family}: {key} trains"
+            continue
+        assert torch.equal(p.detach(), base[key]), f"{family}: base weight {key} changed"
+        checked += 1
+    assert checked > len(language)
+
+
+def test_grpo_step_samples_rollouts_and_updates_the_policy(tiny, shapes_llava, tmp_path):
+    """One GRPO step (2 prompts x 4 samples of up to 4 tokens): responses are sampled, rewarded,
+    and the language model moves; vision tower and projector stay frozen (GRPO's defaults)."""
+    family, ad, path = tiny
+    base = {k: v.clone() for k, v in ad.model.state_dict().items()}
+    trained, row = _run("grpo", path, tmp_path / "grpo",
+                        f"data.train_file={shapes_llava / 'data' / 'rl_train.json'}", "rollout.prompts_per_step=2",
+                        "rollout.k=4", "rollout.max_new_tokens=4", "train.batch_size=8", LETTER_E)
+    assert 0 < row["train/response_length"] <= 4
+    assert row["train/reward_std"] > 0, f"{family}: every group had equal rewards, no gradient"
+    after = trained.model.state_dict()
+    groups = trained.param_groups()
+    for g in ("vision", "projector"):
+        for n, _ in groups[g]:
+            assert torch.equal(after[n], base[n]), f"{family}: frozen {n} changed"
+    moved = [n for n, _ in groups["language"] if not torch.equal(after[n], base[n])]
+    assert moved, f"{family}: the language model did not move"

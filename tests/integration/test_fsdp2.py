@@ -47,12 +47,24 @@ RUNS = {
     "dpo-lora-vision-cached": ("dpo", "dpo_train.json", ["lora.enabled=true", "lora.r=4", "model.train_vision=true",
                                                          "dpo.precompute_ref_logps=true"], 2),
 }
+# other families: a one-step full SFT run each (vision tower trained too, so every group is
+# sharded and gathered), built with model.tiny in each process (same seed, same weights).
+# Not here, as they fail sharded ("got mixed torch.Tensor and DTensor", docs/MODELS.md): the image
+# encoding, run outside the model's forward, reads parameters that are still sharded there:
+# instructblip's query_tokens, llava_next's image_newline and mllama's class_embedding, bare
+# parameters outside every sharded unit (left to the root, gathered only for the forward).
+FAMILIES = ["gemma3", "idefics3", "internvl", "paligemma", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "smolvlm",
+            "vlmalign_aligngpt", "vlmalign_resampler"]
+RUNS.update({f"sft-{f}": ("sft", "vqa_train.json", [f"model.tiny={f}", "model.train_vision=true",
+                                                   "train.max_steps=1"], 1) for f in FAMILIES})
 KILLED = "sft-killed"
 
 
 def _options(world: Path, name: str, out: Path, processes: int) -> list[str]:
     method, data, extra, bs = RUNS[name]
-    opts = [f"model.path={world / 'model'}", f"data.train_file={world / 'data' / data}", "data.max_length=256",
+    tiny = any(o.startswith("model.tiny=") for o in extra)
+    model = [] if tiny else [f"model.path={world / 'model'}"]
+    opts = [*model, f"data.train_file={world / 'data' / data}", f"data.max_length={512 if tiny else 256}",
             "train.max_steps=3", "train.progress=false", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.eps=1e-4",
             f"train.batch_size={bs * (2 // processes)}", f"train.output_dir={out}", *extra]
     if method == "dpo":
@@ -107,15 +119,14 @@ def _losses(run: Path) -> list[float]:
 def _reloaded(model_dir: Path) -> dict:
     """A checkpoint's ``model/`` loaded with plain transformers (LoRA: its adapter through PEFT
     over the base it names), as a state dict; a reward model's head read from its file."""
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
     if (model_dir / "adapter_config.json").exists():
         from peft import PeftModel
         base = json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
         model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), str(model_dir))
     else:
-        assert json.loads((model_dir / "config.json").read_text())["architectures"] == \
-            ["LlavaForConditionalGeneration"]
-        model = LlavaForConditionalGeneration.from_pretrained(str(model_dir))
+        model = AutoModelForImageTextToText.from_pretrained(str(model_dir))
+        assert json.loads((model_dir / "config.json").read_text())["architectures"] == [type(model).__name__]
     sd = dict(model.state_dict())
     if (model_dir / "scalar_head.safetensors").exists():
         sd.update({f"head.{k}": v for k, v in load_file(str(model_dir / "scalar_head.safetensors")).items()})
@@ -131,16 +142,17 @@ def test_two_sharded_processes_match_one(sharded, shapes_llava, tmp_path, name):
     method = get(RUNS[name][0])
     one = tmp_path / "one"
     method.train(load_config(method.config, None, _options(shapes_llava, name, one, 1)))
+    steps = 1 if name.removeprefix("sft-") in FAMILIES else 3
     la, lb = _losses(one), _losses(two)
-    assert len(la) == len(lb) == 3
+    assert len(la) == len(lb) == steps
     assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5, (la, lb)
-    wa, wb = (_reloaded(d / "checkpoints" / "step-3" / "model") for d in (one, two))
+    wa, wb = (_reloaded(d / "checkpoints" / f"step-{steps}" / "model") for d in (one, two))
     assert wa.keys() == wb.keys()
     worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
     assert worst <= 1e-5, worst
     for rank in (0, 1):
         rows = [json.loads(x) for x in (two / f"encodes-rank{rank}.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == [1, 2, 3]
+        assert [r["step"] for r in rows] == list(range(1, steps + 1))
         for r in rows:
             # really sharded: each process holds about half of every parameter
             assert r["sharded"] and r["local_numel"] <= 0.55 * r["full_numel"], r

@@ -19,6 +19,8 @@ from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
 from vlmalign.errors import DataError, VlmalignError
 from vlmalign.methods.rm import RMCollator, RMConfig, RMMethod, evaluate_rm, load_rm_examples, train_rm
 from vlmalign.models import adapter_for, build_tiny, families, load_adapter, save_tiny
+
+from tiny_kinds import build_kind
 from vlmalign.models.scalar_head import (HEAD_CONFIG, HEAD_WEIGHTS, ScalarModel, final_hidden_state,
                                          load_scalar_model)
 
@@ -49,10 +51,12 @@ def _eval_scores(model, world, data="dpo", n=12):
 
 
 # ----------------------------------------------------------------------------- every family
-@pytest.mark.parametrize("family", families())
+# every family, the composed projector kinds besides the perceiver and the generic fallback (tiny_kinds.py)
+@pytest.mark.parametrize("family", families() + ["vlmalign_resampler:qformer", "vlmalign_resampler:linear",
+                                                 "vlmalign_resampler:mlp2x_gelu", "generic"])
 def test_scalar_head_reads_the_last_real_token_for_every_family(family):
     torch.manual_seed(0)
-    m, p = build_tiny(family)
+    m, p = build_kind(family)
     m.eval()
     ad = adapter_for(m, p)
     ims = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]

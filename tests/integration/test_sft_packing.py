@@ -35,11 +35,16 @@ from vlmalign.data.batching import (IGNORE_INDEX, Batch, Example, ImageLoader, S
 from vlmalign.data.schema import Conversation, ImageRef, Message
 from vlmalign.errors import LengthError
 from vlmalign.methods.sft import SFTConfig, SFTMethod, train_sft
-from vlmalign.models import adapter_for, build_tiny
+from vlmalign.models import adapter_for
+
+from tiny_kinds import build_kind
 
 TOL = 1e-5
 PACKING_FAMILIES = ["idefics3", "instructblip", "llava", "llava_next", "paligemma", "qwen2_5_vl", "qwen2_vl",
-                    "smolvlm", "vlmalign_resampler", "qwen3_vl", "internvl"]
+                    "smolvlm", "vlmalign_resampler", "qwen3_vl", "internvl",
+                    # composed kinds with another projector, and the generic fallback (tiny_kinds.py)
+                    "vlmalign_resampler:qformer", "vlmalign_resampler:linear", "vlmalign_resampler:mlp2x_gelu",
+                    "generic"]
 # these build attention from the whole row in ways packing cannot restart: refused (below)
 REFUSED_FAMILIES = ["gemma3", "mllama"]
 
@@ -111,7 +116,7 @@ def _tiny(family: str, attn: str = "sdpa"):
     """A fresh adapter on a copy of the family's tiny model (built once per module run)."""
     if family not in _MODELS:
         torch.manual_seed(0)
-        _MODELS[family] = build_tiny(family)
+        _MODELS[family] = build_kind(family)
     model, processor = _MODELS[family]
     model = copy.deepcopy(model).float()
     if attn != "sdpa":

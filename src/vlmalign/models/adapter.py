@@ -351,7 +351,9 @@ class VLMAdapter:
           projector (``vision_prefixes`` / ``projector_prefixes`` naming a module), so the
           encoding gathers their parameters itself. A tower that is a transformers model is
           taken by its children: transformers finds which outputs a model records (the hidden
-          states the projector reads) by the model's class, and sharding replaces the class.
+          states the projector reads) by the model's class, and sharding replaces the class. A
+          container without a forward (a ``ModuleList``, e.g. Qwen3-VL's DeepStack mergers), which
+          FSDP2 refuses as a unit, is taken by its members.
         """
         from transformers import PreTrainedModel
         names = set()
@@ -365,6 +367,8 @@ class VLMAdapter:
             except AttributeError:
                 continue   # a bare parameter (e.g. an image_newline): it stays in the root unit
             parts = list(mod.children()) if isinstance(mod, PreTrainedModel) else [mod]
+            parts = [m for part in parts for m in
+                     (part.children() if isinstance(part, (nn.ModuleList, nn.ModuleDict)) else [part])]
             for part in parts:
                 if any(id(p) not in covered for p in part.parameters()):
                     units.append(part)

@@ -306,6 +306,14 @@ class AlignGPTAdapter(LlavaAdapter):
         # AlignGPT: the indicators learn in pretraining only; fine-tuning trains the gate
         return {"model.alignment.indicators"} if self.stage == "finetune" else set()
 
+    def shard_units(self) -> list[nn.Module]:
+        # The alignment levels run inside the model's forward through AlignmentLevels' methods,
+        # never through its forward, so a unit of their own would stay sharded when read (FSDP2
+        # gathers a unit in its forward): they are left to the root unit, gathered for the
+        # model's forward (tests/integration/test_fsdp2.py).
+        alignment = self.model.get_submodule("model.alignment")
+        return [u for u in super().shard_units() if u is not alignment]
+
 
 @register_tiny(MODEL_TYPE)
 def build_tiny_aligngpt(seed: int = 0, levels: int = 8, gate_hidden: int = 16, base: str = "llava", **kwargs):

@@ -4,11 +4,31 @@ It relies on the transformers 5.x processor contract (``_process_images`` return
 replacement strings, used by the base class) and on ``get_image_features`` +
 ``mm_encoder_outputs``. Parameter groups are guessed from module names (``vision``/``visual``
 for the tower; ``projector``/``merger``/``connector`` for the projector).
+
+Models read precomputed features (``mm_encoder_outputs["image"].pooler_output``) in one of two
+forms: a sequence of per-image tensors that the forward concatenates (LLaVA, Mistral3,
+LLaVA-OneVision), or one tensor it moves with ``.to`` and scatters into the image tokens in
+order (VipLLaVA, Aya Vision, FastVLM, GOT-OCR2). :class:`ImageFeatures` is both: a list of the
+per-image tensors whose ``.to`` gives them concatenated. Tested on a tiny VipLLaVA
+(``tests/integration/test_generic.py``).
 """
 
 from __future__ import annotations
 
-from .adapter import VLMAdapter
+from typing import Any, Sequence
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .adapter import EncodedImages, VLMAdapter
+
+
+class ImageFeatures(list):
+    """Per-image feature tensors; ``.to(...)`` gives them concatenated along the token axis, the
+    one tensor that models scattering features into the image tokens in order take."""
+
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        return torch.cat(list(self), dim=0).to(*args, **kwargs)
 
 
 class GenericAdapter(VLMAdapter):
@@ -25,3 +45,9 @@ class GenericAdapter(VLMAdapter):
         self.vision_prefixes = tuple(sorted(p for p in prefixes if "vision" in p or "visual" in p))
         self.projector_prefixes = tuple(sorted(p for p in prefixes if any(
             k in p for k in ("projector", "merger", "connector"))))
+
+    def mm_kwargs(self, encoded: EncodedImages | None, indices: Sequence[int]) -> dict[str, Any]:
+        if encoded is None or len(indices) == 0:
+            return {}
+        feats = ImageFeatures(encoded.features[i] for i in indices)
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=feats)}}

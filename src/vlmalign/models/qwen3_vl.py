@@ -16,7 +16,10 @@ The interface is Qwen2-VL's (``qwen2_vl.py``: flattened patches + ``image_grid_t
   and timestamps instead of temporal positions for videos. Both live inside the model; for images
   it takes the same inputs as Qwen2-VL, which the inherited hooks pass.
 * **Projector group**: the DeepStack mergers (``model.visual.deepstack_merger_list.``) are
-  projector, like the main merger.
+  projector, like the main merger. The adapter names each merger (``...deepstack_merger_list.0.``)
+  rather than their ``ModuleList``: LoRA with a trained projector makes the projector's modules
+  PEFT ``modules_to_save`` copies, and PEFT refuses a ``ModuleList``
+  (``tests/integration/test_families.py::test_lora_sft_step_trains_the_adapters_and_keeps_the_base``).
 * **Template**: Qwen3-VL-Instruct's ChatML has no default system prompt.
 * The stock processor needs a video processor (torchvision); as for Qwen2-VL, an image-only
   subclass is the tiny builder's processor and the loading fallback.
@@ -66,6 +69,13 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     model_types = ("qwen3_vl",)
     projector_prefixes = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
+
+    def __init__(self, model, processor):
+        super().__init__(model, processor)
+        # one prefix per DeepStack merger (module docstring: PEFT's modules_to_save takes no ModuleList)
+        n = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())
+        self.projector_prefixes = ("model.visual.merger.",
+                                   *(f"model.visual.deepstack_merger_list.{i}." for i in range(n)))
 
     def _encode(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         out = self.model.model.get_image_features(**batch, return_dict=True)
