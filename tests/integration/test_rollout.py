@@ -345,6 +345,30 @@ def test_prefix_shared_logprobs_equal_whole_rows(data, family):
     assert _masked_close(sequence_logprobs(ad, bad, encoded=b.encoded, share_prefix=True), lp0, b.response_mask, 1e-5)
 
 
+@pytest.mark.parametrize("family", ["llava", "internvl", "idefics3"])
+def test_shared_prefill_samples_the_same_tokens(data, family):
+    """rollout.prefix_sharing: each prompt is prefilled once (counted) for its k rows, and with
+    per-row seeds the samples and their log-probs are those of a rollout that prefills every row."""
+    root, recs = data
+    model, processor = build_tiny(family)
+    model.eval()
+    ad = adapter_for(model, processor)
+    loader = ImageLoader(ad, root)
+    prompts, seeds = [recs[0], _long_prompt(recs), recs[2]], list(range(9))
+    a = rollout(ad, prompts, loader, SAMPLE, k=3, seed=5, row_seeds=seeds)
+    rows = []
+    real = ad.forward
+    ad.forward = lambda ids, *x, **kw: rows.append(ids.shape[0]) or real(ids, *x, **kw)
+    try:
+        b = rollout(ad, prompts, loader, SAMPLE, k=3, seed=5, row_seeds=seeds, share_prefill=True)
+    finally:
+        del ad.forward
+    assert rows == [3]                                   # the three prompts, once each
+    assert torch.equal(a.response_ids, b.response_ids) and a.texts == b.texts
+    assert _masked_close(b.logprobs, a.logprobs, a.response_mask, 1e-5)
+    assert _masked_close(b.logprobs, sequence_logprobs(ad, b, encoded=b.encoded), b.response_mask, 1e-4)
+
+
 def test_values_for_a_value_head(data):
     root, recs = data
     policy = adapter_for(*build_tiny("llava"))

@@ -119,6 +119,7 @@ class OnlineTrainer(Engine):
         self.encoder_frozen = not (cfg.model.train_vision or cfg.model.train_projector or
                                    (cfg.lora.enabled and cfg.lora.include_vision))
         self.share_prefix = self._can_share_prefix(adapter, "policy")
+        self.share_prefill = cfg.rollout.prefix_sharing and self._can_share_prefix(adapter, "rollout", "rollout")
         self.ref_share_prefix = reference is not None and (
             self.share_prefix if reference.adapter is adapter else self._can_share_prefix(reference.adapter, "reference"))
         if not self.sharded:   # sharded: FSDP2 put them on the device
@@ -134,16 +135,19 @@ class OnlineTrainer(Engine):
             build_reward(cfg.reward, image_root=eroot, **kw)
 
     # ------------------------------------------------------------------ helpers
-    def _can_share_prefix(self, adapter, who: str) -> bool:
+    def _can_share_prefix(self, adapter, who: str, section: str = "update") -> bool:
         """Whether ``update.prefix_sharing`` runs each group's prompt once in ``adapter``'s
-        log-prob forwards (the reason it does not is logged once)."""
-        if not self.cfg.update.prefix_sharing:
+        log-prob forwards, or (``section="rollout"``) ``rollout.prefix_sharing`` prefills each
+        prompt once for its k samples (the reason it does not is logged once)."""
+        if not getattr(self.cfg, section).prefix_sharing:
             return False
         why = adapter.prefix_sharing_problem()
+        if why is None and section == "rollout" and not adapter.prefill_sharing:
+            why = f"{adapter.family}'s generate cannot continue a prefilled cache"
         if why is None and self.sharded:
             why = "the model is sharded with FSDP2 (gradients through the key/value cache pass FSDP's backward hooks)"
         if why is not None:
-            log.warning("update.prefix_sharing: the %s's forwards run whole rows: %s", who, why)
+            log.warning("%s.prefix_sharing: the %s's forwards run whole rows: %s", section, who, why)
         return why is None
 
     def _prompts(self, step: int) -> tuple[list, list[int]]:
@@ -255,7 +259,7 @@ class OnlineTrainer(Engine):
         batch = rollout(ad, prompts, self.loader, self.sampling, cfg.rollout.k,
                         seed=self.seed_for(self.step), batch_size=cfg.rollout.generation_batch_size,
                         max_prompt_length=self.max_prompt_length, row_seeds=self.row_seeds(self.step, places),
-                        synced=self.sharded)
+                        synced=self.sharded, share_prefill=self.share_prefill)
         t_roll = time.time() - t0
         lengths, fin = batch.response_lengths.tolist(), batch.finished.tolist()
         inputs = [RewardInput.from_record(batch.records[g], text, finished=bool(f), response_tokens=int(n))

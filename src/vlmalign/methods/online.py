@@ -33,6 +33,9 @@ class RolloutSection:
     max_new_tokens: int = opt(64, "response token budget (responses that reach it count as unfinished)", ge=1)
     generation_batch_size: int | None = opt(None, "prompts per generate call (default: the whole step); "
                                                   "images are still encoded once per step", ge=1)
+    prefix_sharing: bool = opt(True, "prefill each prompt (its image tokens included) once and copy its key/value "
+                                     "cache to its k samples before sampling; exact, and off by itself where the "
+                                     "family or setup does not allow it (as update.prefix_sharing)")
 
 
 @dataclass

@@ -232,6 +232,9 @@ class VLMAdapter:
     # positions or attention depend on the whole sequence (M-RoPE, prefix-LM), with the reason.
     prefix_sharing: ClassVar[bool] = True
     prefix_sharing_note: ClassVar[str] = ""
+    # False where the family's own generate cannot continue a prefilled key/value cache (rollouts
+    # then prefill each of a prompt's k rows; InstructBLIP's generate builds its own embeddings)
+    prefill_sharing: ClassVar[bool] = True
     # Sequence packing (``forward(segment_ids=...)``, SFT's ``data.packing``). None: supported;
     # otherwise why this family cannot hold several samples in one row (the run is refused with it).
     packing_refused: ClassVar[str | None] = None
@@ -605,7 +608,12 @@ class VLMAdapter:
                  encoded: EncodedImages | None = None, image_indices: Sequence[Sequence[int]] = (),
                  **generate_kwargs) -> torch.Tensor:
         """``model.generate`` from already-encoded images (``image_indices`` as in ``forward``).
-        Returns prompt + new token ids, like HF generate for decoder-only models."""
+        Returns prompt + new token ids, like HF generate for decoder-only models. With
+        ``cache`` (a key/value cache of every prompt column but the last, computed by the
+        caller: rollouts prefill each prompt once for its k samples) the images are already in the
+        cache and their features are not passed again."""
+        if generate_kwargs.get("cache") is not None:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         mm = self._mm_inputs(input_ids, attention_mask, encoded, image_indices)
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **mm, **generate_kwargs)
 

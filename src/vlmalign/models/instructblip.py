@@ -81,6 +81,7 @@ INSTRUCTBLIP_CHAT_TEMPLATE = (
 class InstructBlipAdapter(VLMAdapter):
     family = "instructblip"
     model_types = ("instructblip",)
+    prefill_sharing = False     # its generate prepends the query tokens' embeddings itself
     # the model turns a missing attention mask into a 2-D one of ones, which switches off
     # transformers' packed-sequence detection: packed rows get our 4-D block-diagonal mask
     packing_attention = "mask"

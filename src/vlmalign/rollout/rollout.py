@@ -302,7 +302,8 @@ def _prompt_of(rec, i: int):
 def rollout(adapter, records: Sequence, loader: ImageLoader, cfg: SamplingConfig | None = None,
             k: int | None = None, *, seed: int | None = None, batch_size: int | None = None,
             max_prompt_length: int | None = None, backend: str = "hf", vllm_engine=None,
-            row_seeds: Sequence[int] | None = None, synced: bool = False) -> RolloutBatch:
+            row_seeds: Sequence[int] | None = None, synced: bool = False,
+            share_prefill: bool = False) -> RolloutBatch:
     """Sample ``k`` responses (default ``cfg.num_samples``) for each record's prompt.
 
     ``records``: RL prompts (or any record with a ``prompt``, or plain message lists).
@@ -317,7 +318,10 @@ def rollout(adapter, records: Sequence, loader: ImageLoader, cfg: SamplingConfig
     only recorded. HF backend only. ``synced``: HF's ``synced_gpus``: a process whose rows have
     all stopped keeps running forwards until every process's have (a model sharded with FSDP2
     needs every process in each forward); every process must then call with the same number
-    of generate calls.
+    of generate calls. ``share_prefill``: each prompt's columns but the last run once and their
+    key/value cache is copied to its k rows before ``generate`` samples (the caller checks that
+    the model allows it: ``adapter.prefix_sharing_problem()`` and ``adapter.prefill_sharing``;
+    a chunk that cannot, e.g. a prompt ending in an image token, prefills every row).
     """
     cfg = cfg or SamplingConfig()
     k = cfg.num_samples if k is None else int(k)
@@ -371,7 +375,8 @@ def rollout(adapter, records: Sequence, loader: ImageLoader, cfg: SamplingConfig
             enc = adapter.encode_images(uniq, prompts=uprompts) if uniq else None
             per = (batch_size or len(records)) * k
             parts = [_generate_rows(adapter, items[s:s + per], per_row[s:s + per], enc, cfg, generator,
-                                    stops, pad_id, None if row_gens is None else row_gens[s:s + per], synced)
+                                    stops, pad_id, None if row_gens is None else row_gens[s:s + per], synced,
+                                    k=k, share_prefill=share_prefill)
                      for s in range(0, len(items), per)]
     finally:
         if was_training:
@@ -430,18 +435,46 @@ def response_stop_mask(seq: torch.Tensor, stops: Sequence[int]) -> tuple[torch.T
     return mask, finished
 
 
+def _prefill(adapter, ids, mask, per_row, enc, k: int):
+    """The key/value cache of every prompt column but the last, each of the chunk's prompts run
+    once (its rows are ``k`` consecutive copies) and indexed out to its k rows; None where the
+    chunk does not allow it (then generate prefills every row itself)."""
+    R, Lp = ids.shape
+    if k < 2 or R % k or Lp < 2 or int(mask.sum(1).min()) < 2:
+        return None
+    if adapter.image_token_id is not None and bool((ids[:, -1] == adapter.image_token_id).any()):
+        return None
+    rep = torch.arange(0, R, k, device=ids.device)
+    if not torch.equal(ids[rep].repeat_interleave(k, 0), ids):
+        return None
+    pos = adapter.position_ids(ids[rep], mask[rep], encoded=enc, image_indices=[per_row[r] for r in rep.tolist()])
+    if pos is None or pos.dim() != 2:
+        return None
+    out = adapter.forward(ids[rep, :-1], mask[rep, :-1], encoded=enc, image_indices=[per_row[r] for r in rep.tolist()],
+                          position_ids=pos[:, :-1], use_cache=True, logits_to_keep=1)
+    cache = adapter.kv_cache(out)
+    if cache is None or not is_dynamic_cache(cache):
+        return None
+    cache.batch_select_indices(torch.arange(R, device=ids.device) // k)
+    return cache
+
+
 def _generate_rows(adapter, items, per_row, enc, cfg, generator, stops, pad_id, row_generators=None,
-                   synced: bool = False):
-    """One HF ``generate`` call over ``items`` (already k-expanded); ``row_generators``: one per row."""
+                   synced: bool = False, k: int = 1, share_prefill: bool = False):
+    """One HF ``generate`` call over ``items`` (already k-expanded); ``row_generators``: one per row.
+    ``share_prefill``: run each prompt once and give its key/value cache to its k rows
+    (:func:`_prefill`; the caller checks that the model allows it)."""
     dev = adapter.device
     ids = pad([it.rows["input_ids"] for it in items], pad_id, side="left").to(dev)
     mask = pad([[1] * len(it.rows["input_ids"]) for it in items], 0, side="left").to(dev)
     sampler = _Sampler(cfg, generator, banned_token_ids(adapter), row_generators)
+    cache = _prefill(adapter, ids, mask, per_row, enc, k) if share_prefill else None
     from transformers import LogitsProcessorList
     with _plain_generation_configs(adapter.model, stops, pad_id):
         out = adapter.generate(ids, mask, encoded=enc, image_indices=per_row, max_new_tokens=cfg.max_new_tokens,
                                do_sample=False, use_cache=True, eos_token_id=list(stops), pad_token_id=pad_id,
                                logits_processor=LogitsProcessorList([sampler]),
+                               **({"cache": cache} if cache is not None else {}),
                                **({"synced_gpus": True} if synced else {}))
     seq = adapter.new_tokens(out, ids)
     n = seq.shape[1]
