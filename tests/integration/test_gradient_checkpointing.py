@@ -23,9 +23,11 @@ from vlmalign.models import families
 
 METHODS = ("pretrain", "sft", "rm", "dpo", "kto", "grpo", "ppo")
 # each method's training file and the settings that keep its one step small. Checkpointing turns
-# DPO's and KTO's prefix sharing off (the model returns no key/value cache in training, see
-# methods/logps.py), so both runs take the unshared path: AdamW's first step, about lr * sign(g),
-# would turn the float rounding between the two paths into weight differences of 2 * lr.
+# prefix sharing off (DPO's, KTO's, and GRPO's / PPO's in sampling and updates: the model returns no
+# key/value cache in training, see methods/logps.py), so both runs take the unshared path: AdamW's
+# first step, about lr * sign(g), would turn the float rounding between the two paths into weight
+# differences of 2 * lr, and the shared path's extra forwards would upset the call count.
+UNSHARED_RL = ["update.prefix_sharing=false", "rollout.prefix_sharing=false"]
 DATA = {
     "pretrain": ["data.train_file={d}/captions_train.json"],
     "sft": ["data.train_file={d}/vqa_train.json"],
@@ -33,9 +35,9 @@ DATA = {
     "dpo": ["data.train_file={d}/dpo_train.json", "dpo.ref_cache_dir={out}/ref_cache", "dpo.prefix_sharing=false"],
     "kto": ["data.train_file={d}/kto_train.jsonl", "kto.ref_cache_dir={out}/ref_cache", "kto.prefix_sharing=false"],
     "grpo": ["data.train_file={d}/rl_train.json", "rollout.prompts_per_step=2", "rollout.k=2",
-             "rollout.max_new_tokens=3"],
+             "rollout.max_new_tokens=3", *UNSHARED_RL],
     "ppo": ["data.train_file={d}/rl_train.json", "rollout.prompts_per_step=2", "rollout.k=2",
-            "rollout.max_new_tokens=3"],
+            "rollout.max_new_tokens=3", *UNSHARED_RL],
 }
 
 
