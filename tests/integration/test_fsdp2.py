@@ -49,20 +49,25 @@ RUNS = {
 }
 # other families: a one-step full SFT run each (vision tower trained too, so every group is
 # sharded and gathered), built with model.tiny in each process (same seed, same weights).
-# Not here, as they fail sharded ("got mixed torch.Tensor and DTensor", docs/MODELS.md): the image
-# encoding, run outside the model's forward, reads parameters that are still sharded there:
-# instructblip's query_tokens, llava_next's image_newline and mllama's class_embedding, bare
-# parameters outside every sharded unit (left to the root, gathered only for the forward).
-FAMILIES = ["gemma3", "idefics3", "internvl", "paligemma", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "smolvlm",
-            "vlmalign_aligngpt", "vlmalign_resampler"]
-RUNS.update({f"sft-{f}": ("sft", "vqa_train.json", [f"model.tiny={f}", "model.train_vision=true",
-                                                   "train.max_steps=1"], 1) for f in FAMILIES})
+# instructblip, llava_next and mllama: the image encoding reads a bare parameter that no unit
+# holds (query_tokens, image_newline, the tower's class_embedding), kept whole on every process
+# (the adapter's replicated_params) with its gradient averaged by the engine.
+# InstructBLIP's Q-Former has dropout (0.1, as the real model), which draws other masks for two
+# one-row batches than for one two-row batch (sharded or not: the losses differed by 0.012 under
+# DDP too), so it runs from a saved tiny model with its dropout set to 0 (_without_dropout).
+FAMILIES = ["gemma3", "idefics3", "instructblip", "internvl", "llava_next", "mllama", "paligemma", "qwen2_5_vl",
+            "qwen2_vl", "qwen3_vl", "smolvlm", "vlmalign_aligngpt", "vlmalign_resampler"]
+NO_DROPOUT = {"instructblip"}
+RUNS.update({f"sft-{f}": ("sft", "vqa_train.json", [f"model.path={{world}}/{f}" if f in NO_DROPOUT else f"model.tiny={f}",
+                                                   "model.train_vision=true", "train.max_steps=1"], 1)
+             for f in FAMILIES})
 KILLED = "sft-killed"
 
 
 def _options(world: Path, name: str, out: Path, processes: int) -> list[str]:
     method, data, extra, bs = RUNS[name]
-    tiny = any(o.startswith("model.tiny=") for o in extra)
+    extra = [o.replace("{world}", str(world)) for o in extra]
+    tiny = any(o.startswith(("model.tiny=", "model.path=")) for o in extra)   # a family's run
     model = [] if tiny else [f"model.path={world / 'model'}"]
     opts = [*model, f"data.train_file={world / 'data' / data}", f"data.max_length={512 if tiny else 256}",
             "train.max_steps=3", "train.progress=false", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.eps=1e-4",
@@ -70,6 +75,23 @@ def _options(world: Path, name: str, out: Path, processes: int) -> list[str]:
     if method == "dpo":
         opts.append(f"dpo.ref_cache_dir={out.parent / (out.name + '-ref-cache')}")
     return opts
+
+
+def _without_dropout(family: str, out: Path) -> None:
+    """The tiny ``family`` saved to ``out`` with every dropout probability of its config at 0."""
+    from vlmalign.models import save_tiny
+
+    def zero(d):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                zero(v)
+            elif "dropout" in k and isinstance(v, float):
+                d[k] = 0.0
+    if not out.exists():
+        save_tiny(family, str(out))
+        cfg = json.loads((out / "config.json").read_text())
+        zero(cfg)
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
 def _tail(log: Path) -> str:
@@ -80,6 +102,8 @@ def _tail(log: Path) -> str:
 def sharded(shapes_llava, tmp_path_factory):
     """The runs' directory after the launch: RUNS trained, KILLED killed after its step-1."""
     root = tmp_path_factory.mktemp("fsdp2")
+    for f in NO_DROPOUT:
+        _without_dropout(f, shapes_llava / f)
     spec = [{"method": RUNS[n][0], "overrides": [*_options(shapes_llava, n, root / n, 2), "train.sharding=fsdp2"]}
             for n in RUNS]
     spec.append({"method": "sft", "overrides": [*_options(shapes_llava, "sft-full-vision", root / KILLED, 2),

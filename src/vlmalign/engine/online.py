@@ -60,7 +60,7 @@ from ..losses.rl import entropy_from_logits
 from ..models.loading import resolve_dtype
 from ..rewards import RewardInput, build_reward
 from ..rollout import SamplingConfig, rollout, sequence_logprobs
-from .sharding import root_gathered
+from .sharding import average_replicated_grads, root_gathered
 from .trainer import Engine
 
 log = logging.getLogger(__name__)
@@ -186,8 +186,12 @@ class OnlineTrainer(Engine):
         through :meth:`backward` (scaled by the process count), so the average is the sum of
         every process's share of the one-process gradient. Every process must call it. Under
         FSDP2 (``sharded``) the module is sharded too, and its backward has already reduced its
-        gradients over processes (averaged, like the policy's): nothing to do."""
-        if self.world == 1 or self.sharded:
+        gradients over processes (averaged, like the policy's), except those of the parameters
+        sharding kept whole (:func:`~vlmalign.engine.sharding.average_replicated_grads`)."""
+        if self.world == 1:
+            return
+        if self.sharded:
+            average_replicated_grads(params)
             return
         import torch.distributed as dist
         grads = [p.grad for p in params if p.grad is not None]

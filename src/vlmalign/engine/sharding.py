@@ -22,6 +22,18 @@ the units are chosen so that every module called on its own is one (:func:`shard
   ``aten.embedding.default got mixed torch.Tensor and DTensor``). :func:`fsdp_root` finds
   that unit from the trained module (gradient sync, :func:`root_gathered`).
 
+A parameter the encoding reads outside every unit's forward (a bare one of a module that is no
+unit: InstructBLIP's ``query_tokens``, LLaVA-NeXT's ``image_newline``, the Mllama tower's
+``class_embedding``; the adapter's ``replicated_params``) would fall to the root unit, which is
+gathered only in the model's forward, and the encoding would meet its shard (``got mixed
+torch.Tensor and DTensor``). Such parameters stay whole on every process (FSDP2's
+``ignored_params``, passed as ``replicated``): each process's backward leaves its own share of
+their gradient, which :func:`average_replicated_grads` averages over the processes before the
+update, as FSDP2's reduce-scatter does for the sharded ones; :func:`clip_grad_norm_` takes the
+norm over both kinds. Gathering the root around the encoding instead fails in backward: FSDP2
+reduces and reshards the root when the gradient reaches the forward's inputs (the image
+features), before the encoding's backward reaches the parameter.
+
 A module trained beside the model (PPO's critic: a method's ``shard_modules``) is sharded the
 same way, on the same mesh, as a root of its own.
 
@@ -66,11 +78,12 @@ def device_mesh(device_type: str):
 
 
 def shard(root: nn.Module, units: list[nn.Module], *, device_type: str, offload: bool = False,
-          mesh=None) -> nn.Module:
+          mesh=None, replicated=()) -> nn.Module:
     """Apply FSDP2 to ``units`` (deepest first) and then to ``root`` over all processes of the
     default process group (``mesh``: the :func:`device_mesh` to use, so that several roots share
     one; default: a new one); returns ``root`` (changed in place: its parameters become DTensor
-    shards, so build the optimizer afterwards)."""
+    shards, so build the optimizer afterwards). ``replicated``: parameters left whole on every
+    process (moved to the device; their gradients: :func:`average_replicated_grads`)."""
     import torch.distributed as dist
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
@@ -86,16 +99,80 @@ def shard(root: nn.Module, units: list[nn.Module], *, device_type: str, offload:
         raise VlmalignError(f"FSDP2: {type(root).__name__} holds parameters outside the model it wraps "
                             f"({type(top).__name__}); cannot shard it")
     ordered = _depth_first_order(top, units)
+    mine = {id(p) for p in top.parameters()}
+    replicated = [p for p in replicated if id(p) in mine]
+    if replicated:
+        kw["ignored_params"] = set(replicated)
     for m in ordered:
         fully_shard(m, **kw)
     fully_shard(top, **kw)
+    if replicated and device_type != "cpu":
+        # FSDP2 moves the parameters it manages to the mesh's device, not the ignored ones
+        dev = torch.device(device_type, torch.get_device_module(device_type).current_device())
+        for p in replicated:
+            p.data = p.data.to(dev)
     # FSDP2 picks as root the first of its modules to run a forward; the image encoding runs
     # the vision tower's units before the model's forward, so the root is initialised here.
     # (A private call: torch 2.13 offers no public one; tests/integration/test_fsdp2.py runs it.)
     top._get_fsdp_state()._lazy_init()
     n = dist.get_world_size()
-    log.info("FSDP2: %d units + the root over %d process%s (%s)", len(ordered), n, "es" if n > 1 else "", device_type)
+    log.info("FSDP2: %d units + the root over %d process%s (%s)%s", len(ordered), n, "es" if n > 1 else "",
+             device_type, f"; {len(replicated)} parameter(s) kept whole" if replicated else "")
     return root
+
+
+def _replicated_trainable(params) -> list[nn.Parameter]:
+    from torch.distributed.tensor import DTensor
+    return [p for p in params if p.requires_grad and not isinstance(p, DTensor)]
+
+
+def average_replicated_grads(params) -> None:
+    """Average over the processes the gradients of those of ``params`` (of sharded modules)
+    that :func:`shard` kept whole (``replicated``: plain tensors among the DTensors), as FSDP2's
+    reduce-scatter does for the sharded ones (their sum over the processes, divided by the
+    process count). A process whose backward never reached one (e.g. no image in its batch)
+    contributes zeros; one that no process's backward reached keeps no gradient (the optimizer
+    skips it, as in one process). Every process must call it, with the same parameters, after
+    the last micro-batch's backward of a step and before clipping."""
+    import torch.distributed as dist
+    params = _replicated_trainable(params)
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    had = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+    flat = torch.cat([*(g.reshape(-1).float() for g in grads), had])
+    dist.all_reduce(flat)
+    flat[:-len(params)] /= dist.get_world_size()
+    off = 0
+    for p, any_grad in zip(params, flat[-len(params):].tolist()):
+        n = p.numel()
+        g = flat[off:off + n].view_as(p).to(p.dtype)
+        off += n
+        if p.grad is not None:
+            p.grad.copy_(g)
+        elif any_grad > 0:
+            p.grad = g
+
+
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over the parameters of sharded modules, where some
+    are DTensor shards and some were kept whole (torch's own refuses the mix: ``got mixed
+    torch.Tensor and DTensor``): the 2-norm over both kinds (the shards' gathered over the
+    processes), each gradient scaled by the same factor. Returns that norm."""
+    from torch.distributed.tensor import DTensor
+    params = [p for p in params if p.grad is not None]
+    plain = [p for p in params if not isinstance(p.grad, DTensor)]
+    if not plain or len(plain) == len(params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    shards = [p for p in params if isinstance(p.grad, DTensor)]
+    a = torch.nn.utils.get_total_norm([p.grad for p in shards])
+    b = torch.nn.utils.get_total_norm([p.grad for p in plain])
+    a = a.full_tensor() if isinstance(a, DTensor) else a
+    total = torch.linalg.vector_norm(torch.stack([a, b.to(a.device)]))
+    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    for p in params:
+        p.grad.mul_(coef)
+    return total
 
 
 def fsdp_root(module: nn.Module):

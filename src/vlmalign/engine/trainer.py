@@ -192,7 +192,8 @@ class Engine:
                 self._preloaded = self._load_checkpoint_weights()
             self.mesh = sharding.device_mesh(self.acc.device.type)
             sharding.shard(self.model, [u for ad in self.adapters for u in ad.shard_units()],
-                           device_type=self.acc.device.type, offload=self.launch.offloads, mesh=self.mesh)
+                           device_type=self.acc.device.type, offload=self.launch.offloads, mesh=self.mesh,
+                           replicated=[p for ad in self.adapters for p in ad.replicated_parameters()])
             if self.extra_modules:
                 # the method shards the modules it trains beside the model and rebuilds what holds
                 # their parameters (its optimizer, the checkpointed views) on the shards
@@ -250,11 +251,13 @@ class Engine:
             raise ScalingError(f"{what}: eval.tasks generates answers with the model, which sharding does not "
                                "run; evaluate the saved checkpoint with `vlmalign eval` instead")
 
-    def _shard_extra(self, root, units):
+    def _shard_extra(self, root, units, replicated=()):
         """FSDP2 for a module trained beside the model (``method.shard_modules`` calls it): the
         model's mesh and offload; ``root`` is then a sharded root of its own, whose gradient
-        reduction follows the model's (:meth:`no_sync`). Returns ``root``."""
-        sharding.shard(root, units, device_type=self.acc.device.type, offload=self.launch.offloads, mesh=self.mesh)
+        reduction follows the model's (:meth:`no_sync`; ``replicated``: parameters kept whole,
+        :func:`sharding.shard`). Returns ``root``."""
+        sharding.shard(root, units, device_type=self.acc.device.type, offload=self.launch.offloads, mesh=self.mesh,
+                       replicated=replicated)
         self.extra_roots.append(root)
         return root
 
@@ -344,8 +347,12 @@ class Engine:
         schedule, zero the gradients. Returns the gradient norm before clipping (None: not clipped)."""
         gn = None
         mg = self.oc.max_grad_norm
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if update and self.sharded:
+            # the parameters sharding kept whole: their gradients averaged here (FSDP2 reduced the rest)
+            sharding.average_replicated_grads(list(self.model.parameters()))
         if update and mg and mg > 0:
-            gn = self.acc.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], mg)
+            gn = sharding.clip_grad_norm_(params, mg) if self.sharded else self.acc.clip_grad_norm_(params, mg)
             if gn is not None and not torch.isfinite(torch.as_tensor(gn)):
                 raise NonFiniteLossError(f"non-finite gradient norm at step {self.step + 1}; the run is "
                                          f"stopped and the last good checkpoint is kept ({self._last_ckpt()})")

@@ -122,7 +122,8 @@ class PPOMethod:
         view and optimizer rebuilt on the sharded parameters (built before any step: no state to
         carry over). Its gradients are then reduced by FSDP2, its checkpointed weights and
         optimizer state gathered whole (:meth:`state_dict`)."""
-        shard(self.value_model, self.value_model.adapter.shard_units())
+        shard(self.value_model, self.value_model.adapter.shard_units(),
+              replicated=self.value_model.adapter.replicated_parameters())
         self._view.take(self.value_model)
         self.critic_optimizer = self._make_optimizer()
         self.sharded = True
@@ -138,7 +139,11 @@ class PPOMethod:
         loop.average_gradients(params)
         mg = self.cfg.value.max_grad_norm
         if mg and mg > 0:
-            gn = torch.nn.utils.clip_grad_norm_(params, mg)
+            if self.sharded:   # DTensor shards beside the parameters sharding kept whole
+                from ..engine.sharding import clip_grad_norm_
+                gn = clip_grad_norm_(params, mg)
+            else:
+                gn = torch.nn.utils.clip_grad_norm_(params, mg)
             if not torch.isfinite(gn):
                 raise VlmalignError(f"non-finite critic gradient norm at step {loop.step + 1}; the run is stopped")
             self.critic_grad_norm = float(gn)

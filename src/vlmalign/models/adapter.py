@@ -245,6 +245,13 @@ class VLMAdapter:
     # "mask": a block-diagonal causal 4-D mask built here (block_diagonal_mask), which
     #   transformers passes through untouched (never with flash-attention, which takes no 4-D mask).
     packing_attention: ClassVar[str] = "position_ids"
+    # Parameters (full names in ``model``) that ``encode_images`` reads outside the forward of
+    # every FSDP2 unit (``shard_units``): bare parameters of a module that is no unit
+    # (InstructBLIP's ``query_tokens`` and LLaVA-NeXT's ``image_newline``, read by the encoding
+    # itself; the Mllama tower's ``class_embedding``, a tower taken by its children). They would
+    # fall to the root unit, gathered only in the model's forward, so sharding keeps them whole
+    # on every process instead and averages their gradients itself (``engine/sharding.py``).
+    replicated_params: ClassVar[tuple[str, ...]] = ()
     # The training stage the adapter serves: None outside training, "pretrain" (projector
     # pretraining) or "finetune" (every other method), set by methods/setup.prepare_trainable.
     # Families whose inputs or frozen parts differ by stage read it (AlignGPT, aligngpt.py).
@@ -368,7 +375,7 @@ class VLMAdapter:
             try:
                 mod = self.model.get_submodule(prefix.rstrip("."))
             except AttributeError:
-                continue   # a bare parameter (e.g. an image_newline): it stays in the root unit
+                continue   # a bare parameter (e.g. an image_newline): replicated_params
             parts = list(mod.children()) if isinstance(mod, PreTrainedModel) else [mod]
             parts = [m for part in parts for m in
                      (part.children() if isinstance(part, (nn.ModuleList, nn.ModuleDict)) else [part])]
@@ -377,6 +384,11 @@ class VLMAdapter:
                     units.append(part)
                     covered.update(id(p) for p in part.parameters())
         return units
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """The parameters named by ``replicated_params``: FSDP2 leaves them unsharded
+        (``engine/sharding.py``)."""
+        return [self.model.get_parameter(n) for n in self.replicated_params]
 
     @classmethod
     def load_processor(cls, path: str, *, trust_remote_code: bool = False):

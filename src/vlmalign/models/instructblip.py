@@ -88,6 +88,8 @@ class InstructBlipAdapter(VLMAdapter):
     placeholder_token = "<image>"
     vision_prefixes = ("vision_model.",)
     projector_prefixes = ("qformer.", "query_tokens", "language_projection.")
+    # read by the image encoding outside every module's forward: unsharded under FSDP2
+    replicated_params = ("query_tokens",)
     head_prefixes = ("language_model.lm_head.",)
     encoder_keys = ("pixel_values",)
     encoding_uses_prompt = True

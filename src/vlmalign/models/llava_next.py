@@ -70,6 +70,8 @@ class LlavaNextAdapter(VLMAdapter):
     placeholder_token = "<image>"
     vision_prefixes = ("model.vision_tower.",)
     projector_prefixes = ("model.multi_modal_projector.", "model.image_newline")
+    # read by the image encoding outside every module's forward: unsharded under FSDP2
+    replicated_params = ("model.image_newline",)
     encoder_keys = ("pixel_values", "image_sizes")
 
     def collate_images(self, items: Sequence[ImageInputs]) -> dict[str, torch.Tensor]:

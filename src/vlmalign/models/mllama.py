@@ -68,6 +68,9 @@ class MllamaAdapter(VLMAdapter):
     placeholder_token = "<|image|>"
     vision_prefixes = ("model.vision_model.",)
     projector_prefixes = ("model.multi_modal_projector.",)
+    # read by the tower's own forward, but the tower is sharded by its children (shard_units), so
+    # no unit holds it: unsharded under FSDP2
+    replicated_params = ("model.vision_model.class_embedding",)
     head_prefixes = ("lm_head.",)
     encoder_keys = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
     prefix_sharing = False
