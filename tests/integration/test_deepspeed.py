@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
-PORT = iter(range(29701, 29799))
 
 
 def _launch(root: Path, config: str, method: str, out: Path, *sets: str) -> list[dict]:
@@ -28,7 +28,7 @@ def _launch(root: Path, config: str, method: str, out: Path, *sets: str) -> list
            "DS_ACCELERATOR": "cpu"}
     data = "vqa_train.json" if method == "sft" else "dpo_train.json"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-           "--num_processes", "2", "--main_process_port", str(next(PORT)), "-m", "vlmalign", "train", method,
+           "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "vlmalign", "train", method,
            f"model.path={root / 'model'}", f"data.train_file={root / 'data' / data}", "data.max_train_samples=8",
            "data.max_length=256", "train.batch_size=1", "train.grad_accum=2", "train.max_steps=2",
            "train.progress=false", "optim.eps=1e-4", f"train.output_dir={out}", *(s.format(out=out) for s in sets)]
@@ -80,7 +80,7 @@ def test_resume_under_deepspeed_is_refused(shapes_llava, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "zero2.yaml"),
-           "--num_processes", "2", "--main_process_port", str(next(PORT)), "-m", "vlmalign", "train", "sft",
+           "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "vlmalign", "train", "sft",
            f"model.path={shapes_llava / 'model'}", f"data.train_file={shapes_llava / 'data' / 'vqa_train.json'}",
            "data.max_train_samples=8", "data.max_length=256", "train.batch_size=1", "train.grad_accum=2",
            "train.max_steps=3", "train.progress=false", "optim.eps=1e-4", f"train.output_dir={tmp_path / 'run'}",

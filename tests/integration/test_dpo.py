@@ -28,6 +28,7 @@ from vlmalign.methods.logps import Reference, completion_logps, shared_logps, un
 from vlmalign.models import adapter_for, build_tiny, load_adapter, save_tiny
 
 from tiny_kinds import build_kind
+from ports import free_port
 
 TOL = 1e-5
 
@@ -627,7 +628,7 @@ def test_two_processes_match_one(world, tmp_path):
     subprocess.run([sys.executable, "-m", "vlmalign", *common, "train.batch_size=4", f"train.output_dir={one}",
                     f"dpo.ref_cache_dir={tmp_path / 'c1'}"], check=True, env=env, capture_output=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29541", "-m", "vlmalign", *common, "train.batch_size=2", f"train.output_dir={two}",
+                        str(free_port()), "-m", "vlmalign", *common, "train.batch_size=2", f"train.output_dir={two}",
                         f"dpo.ref_cache_dir={tmp_path / 'c2'}"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (r.stdout + r.stderr).count("reference log-probs: computed") == 1

@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from vlmalign.config import load_config
 from vlmalign.methods.registry import get
 from vlmalign.engine.scaling import ScalingError
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -113,7 +114,7 @@ def sharded(shapes_llava, tmp_path_factory):
     log = root / "launch.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                 "--master_port", "29571", str(WORKER), str(root / "spec.json")],
+                                 "--master_port", str(free_port()), str(WORKER), str(root / "spec.json")],
                                 env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 600
@@ -205,7 +206,7 @@ def test_a_sigkilled_sharded_run_resumes_through_an_fsdp_launch(sharded, shapes_
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                         str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
-                        "--main_process_port", "29573", "-m", "vlmalign", "train", "sft", *opts, "train.resume=true"],
+                        "--main_process_port", str(free_port()), "-m", "vlmalign", "train", "sft", *opts, "train.resume=true"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     out = r.stdout + r.stderr

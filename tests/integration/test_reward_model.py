@@ -23,6 +23,7 @@ from vlmalign.models import adapter_for, build_tiny, families, load_adapter, sav
 from tiny_kinds import build_kind
 from vlmalign.models.scalar_head import (HEAD_CONFIG, HEAD_WEIGHTS, ScalarModel, final_hidden_state,
                                          load_scalar_model)
+from ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +334,7 @@ def test_two_processes_match_one_including_the_head(world, tmp_path):
     subprocess.run([sys.executable, "-m", "vlmalign", *common, "train.batch_size=4", f"train.output_dir={one}"],
                    check=True, env=env, capture_output=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29547", "-m", "vlmalign", *common, "train.batch_size=2", f"train.output_dir={two}"],
+                        str(free_port()), "-m", "vlmalign", *common, "train.batch_size=2", f"train.output_dir={two}"],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     la, lb = ([json.loads(x)["train/loss"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two))

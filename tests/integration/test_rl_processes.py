@@ -30,10 +30,9 @@ import torch
 from safetensors.torch import load_file
 
 from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
+from ports import free_port
 
 DIGIT = "reward=[{type: function, name: format, args: {pattern: '[0-9]', mode: search}}]"
-PORTS = {"grpo": 29541, "reinforce_pp": 29542, "ppo": 29543, "grpo_fsdp2": 29544, "ppo_fsdp2": 29545,
-         "ppo_fsdp2_resume": 29546, "grpo_lora_fsdp2": 29547, "ppo_lora_fsdp2": 29548}
 # per process: 2 prompts x k=4; one process: 4 prompts x k=4 (the same 4 prompts each step)
 RUNS = {
     "grpo": ("grpo", ["EVAL"]),
@@ -110,7 +109,7 @@ def test_two_processes_match_one(world, tmp_path, name):
                         "rollout.prompts_per_step=4", f"train.output_dir={one}"],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _launch2(world, method, extra, two, PORTS[name], env)
+    r = _launch2(world, method, extra, two, free_port(), env)
     assert r.returncode == 0, r.stderr[-3000:]
     if "train.sharding=fsdp2" in extra:
         assert "FSDP2: " in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]   # the engine sharded the policy
@@ -173,7 +172,7 @@ def _check_sharded_ppo_resumes(world, extra, one, two, resumed, env):
     # the run as a SIGKILL after step-1 leaves it: step-2 and its metrics not written yet
     import shutil
     shutil.copytree(two, resumed, ignore=shutil.ignore_patterns("step-2"))
-    r = _launch2(world, "ppo", [*extra, "train.resume=true"], resumed, PORTS["ppo_fsdp2_resume"], env)
+    r = _launch2(world, "ppo", [*extra, "train.resume=true"], resumed, free_port(), env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {resumed / 'checkpoints' / 'step-1'}" in r.stdout + r.stderr
     assert [x["step"] for x in _rows(resumed)] == [1, 2]

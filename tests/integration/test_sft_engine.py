@@ -21,6 +21,7 @@ from vlmalign.engine.trainer import NonFiniteLossError
 from vlmalign.errors import DataError
 from vlmalign.methods.sft import SFTConfig, SFTMethod, PretrainConfig, train_sft
 from vlmalign.models import save_tiny
+from ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +168,7 @@ def test_two_processes_match_one(world, tmp_path):
     subprocess.run(_cli(*common, "train.batch_size=4", f"train.output_dir={one}"), check=True, env=env,
                    capture_output=True)
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "vlmalign", *common, "train.batch_size=2", f"train.output_dir={two}"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
