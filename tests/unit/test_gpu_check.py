@@ -98,7 +98,7 @@ def test_every_training_check_sets_options_its_method_has(tmp_path):
             if "accelerate.commands.launch" in argv:   # one process per GPU present
                 assert argv[argv.index("--num_processes") + 1] == "2", shlex.join(argv)
                 assert (ROOT / argv[argv.index("--config_file") + 1]).is_file()
-    assert seen == 17   # 7 bf16/fp32 runs, 8-bit AdamW, 2 QLoRA, 7 sharded launches (FSDP2 x2, ZeRO x5)
+    assert seen == 18   # 8 bf16/fp32 runs (one packed), 8-bit AdamW, 2 QLoRA, 7 sharded launches (FSDP2 x2, ZeRO x5)
 
 
 def test_cpu_smoke_runs_the_cpu_checks_and_skips_the_rest(tmp_path):
