@@ -94,6 +94,25 @@ def build_model(arch: dict, out_dir: Path, dtype: str = "fp32", seed: int = 0) -
     return out_dir
 
 
+def write_records(out_dir: Path, name: str, records: list) -> Path:
+    """The benchmark's data file ``out_dir / name`` (JSON), for both sides."""
+    path = out_dir / name
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
+def records_for_stats(model_dir: str, data_file: str, kind: str):
+    """``(adapter, records, image loader)`` of a benchmark's data file, for its token counts."""
+    from vlmalign.config.sections import DataSection
+    from vlmalign.data.batching import ImageLoader
+    from vlmalign.data.loading import read_records
+    from vlmalign.models import load_adapter
+
+    ad = load_adapter(model_dir)
+    recs, _ = read_records(data_file, DataSection(), kind=kind)
+    return ad, recs, ImageLoader(ad, os.path.dirname(data_file))
+
+
 def fit_text(tok, text: str, n_tokens: int, lead: str = "") -> str:
     """``text`` (repeated as needed) cut to ``n_tokens`` tokens of the local tokenizer, at a
     token boundary (``lead`` is prepended before counting, as the template renders it)."""

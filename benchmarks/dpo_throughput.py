@@ -99,21 +99,12 @@ def build_data(arch: dict, model_dir: Path, out_dir: Path, n_pairs: int, seed: i
         records.append({"id": f"pair-{i:05d}", "image": rel, "prompt": prompt,
                         "chosen": harness.fit_text(tok, good, n, lead=" ").strip(),
                         "rejected": harness.fit_text(tok, bad, n, lead=" ").strip()})
-    path = out_dir / "pairs.json"
-    path.write_text(json.dumps(records, indent=1))
-    return path
+    return harness.write_records(out_dir, "pairs.json", records)
 
 
 def sequence_stats(model_dir: str, data_file: str) -> dict:
     """Token counts of the data under our tokenization (image tokens, prompt text, completions)."""
-    from vlmalign.config.sections import DataSection
-    from vlmalign.models import load_adapter
-    from vlmalign.data.batching import ImageLoader
-    from vlmalign.data.loading import read_records
-
-    ad = load_adapter(model_dir)
-    recs, _ = read_records(data_file, DataSection(), kind="preference")
-    loader = ImageLoader(ad, os.path.dirname(data_file))
+    ad, recs, loader = harness.records_for_stats(model_dir, data_file, "preference")
     p, c, r, img = [], [], [], []
     for rec in recs:
         ims = [loader.inputs(ref) for ref in rec.images]

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -120,21 +119,12 @@ def build_data(arch: dict, model_dir: Path, out_dir: Path, n: int, seed: int = 0
         records.append({"id": f"rl-{i:05d}", "image": rel,
                         "conversations": [{"from": "human", "value": "<image>\n" + question},
                                           {"from": "gpt", "value": caption(scene)}]})
-    path = out_dir / "prompts.json"
-    path.write_text(json.dumps(records, indent=1))
-    return path
+    return harness.write_records(out_dir, "prompts.json", records)
 
 
 def prompt_stats(model_dir: str, data_file: str) -> dict:
     """Prompt token counts under our tokenization (image tokens included)."""
-    from vlmalign.config.sections import DataSection
-    from vlmalign.data.batching import ImageLoader
-    from vlmalign.data.loading import read_records
-    from vlmalign.models import load_adapter
-
-    ad = load_adapter(model_dir)
-    recs, _ = read_records(data_file, DataSection(), kind="rl_prompt")
-    loader = ImageLoader(ad, os.path.dirname(data_file))
+    ad, recs, loader = harness.records_for_stats(model_dir, data_file, "rl_prompt")
     lengths, images = [], []
     for rec in recs:
         t = ad.tokenize_prompt(rec.prompt, [loader.inputs(r) for m in rec.prompt for r in m.images])

@@ -32,8 +32,6 @@ See docs/BENCHMARKS.md for the measured numbers and how to read them.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -110,21 +108,14 @@ def build_data(arch: dict, shapes: dict, model_dir: Path, out_dir: Path, n: int,
         records.append({"id": f"sft-{i:05d}", "image": rel,
                         "conversations": [{"from": "human", "value": "<image>\n" + question},
                                           {"from": "gpt", "value": answer}]})
-    path = out_dir / "sft.json"
-    path.write_text(json.dumps(records, indent=1))
-    return path
+    return harness.write_records(out_dir, "sft.json", records)
 
 
 def sequence_stats(model_dir: str, data_file: str) -> dict:
     """Token counts of the records under our tokenization."""
-    from vlmalign.config.sections import DataSection
-    from vlmalign.data.batching import ImageLoader
-    from vlmalign.data.loading import read_records
-    from vlmalign.models import IGNORE_INDEX, load_adapter
+    from vlmalign.models import IGNORE_INDEX
 
-    ad = load_adapter(model_dir)
-    recs, _ = read_records(data_file, DataSection(), kind="conversation")
-    loader = ImageLoader(ad, os.path.dirname(data_file))
+    ad, recs, loader = harness.records_for_stats(model_dir, data_file, "conversation")
     lengths, answers, images = [], [], []
     for rec in recs:
         ims = [loader.inputs(ref) for ref in rec.images]
