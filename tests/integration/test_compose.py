@@ -167,6 +167,32 @@ def test_errors_name_the_part(parts, tmp_path, monkeypatch):
         compose(parts[0]["vit"], str(gguf), str(tmp_path / "a"))
 
 
+def test_siglip2_fixed_resolution_composes_and_naflex_is_refused(parts, tmp_path):
+    """SigLIP2's fixed-resolution checkpoints (google/siglip2-base-patch16-224 and its siblings)
+    are SiglipModel dual encoders (model_type ``siglip``): compose takes their vision half. The
+    NaFlex ones (``siglip2``) need patch masks LLaVA's vision path does not pass: refused by name."""
+    import transformers as T
+    vit = dict(hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+               image_size=SIZE, patch_size=16)
+    text = dict(hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=99)
+    torch.manual_seed(0)
+    dual = _save(T.SiglipModel(T.SiglipConfig(vision_config=vit, text_config=text)).eval(),
+                 T.SiglipImageProcessor(size={"height": SIZE, "width": SIZE}), tmp_path / "siglip2-fixed")
+    assert json.loads((tmp_path / "siglip2-fixed" / "config.json").read_text())["model_type"] == "siglip"
+    out = compose(dual, parts[1]["llama"], str(tmp_path / "m"), ComposeOptions(projector="linear"))
+    ad = load_adapter(out)
+    src = T.SiglipModel.from_pretrained(dual).vision_model.state_dict()
+    tower = ad.model.model.vision_tower.state_dict()
+    assert tower.keys() == src.keys() and all(torch.equal(v, src[k]) for k, v in tower.items())
+    assert json.loads((tmp_path / "m" / "vlmalign_compose.json").read_text())["vision_model_type"] == "siglip_vision_model"
+    naflex = _save(T.Siglip2VisionModel(T.Siglip2VisionConfig(**{k: v for k, v in vit.items() if k != "image_size"},
+                                                              num_patches=16)).eval(),
+                   T.Siglip2ImageProcessor(max_num_patches=16, patch_size=16), tmp_path / "siglip2-naflex")
+    with pytest.raises(ModelError, match=r"siglip2-naflex: siglip2_vision_model: SigLIP2 is NaFlex-only"):
+        compose(naflex, parts[1]["llama"], str(tmp_path / "n"))
+
+
 def test_resampler_makes_num_query_tokens_per_image(parts, tmp_path):
     out = compose(parts[0]["dinov2"], parts[1]["llama"], str(tmp_path / "m"),
                   ComposeOptions(projector="qformer", num_query_tokens=5, image_size=48))
