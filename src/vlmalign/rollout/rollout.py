@@ -435,28 +435,48 @@ def response_stop_mask(seq: torch.Tensor, stops: Sequence[int]) -> tuple[torch.T
     return mask, finished
 
 
-def _prefill(adapter, ids, mask, per_row, enc, k: int):
-    """The key/value cache of every prompt column but the last, each of the chunk's prompts run
-    once (its rows are ``k`` consecutive copies) and indexed out to its k rows; None where the
-    chunk does not allow it (then generate prefills every row itself)."""
+class _NotShared(Exception):
+    """This batch cannot share its prompts' forward (the unshared forward runs instead)."""
+
+
+def _prompt_cache(adapter, ids, mask, pos, row_prompt, encoded, image_indices):
+    """The key/value cache of every column but the last of left-padded prompt rows ``ids`` (R, Lp),
+    each distinct prompt run once and indexed out to its rows: ``row_prompt[r]`` numbers row r's
+    prompt (0, 1, ... in order of first appearance); ``pos``: the rows' position ids (their first
+    Lp columns are the prompt's). Raises :class:`_NotShared` where the rows do not allow it."""
     R, Lp = ids.shape
-    if k < 2 or R % k or Lp < 2 or int(mask.sum(1).min()) < 2:
-        return None
+    if Lp < 2 or not bool(mask[:, -1].all()) or int(mask.sum(1).min()) < 2:
+        raise _NotShared("a prompt has fewer than 2 tokens")
     if adapter.image_token_id is not None and bool((ids[:, -1] == adapter.image_token_id).any()):
-        return None
-    rep = torch.arange(0, R, k, device=ids.device)
-    if not torch.equal(ids[rep].repeat_interleave(k, 0), ids):
-        return None
-    pos = adapter.position_ids(ids[rep], mask[rep], encoded=enc, image_indices=[per_row[r] for r in rep.tolist()])
+        raise _NotShared("a prompt ends with an image token")
     if pos is None or pos.dim() != 2:
-        return None
-    out = adapter.forward(ids[rep, :-1], mask[rep, :-1], encoded=enc, image_indices=[per_row[r] for r in rep.tolist()],
-                          position_ids=pos[:, :-1], use_cache=True, logits_to_keep=1)
+        raise _NotShared("the model takes no 1-D position ids")
+    order = row_prompt.tolist()
+    rep = [order.index(p) for p in range(max(order) + 1)]                 # one row per distinct prompt
+    rep_t = torch.as_tensor(rep, device=ids.device)
+    if not torch.equal(ids[rep_t][row_prompt], ids):
+        raise _NotShared("rows of one group hold different prompts")
+    out = adapter.forward(ids[rep_t, :-1], mask[rep_t, :-1], encoded=encoded,
+                          image_indices=[image_indices[r] for r in rep],
+                          position_ids=pos[rep_t, :Lp - 1], use_cache=True, logits_to_keep=1)
     cache = adapter.kv_cache(out)
     if cache is None or not is_dynamic_cache(cache):
-        return None
-    cache.batch_select_indices(torch.arange(R, device=ids.device) // k)
+        raise _NotShared(f"the model returned no plain dynamic key/value cache ({type(cache).__name__})")
+    cache.batch_select_indices(row_prompt)                              # (P, ...) -> (R, ...), differentiable
     return cache
+
+
+def _prefill(adapter, ids, mask, per_row, enc, k: int):
+    """:func:`_prompt_cache` for a generate call whose rows are ``k`` consecutive copies of each
+    prompt; None where it does not apply (then generate prefills every row itself)."""
+    R = ids.shape[0]
+    if k < 2 or R % k:
+        return None
+    try:
+        pos = adapter.position_ids(ids, mask, encoded=enc, image_indices=per_row)
+        return _prompt_cache(adapter, ids, mask, pos, torch.arange(R, device=ids.device) // k, enc, per_row)
+    except _NotShared:
+        return None
 
 
 def _generate_rows(adapter, items, per_row, enc, cfg, generator, stops, pad_id, row_generators=None,
@@ -510,10 +530,6 @@ def _response_forward(adapter, batch: RolloutBatch, encoded, *, hidden: bool, ke
                            logits_to_keep=T + 1 if keep is None else keep, **kw)
 
 
-class _NotShared(Exception):
-    """This batch cannot share its prompts' forward (the unshared forward runs instead)."""
-
-
 _noted: set[str] = set()
 
 
@@ -528,34 +544,14 @@ def _shared_response_forward(adapter, batch: RolloutBatch, encoded, *, hidden: b
     response tokens (and whose hidden states are those positions'); raises :class:`_NotShared`
     where this batch does not allow it."""
     ids, mask = batch.prompt_ids, batch.prompt_mask
-    R, Lp = ids.shape
-    T = batch.response_ids.shape[1]
-    if Lp < 2 or not bool(mask[:, -1].all()) or int(mask.sum(1).min()) < 2:
-        raise _NotShared("a prompt has fewer than 2 tokens")
-    last = ids[:, -1]
-    if adapter.image_token_id is not None and bool((last == adapter.image_token_id).any()):
-        raise _NotShared("a prompt ends with an image token")
+    Lp, T = ids.shape[1], batch.response_ids.shape[1]
     pos = adapter.position_ids(batch.input_ids, batch.attention_mask, encoded=encoded,
                                image_indices=batch.image_indices)
-    if pos is None or pos.dim() != 2:
-        raise _NotShared("the model takes no 1-D position ids")
-    groups = batch.group_ids.tolist()
-    first = {}
-    for r, g in enumerate(groups):
-        first.setdefault(g, r)
-    rep = list(first.values())                                         # one row per distinct prompt
-    dev = ids.device
-    row_prompt = torch.as_tensor([list(first).index(g) for g in groups], device=dev)   # (R,) -> rep index
-    rep_t = torch.as_tensor(rep, device=dev)
-    if not torch.equal(ids[rep_t][row_prompt], ids):
-        raise _NotShared("rows of one group hold different prompts")
-    out = adapter.forward(ids[rep_t, :-1], mask[rep_t, :-1], encoded=encoded,
-                          image_indices=[batch.image_indices[r] for r in rep],
-                          position_ids=pos[rep_t, :Lp - 1], use_cache=True, logits_to_keep=1)
-    cache = adapter.kv_cache(out)
-    if cache is None or not is_dynamic_cache(cache):
-        raise _NotShared(f"the model returned no plain dynamic key/value cache ({type(cache).__name__})")
-    cache.batch_select_indices(row_prompt)                              # (P, ...) -> (R, ...), differentiable
+    first: dict[int, int] = {}
+    row_prompt = torch.as_tensor([first.setdefault(g, len(first)) for g in batch.group_ids.tolist()],
+                                 device=ids.device)
+    cache = _prompt_cache(adapter, ids, mask, pos, row_prompt, encoded, batch.image_indices)
+    last = ids[:, -1]
     cont = torch.cat([last.unsqueeze(1), batch.response_ids[:, :-1]], dim=1)          # (R, T)
     full_mask = torch.cat([mask, batch.response_mask[:, :-1].long()], dim=1)          # (R, Lp - 1 + 1 + T - 1)
     kw = {"output_hidden_states": True} if hidden else {}
