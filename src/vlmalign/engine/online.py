@@ -119,7 +119,7 @@ class OnlineTrainer(Engine):
         self.encoder_frozen = not (cfg.model.train_vision or cfg.model.train_projector or
                                    (cfg.lora.enabled and cfg.lora.include_vision))
         self.share_prefix = self._can_share_prefix(adapter, "policy")
-        self.share_prefill = cfg.rollout.prefix_sharing and self._can_share_prefix(adapter, "rollout", "rollout")
+        self.share_prefill = self._can_share_prefix(adapter, "rollout", "rollout")
         self.ref_share_prefix = reference is not None and (
             self.share_prefix if reference.adapter is adapter else self._can_share_prefix(reference.adapter, "reference"))
         if not self.sharded:   # sharded: FSDP2 put them on the device
@@ -145,7 +145,9 @@ class OnlineTrainer(Engine):
         if why is None and section == "rollout" and not adapter.prefill_sharing:
             why = f"{adapter.family}'s generate cannot continue a prefilled cache"
         if why is None and self.sharded:
-            why = "the model is sharded with FSDP2 (gradients through the key/value cache pass FSDP's backward hooks)"
+            why = ("the model is sharded with FSDP2 (generation is synced across processes)" if section == "rollout"
+                   else "the model is sharded with FSDP2 (gradients through the key/value cache pass FSDP's "
+                        "backward hooks)")
         if why is not None:
             log.warning("%s.prefix_sharing: the %s's forwards run whole rows: %s", section, who, why)
         return why is None
