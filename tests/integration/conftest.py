@@ -1,8 +1,14 @@
-import pytest
+import os
 
-from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld
-from vlmalign.methods import logps
-from vlmalign.models import save_tiny
+if os.environ.get("VLMALIGN_TIMM_INNER"):   # the timm side environment: before anything imports torchvision
+    from timm_env import allow_torchvision_without_ops
+    allow_torchvision_without_ops()
+
+import pytest  # noqa: E402
+
+from vlmalign.data.synthetic import ShapesConfig, generate_shapesworld  # noqa: E402
+from vlmalign.methods import logps  # noqa: E402
+from vlmalign.models import save_tiny  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -9,16 +9,21 @@ has finished."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
-from torch.distributed.tensor import DTensor
+if os.environ.get("VLMALIGN_TIMM_INNER"):   # the timm side environment (timm_env.py): before torchvision loads
+    from timm_env import allow_torchvision_without_ops
+    allow_torchvision_without_ops()
 
-from vlmalign.config import load_config
-from vlmalign.engine.sharding import is_sharded
-from vlmalign.engine.trainer import Trainer
-from vlmalign.methods.registry import get
-from vlmalign.models.adapter import VLMAdapter
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+from vlmalign.config import load_config  # noqa: E402
+from vlmalign.engine.sharding import is_sharded  # noqa: E402
+from vlmalign.engine.trainer import Trainer  # noqa: E402
+from vlmalign.methods.registry import get  # noqa: E402
+from vlmalign.models.adapter import VLMAdapter  # noqa: E402
 
 calls: list[int] = []
 _encode = VLMAdapter.encode_images

@@ -59,9 +59,21 @@ RUNS = {
 FAMILIES = ["gemma3", "idefics3", "instructblip", "internvl", "llava_next", "mllama", "paligemma", "qwen2_5_vl",
             "qwen2_vl", "qwen3_vl", "smolvlm", "vlmalign_aligngpt", "vlmalign_resampler"]
 NO_DROPOUT = {"instructblip"}
-RUNS.update({f"sft-{f}": ("sft", "vqa_train.json", [f"model.path={{world}}/{f}" if f in NO_DROPOUT else f"model.tiny={f}",
-                                                   "model.train_vision=true", "train.max_steps=1"], 1)
-             for f in FAMILIES})
+# the kinds beyond the tiny builders (tiny_kinds.py): composed models with the other projectors and
+# the generic fallback, saved to the world folder by the fixture and run from there
+SAVED_KINDS = {"composed-linear": "vlmalign_resampler:linear", "composed-mlp2x_gelu": "vlmalign_resampler:mlp2x_gelu",
+               "composed-qformer": "vlmalign_resampler:qformer", "generic": "generic"}
+
+
+def family_run(name: str, saved: bool) -> tuple:
+    """A one-step full SFT run (vision trained too) of a family (``model.tiny``) or of a model
+    saved at ``{world}/name``."""
+    return ("sft", "vqa_train.json", [f"model.path={{world}}/{name}" if saved else f"model.tiny={name}",
+                                      "model.train_vision=true", "train.max_steps=1"], 1)
+
+
+RUNS.update({f"sft-{f}": family_run(f, f in NO_DROPOUT) for f in FAMILIES})
+RUNS.update({f"sft-{k}": family_run(k, True) for k in SAVED_KINDS})
 KILLED = "sft-killed"
 
 
@@ -99,16 +111,15 @@ def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
 
 
-@pytest.fixture(scope="module")
-def sharded(shapes_llava, tmp_path_factory):
-    """The runs' directory after the launch: RUNS trained, KILLED killed after its step-1."""
-    root = tmp_path_factory.mktemp("fsdp2")
-    for f in NO_DROPOUT:
-        _without_dropout(f, shapes_llava / f)
-    spec = [{"method": RUNS[n][0], "overrides": [*_options(shapes_llava, n, root / n, 2), "train.sharding=fsdp2"]}
-            for n in RUNS]
-    spec.append({"method": "sft", "overrides": [*_options(shapes_llava, "sft-full-vision", root / KILLED, 2),
-                                                "train.sharding=fsdp2"]})
+def launch_sharded(world: Path, root: Path, names: list[str], kill: bool = False) -> None:
+    """Train the runs ``names`` of :data:`RUNS` sharded over two processes in one torchrun launch
+    (fsdp_worker.py), writing each under ``root``. ``kill``: then start :data:`KILLED` and SIGKILL
+    the launcher and both processes after its first checkpoint."""
+    spec = [{"method": RUNS[n][0], "overrides": [*_options(world, n, root / n, 2), "train.sharding=fsdp2"]}
+            for n in names]
+    if kill:
+        spec.append({"method": "sft", "overrides": [*_options(world, "sft-full-vision", root / KILLED, 2),
+                                                    "train.sharding=fsdp2"]})
     (root / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     log = root / "launch.log"
@@ -116,6 +127,9 @@ def sharded(shapes_llava, tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                  "--master_port", str(free_port()), str(WORKER), str(root / "spec.json")],
                                 env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    if not kill:
+        assert proc.wait(timeout=900) == 0, _tail(log)
+        return
     try:
         deadline = time.time() + 600
         while not (root / KILLED / "checkpoints" / "step-1").exists():
@@ -134,6 +148,22 @@ def sharded(shapes_llava, tmp_path_factory):
                 p.send_signal(signal.SIGKILL)
         proc.wait()
         psutil.wait_procs(procs[1:], timeout=30)
+
+
+@pytest.fixture(scope="module")
+def sharded(shapes_llava, tmp_path_factory):
+    """The runs' directory after the launch: RUNS trained, KILLED killed after its step-1."""
+    from tiny_kinds import build_kind
+    root = tmp_path_factory.mktemp("fsdp2")
+    for f in NO_DROPOUT:
+        _without_dropout(f, shapes_llava / f)
+    for name, kind in SAVED_KINDS.items():
+        if not (shapes_llava / name).exists():
+            torch.manual_seed(0)
+            model, processor = build_kind(kind)
+            model.save_pretrained(shapes_llava / name, safe_serialization=True)
+            processor.save_pretrained(shapes_llava / name)
+    launch_sharded(shapes_llava, root, list(RUNS), kill=True)
     return root
 
 
@@ -161,13 +191,19 @@ def _reloaded(model_dir: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_sharded_processes_match_one(sharded, shapes_llava, tmp_path, name):
+    two_sharded_processes_match_one(sharded, shapes_llava, tmp_path, name)
+
+
+def two_sharded_processes_match_one(sharded: Path, world: Path, tmp_path: Path, name: str) -> None:
+    """Run ``name`` of :data:`RUNS` in one unsharded process and compare it with the sharded run
+    under ``sharded``: losses, reloaded weights, and what each process held and encoded."""
     two = sharded / name
     for rank in (0, 1):
         assert (two / f"done-rank{rank}").exists(), _tail(sharded / "launch.log")
     method = get(RUNS[name][0])
     one = tmp_path / "one"
-    method.train(load_config(method.config, None, _options(shapes_llava, name, one, 1)))
-    steps = 1 if name.removeprefix("sft-") in FAMILIES else 3
+    method.train(load_config(method.config, None, _options(world, name, one, 1)))
+    steps = 1 if "train.max_steps=1" in RUNS[name][2] else 3
     la, lb = _losses(one), _losses(two)
     assert len(la) == len(lb) == steps
     assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5, (la, lb)

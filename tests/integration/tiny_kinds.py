@@ -11,10 +11,13 @@ from vlmalign.models import build_tiny
 def build_kind(kind: str, seed: int = 0):
     """(model, processor) of a tiny random-init model of ``kind``: a family of ``families()``;
     ``vlmalign_resampler:<projector>``, the composed model with that projector (``linear`` and
-    ``mlp2x_gelu`` give LLaVA models, models/compose.py); or ``generic``, a model_type with no
-    adapter of its own (:func:`build_tiny_generic`)."""
+    ``mlp2x_gelu`` give LLaVA models, models/compose.py); ``generic``, a model_type with no
+    adapter of its own (:func:`build_tiny_generic`); or ``fast_vlm``, a composed timm tower
+    (:func:`build_tiny_fast_vlm`, needs timm: the side environment of timm_env.py)."""
     if kind == "generic":
         return build_tiny_generic(seed=seed)
+    if kind == "fast_vlm":
+        return build_tiny_fast_vlm(seed=seed)
     family, _, projector = kind.partition(":")
     return build_tiny(family, seed=seed, **({"projector": projector} if projector else {}))
 
@@ -41,3 +44,17 @@ def build_tiny_generic(seed: int = 0, image_size: int = 64, patch_size: int = 16
     for k in ("pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.generation_config, k, getattr(tok, k))
     return model, processor
+
+
+def build_tiny_fast_vlm(seed: int = 0, image_size: int = 64, hidden: int = 64):
+    """(model, processor) of a tiny random-init FastVLM (``fast_vlm``) as compose makes it from a timm
+    tower: timm's ``test_efficientnet`` (BatchNorm, stride 32: 2x2 image tokens at 64 px) + a tiny
+    ChatML Llama + LLaVA-1.5's mlp2x_gelu projector. Needs timm (timm_env.py)."""
+    from transformers import TimmWrapperConfig, TimmWrapperModel
+
+    from vlmalign.models.compose import ComposeOptions, compose_model, tiny_chatml_llm
+    from vlmalign.models.llava import tiny_clip_image_processor
+    torch.manual_seed(seed)
+    tower = TimmWrapperModel(TimmWrapperConfig(architecture="test_efficientnet")).eval()
+    lm, tok = tiny_chatml_llm(hidden, seed=seed)
+    return compose_model(tower, tiny_clip_image_processor(image_size), lm, tok, ComposeOptions(seed=seed))

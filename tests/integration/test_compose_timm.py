@@ -1,0 +1,192 @@
+"""timm vision towers in `vlmalign models compose`: tiny random timm CNNs, one saved as a transformers
+TimmWrapper directory and one as timm itself saves a checkpoint (``architecture`` +
+``pretrained_cfg``, with its ImageNet head), composed into transformers' FastVLM class, saved,
+reloaded, put through the family contract tests of test_families.py and trained with `train
+pretrain` and `train sft`; the tiny ``fast_vlm`` kind (tiny_kinds.py) through the DPO encode-once
+and prefix-sharing, reward-model, packing and FSDP2 tests; the tower's features equal timm's own;
+the refusals.
+
+These tests need timm, which needs torchvision: they run in the side environment of timm_env.py,
+which test_timm_side_env.py starts; in the main environment this module is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from timm_env import INNER, allow_torchvision_without_ops
+
+if not os.environ.get(INNER):
+    pytest.skip("needs timm: runs in the timm side environment that test_timm_side_env.py starts",
+                allow_module_level=True)
+allow_torchvision_without_ops()
+import timm  # noqa: E402
+from timm.models._hub import save_for_hf  # noqa: E402
+
+from vlmalign.cli.main import main  # noqa: E402
+from vlmalign.errors import ModelError  # noqa: E402
+from vlmalign.models import load_adapter  # noqa: E402
+from vlmalign.models.compose import ComposeOptions, compose  # noqa: E402
+
+# the family contract, run here on composed timm models through this module's ``tiny`` fixture
+import test_dpo  # noqa: E402
+import test_fsdp2  # noqa: E402
+import test_reward_model  # noqa: E402
+import test_sft_packing  # noqa: E402
+from test_compose import _llm, test_sft_step_trains_the_projector_and_language_model  # noqa: E402,F401
+from test_dpo import world  # noqa: E402,F401   (fixtures of the method tests run below)
+from test_sft_packing import image_dir  # noqa: E402,F401
+from test_families import (test_chat_template_renders_placeholders, test_generation_runs,  # noqa: E402,F401
+                           test_grpo_step_samples_rollouts_and_updates_the_policy,
+                           test_length_limit_never_cuts_image_tokens,
+                           test_lora_sft_step_trains_the_adapters_and_keeps_the_base, test_loss_only_on_assistant_turns,
+                           test_one_encoding_serves_many_rows, test_param_groups_and_lora_targets,
+                           test_precomputed_features_equal_pixel_values, test_reload_with_plain_transformers_and_loader,
+                           test_text_only_record_and_mixed_batch, test_token_ids_match_processor)
+
+
+def _wrapper_dir(architecture: str, path) -> str:
+    """A random-init timm model saved by transformers' TimmWrapperModel (model_type timm_wrapper)."""
+    from transformers import TimmWrapperConfig, TimmWrapperModel
+    torch.manual_seed(0)
+    TimmWrapperModel(TimmWrapperConfig(architecture=architecture)).eval().save_pretrained(path)
+    return str(path)
+
+
+def _timm_dir(architecture: str, path) -> str:
+    """A random-init timm model saved as timm saves one for the hub: config.json with
+    ``architecture``, ``pretrained_cfg`` and ``model_args`` (num_classes 1000), its ImageNet head in
+    model.safetensors. BatchNorm running statistics are made non-trivial, so that a tower that
+    ignored them would not match."""
+    torch.manual_seed(0)
+    model = timm.create_model(architecture, pretrained=False)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    save_for_hf(model.eval(), str(path), safe_serialization=True)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("timm_parts")
+    vision = {"efficientnet": _wrapper_dir("test_efficientnet", root / "efficientnet"),
+              "resnet": _timm_dir("test_resnet", root / "resnet"),
+              "vit": _wrapper_dir("test_vit", root / "vit")}
+    return vision, {k: _llm(k, root / k) for k in ("llama", "qwen2")}
+
+
+# (vision, llm, projector, image size): both layouts, both LMs, both projectors FastVLM holds
+COMBOS = [("efficientnet", "llama", "mlp2x_gelu", 64), ("resnet", "qwen2", "linear", None)]
+
+
+@pytest.fixture(scope="module", params=COMBOS, ids=["-".join(map(str, c[:3])) for c in COMBOS])
+def tiny(request, parts, tmp_path_factory):
+    vision, llm, projector, size = request.param
+    out = tmp_path_factory.mktemp("composed")
+    assert main(["models", "compose", "--vision", parts[0][vision], "--llm", parts[1][llm], "--projector", projector,
+                 *(["--image-size", str(size)] if size else []), "--out", str(out)]) == 0
+    ad = load_adapter(str(out))
+    ad.model.eval()
+    return f"{vision}+{llm}+{projector}", ad, out
+
+
+def test_the_tower_gives_timms_own_features(parts, tmp_path):
+    """A timm checkpoint directory composes as FastVLM; its tower's feature map equals timm's own
+    model loaded from the same file, each image gives (size / stride)^2 tokens, and its BatchNorm
+    layers keep their running statistics when the model trains."""
+    out = compose(parts[0]["resnet"], parts[1]["llama"], str(tmp_path / "m"))
+    ad = load_adapter(out)
+    assert ad.model.config.model_type == "fast_vlm" and ad.family == "fast_vlm"
+    record = json.loads((tmp_path / "m" / "vlmalign_compose.json").read_text())
+    assert record["vision_model_type"] == "timm_wrapper"
+    own = timm.create_model("test_resnet", pretrained=True,
+                            pretrained_cfg_overlay={"file": os.path.join(parts[0]["resnet"], "model.safetensors")}).eval()
+    size = own.pretrained_cfg["input_size"][-1]
+    pixels = torch.randn(2, 3, size, size)
+    tower = ad.model.model.vision_tower
+    with torch.no_grad():
+        want = own.forward_features(pixels)
+        assert torch.allclose(tower(pixels).last_hidden_state, want, atol=1e-5)
+        ad.model.train()   # BatchNorm stays in eval: the same features in training mode
+        assert torch.allclose(tower(pixels).last_hidden_state, want, atol=1e-5)
+        assert not any(m.training for m in tower.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        assert ad.model.model.multi_modal_projector.training
+    side = size // 32   # test_resnet's stride
+    from PIL import Image
+    assert ad.preprocess_image(Image.new("RGB", (90, 70), "red")).num_features == side * side
+    # the tower's weights are the file's (without its ImageNet head)
+    src = {k: v for k, v in own.state_dict().items() if not k.startswith("fc.")}
+    got = {k.removeprefix("timm_model."): v for k, v in tower.state_dict().items()}
+    assert got.keys() == src.keys() and all(torch.equal(got[k], src[k]) for k in src)
+
+
+def test_train_pretrain_and_sft_on_a_composed_timm_model(parts, shapes_llava, tmp_path):
+    model = compose(parts[0]["efficientnet"], parts[1]["qwen2"], str(tmp_path / "m"), ComposeOptions(image_size=64))
+    data = shapes_llava / "data"
+    common = ["data.max_length=256", "train.max_steps=2", "train.batch_size=2", "train.progress=false"]
+    assert main(["train", "pretrain", f"model.path={model}", f"data.train_file={data}/captions_train.json",
+                 f"train.output_dir={tmp_path}/pre", *common]) == 0
+    stage1 = tmp_path / "pre" / "checkpoints" / "step-2" / "model"
+    assert main(["train", "sft", f"model.path={stage1}", f"data.train_file={data}/vqa_train.json",
+                 "lora.enabled=true", f"train.output_dir={tmp_path}/sft", *common]) == 0
+    assert (tmp_path / "sft" / "checkpoints" / "step-2").is_dir()
+
+
+def test_timm_refusals_name_the_reason(parts, tmp_path):
+    llm = parts[1]["llama"]
+    with pytest.raises(ModelError, match=r"test_vit: its forward_features gives .* tokens rather than a .*use its "
+                                         r"transformers checkpoint"):
+        compose(parts[0]["vit"], llm, str(tmp_path / "a"))
+    with pytest.raises(ModelError, match="FastVLM class, which holds a linear or mlp2x_gelu projector .*perceiver"):
+        compose(parts[0]["efficientnet"], llm, str(tmp_path / "a"), ComposeOptions(projector="perceiver"))
+    with pytest.raises(ModelError, match="no alignment levels"):
+        compose(parts[0]["efficientnet"], llm, str(tmp_path / "a"), ComposeOptions(alignment_levels=8))
+    with pytest.raises(ModelError, match="its last feature map .*only -1"):
+        compose(parts[0]["efficientnet"], llm, str(tmp_path / "a"), ComposeOptions(vision_feature_layer=-2))
+    with pytest.raises(ModelError, match="has none: use full"):
+        compose(parts[0]["efficientnet"], llm, str(tmp_path / "a"), ComposeOptions(select_strategy="default"))
+
+
+# ------------------------------------------------------------- the method tests, on the tiny kind
+KIND = "fast_vlm"
+
+
+def test_dpo_encode_once_equals_the_pixel_path(world):
+    test_dpo.test_dpo_step_equals_the_pixel_path(world, KIND)
+
+
+def test_dpo_prefix_sharing_equals_unshared_loss_and_gradients(world):
+    test_dpo.test_prefix_sharing_equals_unshared_loss_and_gradients(world, KIND)
+
+
+def test_reward_model_scalar_head_reads_the_last_real_token():
+    test_reward_model.test_scalar_head_reads_the_last_real_token_for_every_family(KIND)
+
+
+def test_packed_loss_and_gradients_equal_unpacked(image_dir):
+    test_sft_packing.test_packed_loss_and_gradients_equal_unpacked(KIND, image_dir)
+
+
+@pytest.fixture(scope="module")
+def sharded(shapes_llava, tmp_path_factory):
+    """A one-step full SFT run (the tower trained too) of the tiny kind, sharded over two processes."""
+    from tiny_kinds import build_kind
+    torch.manual_seed(0)
+    model, processor = build_kind(KIND)
+    model.save_pretrained(shapes_llava / KIND, safe_serialization=True)
+    processor.save_pretrained(shapes_llava / KIND)
+    test_fsdp2.RUNS[f"sft-{KIND}"] = test_fsdp2.family_run(KIND, saved=True)
+    root = tmp_path_factory.mktemp("fsdp2")
+    test_fsdp2.launch_sharded(shapes_llava, root, [f"sft-{KIND}"])
+    return root
+
+
+def test_fsdp2_two_sharded_processes_match_one(sharded, shapes_llava, tmp_path):
+    test_fsdp2.two_sharded_processes_match_one(sharded, shapes_llava, tmp_path, f"sft-{KIND}")
