@@ -1,8 +1,8 @@
 """timm vision towers in `vlmalign models compose`: tiny random timm CNNs, one saved as a transformers
 TimmWrapper directory and one as timm itself saves a checkpoint (``architecture`` +
-``pretrained_cfg``, with its ImageNet head), composed into transformers' FastVLM class, saved,
-reloaded, put through the family contract tests of test_families.py and trained with `train
-pretrain` and `train sft`; the tiny ``fast_vlm`` kind (tiny_kinds.py) through the DPO encode-once
+``pretrained_cfg``, with its ImageNet head), composed into transformers' FastVLM class, and a tiny
+timm ViT composed as our vlmalign_timm_vit tower in a resampler model; saved, reloaded, put through the family contract tests of test_families.py and trained with `train
+pretrain` and `train sft`; the tiny ``fast_vlm`` and ``timm_vit`` kinds (tiny_kinds.py) through the DPO encode-once
 and prefix-sharing, reward-model, packing and FSDP2 tests; the tower's features equal timm's own;
 the refusals.
 
@@ -82,16 +82,18 @@ def parts(tmp_path_factory):
     return vision, {k: _llm(k, root / k) for k in ("llama", "qwen2")}
 
 
-# (vision, llm, projector, image size): both layouts, both LMs, both projectors FastVLM holds
-COMBOS = [("efficientnet", "llama", "mlp2x_gelu", 64), ("resnet", "qwen2", "linear", None)]
+# (vision, llm, projector, options): the CNNs in both layouts as FastVLM with both projectors it
+# holds, both LMs; the ViT as our vlmalign_timm_vit tower in a Q-Former resampler model
+COMBOS = [("efficientnet", "llama", "mlp2x_gelu", ["--image-size", "64"]), ("resnet", "qwen2", "linear", []),
+          ("vit", "llama", "qformer", ["--num-query-tokens", "6"])]
 
 
-@pytest.fixture(scope="module", params=COMBOS, ids=["-".join(map(str, c[:3])) for c in COMBOS])
+@pytest.fixture(scope="module", params=COMBOS, ids=["-".join(c[:3]) for c in COMBOS])
 def tiny(request, parts, tmp_path_factory):
-    vision, llm, projector, size = request.param
+    vision, llm, projector, options = request.param
     out = tmp_path_factory.mktemp("composed")
     assert main(["models", "compose", "--vision", parts[0][vision], "--llm", parts[1][llm], "--projector", projector,
-                 *(["--image-size", str(size)] if size else []), "--out", str(out)]) == 0
+                 *options, "--out", str(out)]) == 0
     ad = load_adapter(str(out))
     ad.model.eval()
     return f"{vision}+{llm}+{projector}", ad, out
@@ -139,11 +141,37 @@ def test_train_pretrain_and_sft_on_a_composed_timm_model(parts, shapes_llava, tm
     assert (tmp_path / "sft" / "checkpoints" / "step-2").is_dir()
 
 
+def test_a_timm_vit_tower_gives_its_blocks_tokens(parts, tmp_path):
+    """A timm ViT composes as a plain LLaVA holding our vlmalign_timm_vit tower: the projector reads
+    the penultimate block's patch tokens (CLS dropped) exactly as timm computes them, each image
+    gives (size / patch)^2 tokens, and plain transformers reloads it (vlmalign.models imported).
+    With AlignGPT's levels it becomes a vlmalign_aligngpt model around the same tower."""
+    from transformers import AutoModelForImageTextToText
+    out = compose(parts[0]["vit"], parts[1]["llama"], str(tmp_path / "m"))
+    ad = load_adapter(out)
+    cfg = ad.model.config
+    assert (cfg.model_type, cfg.vision_config.model_type, ad.family) == ("llava", "vlmalign_timm_vit", "llava")
+    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (-2, "full")
+    own = timm.create_model("test_vit", pretrained=False, num_classes=0).eval()
+    own.load_state_dict({k.removeprefix("timm_model."): v for k, v in ad.model.model.vision_tower.state_dict().items()})
+    pixels = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        blocks = own.forward_intermediates(pixels, output_fmt="NLC", intermediates_only=True)
+        want = ad.model.model.multi_modal_projector(blocks[-2])
+        got = ad.model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-2,
+                                                vision_feature_select_strategy="full").pooler_output
+    assert blocks[-2].shape == (2, 100, 64)
+    assert torch.allclose(torch.stack(list(got)), want, atol=1e-5)
+    from PIL import Image
+    assert ad.preprocess_image(Image.new("RGB", (90, 70), "red")).num_features == 100   # 160 px, patch 16
+    reloaded = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(reloaded.model.vision_tower).__name__ == "TimmViTModel"
+    levels = compose(parts[0]["vit"], parts[1]["llama"], str(tmp_path / "a"), ComposeOptions(alignment_levels=4))
+    assert load_adapter(levels).model.config.model_type == "vlmalign_aligngpt"
+
+
 def test_timm_refusals_name_the_reason(parts, tmp_path):
     llm = parts[1]["llama"]
-    with pytest.raises(ModelError, match=r"test_vit: its forward_features gives .* tokens rather than a .*use its "
-                                         r"transformers checkpoint"):
-        compose(parts[0]["vit"], llm, str(tmp_path / "a"))
     with pytest.raises(ModelError, match="FastVLM class, which holds a linear or mlp2x_gelu projector .*perceiver"):
         compose(parts[0]["efficientnet"], llm, str(tmp_path / "a"), ComposeOptions(projector="perceiver"))
     with pytest.raises(ModelError, match="no alignment levels"):
@@ -152,41 +180,52 @@ def test_timm_refusals_name_the_reason(parts, tmp_path):
         compose(parts[0]["efficientnet"], llm, str(tmp_path / "a"), ComposeOptions(vision_feature_layer=-2))
     with pytest.raises(ModelError, match="has none: use full"):
         compose(parts[0]["efficientnet"], llm, str(tmp_path / "a"), ComposeOptions(select_strategy="default"))
+    with pytest.raises(ModelError, match="blocks' outputs only, counted from the end"):
+        compose(parts[0]["vit"], llm, str(tmp_path / "a"), ComposeOptions(vision_feature_layer=3))
+    with pytest.raises(ModelError, match="position embeddings fix its input at 160 px"):
+        compose(parts[0]["vit"], llm, str(tmp_path / "a"), ComposeOptions(image_size=64))
 
 
-# ------------------------------------------------------------- the method tests, on the tiny kind
-KIND = "fast_vlm"
+# ------------------------------------------------------------ the method tests, on the tiny kinds
+KINDS = ["fast_vlm", "timm_vit"]
 
 
-def test_dpo_encode_once_equals_the_pixel_path(world):
-    test_dpo.test_dpo_step_equals_the_pixel_path(world, KIND)
+@pytest.mark.parametrize("kind", KINDS)
+def test_dpo_encode_once_equals_the_pixel_path(world, kind):
+    test_dpo.test_dpo_step_equals_the_pixel_path(world, kind)
 
 
-def test_dpo_prefix_sharing_equals_unshared_loss_and_gradients(world):
-    test_dpo.test_prefix_sharing_equals_unshared_loss_and_gradients(world, KIND)
+@pytest.mark.parametrize("kind", KINDS)
+def test_dpo_prefix_sharing_equals_unshared_loss_and_gradients(world, kind):
+    test_dpo.test_prefix_sharing_equals_unshared_loss_and_gradients(world, kind)
 
 
-def test_reward_model_scalar_head_reads_the_last_real_token():
-    test_reward_model.test_scalar_head_reads_the_last_real_token_for_every_family(KIND)
+@pytest.mark.parametrize("kind", KINDS)
+def test_reward_model_scalar_head_reads_the_last_real_token(kind):
+    test_reward_model.test_scalar_head_reads_the_last_real_token_for_every_family(kind)
 
 
-def test_packed_loss_and_gradients_equal_unpacked(image_dir):
-    test_sft_packing.test_packed_loss_and_gradients_equal_unpacked(KIND, image_dir)
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_loss_and_gradients_equal_unpacked(image_dir, kind):
+    test_sft_packing.test_packed_loss_and_gradients_equal_unpacked(kind, image_dir)
 
 
 @pytest.fixture(scope="module")
 def sharded(shapes_llava, tmp_path_factory):
-    """A one-step full SFT run (the tower trained too) of the tiny kind, sharded over two processes."""
+    """A one-step full SFT run (the tower trained too) of each tiny kind, sharded over two
+    processes, in one launch."""
     from tiny_kinds import build_kind
-    torch.manual_seed(0)
-    model, processor = build_kind(KIND)
-    model.save_pretrained(shapes_llava / KIND, safe_serialization=True)
-    processor.save_pretrained(shapes_llava / KIND)
-    test_fsdp2.RUNS[f"sft-{KIND}"] = test_fsdp2.family_run(KIND, saved=True)
+    for kind in KINDS:
+        torch.manual_seed(0)
+        model, processor = build_kind(kind)
+        model.save_pretrained(shapes_llava / kind, safe_serialization=True)
+        processor.save_pretrained(shapes_llava / kind)
+        test_fsdp2.RUNS[f"sft-{kind}"] = test_fsdp2.family_run(kind, saved=True)
     root = tmp_path_factory.mktemp("fsdp2")
-    test_fsdp2.launch_sharded(shapes_llava, root, [f"sft-{KIND}"])
+    test_fsdp2.launch_sharded(shapes_llava, root, [f"sft-{kind}" for kind in KINDS])
     return root
 
 
-def test_fsdp2_two_sharded_processes_match_one(sharded, shapes_llava, tmp_path):
-    test_fsdp2.two_sharded_processes_match_one(sharded, shapes_llava, tmp_path, f"sft-{KIND}")
+@pytest.mark.parametrize("kind", KINDS)
+def test_fsdp2_two_sharded_processes_match_one(sharded, shapes_llava, tmp_path, kind):
+    test_fsdp2.two_sharded_processes_match_one(sharded, shapes_llava, tmp_path, f"sft-{kind}")

@@ -12,12 +12,15 @@ def build_kind(kind: str, seed: int = 0):
     """(model, processor) of a tiny random-init model of ``kind``: a family of ``families()``;
     ``vlmalign_resampler:<projector>``, the composed model with that projector (``linear`` and
     ``mlp2x_gelu`` give LLaVA models, models/compose.py); ``generic``, a model_type with no
-    adapter of its own (:func:`build_tiny_generic`); or ``fast_vlm``, a composed timm tower
-    (:func:`build_tiny_fast_vlm`, needs timm: the side environment of timm_env.py)."""
+    adapter of its own (:func:`build_tiny_generic`); ``fast_vlm`` or ``timm_vit``, a composed timm
+    CNN or ViT tower (:func:`build_tiny_fast_vlm`, :func:`build_tiny_timm_vit`; they need timm: the
+    side environment of timm_env.py)."""
     if kind == "generic":
         return build_tiny_generic(seed=seed)
     if kind == "fast_vlm":
         return build_tiny_fast_vlm(seed=seed)
+    if kind == "timm_vit":
+        return build_tiny_timm_vit(seed=seed)
     family, _, projector = kind.partition(":")
     return build_tiny(family, seed=seed, **({"projector": projector} if projector else {}))
 
@@ -58,3 +61,17 @@ def build_tiny_fast_vlm(seed: int = 0, image_size: int = 64, hidden: int = 64):
     tower = TimmWrapperModel(TimmWrapperConfig(architecture="test_efficientnet")).eval()
     lm, tok = tiny_chatml_llm(hidden, seed=seed)
     return compose_model(tower, tiny_clip_image_processor(image_size), lm, tok, ComposeOptions(seed=seed))
+
+
+def build_tiny_timm_vit(seed: int = 0, hidden: int = 64):
+    """(model, processor) of a tiny random-init LLaVA (``llava``) holding timm's ``test_vit`` as our
+    ``vlmalign_timm_vit`` tower (160 px, patch 16: 100 image tokens, CLS dropped) + a tiny ChatML
+    Llama + the mlp2x_gelu projector, as compose makes it. Needs timm (timm_env.py)."""
+    from transformers import TimmWrapperConfig, TimmWrapperModel
+
+    from vlmalign.models.compose import ComposeOptions, as_timm_vit, compose_model, tiny_chatml_llm
+    from vlmalign.models.llava import tiny_clip_image_processor
+    torch.manual_seed(seed)
+    tower = as_timm_vit(TimmWrapperModel(TimmWrapperConfig(architecture="test_vit")).eval(), 160, "test_vit")
+    lm, tok = tiny_chatml_llm(hidden, seed=seed)
+    return compose_model(tower, tiny_clip_image_processor(160), lm, tok, ComposeOptions(seed=seed))

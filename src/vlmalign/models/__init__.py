@@ -26,11 +26,12 @@ _check_transformers()
 
 
 def _register_auto_classes() -> None:
-    """Our own model classes (the EfficientNet-lite tower, the resampler VLM) with transformers'
-    Auto classes, so ``from_pretrained`` loads a composed directory offline, without remote code
+    """Our own model classes (the EfficientNet-lite and timm ViT towers, the resampler VLM) with
+    transformers' Auto classes, so ``from_pretrained`` loads a composed directory offline, without remote code
     (models/compose.py, docs/MODELS.md "Composing a model")."""
-    from . import aligngpt, efficientnet_lite, resampler
+    from . import aligngpt, efficientnet_lite, resampler, timm_vit
     efficientnet_lite.register()
+    timm_vit.register()
     resampler.register()
     aligngpt.register_auto()
 

@@ -13,11 +13,13 @@ The result is a normal Hugging Face directory (safetensors, processor, chat temp
   with the Auto classes when ``vlmalign.models`` is imported.
 * ``alignment_levels`` N > 0 (any projector): our ``vlmalign_aligngpt`` class (models/aligngpt.py,
   AlignGPT's indicator embeddings and gate), registered the same way.
-* a timm tower (``timm_wrapper``, transformers' TimmWrapper) with a ``linear`` / ``mlp2x_gelu``
-  projector: transformers' own ``FastVlmForConditionalGeneration`` (model_type ``fast_vlm``), which
-  flattens the tower's last feature map (B, C, H, W) into H*W image tokens. Only timm models whose
-  ``forward_features`` gives such a map (CNNs, hybrid towers) fit; token towers (timm ViTs) are
-  refused with the transformers checkpoints of the same towers named instead.
+* a timm CNN tower (``timm_wrapper``, transformers' TimmWrapper, whose ``forward_features``
+  gives a (B, C, H, W) map) with a ``linear`` / ``mlp2x_gelu`` projector: transformers' own
+  ``FastVlmForConditionalGeneration`` (model_type ``fast_vlm``), which flattens that last feature
+  map into H*W image tokens.
+* a timm ViT tower (``forward_features`` gives tokens): the tower becomes our registered
+  ``vlmalign_timm_vit`` (models/timm_vit.py: TimmWrapper returning each block's tokens), which
+  any of the above holds like a CLIP tower.
 
 Vision: a directory of a transformers vision model (its config, or the ``vision_config`` of a
 dual encoder such as CLIP / SigLIP, with an image processor), or ``efficientnet-lite0`` (the
@@ -50,6 +52,7 @@ from .efficientnet_lite import MODEL_TYPE as EFFNET_TYPE
 from .llava import LlavaAdapter
 from .registry import register, register_tiny
 from .resampler import MODEL_TYPE as RESAMPLER_TYPE
+from .timm_vit import MODEL_TYPE as TIMM_VIT_TYPE
 
 PROJECTORS = ("linear", "mlp2x_gelu", "perceiver", "qformer")
 STRATEGIES = ("default", "full")
@@ -76,6 +79,7 @@ VISION_KINDS = {
     "dinov2_with_registers": VisionKind(1, False, -2),   # + config.num_register_tokens
     EFFNET_TYPE: VisionKind(0, False, -1),
     "timm_wrapper": VisionKind(0, False, -1),   # fixed_size from timm's pretrained_cfg.fixed_input_size
+    TIMM_VIT_TYPE: VisionKind(0, True, -2),     # prefix tokens dropped by the tower itself
 }
 TIMM_TYPE = "timm_wrapper"
 UNSUPPORTED_VISION = {
@@ -214,20 +218,39 @@ def _load_timm(path: Path, vc, source: str):
         raise ModelError(f"--vision {source}: the weights lack {len(info['missing_keys'])} tensors of timm's "
                          f"{vc.architecture} (e.g. {sorted(info['missing_keys'])[0]})")
     cfg = model.timm_model.pretrained_cfg
-    return model.eval(), _square_processor(int(cfg["input_size"][-1]), list(cfg.get("mean", IMAGENET_MEAN)),
-                                           list(cfg.get("std", IMAGENET_STD)))
+    size = int(cfg["input_size"][-1])
+    processor = _square_processor(size, list(cfg.get("mean", IMAGENET_MEAN)), list(cfg.get("std", IMAGENET_STD)))
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(1, 3, size, size), do_pooling=False).last_hidden_state
+    if out.dim() == 4:
+        return model, processor          # a feature map: FastVLM's layout (compose_model)
+    return as_timm_vit(model, size, source), processor
+
+
+def as_timm_vit(tower, size: int, source: str):
+    """A timm tower whose features are tokens as our ``vlmalign_timm_vit`` (models/timm_vit.py),
+    the same weights."""
+    from .timm_vit import TimmViTConfig, TimmViTModel
+    timm_model = tower.timm_model
+    patch = getattr(getattr(timm_model, "patch_embed", None), "patch_size", None)
+    if not hasattr(timm_model, "forward_intermediates") or patch is None or patch[0] != patch[-1]:
+        raise ModelError(f"--vision {source}: timm's {tower.config.architecture} gives tokens but has no "
+                         "forward_intermediates or square patch_embed.patch_size; compose reads a timm token tower's "
+                         "per-block outputs through them")
+    fields = {k: v for k, v in tower.config.to_dict().items() if k not in ("model_type", "architectures")}
+    config = TimmViTConfig(**fields)
+    config.hidden_size, config.patch_size, config.image_size = timm_model.num_features, int(patch[0]), size
+    vit = TimmViTModel(config).eval()
+    vit.load_state_dict(tower.state_dict())
+    return vit
 
 
 def timm_feature_map(tower, size: int) -> tuple[int, int]:
-    """(stride, channels) of a timm tower's last feature map at ``size`` px, found by running it
-    once; a tower whose ``forward_features`` gives tokens (timm ViTs) is refused."""
+    """(stride, channels) of a timm CNN tower's last feature map at ``size`` px, found by running it
+    once."""
     with torch.no_grad():
         out = tower(torch.zeros(1, 3, size, size), do_pooling=False).last_hidden_state
     name = tower.config.architecture
-    if out.dim() != 4:
-        raise ModelError(f"timm tower {name}: its forward_features gives {tuple(out.shape)}, tokens rather than a "
-                         "(B, C, H, W) feature map; compose takes timm CNNs and hybrids (FastVLM's layout). For a "
-                         "ViT, CLIP or SigLIP tower, use its transformers checkpoint (vit, clip, siglip)")
     if size % out.shape[-1] or size // out.shape[-1] != size // out.shape[-2]:
         raise ModelError(f"timm tower {name}: a {size} px image gives a {out.shape[-2]}x{out.shape[-1]} map, not an "
                          "integer stride; pick an --image-size that is a multiple of the tower's stride")
@@ -307,6 +330,9 @@ def _token_layout(vision_config, opts: ComposeOptions, patch: int | None = None)
     if vision_config.model_type == EFFNET_TYPE and layer != -1:
         raise ModelError("--vision-feature-layer: an EfficientNet-lite tower's layers differ in width; only -1 "
                          "(the 1280-wide head) can feed the projector")
+    if vision_config.model_type == TIMM_VIT_TYPE and layer >= 0:
+        raise ModelError(f"--vision-feature-layer {layer}: a timm ViT tower's hidden states are its blocks' outputs "
+                         "only, counted from the end: -1 (the last block), -2 (LLaVA-1.5's choice), ...")
     if vision_config.model_type == TIMM_TYPE:
         if layer != -1:
             raise ModelError("--vision-feature-layer: a timm tower feeds the projector its last feature map "
