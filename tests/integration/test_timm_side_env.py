@@ -32,3 +32,18 @@ def test_timm_towers_in_the_side_environment(tmp_path):
     # the contract tests on two compositions and the module's own tests, none skipped
     assert int(counts["tests"]) >= 53, counts
     assert counts["failures"] == counts["errors"] == counts["skipped"] == "0", (counts, tail)
+
+
+def test_a_timm_directory_without_timm_is_a_clear_error(tmp_path):
+    """In an environment without timm (this one), a timm model directory is refused by name."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vlmalign.errors import ModelError
+    from vlmalign.models.compose import compose
+    (tmp_path / "tower").mkdir()
+    (tmp_path / "tower" / "config.json").write_text(
+        '{"architecture": "test_efficientnet", "model_type": "timm_wrapper", "num_classes": 0}')
+    save_file({"timm_model.conv_stem.weight": torch.zeros(1)}, str(tmp_path / "tower" / "model.safetensors"))
+    with pytest.raises(ModelError, match=r"--vision .*tower: TimmWrapperConfig requires the timm library .*pip install timm"):
+        compose(str(tmp_path / "tower"), str(tmp_path / "lm"), str(tmp_path / "out"))

