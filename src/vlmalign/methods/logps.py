@@ -28,7 +28,7 @@ import torch
 
 from ..engine.sharding import is_sharded
 from ..losses.logps import token_logps
-from ..models.adapter import is_dynamic_cache
+from ..models.adapter import PrefixNotShared
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -73,32 +73,19 @@ def unshared_logps(adapter, batch, encoded) -> torch.Tensor:
     return lp.masked_fill(~cmask, 0.0)
 
 
-class _Fallback(Exception):
-    pass
-
-
 def shared_logps(adapter, batch, encoded) -> torch.Tensor:
-    """As :func:`unshared_logps`, running each distinct prompt once (raises _Fallback where the
+    """As :func:`unshared_logps`, running each distinct prompt once (raises PrefixNotShared where the
     batch or the model's cache does not allow it)."""
     t = batch.tensors
-    pids, plens = t["prompt_ids"], t["prompt_lens"]               # (P, Lp), (P,)
+    pids, plens = t["prompt_ids"], t["prompt_lens"]               # (P, Lp), (P,), right-padded
     comp, cmask, rp = t["completion_ids"], t["completion_mask"], t["row_prompt"]
     P, Lp = pids.shape
     R, Lc = comp.shape
     dev = pids.device
-    if int(plens.min()) < 2:
-        raise _Fallback("a prompt has fewer than 2 tokens")
     last = pids[torch.arange(P, device=dev), plens - 1]           # (P,)
-    if adapter.image_token_id is not None and bool((last == adapter.image_token_id).any()):
-        raise _Fallback("a prompt ends with an image token")
-    prefix = pids[:, :Lp - 1]
     pmask = (torch.arange(Lp - 1, device=dev).unsqueeze(0) < (plens - 1).unsqueeze(1)).long()   # (P, Lp-1)
-    out = adapter.forward(prefix, pmask, encoded=encoded, image_indices=batch.image_indices,
-                          use_cache=True, logits_to_keep=1)
-    cache = adapter.kv_cache(out)
-    if cache is None or not is_dynamic_cache(cache):
-        raise _Fallback(f"the model returned no plain dynamic key/value cache ({type(cache).__name__})")
-    cache.batch_select_indices(rp)                                # (P, ...) -> (R, ...), differentiable
+    cache = adapter.prompt_cache(pids[:, :Lp - 1], pmask, rp, last, encoded=encoded,
+                                 image_indices=batch.image_indices)
     cont = torch.cat([last[rp].unsqueeze(1), comp[:, :-1]], dim=1)                    # (R, Lc)
     cont_mask = torch.cat([torch.ones(R, 1, dtype=torch.long, device=dev), cmask[:, :-1].long()], dim=1)
     full_mask = torch.cat([pmask[rp], cont_mask], dim=1)                             # (R, Lp-1+Lc)
@@ -115,7 +102,7 @@ def completion_logps(adapter, batch, encoded, *, share_prefix: bool) -> torch.Te
         if why is None:
             try:
                 return shared_logps(adapter, batch, encoded)
-            except _Fallback as e:
+            except PrefixNotShared as e:
                 _note(f"prefix sharing skipped for a batch: {e}; using the unshared forward")
         else:
             _note(f"prefix sharing off: {why}; using the unshared forward")

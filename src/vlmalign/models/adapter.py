@@ -182,6 +182,11 @@ def unpack_segments(values: torch.Tensor, spans: Sequence[tuple[int, int, int]],
     return out, mask
 
 
+class PrefixNotShared(Exception):
+    """A batch whose prompts cannot be run once for all their rows (:meth:`VLMAdapter.prompt_cache`):
+    the caller runs its unshared forward instead."""
+
+
 def is_dynamic_cache(cache) -> bool:
     """True for a key/value cache whose every layer is a plain growing store (one that rows can be
     indexed out of and continued; not sliding-window or static layers)."""
@@ -592,6 +597,27 @@ class VLMAdapter:
     def kv_cache(self, output):
         """The key/value cache a ``forward(..., use_cache=True)`` returned (None if none)."""
         return getattr(output, "cache", None)
+
+    def prompt_cache(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, next_ids: torch.Tensor, *,
+                     encoded: EncodedImages | None = None, image_indices: Sequence[Sequence[int]] = (),
+                     position_ids: torch.Tensor | None = None):
+        """Prefix sharing's first half: the distinct prompts ``ids`` (P, L) without their last token
+        (``next_ids``, (P,)) run once, images included, and their key/value cache indexed out to the
+        R rows that continue them (``rows[r]``: row r's prompt), differentiably. The caller runs
+        each row's ``[its next_id] + completion`` on top. Raises :class:`PrefixNotShared` where
+        that would not be exact: a prompt of fewer than 2 tokens, one whose last token is an
+        image token, a model whose cache is not a plain dynamic one (:func:`is_dynamic_cache`)."""
+        if int(mask.sum(1).min()) < 1:
+            raise PrefixNotShared("a prompt has fewer than 2 tokens")
+        if self.image_token_id is not None and bool((next_ids == self.image_token_id).any()):
+            raise PrefixNotShared("a prompt ends with an image token")
+        out = self.forward(ids, mask, encoded=encoded, image_indices=image_indices, position_ids=position_ids,
+                           use_cache=True, logits_to_keep=1)
+        cache = self.kv_cache(out)
+        if cache is None or not is_dynamic_cache(cache):
+            raise PrefixNotShared(f"the model returned no plain dynamic key/value cache ({type(cache).__name__})")
+        cache.batch_select_indices(rows)                                   # (P, ...) -> (R, ...)
+        return cache
 
     def prefix_sharing_problem(self) -> str | None:
         """Why a prompt's key/value cache cannot be continued exactly for several completions with

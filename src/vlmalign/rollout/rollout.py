@@ -66,7 +66,7 @@ import torch
 from ..data.batching import Example, ImageLoader, image_prompts, pad, unique_images
 from ..errors import DataError, VlmalignError
 from ..losses.logps import token_logps
-from ..models.adapter import is_dynamic_cache
+from ..models.adapter import PrefixNotShared
 from .generate import SamplingConfig
 
 BACKENDS = ("hf", "vllm")
@@ -435,35 +435,24 @@ def response_stop_mask(seq: torch.Tensor, stops: Sequence[int]) -> tuple[torch.T
     return mask, finished
 
 
-class _NotShared(Exception):
-    """This batch cannot share its prompts' forward (the unshared forward runs instead)."""
-
-
 def _prompt_cache(adapter, ids, mask, pos, row_prompt, encoded, image_indices):
     """The key/value cache of every column but the last of left-padded prompt rows ``ids`` (R, Lp),
-    each distinct prompt run once and indexed out to its rows: ``row_prompt[r]`` numbers row r's
-    prompt (0, 1, ... in order of first appearance); ``pos``: the rows' position ids (their first
-    Lp columns are the prompt's). Raises :class:`_NotShared` where the rows do not allow it."""
+    each distinct prompt run once and indexed out to its rows (``VLMAdapter.prompt_cache``):
+    ``row_prompt[r]`` numbers row r's prompt (0, 1, ... in order of first appearance); ``pos``: the
+    rows' position ids (their first Lp columns are the prompt's). Raises :class:`PrefixNotShared`
+    where the rows do not allow it."""
     R, Lp = ids.shape
-    if Lp < 2 or not bool(mask[:, -1].all()) or int(mask.sum(1).min()) < 2:
-        raise _NotShared("a prompt has fewer than 2 tokens")
-    if adapter.image_token_id is not None and bool((ids[:, -1] == adapter.image_token_id).any()):
-        raise _NotShared("a prompt ends with an image token")
+    if Lp < 2 or not bool(mask[:, -1].all()):
+        raise PrefixNotShared("a prompt has fewer than 2 tokens")
     if pos is None or pos.dim() != 2:
-        raise _NotShared("the model takes no 1-D position ids")
+        raise PrefixNotShared("the model takes no 1-D position ids")
     order = row_prompt.tolist()
     rep = [order.index(p) for p in range(max(order) + 1)]                 # one row per distinct prompt
     rep_t = torch.as_tensor(rep, device=ids.device)
     if not torch.equal(ids[rep_t][row_prompt], ids):
-        raise _NotShared("rows of one group hold different prompts")
-    out = adapter.forward(ids[rep_t, :-1], mask[rep_t, :-1], encoded=encoded,
-                          image_indices=[image_indices[r] for r in rep],
-                          position_ids=pos[rep_t, :Lp - 1], use_cache=True, logits_to_keep=1)
-    cache = adapter.kv_cache(out)
-    if cache is None or not is_dynamic_cache(cache):
-        raise _NotShared(f"the model returned no plain dynamic key/value cache ({type(cache).__name__})")
-    cache.batch_select_indices(row_prompt)                              # (P, ...) -> (R, ...), differentiable
-    return cache
+        raise PrefixNotShared("rows of one group hold different prompts")
+    return adapter.prompt_cache(ids[rep_t, :-1], mask[rep_t, :-1], row_prompt, ids[rep_t, -1], encoded=encoded,
+                                image_indices=[image_indices[r] for r in rep], position_ids=pos[rep_t, :Lp - 1])
 
 
 def _prefill(adapter, ids, mask, per_row, enc, k: int):
@@ -475,7 +464,7 @@ def _prefill(adapter, ids, mask, per_row, enc, k: int):
     try:
         pos = adapter.position_ids(ids, mask, encoded=enc, image_indices=per_row)
         return _prompt_cache(adapter, ids, mask, pos, torch.arange(R, device=ids.device) // k, enc, per_row)
-    except _NotShared:
+    except PrefixNotShared:
         return None
 
 
@@ -541,7 +530,7 @@ def _shared_response_forward(adapter, batch: RolloutBatch, encoded, *, hidden: b
     prompt token] + response[:-1]`` on top at the positions the whole row would give them.
     Gradients flow through the cache. Rows are left-padded, so the last prompt token sits in the
     last prompt column of every row. Returns an output whose ``logits`` (R, T, V) predict the
-    response tokens (and whose hidden states are those positions'); raises :class:`_NotShared`
+    response tokens (and whose hidden states are those positions'); raises :class:`PrefixNotShared`
     where this batch does not allow it."""
     ids, mask = batch.prompt_ids, batch.prompt_mask
     Lp, T = ids.shape[1], batch.response_ids.shape[1]
@@ -568,7 +557,7 @@ def _logits_and_hidden(adapter, batch: RolloutBatch, enc, *, hidden: bool, share
         try:
             out = _shared_response_forward(adapter, batch, enc, hidden=hidden)
             return out.logits, (final_hidden_state(out) if hidden else None)
-        except _NotShared as e:
+        except PrefixNotShared as e:
             msg = f"prefix sharing skipped for a batch: {e}; using the unshared forward"
             if msg not in _noted:
                 _noted.add(msg)
