@@ -49,11 +49,12 @@ from test_families import (test_chat_template_renders_placeholders, test_generat
                            test_text_only_record_and_mixed_batch, test_token_ids_match_processor)
 
 
-def _wrapper_dir(architecture: str, path) -> str:
+def _wrapper_dir(architecture: str, path, **model_args) -> str:
     """A random-init timm model saved by transformers' TimmWrapperModel (model_type timm_wrapper)."""
     from transformers import TimmWrapperConfig, TimmWrapperModel
     torch.manual_seed(0)
-    TimmWrapperModel(TimmWrapperConfig(architecture=architecture)).eval().save_pretrained(path)
+    TimmWrapperModel(TimmWrapperConfig(architecture=architecture, model_args=model_args or None)).eval().save_pretrained(
+        path)
     return str(path)
 
 
@@ -168,6 +169,9 @@ def test_a_timm_vit_tower_gives_its_blocks_tokens(parts, tmp_path):
     assert type(reloaded.model.vision_tower).__name__ == "TimmViTModel"
     levels = compose(parts[0]["vit"], parts[1]["llama"], str(tmp_path / "a"), ComposeOptions(alignment_levels=4))
     assert load_adapter(levels).model.config.model_type == "vlmalign_aligngpt"
+    # a ViT built at another size than its pretrained_cfg's (model_args img_size) takes its own size
+    small = compose(_wrapper_dir("test_vit", tmp_path / "small", img_size=64), parts[1]["llama"], str(tmp_path / "s"))
+    assert load_adapter(small).preprocess_image(Image.new("RGB", (90, 70), "red")).num_features == 16
 
 
 def test_timm_refusals_name_the_reason(parts, tmp_path):

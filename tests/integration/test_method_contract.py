@@ -5,10 +5,15 @@ key the run did not override must have the value the help printed)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from vlmalign.cli.main import main
@@ -19,9 +24,16 @@ EXPECTED = ("pretrain", "sft", "rm", "dpo", "kto", "grpo", "ppo")
 OPTION = re.compile(r"^  (\S+) = (.*)$")
 
 
+@functools.cache
 def _help(name: str) -> str:
-    return subprocess.run([sys.executable, "-m", "vlmalign", "train", name, "--help"], capture_output=True,
-                          text=True, check=True).stdout
+    """What `vlmalign train NAME --help` prints (run in this process, at the 80 columns a pipe
+    gets; test_the_docs_list_the_methods_of_the_registry runs the command itself)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), mock.patch.dict(os.environ, {"COLUMNS": "80"}):
+        with pytest.raises(SystemExit) as done:
+            main(["train", name, "--help"])
+    assert done.value.code == 0
+    return out.getvalue()
 
 
 def _help_defaults(text: str) -> dict[str, str]:

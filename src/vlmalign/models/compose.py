@@ -219,7 +219,9 @@ def _load_timm(path: Path, vc, source: str):
         raise ModelError(f"--vision {source}: the weights lack {len(info['missing_keys'])} tensors of timm's "
                          f"{vc.architecture} (e.g. {sorted(info['missing_keys'])[0]})")
     cfg = model.timm_model.pretrained_cfg
-    size = int(cfg["input_size"][-1])
+    # a ViT's own input size (model_args may set img_size), else the checkpoint's
+    fixed = getattr(getattr(model.timm_model, "patch_embed", None), "img_size", None)
+    size = int(fixed[-1]) if fixed else int(cfg["input_size"][-1])
     processor = _square_processor(size, list(cfg.get("mean", IMAGENET_MEAN)), list(cfg.get("std", IMAGENET_STD)))
     with torch.no_grad():
         out = model.eval()(torch.zeros(1, 3, size, size), do_pooling=False).last_hidden_state
