@@ -132,7 +132,11 @@ def test_composed_parts_hold_the_sources_weights(parts, tmp_path):
 
 
 def test_train_pretrain_and_sft_on_a_composed_model(parts, shapes_llava, tmp_path):
-    model = compose(parts[0]["siglip"], parts[1]["qwen2"], str(tmp_path / "m"))
+    pretrain_then_lora_sft(compose(parts[0]["siglip"], parts[1]["qwen2"], str(tmp_path / "m")), shapes_llava, tmp_path)
+
+
+def pretrain_then_lora_sft(model: str, shapes_llava, tmp_path) -> None:
+    """`train pretrain` (2 steps) on a composed model, then `train sft` with LoRA from its checkpoint."""
     data = shapes_llava / "data"
     common = ["data.max_length=256", "train.max_steps=2", "train.batch_size=2", "train.progress=false"]
     assert main(["train", "pretrain", f"model.path={model}", f"data.train_file={data}/captions_train.json",

@@ -37,7 +37,8 @@ import test_dpo  # noqa: E402
 import test_fsdp2  # noqa: E402
 import test_reward_model  # noqa: E402
 import test_sft_packing  # noqa: E402
-from test_compose import _llm, test_sft_step_trains_the_projector_and_language_model  # noqa: E402,F401
+from test_compose import (_llm, pretrain_then_lora_sft,  # noqa: E402,F401
+                          test_sft_step_trains_the_projector_and_language_model)
 from test_dpo import world  # noqa: E402,F401   (fixtures of the method tests run below)
 from test_sft_packing import image_dir  # noqa: E402,F401
 from test_families import (test_chat_template_renders_placeholders, test_generation_runs,  # noqa: E402,F401
@@ -132,14 +133,7 @@ def test_the_tower_gives_timms_own_features(parts, tmp_path):
 
 def test_train_pretrain_and_sft_on_a_composed_timm_model(parts, shapes_llava, tmp_path):
     model = compose(parts[0]["efficientnet"], parts[1]["qwen2"], str(tmp_path / "m"), ComposeOptions(image_size=64))
-    data = shapes_llava / "data"
-    common = ["data.max_length=256", "train.max_steps=2", "train.batch_size=2", "train.progress=false"]
-    assert main(["train", "pretrain", f"model.path={model}", f"data.train_file={data}/captions_train.json",
-                 f"train.output_dir={tmp_path}/pre", *common]) == 0
-    stage1 = tmp_path / "pre" / "checkpoints" / "step-2" / "model"
-    assert main(["train", "sft", f"model.path={stage1}", f"data.train_file={data}/vqa_train.json",
-                 "lora.enabled=true", f"train.output_dir={tmp_path}/sft", *common]) == 0
-    assert (tmp_path / "sft" / "checkpoints" / "step-2").is_dir()
+    pretrain_then_lora_sft(model, shapes_llava, tmp_path)
 
 
 def test_a_timm_vit_tower_gives_its_blocks_tokens(parts, tmp_path):
