@@ -27,6 +27,7 @@ from vlmalign.methods.dpo import DPOConfig, DPOMethod, corruption_of, load_pairs
 from vlmalign.methods.logps import Reference, completion_logps, shared_logps, unshared_logps
 from vlmalign.models import adapter_for, build_tiny, load_adapter, save_tiny
 
+from test_method_contract import _help
 from tiny_kinds import build_kind
 from ports import free_port
 
@@ -154,8 +155,7 @@ def test_dpo_trains_lora_with_adapters_disabled_as_reference(world, tmp_path):
 
 def test_cli_train_dpo(world, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    help_out = subprocess.run([sys.executable, "-m", "vlmalign", "train", "dpo", "--help"], env=env,
-                              capture_output=True, text=True, check=True).stdout
+    help_out = _help("dpo")   # `vlmalign train dpo --help`, read in this process
     for key in ("dpo.loss", "dpo.precompute_ref_logps", "dpo.prefix_sharing", "ref.path"):
         assert key in help_out
     out = tmp_path / "cli"

@@ -26,6 +26,7 @@ from vlmalign.methods import ref_cache
 from vlmalign.methods.kto import KTOConfig, KTOMethod, balance_note, load_unpaired, train_kto
 from vlmalign.methods.logps import Reference
 from vlmalign.models import adapter_for, build_tiny, load_adapter, save_tiny
+from test_method_contract import _help
 
 TOL = 1e-5
 
@@ -121,8 +122,7 @@ def test_kto_with_lora_uses_the_adapters_disabled_as_reference(world, tmp_path):
 
 def test_cli_train_kto(world, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    help_out = subprocess.run([sys.executable, "-m", "vlmalign", "train", "kto", "--help"], env=env,
-                              capture_output=True, text=True, check=True).stdout
+    help_out = _help("kto")   # `vlmalign train kto --help`, read in this process
     for key in ("kto.beta", "kto.desirable_weight", "kto.undesirable_weight", "kto.kl_estimate",
                 "kto.precompute_ref_logps", "ref.path"):
         assert key in help_out, key
