@@ -69,7 +69,8 @@ def build_tiny_timm_vit(seed: int = 0, hidden: int = 64):
     Llama + the mlp2x_gelu projector, as compose makes it. Needs timm (timm_env.py)."""
     from transformers import TimmWrapperConfig, TimmWrapperModel
 
-    from vlmalign.models.compose import ComposeOptions, as_timm_vit, compose_model, tiny_chatml_llm
+    from vlmalign.models.compose import ComposeOptions, compose_model, tiny_chatml_llm
+    from vlmalign.models.timm_towers import as_timm_vit
     from vlmalign.models.llava import tiny_clip_image_processor
     torch.manual_seed(seed)
     tower = as_timm_vit(TimmWrapperModel(TimmWrapperConfig(architecture="test_vit")).eval(), 160, "test_vit")

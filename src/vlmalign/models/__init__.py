@@ -29,9 +29,9 @@ def _register_auto_classes() -> None:
     """Our own model classes (the EfficientNet-lite and timm ViT towers, the resampler VLM) with
     transformers' Auto classes, so ``from_pretrained`` loads a composed directory offline, without remote code
     (models/compose.py, docs/MODELS.md "Composing a model")."""
-    from . import aligngpt, efficientnet_lite, resampler, timm_vit
+    from . import aligngpt, efficientnet_lite, resampler, timm_towers
     efficientnet_lite.register()
-    timm_vit.register()
+    timm_towers.register_auto()
     resampler.register()
     aligngpt.register_auto()
 

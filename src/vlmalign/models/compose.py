@@ -18,8 +18,8 @@ The result is a normal Hugging Face directory (safetensors, processor, chat temp
   ``FastVlmForConditionalGeneration`` (model_type ``fast_vlm``), which flattens that last feature
   map into H*W image tokens.
 * a timm ViT tower (``forward_features`` gives tokens): the tower becomes our registered
-  ``vlmalign_timm_vit`` (models/timm_vit.py: TimmWrapper returning each block's tokens), which
-  any of the above holds like a CLIP tower.
+  ``vlmalign_timm_vit`` (models/timm_towers.py: TimmWrapper returning each block's tokens),
+  which any of the above holds like a CLIP tower.
 
 Vision: a directory of a transformers vision model (its config, or the ``vision_config`` of a
 dual encoder such as CLIP / SigLIP, with an image processor), or ``efficientnet-lite0`` (the
@@ -37,7 +37,6 @@ initialised (weights ~ N(0, 1/fan_in), zero bias). ``vlmalign_compose.json`` rec
 from __future__ import annotations
 
 import copy
-import functools
 import importlib.util
 import json
 import os
@@ -52,7 +51,8 @@ from .efficientnet_lite import MODEL_TYPE as EFFNET_TYPE
 from .llava import LlavaAdapter
 from .registry import register, register_tiny
 from .resampler import MODEL_TYPE as RESAMPLER_TYPE
-from .timm_vit import MODEL_TYPE as TIMM_VIT_TYPE
+from .timm_towers import MODEL_TYPE as TIMM_VIT_TYPE
+from .timm_towers import as_timm_vit, timm_feature_map
 
 PROJECTORS = ("linear", "mlp2x_gelu", "perceiver", "qformer")
 STRATEGIES = ("default", "full")
@@ -228,36 +228,6 @@ def _load_timm(path: Path, vc, source: str):
     if out.dim() == 4:
         return model, processor          # a feature map: FastVLM's layout (compose_model)
     return as_timm_vit(model, size, source), processor
-
-
-def as_timm_vit(tower, size: int, source: str):
-    """A timm tower whose features are tokens as our ``vlmalign_timm_vit`` (models/timm_vit.py),
-    the same weights."""
-    from .timm_vit import TimmViTConfig, TimmViTModel
-    timm_model = tower.timm_model
-    patch = getattr(getattr(timm_model, "patch_embed", None), "patch_size", None)
-    if not hasattr(timm_model, "forward_intermediates") or patch is None or patch[0] != patch[-1]:
-        raise ModelError(f"--vision {source}: timm's {tower.config.architecture} gives tokens but has no "
-                         "forward_intermediates or square patch_embed.patch_size; compose reads a timm token tower's "
-                         "per-block outputs through them")
-    fields = {k: v for k, v in tower.config.to_dict().items() if k not in ("model_type", "architectures")}
-    config = TimmViTConfig(**fields)
-    config.hidden_size, config.patch_size, config.image_size = timm_model.num_features, int(patch[0]), size
-    vit = TimmViTModel(config).eval()
-    vit.load_state_dict(tower.state_dict())
-    return vit
-
-
-def timm_feature_map(tower, size: int) -> tuple[int, int]:
-    """(stride, channels) of a timm CNN tower's last feature map at ``size`` px, found by running it
-    once."""
-    with torch.no_grad():
-        out = tower(torch.zeros(1, 3, size, size), do_pooling=False).last_hidden_state
-    name = tower.config.architecture
-    if size % out.shape[-1] or size // out.shape[-1] != size // out.shape[-2]:
-        raise ModelError(f"timm tower {name}: a {size} px image gives a {out.shape[-2]}x{out.shape[-1]} map, not an "
-                         "integer stride; pick an --image-size that is a multiple of the tower's stride")
-    return size // out.shape[-1], out.shape[1]
 
 
 def _gguf_parts(file: Path):
@@ -539,52 +509,3 @@ def build_tiny_resampler(image_size: int = 64, patch_size: int = 16, hidden: int
     lm, tok = tiny_chatml_llm(hidden, seed=seed)
     return compose_model(tower, tiny_clip_image_processor(image_size), lm, tok,
                          ComposeOptions(projector=projector, num_query_tokens=num_query_tokens, seed=seed))
-
-
-@register
-class FastVlmAdapter(LlavaAdapter):
-    """transformers' FastVLM (``fast_vlm``), what compose makes of a timm tower: LLaVA's layout, the
-    tower's last (B, C, H, W) feature map flattened into H*W image tokens. The tower's BatchNorm
-    layers stay in eval mode when the model trains (:func:`batchnorm_stays_in_eval`)."""
-
-    family = "fast_vlm"
-    model_types = ("fast_vlm",)
-
-    def __init__(self, model, processor):
-        super().__init__(model, processor)
-        batchnorm_stays_in_eval(model.model.vision_tower)
-
-    def mm_kwargs(self, encoded, indices):
-        """FastVLM's forward moves precomputed features with one ``.to`` and scatters them into the
-        image tokens in order: the images' features concatenated along the token axis."""
-        kwargs = super().mm_kwargs(encoded, indices)
-        if kwargs:
-            out = kwargs["mm_encoder_outputs"]["image"]
-            out.pooler_output = torch.cat(list(out.pooler_output), dim=0)
-        return kwargs
-
-
-def batchnorm_stays_in_eval(tower: torch.nn.Module) -> None:
-    """Keep ``tower``'s BatchNorm layers in eval mode (their running statistics) whatever mode the
-    model is put in. In training mode they would normalise by the batch: an image's features would
-    depend on the other images encoded with it (so one encoding could not serve every row that
-    shows the image), and a frozen tower would still drift through its running statistics. As our
-    EfficientNet-lite's ``freeze_batchnorm`` does; a no-op for towers without BatchNorm. The tower's
-    class becomes a subclass whose ``train`` does this (copies and FSDP2's wrapping keep it)."""
-    if getattr(tower, "_vlmalign_batchnorm_eval", False) or not any(
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in tower.modules()):
-        return
-    tower.__class__ = _batchnorm_eval_class(type(tower))
-    tower.train(tower.training)
-
-
-@functools.cache
-def _batchnorm_eval_class(cls: type) -> type:
-    def train(self, mode: bool = True):
-        cls.train(self, mode)
-        for m in self.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
-        return self
-    return type(cls.__name__, (cls,), {"train": train, "_vlmalign_batchnorm_eval": True,
-                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})

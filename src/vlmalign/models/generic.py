@@ -8,7 +8,7 @@ for the tower; ``projector``/``merger``/``connector`` for the projector).
 Models read precomputed features (``mm_encoder_outputs["image"].pooler_output``) in one of two
 forms: a sequence of per-image tensors that the forward concatenates (LLaVA, Mistral3,
 LLaVA-OneVision), or one tensor it moves with ``.to`` and scatters into the image tokens in
-order (VipLLaVA, Aya Vision, GOT-OCR2; FastVLM has its own adapter in compose.py). :class:`ImageFeatures` is both: a list of the
+order (VipLLaVA, Aya Vision, GOT-OCR2; FastVLM has its own adapter in timm_towers.py). :class:`ImageFeatures` is both: a list of the
 per-image tensors whose ``.to`` gives them concatenated. Tested on a tiny VipLLaVA
 (``tests/integration/test_generic.py``).
 """
