@@ -29,6 +29,7 @@ from transformers import TimmWrapperConfig, TimmWrapperModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import ModelError
+from .generic import ImageFeatures
 from .llava import LlavaAdapter
 from .registry import register
 
@@ -107,11 +108,12 @@ class FastVlmAdapter(LlavaAdapter):
 
     def mm_kwargs(self, encoded, indices):
         """FastVLM's forward moves precomputed features with one ``.to`` and scatters them into the
-        image tokens in order: the images' features concatenated along the token axis."""
+        image tokens in order: the generic fallback's :class:`ImageFeatures`, whose ``.to``
+        concatenates the images' features."""
         kwargs = super().mm_kwargs(encoded, indices)
         if kwargs:
             out = kwargs["mm_encoder_outputs"]["image"]
-            out.pooler_output = torch.cat(list(out.pooler_output), dim=0)
+            out.pooler_output = ImageFeatures(out.pooler_output)
         return kwargs
 
 
